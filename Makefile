@@ -1,0 +1,37 @@
+# Two set-up commands: `make demo` (the main job) and `make test` (the whole suite). Both create .venv first.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch first, pinned: a CPU wheel here; asking for torch through the package's range alone would pull CUDA.
+TORCH ?= torch==2.13.0
+
+.PHONY: install install-test demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH) numpy
+	$(PIP) install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: install
+	$(VENV)/bin/kubellama demo
+
+test: install-test
+	$(PIP) check
+	$(VENV)/bin/pytest -q
+
+bench: install-test
+	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/data_prep.py
+
+clean:
+	rm -rf $(VENV) .tools runs .pytest_cache

@@ -1,0 +1,200 @@
+"""Llama 2 in plain PyTorch, readable in one sitting.
+
+Pre-norm RMSNorm, SwiGLU feed-forward, rotary embeddings, grouped-query attention through SDPA, untied output head.
+Parameter names follow Hugging Face's LlamaForCausalLM (without its `model.` prefix) and RoPE uses its rotate-half
+layout, so HF checkpoints load with a prefix rename and nothing else (components/core/hf.py).
+
+Parallelism lives elsewhere (components/core/trainer.py shards `layers[i]` with FSDP2); this file knows nothing of it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conf.schema.model import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the compute dtype: bf16 variance loses too much precision.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (B, T, head_dim) for integer positions (B, T). Computed per call: it is tiny next to
+    the matmuls and keeps the model free of buffers that meta-device init and FSDP would have to re-materialise."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for incremental decoding: (layers, B, kv_heads, max_len, head_dim)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    # Which cached positions hold real tokens (False for left padding): (B, max_len).
+    valid: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> "KVCache":
+        kv = cfg.n_kv_heads or cfg.n_heads
+        shape = (cfg.n_layers, batch, kv, max_len, cfg.dim // cfg.n_heads)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   torch.ones(batch, max_len, dtype=torch.bool, device=device))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv = cfg.n_kv_heads or cfg.n_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        cos, sin = cos[:, None], sin[:, None]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            start = cache.length
+            cache.k[layer, :, :, start:start + T] = k
+            cache.v[layer, :, :, start:start + T] = v
+            k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+        if self.n_kv != self.n_heads:
+            # Grouped-query attention: each KV head serves n_heads / n_kv query heads.
+            rep = self.n_heads // self.n_kv
+            k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.n_heads, -1, self.head_dim)
+            v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, self.n_heads, -1, self.head_dim)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.dim % cfg.n_heads:
+            raise ValueError(f"model.dim={cfg.dim} is not divisible by model.n_heads={cfg.n_heads}")
+        if cfg.n_heads % (cfg.n_kv_heads or cfg.n_heads):
+            raise ValueError(f"model.n_heads={cfg.n_heads} is not a multiple of model.n_kv_heads={cfg.n_kv_heads}")
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        std = self.cfg.init_std
+        # Residual-branch outputs are scaled down by depth (GPT-2 / torchtitan) so the residual stream's variance
+        # does not grow with the number of layers.
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, out_std, generator=generator)
+            else:
+                p.normal_(0.0, std, generator=generator)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for `tokens` (B, T).
+
+        positions: (B, T) RoPE positions; default 0..T-1 (or continuing the cache).
+        cache: decode incrementally, appending to and attending over the cache.
+        segments: (B, T) example ids of packed sequences; attention stays inside each example.
+        """
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
+        mask = None
+        if cache is not None:
+            q_pos = torch.arange(start, start + T, device=tokens.device)
+            k_pos = torch.arange(start + T, device=tokens.device)
+            causal = k_pos[None, :] <= q_pos[:, None]
+            # A padding query sees only itself: a row with no visible key would give NaN, and NaN keys poison the
+            # cache even where they are masked (0 · NaN = NaN).
+            mask = ((causal[None] & cache.valid[:, None, :start + T]) | (k_pos[None, :] == q_pos[:, None])[None])[:, None]
+        elif segments is not None:
+            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
+            mask = (causal[None] & (segments[:, :, None] == segments[:, None, :]))[:, None]
+        h = self.embed_tokens(tokens)
+        cos, sin = rope(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, h.dtype)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length = start + T
+        return self.lm_head(self.norm(h))
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Exact parameter count, built on the meta device so 70B costs no memory."""
+    with torch.device("meta"):
+        model = Llama(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6·N for the matmuls plus attention scores and values
+    (PaLM appendix B: 12·layers·dim·seq_len), embedding lookups excluded."""
+    n = count_params(cfg) - cfg.vocab_size * cfg.dim
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.dim * seq_len

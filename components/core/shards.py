@@ -1,0 +1,178 @@
+"""Packed token shards: the format data prep writes and every trainer streams.
+
+A shard set is a folder (local or s3://) holding
+- `shard_00000.bin`, ...: rows of `seq_len` token ids, little-endian uint16 (vocabulary < 65536) or uint32;
+- optional aligned side arrays per shard (`shard_00000.<field>.bin`, e.g. SFT labels or example ids), same shape;
+- `manifest.json`: dtype, seq_len, per-shard rows and sha256, totals and whatever metadata the writer adds;
+- `_COMPLETE`, written last: a folder without it is an interrupted write and is refused.
+
+Rows are dealt to ranks round-robin (global row i goes to rank i % world_size), so for the same global batch a
+W-rank run sees exactly the rows a 1-rank run sees. The reader's position is a small dict that goes into checkpoints.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from components.core import storage
+from components.core.errors import KubellamaError
+
+FORMAT = "kubellama-shards/1"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 65536 else np.dtype("<u4")
+
+
+class ShardWriter:
+    """Writes rows of `seq_len` tokens into shards of at most `shard_rows` rows, then publishes the manifest."""
+
+    def __init__(self, url: str, seq_len: int, vocab_size: int, shard_rows: int = 65536,
+                 fields: dict[str, str] | None = None):
+        self.url, self.seq_len, self.shard_rows = url, seq_len, max(1, shard_rows)
+        self.dtype = token_dtype(vocab_size)
+        # Side arrays and their dtypes, e.g. {"labels": "<i4"}.
+        self.fields = {k: np.dtype(v) for k, v in (fields or {}).items()}
+        self.shards: list[dict[str, Any]] = []
+        self._buf: list[np.ndarray] = []
+        self._side: dict[str, list[np.ndarray]] = {k: [] for k in self.fields}
+        self._rows = 0
+        storage.remove(storage.join(url, storage.COMPLETE))
+        storage.makedirs(url)
+
+    def add(self, rows: np.ndarray, **side: np.ndarray) -> None:
+        rows = np.asarray(rows).reshape(-1, self.seq_len)
+        if set(side) != set(self.fields):
+            raise ValueError(f"side arrays {sorted(side)} do not match declared fields {sorted(self.fields)}")
+        self._buf.append(rows.astype(self.dtype))
+        for k, v in side.items():
+            self._side[k].append(np.asarray(v).reshape(rows.shape).astype(self.fields[k]))
+        self._rows += len(rows)
+        while self._rows >= self.shard_rows:
+            self._flush(self.shard_rows)
+
+    def _take(self, parts: list[np.ndarray], n: int) -> np.ndarray:
+        allrows = np.concatenate(parts)
+        parts.clear()
+        if len(allrows) > n:
+            parts.append(allrows[n:])
+        return allrows[:n]
+
+    def _flush(self, n: int) -> None:
+        if n == 0:
+            return
+        name = f"shard_{len(self.shards):05d}"
+        rows = self._take(self._buf, n)
+        data = rows.tobytes()
+        storage.write_bytes(storage.join(self.url, name + ".bin"), data)
+        entry: dict[str, Any] = {"name": name, "rows": int(len(rows)), "sha256": hashlib.sha256(data).hexdigest()}
+        for k in self.fields:
+            side = self._take(self._side[k], n)
+            storage.write_bytes(storage.join(self.url, f"{name}.{k}.bin"), side.tobytes())
+        self.shards.append(entry)
+        self._rows -= n
+
+    def close(self, **meta: Any) -> dict[str, Any]:
+        self._flush(self._rows)
+        manifest = {
+            "format": FORMAT,
+            "dtype": self.dtype.str,
+            "seq_len": self.seq_len,
+            "fields": {k: v.str for k, v in self.fields.items()},
+            "shards": self.shards,
+            "rows": sum(s["rows"] for s in self.shards),
+            "tokens": sum(s["rows"] for s in self.shards) * self.seq_len,
+            **meta,
+        }
+        storage.write_json(storage.join(self.url, "manifest.json"), manifest)
+        storage.mark_complete(self.url, {"rows": manifest["rows"]})
+        return manifest
+
+
+def read_manifest(url: str) -> dict[str, Any]:
+    if not storage.is_complete(url):
+        raise KubellamaError(f"token shards at {url} are incomplete or missing (no {storage.COMPLETE} marker)")
+    manifest = storage.read_json(storage.join(url, "manifest.json"))
+    if manifest.get("format") != FORMAT:
+        raise KubellamaError(f"{url}/manifest.json: unknown format {manifest.get('format')!r}, expected {FORMAT}")
+    return manifest
+
+
+@dataclass
+class ShardReader:
+    """Streams one rank's rows of a shard set, memory-mapped locally, by ranged reads on S3; resumable."""
+
+    url: str
+    rank: int = 0
+    world_size: int = 1
+    # Rows this rank has consumed so far (across epochs); the whole reader state.
+    position: int = 0
+    manifest: dict[str, Any] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.manifest = read_manifest(self.url)
+        self.seq_len = int(self.manifest["seq_len"])
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self.fields = {k: np.dtype(v) for k, v in self.manifest.get("fields", {}).items()}
+        self._starts = np.cumsum([0] + [s["rows"] for s in self.manifest["shards"]])
+        self.total_rows = int(self._starts[-1])
+        if self.total_rows < self.world_size:
+            raise KubellamaError(f"{self.url}: {self.total_rows} rows cannot feed {self.world_size} ranks")
+        self._maps: dict[str, np.ndarray] = {}
+        self._remote = storage.is_remote(self.url)
+
+    @property
+    def rows_per_rank(self) -> int:
+        return self.total_rows // self.world_size
+
+    def _array(self, shard: int, suffix: str, dtype: np.dtype) -> np.ndarray | None:
+        name = self.manifest["shards"][shard]["name"] + suffix
+        if self._remote:
+            return None
+        if name not in self._maps:
+            path = storage.join(self.url, name)
+            self._maps[name] = np.memmap(path, dtype=dtype, mode="r").reshape(-1, self.seq_len)
+        return self._maps[name]
+
+    def _row(self, index: int, suffix: str, dtype: np.dtype) -> np.ndarray:
+        shard = int(np.searchsorted(self._starts, index, side="right") - 1)
+        local = index - int(self._starts[shard])
+        arr = self._array(shard, suffix, dtype)
+        if arr is not None:
+            return np.array(arr[local])
+        fs, path = storage.filesystem(storage.join(self.url, self.manifest["shards"][shard]["name"] + suffix))
+        width = self.seq_len * dtype.itemsize
+        data = fs.cat_file(path, start=local * width, end=(local + 1) * width)
+        return np.frombuffer(data, dtype=dtype).copy()
+
+    def row(self, index: int) -> dict[str, np.ndarray]:
+        """Global row `index`: tokens plus side arrays."""
+        out = {"tokens": self._row(index, ".bin", self.dtype)}
+        for k, dt in self.fields.items():
+            out[k] = self._row(index, f".{k}.bin", dt)
+        return out
+
+    def global_index(self, position: int) -> int:
+        # Epochs wrap around the rows this rank owns; a remainder that doesn't divide evenly is dropped so every
+        # rank steps through the same number of rows.
+        return (position % self.rows_per_rank) * self.world_size + self.rank
+
+    def next_batch(self, batch: int) -> dict[str, np.ndarray]:
+        rows = [self.row(self.global_index(self.position + i)) for i in range(batch)]
+        self.position += batch
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        while True:
+            yield self.next_batch(1)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"position": self.position, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        # Positions count rows per rank; on a different world size, keep the global row count consumed.
+        consumed = int(state["position"]) * int(state.get("world_size", self.world_size))
+        self.position = consumed // self.world_size

@@ -1,0 +1,40 @@
+"""Typed schema of the whole config tree.
+
+Every knob of every stage lives here, with the Llama 2 paper's defaults. The YAML files beside this package pick
+presets (model shapes, clusters); Hydra merges them into these dataclasses in struct mode, so an unknown key or a
+wrongly typed value fails at composition time instead of deep inside a run.
+"""
+from dataclasses import dataclass, field
+
+from conf.schema.cluster import ClusterConfig
+from conf.schema.data import DataConfig
+from conf.schema.model import ModelConfig
+from conf.schema.pipeline import PipelineConfig
+from conf.schema.train import PretrainConfig
+from conf.schema.tools import GenerateConfig, PlanConfig
+
+
+@dataclass
+class RunConfig:
+    name: str = "llama2"
+    # Every stage reads and writes below this URL: a local folder or s3://bucket/prefix.
+    root: str = "runs/${run.name}"
+    seed: int = 1234
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+
+
+__all__ = [
+    "Config", "RunConfig", "ModelConfig", "DataConfig", "PretrainConfig", "ClusterConfig", "PipelineConfig",
+    "GenerateConfig", "PlanConfig",
+]

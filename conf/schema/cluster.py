@@ -1,0 +1,30 @@
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+
+@dataclass
+class ClusterConfig:
+    """Where stages run. `local` is the embedded default; GPU presets live in conf/cluster/*.yaml."""
+
+    name: str = "local"
+    # torchx scheduler: local_cwd (torchrun on this machine) or kubernetes (a Volcano gang-scheduled job).
+    scheduler: str = "local_cwd"
+    nnodes: int = 1
+    nproc_per_node: int = 1
+    gpus_per_node: int = 0
+    gpu_product: Optional[str] = None
+    namespace: str = "kubeflow"
+    queue: str = "default"
+    service_account: Optional[str] = None
+    priority_class: Optional[str] = None
+    image_train: str = "ghcr.io/kubellama/train:0.1.0"
+    image_cpu: str = "ghcr.io/kubellama/cpu:0.1.0"
+    image_pull_secrets: List[str] = field(default_factory=list)
+    node_selector: Dict[str, str] = field(default_factory=dict)
+    shm_size: str = "16Gi"
+    cpu: Optional[str] = None
+    memory: Optional[str] = None
+    # A Secret holding AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optionally AWS_ENDPOINT_URL).
+    s3_secret: Optional[str] = None
+    timeout_s: int = 0
+    retries: int = 0

@@ -1,0 +1,35 @@
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    """The trainer core's knobs, shared by every training stage (paper §2.2 defaults)."""
+
+    lr: float = 3e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-5
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    warmup_steps: int = 2000
+    # Cosine decay ends at this fraction of the peak learning rate.
+    min_lr_ratio: float = 0.1
+    max_steps: int = 500_000
+    # 4M tokens per optimizer step (≈ 1024 × 4096); micro-batches accumulate to reach it.
+    global_batch_tokens: int = 4_194_304
+    micro_batch: int = 1
+    seq_len: int = "${model.max_seq_len}"  # type: ignore[assignment]
+    # auto: bf16 parameters with fp32 reduction on GPU, fp32 on CPU.
+    mixed_precision: str = "auto"
+    # none | full | every_k
+    activation_checkpointing: str = "none"
+    ac_every: int = 2
+    ckpt_every: int = 1000
+    keep_last: int = 3
+    log_every: int = 10
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    data: str = "${data.output}"
+    output: str = "${run.root}/pretrain"

@@ -1,0 +1,48 @@
+"""`kubellama <command> [flags] [key=value ...]`: one entry point for the tools, every stage and the pipeline.
+
+Commands are looked up lazily so `kubellama plan` does not pay for importing kfp or torchx.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+# command -> (module:function taking argv and returning an exit status, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "generate": ("pipelines.tools:generate_main", "generate text from a checkpoint (ours or Hugging Face)"),
+    "export-hf": ("pipelines.tools:export_hf_main", "write a checkpoint as a Hugging Face Llama directory"),
+    "plan": ("pipelines.tools:plan_main", "parameter count and per-GPU memory under FSDP"),
+    "config": ("pipelines.tools:config_main", "print the resolved config"),
+    "data-prep": ("components.data_prep.stage:main", "stage: clean, tokenize and shard the corpus"),
+    "data": ("components.data_prep.samples:main", "sample datasets: `kubellama data fetch-samples`"),
+    "pretrain": ("components.pretrain.stage:main", "stage: FSDP pretraining (torchx local or Kubernetes)"),
+    "run": ("pipelines.run:run_main", "run the pipeline locally through kfp.local"),
+    "compile": ("pipelines.run:compile_main", "compile the pipeline to KFP IR YAML"),
+    "submit": ("pipelines.submit:main", "upload the pipeline to a KFP API and start a run"),
+}
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = ["usage: kubellama <command> [flags] [key=value ...]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Overrides are Hydra's: model=llama2_7b cluster=h100 pretrain.lr=1e-4"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"kubellama: error: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, func = COMMANDS[name][0].split(":")
+    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
