@@ -41,7 +41,11 @@ def _suggest(key: str) -> str:
 
 
 def _explain(exc: Exception, overrides: Sequence[str]) -> str:
-    text = str(exc)
+    # Hydra wraps OmegaConf's error, which holds the key; read the whole chain.
+    text, cause = str(exc), exc.__cause__
+    while cause is not None:
+        text += "\n" + str(cause)
+        cause = cause.__cause__
     # Hydra reports the full key as 'full_key: a.b' or "Could not override 'a.b'"; dig it out for the message.
     m = re.search(r"Could not override '([^']+)'", text) or re.search(r"full_key: (\S+)", text)
     key = m.group(1) if m else None
@@ -62,10 +66,10 @@ def _explain(exc: Exception, overrides: Sequence[str]) -> str:
         choices = re.search(r"Available options:\s*(.*)", text, re.S)
         avail = " ".join(choices.group(1).split()) if choices else ""
         return f"unknown config option '{option}' given on {where}" + (f"; available: {avail}" if avail else "")
+    if key and ("could not be converted" in text or "Invalid value" in text):
+        first = next(line for line in text.splitlines() if "could not be converted" in line or "Invalid" in line)
+        return f"bad value for config key '{key}' in {where}: {first.strip()}"
     if key and ("not in struct" in text or "not in" in text or "Could not override" in text):
-        if "Value '" in text or "could not be converted" in text:
-            first = next((line for line in text.splitlines() if "Value" in line), text.splitlines()[0])
-            return f"bad value for config key '{key}' in {where}: {first.strip()}"
         return f"unknown config key '{key}' in {where}{_suggest(key)}"
     first = " ".join(text.split())
     return f"invalid config: {first}"

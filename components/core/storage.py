@@ -131,6 +131,7 @@ def atomic_write(url: str, mode: str = "wb") -> Iterator[IO]:
         # s3fs uploads on close; discarding aborts the multipart upload so no partial object appears.
         with contextlib.suppress(Exception):
             f.discard()
+            f.closed = True  # so the file's finaliser does not try to upload the discarded buffer
         raise
     f.close()
 

@@ -1,0 +1,165 @@
+"""Hugging Face Llama checkpoints, both ways.
+
+Our parameter names are LlamaForCausalLM's without the `model.` prefix, and RoPE uses its rotate-half layout, so the
+conversion is a rename. What we write loads in transformers (strict keys, identical fp32 logits), vLLM and TGI; what
+transformers' `save_pretrained` writes (one safetensors file or a sharded index) loads here.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from components.core import storage
+from components.core.errors import KubellamaError
+from components.core.model import Llama
+from conf.schema.model import ModelConfig
+
+SHARD_BYTES = 5 * 1024**3
+
+
+def to_hf_key(name: str) -> str:
+    return name if name.startswith("lm_head.") else f"model.{name}"
+
+
+def from_hf_key(name: str) -> str:
+    return name[len("model."):] if name.startswith("model.") else name
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_hidden,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads or cfg.n_heads,
+        "head_dim": cfg.dim // cfg.n_heads,
+        "vocab_size": cfg.vocab_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_seq_len,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": False,
+        "initializer_range": cfg.init_std,
+        "pretraining_tp": 1,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def model_config_from_hf(hf: dict[str, Any], name: str = "hf") -> ModelConfig:
+    if hf.get("model_type") not in ("llama", None):
+        raise KubellamaError(f"config.json: model_type {hf.get('model_type')!r} is not a Llama model")
+    rope = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    heads = hf["num_attention_heads"]
+    kv = hf.get("num_key_value_heads") or heads
+    return ModelConfig(
+        name=name, dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=None if kv == heads else kv, ffn_hidden=hf["intermediate_size"], vocab_size=hf["vocab_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-5), rope_theta=float(rope),
+        max_seq_len=hf.get("max_position_embeddings", 4096), init_std=hf.get("initializer_range", 0.02),
+    )
+
+
+def _tokenizer_files(tokenizer_url: str) -> dict[str, bytes]:
+    cfg = {
+        "tokenizer_class": "LlamaTokenizer",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": None,
+        "legacy": True,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": 1000000000000000019884624838656,
+    }
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    return {
+        "tokenizer.model": storage.read_bytes(tokenizer_url),
+        "tokenizer_config.json": json.dumps(cfg, indent=2).encode(),
+        "special_tokens_map.json": json.dumps(special, indent=2).encode(),
+    }
+
+
+def save_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, url: str, tokenizer: str | None = None,
+            dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES) -> None:
+    """Write a LlamaForCausalLM directory at `url` (local or s3://): config, generation config, weights, and the
+    tokenizer when given. The folder gets its `_COMPLETE` marker last."""
+    storage.remove(storage.join(url, storage.COMPLETE))
+    tensors = {to_hf_key(k): (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in state_dict.items()}
+    dtype = dtype or next(iter(tensors.values())).dtype
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k in sorted(tensors):
+        nbytes = tensors[k].numel() * tensors[k].element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = tensors[k]
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        storage.write_bytes(storage.join(url, "model.safetensors"), st_save(shards[0], metadata=meta))
+    else:
+        index: dict[str, Any] = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                                 "weight_map": {}}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            storage.write_bytes(storage.join(url, name), st_save(shard, metadata=meta))
+            index["weight_map"].update({k: name for k in shard})
+        storage.write_json(storage.join(url, "model.safetensors.index.json"), index)
+    storage.write_json(storage.join(url, "config.json"), hf_config(cfg, dtype))
+    storage.write_json(storage.join(url, "generation_config.json"),
+                       {"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.6, "top_p": 0.9})
+    if tokenizer:
+        for name, data in _tokenizer_files(tokenizer).items():
+            storage.write_bytes(storage.join(url, name), data)
+    storage.mark_complete(url, {"format": "hf-llama"})
+
+
+def _read_tensors(url: str) -> dict[str, torch.Tensor]:
+    index_url = storage.join(url, "model.safetensors.index.json")
+    if storage.exists(index_url):
+        files = sorted(set(storage.read_json(index_url)["weight_map"].values()))
+    elif storage.exists(storage.join(url, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise KubellamaError(f"{url}: no model.safetensors or model.safetensors.index.json (not an HF checkpoint)")
+    out: dict[str, torch.Tensor] = {}
+    for name in files:
+        out.update(st_load(storage.read_bytes(storage.join(url, name))))
+    return out
+
+
+def load_model(url: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+               ) -> tuple[Llama, ModelConfig, str | None]:
+    """Load an HF Llama directory (ours or transformers'): model, its config, and the tokenizer URL if present."""
+    config_url = storage.join(url, "config.json")
+    if not storage.exists(config_url):
+        raise KubellamaError(f"{url}: no config.json (not a checkpoint directory)")
+    hf = storage.read_json(config_url)
+    cfg = model_config_from_hf(hf)
+    tensors = {from_hf_key(k): v for k, v in _read_tensors(url).items()}
+    if "lm_head.weight" not in tensors and hf.get("tie_word_embeddings"):
+        tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
+    # Rotary inverse frequencies some exporters store are recomputed here, not loaded.
+    tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+    with torch.device("meta"):
+        model = Llama(cfg)
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)[:2]
+    if missing or unexpected:
+        raise KubellamaError(f"{url}: weights do not match config.json (missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]})")
+    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    tok = storage.join(url, "tokenizer.model")
+    return model.eval(), cfg, (tok if storage.exists(tok) else None)
+

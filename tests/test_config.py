@@ -1,0 +1,75 @@
+"""The config tree: presets, typed overrides, one-line errors naming the key, and the plan command."""
+import subprocess
+import sys
+
+import pytest
+
+from components.core.config import from_dict, load_config, to_dict
+from components.core.errors import ConfigError
+
+
+def kubellama(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True)
+
+
+def test_presets_carry_the_paper_shapes_and_hyperparameters():
+    cfg = load_config(["model=llama2_70b"])
+    assert (cfg.model.dim, cfg.model.n_layers, cfg.model.n_heads, cfg.model.n_kv_heads) == (8192, 80, 64, 8)
+    assert (cfg.pretrain.beta1, cfg.pretrain.beta2, cfg.pretrain.eps) == (0.9, 0.95, 1e-5)
+    assert (cfg.pretrain.warmup_steps, cfg.pretrain.min_lr_ratio, cfg.pretrain.grad_clip) == (2000, 0.1, 1.0)
+    assert cfg.pretrain.global_batch_tokens == 4 * 1024 * 1024
+
+
+def test_overrides_are_typed_and_interpolations_resolve():
+    cfg = load_config(["model.dim=512", "run.root=s3://bucket/x", "pretrain.lr=1e-4"])
+    assert cfg.model.dim == 512 and isinstance(cfg.pretrain.lr, float)
+    assert cfg.data.output == "s3://bucket/x/data"
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("override,key", [("model.dimm=8", "model.dimm"), ("pretrain.lrr=1", "pretrain.lrr"),
+                                          ("nosuch.key=1", "nosuch")])
+def test_unknown_key_names_it(override, key):
+    with pytest.raises(ConfigError, match=f"'{key}"):
+        load_config([override])
+
+
+def test_wrong_type_and_unknown_preset_are_config_errors():
+    with pytest.raises(ConfigError, match="model.dim"):
+        load_config(["model.dim=abc"])
+    with pytest.raises(ConfigError, match="model/nosuch"):
+        load_config(["model=nosuch"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(["model.dim"])
+
+
+def test_cli_plan_with_a_misspelled_key_fails_with_one_line_naming_it():
+    out = kubellama("plan", "model.dimm=8")
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "dimm" in lines[0]
+
+
+@pytest.mark.parametrize("preset,count", [("llama2_7b", "6,738,415,616"), ("llama2_13b", "13,015,864,320"),
+                                          ("llama2_70b", "68,976,648,192")])
+def test_cli_plan_prints_exact_parameter_counts(preset, count):
+    out = kubellama("plan", f"model={preset}")
+    assert out.returncode == 0, out.stderr
+    assert f"{count} parameters" in out.stdout
+
+
+def test_plan_memory_shrinks_with_more_gpus_and_checkpointing():
+    from components.core.plan import plan
+
+    cfg = load_config(["model=llama2_7b"])
+    p8, p64 = plan(cfg.model, cfg.plan), plan(cfg.model, load_config(["model=llama2_7b", "plan.world_size=64"]).plan)
+    assert p64.optimizer == pytest.approx(p8.optimizer / 8)
+    no_ac = plan(cfg.model, load_config(["model=llama2_7b", "plan.activation_checkpointing=false"]).plan)
+    assert no_ac.activations > 5 * p8.activations
+    # 16 bytes of weight, gradient and Adam state per parameter, spread over the ranks.
+    assert p8.weights + p8.grads + p8.optimizer == pytest.approx(6_738_415_616 * 16 / 8)
+
+
+def test_unknown_command_is_an_error():
+    out = kubellama("nosuch")
+    assert out.returncode == 2 and "unknown command" in out.stderr
