@@ -22,8 +22,10 @@ $(VENV)/.installed-test: $(VENV)/.installed
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
+# The main job. Until the pipeline lands: a fresh tiny model, exported to HF format, generating.
 demo: install
-	$(VENV)/bin/kubellama demo
+	$(VENV)/bin/kubellama export-hf --init --out runs/demo/tiny-init model=tiny
+	$(VENV)/bin/kubellama generate --checkpoint runs/demo/tiny-init --prompt-ids 1,37,99 --max-new-tokens 16 --ids
 
 test: install-test
 	$(PIP) check

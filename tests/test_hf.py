@@ -97,3 +97,16 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
                           "--prompt-ids", "1,2"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "no config.json" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_export_init_then_generate_ids(tmp_path):
+    out_dir = str(tmp_path / "tiny")
+    exported = subprocess.run([sys.executable, "-m", "pipelines.cli", "export-hf", "--init", "--out", out_dir,
+                               "model=tiny"], capture_output=True, text=True)
+    assert exported.returncode == 0, exported.stderr
+    gen = subprocess.run([sys.executable, "-m", "pipelines.cli", "generate", "--checkpoint", out_dir,
+                          "--prompt-ids", "1,37,99", "--prompt-ids", "1,5", "--max-new-tokens", "5",
+                          "generate.seed=3"], capture_output=True, text=True)
+    assert gen.returncode == 0, gen.stderr
+    rows = [[int(t) for t in line.split(",")] for line in gen.stdout.strip().splitlines()]
+    assert len(rows) == 2 and all(1 <= len(r) <= 5 and all(0 <= t < 2048 for t in r) for r in rows)
