@@ -110,3 +110,21 @@ def test_cli_export_init_then_generate_ids(tmp_path):
     assert gen.returncode == 0, gen.stderr
     rows = [[int(t) for t in line.split(",")] for line in gen.stdout.strip().splitlines()]
     assert len(rows) == 2 and all(1 <= len(r) <= 5 and all(0 <= t < 2048 for t in r) for r in rows)
+
+
+def test_exported_tokenizer_loads_in_transformers_and_encodes_like_ours(tmp_path):
+    import sentencepiece as spm
+
+    from components.core.tokenizer import Tokenizer
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(f"The quick brown fox {i} jumps over the lazy dog {i * 7}. façade 東京" for i in range(500)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tok"), model_type="bpe",
+                                   vocab_size=300, split_digits=True, byte_fallback=True, bos_id=1, eos_id=2,
+                                   unk_id=0, pad_id=-1, minloglevel=2)
+    cfg = ModelConfig(name="t", dim=32, n_layers=1, n_heads=2, n_kv_heads=None, ffn_hidden=64, vocab_size=300)
+    save_hf(Llama(cfg).state_dict(), cfg, str(tmp_path / "hf"), tokenizer=str(tmp_path / "tok.model"))
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    ours = Tokenizer(str(tmp_path / "tok.model"))
+    for text in ["Hello world 12345", "façade 東京 ✓ 3.14"]:
+        assert theirs(text)["input_ids"] == ours.encode(text)
