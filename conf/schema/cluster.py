@@ -3,6 +3,16 @@ from typing import Dict, List, Optional
 
 
 @dataclass
+class TolerationConfig:
+    """A pod toleration; GPU tasks always get the portable one (nvidia.com/gpu Exists NoSchedule) as well."""
+
+    key: str = ""
+    operator: str = "Exists"
+    value: Optional[str] = None
+    effect: Optional[str] = None
+
+
+@dataclass
 class ClusterConfig:
     """Where stages run. `local` is the embedded default; GPU presets live in conf/cluster/*.yaml."""
 
@@ -28,3 +38,12 @@ class ClusterConfig:
     s3_secret: Optional[str] = None
     timeout_s: int = 0
     retries: int = 0
+    # --- pipeline task scheduling (pipelines/k8s.py) ---
+    # Extended resource GPU tasks ask for: nvidia.com/gpu, or a MIG profile such as nvidia.com/mig-1g.10gb.
+    gpu_resource: str = "nvidia.com/gpu"
+    tolerations: List[TolerationConfig] = field(default_factory=list)
+    # Istio sidecars keep batch pods from finishing.
+    pod_annotations: Dict[str, str] = field(default_factory=lambda: {"sidecar.istio.io/inject": "false"})
+    # S3 endpoint for MinIO/Ceph (the Secret may carry AWS_ENDPOINT_URL instead); not a secret, so plain env.
+    s3_endpoint: Optional[str] = None
+    image_pull_policy: str = "IfNotPresent"

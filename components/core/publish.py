@@ -1,0 +1,51 @@
+"""What a KFP component hands to the UI after its stage ran: small artifacts that point at the big data.
+
+Stages write their outputs (shards, checkpoints, reports) to URLs themselves; a component only records those URLs
+(artifact metadata, for lineage), the stage's numbers (Metrics) and its Markdown report, so nothing large passes
+through KFP's artifact store.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from components.core import storage
+
+# Metrics panels get unreadable past a few dozen entries; the full summary stays in the artifact file.
+MAX_METRICS = 64
+
+
+def scalars(summary: dict, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a stage summary, with dotted keys (`tokens.total`), booleans and NaN left out."""
+    out: dict[str, float] = {}
+    for key, value in summary.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(scalars(value, name + "."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[name] = float(value)
+    return out
+
+
+def report_markdown(url: str, summary: dict) -> str:
+    """The stage's own report.md at `url`, or the summary as a code block when the stage wrote none."""
+    path = storage.join(url, "report.md")
+    if storage.exists(path):
+        return storage.read_text(path)
+    return "```json\n" + json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n```\n"
+
+
+def publish(summary: dict, url: str, artifact: Any, metrics: Any, report: Any) -> str:
+    """Record a finished stage on its KFP outputs (Dataset/Model, Metrics, Markdown) and return `url`."""
+    artifact.metadata["url"] = url
+    for key in ("report", "report_md", "report_json"):
+        if isinstance(summary.get(key), str):
+            artifact.metadata[key] = summary[key]
+    with open(artifact.path, "w") as f:
+        json.dump({"url": url, "summary": summary}, f, indent=2, sort_keys=True, default=str)
+    for name, value in list(scalars(summary).items())[:MAX_METRICS]:
+        metrics.log_metric(name, value)
+    with open(report.path, "w") as f:
+        f.write(report_markdown(url, summary))
+    return url

@@ -1,0 +1,24 @@
+"""KFP wrapper of the data prep stage: the resolved config in, the shard folder URL and the report out.
+
+No `from __future__ import annotations` here: KFP reads the parameter annotations as real types.
+"""
+from kfp import dsl
+from kfp.dsl.python_component import PythonComponent
+from kfp.dsl import Dataset, Markdown, Metrics, Output
+
+
+def data_prep(config: str, dataset: Output[Dataset], metrics: Output[Metrics], report: Output[Markdown]) -> str:
+    """Clean, tokenize and shard the corpus described by `config` (a resolved config as JSON)."""
+    import json
+
+    from components.core.config import from_dict
+    from components.core.publish import publish
+    from components.data_prep.stage import run
+
+    cfg = from_dict(json.loads(config))
+    return publish(run(cfg), cfg.data.output, dataset, metrics, report)
+
+
+def op(image: str) -> PythonComponent:
+    """The component on `image` (the project package and kfp are installed there, so nothing is pip-installed)."""
+    return dsl.component(base_image=image, install_kfp_package=False)(data_prep)

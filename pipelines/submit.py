@@ -1,0 +1,96 @@
+"""`kubellama submit --host URL [overrides]`: upload the compiled pipeline as a new version and start a run.
+
+The run's parameters carry the resolved config and the overrides that produced it, so the KFP UI shows for every run
+exactly which command line made it. `--no-run` only uploads (what the Helm chart's post-install Job does).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from typing import Sequence
+
+from components.core.cli import guarded
+from components.core.errors import KubellamaError
+from pipelines import llama2
+from pipelines.run import compile_pipeline, resolve
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kubellama submit",
+                                description="Upload the pipeline to a KFP API as a new version and start a run.")
+    p.add_argument("--host", help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow:8888 (default pipeline.host)")
+    p.add_argument("--namespace", help="Kubeflow profile namespace (multi-user); default pipeline.namespace")
+    p.add_argument("--experiment", help="experiment of the run (default pipeline.experiment)")
+    p.add_argument("--pipeline", default="llama2", choices=list(llama2.PIPELINES))
+    p.add_argument("--run-name", help="display name of the run (default: pipeline name, config hash and time)")
+    p.add_argument("--no-run", action="store_true", help="upload the pipeline version only")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. model=llama2_7b")
+    return p
+
+
+def _pipeline_ids(client, path: str, name: str, version: str, description: str,
+                  namespace: str | None) -> tuple[str, str]:
+    """Upload `path` as version `version` of pipeline `name` (created on first use); return (pipeline, version) ids."""
+    pipeline_id = client.get_pipeline_id(name)
+    if pipeline_id is None:
+        pipeline_id = client.upload_pipeline(path, pipeline_name=name, description=description,
+                                             namespace=namespace).pipeline_id
+        # A new pipeline comes with its first version made from the same file; run that one.
+        versions = client.list_pipeline_versions(pipeline_id, page_size=1, sort_by="created_at desc")
+        return pipeline_id, versions.pipeline_versions[0].pipeline_version_id
+    uploaded = client.upload_pipeline_version(path, pipeline_version_name=version, pipeline_id=pipeline_id,
+                                              description=description)
+    return pipeline_id, uploaded.pipeline_version_id
+
+
+def submit(overrides: Sequence[str], host: str, namespace: str | None = None, experiment: str | None = None,
+           pipeline: str = "llama2", run_name: str | None = None, start: bool = True) -> dict:
+    """Compile, upload and (when `start`) run; returns the ids the KFP API gave back."""
+    import kfp
+    from kfp_server_api.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    cfg = resolve(overrides)
+    host = host or cfg.pipeline.host
+    if not host:
+        raise KubellamaError("no KFP API endpoint: pass --host URL or set pipeline.host")
+    namespace = namespace or cfg.pipeline.namespace or None
+    name = llama2.pipeline_name(cfg, pipeline)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    version = f"{name}-{stamp}-{llama2.config_hash(cfg)}"
+    description = ("kubellama " + " ".join(overrides)) if overrides else "kubellama (default config)"
+    try:
+        client = kfp.Client(host=host, namespace=namespace or "kubeflow")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = compile_pipeline(cfg, overrides, os.path.join(tmp, f"{name}.yaml"), pipeline)
+            pipeline_id, version_id = _pipeline_ids(client, path, name, version, description, namespace)
+        out = {"pipeline_id": pipeline_id, "version_id": version_id, "version": version}
+        if start:
+            exp = client.create_experiment(experiment or cfg.pipeline.experiment, namespace=namespace)
+            params = {"config": llama2.config_json(cfg), "overrides": json.dumps(list(overrides))}
+            run = client.run_pipeline(exp.experiment_id, run_name or version, params=params,
+                                      pipeline_id=pipeline_id, version_id=version_id,
+                                      enable_caching=bool(cfg.pipeline.caching),
+                                      service_account=cfg.cluster.service_account or None)
+            out.update(experiment_id=exp.experiment_id, run_id=run.run_id)
+    except ApiException as exc:
+        raise KubellamaError(f"KFP API at {host} answered {exc.status} {exc.reason}: "
+                             f"{' '.join(str(exc.body or '').split())[:300]}") from None
+    except (HTTPError, OSError) as exc:
+        raise KubellamaError(f"cannot reach the KFP API at {host}: {exc}") from None
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+
+    def go() -> int:
+        out = submit(args.overrides, args.host or "", args.namespace, args.experiment, args.pipeline,
+                     args.run_name, start=not args.no_run)
+        print("kubellama submit: " + " ".join(f"{k}={v}" for k, v in out.items()))
+        return 0
+
+    return guarded(go)

@@ -1,0 +1,152 @@
+"""Compile the pipelines and check the KFP IR: DAG shape, GPU placement, secrets, caching, parameter defaults."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from kfp import components
+
+from components.core.config import load_config
+from components.core.errors import ConfigError
+from pipelines import run
+
+GPU = ["cluster.gpus_per_node=8", "cluster.gpu_product=NVIDIA-H100-80GB-HBM3", "cluster.shm_size=32Gi",
+       "cluster.nproc_per_node=8", "run.root=s3://bucket/runs"]
+
+
+def compile_docs(tmp_path, overrides, pipeline="llama2"):
+    path = str(tmp_path / f"{pipeline}.yaml")
+    cfg = run.resolve(overrides)
+    run.compile_pipeline(cfg, overrides, path, pipeline)
+    with open(path) as f:
+        docs = list(yaml.safe_load_all(f))
+    return path, docs
+
+
+def executor(spec, task):
+    comp = spec["root"]["dag"]["tasks"][task]["componentRef"]["name"]
+    return spec["components"][comp]["executorLabel"]
+
+
+def test_default_pipeline_shape_and_config_parameter(tmp_path):
+    path, docs = compile_docs(tmp_path, ["pretrain.lr=0.0002"])
+    spec = docs[0]
+    tasks = spec["root"]["dag"]["tasks"]
+    assert list(tasks) == ["data-prep", "pretrain"]
+    assert tasks["pretrain"]["dependentTasks"] == ["data-prep"]
+    assert tasks["pretrain"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "dataset", "producerTask": "data-prep"}
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    config = json.loads(params["config"]["defaultValue"])
+    assert config["pretrain"]["lr"] == 0.0002
+    assert config["run"]["root"].startswith("/")  # made absolute: steps may run elsewhere
+    assert json.loads(params["overrides"]["defaultValue"]) == ["pretrain.lr=0.0002"]
+    # Every step takes the config as an input, so the config is part of each step's cache key.
+    for task in tasks.values():
+        assert task["inputs"]["parameters"]["config"] == {"componentInputParameter": "config"}
+        assert task["cachingOptions"] == {"enableCache": True}
+    execs = spec["deploymentSpec"]["executors"]
+    assert execs[executor(spec, "data-prep")]["container"]["image"] == "ghcr.io/kubellama/cpu:0.1.0"
+    assert execs[executor(spec, "pretrain")]["container"]["image"] == "ghcr.io/kubellama/train:0.1.0"
+    # Nothing pip-installs at run time: the images carry the package and kfp.
+    assert all("pip install" not in json.dumps(e) for e in execs.values())
+    # No GPU on the local preset; kfp's own loader reads the file back.
+    assert "accelerator" not in json.dumps(execs)
+    loaded = components.load_component_from_file(path)
+    assert loaded.name == "kubellama-llama2"
+    assert set(loaded.component_spec.inputs) == {"config", "overrides"}
+
+
+def test_changed_override_changes_step_inputs(tmp_path):
+    _, a = compile_docs(tmp_path, ["pretrain.lr=0.0002"])
+    _, b = compile_docs(tmp_path, ["pretrain.lr=0.0003"])
+    default = lambda d: d[0]["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]  # noqa: E731
+    assert default(a) != default(b)
+    assert a[0]["components"] == b[0]["components"]
+
+
+def test_gpu_cluster_training_step(tmp_path):
+    extra = ["cluster.s3_secret=s3-creds", "cluster.image_pull_secrets=[regcred]", "cluster.timeout_s=7200",
+             "cluster.retries=2", "cluster.s3_endpoint=http://minio.minio:9000",
+             "cluster.tolerations=[{key: dedicated, operator: Equal, value: llm, effect: NoSchedule}]"]
+    _, (spec, platform) = compile_docs(tmp_path, GPU + extra)
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    train, prep = executor(spec, "pretrain"), executor(spec, "data-prep")
+    res = spec["deploymentSpec"]["executors"][train]["container"]["resources"]["accelerator"]
+    assert res["resourceType"] == "nvidia.com/gpu" and res["resourceCount"] == "8"
+    assert k8s[train]["nodeSelector"]["labels"] == {
+        "nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in k8s[train]["tolerations"]
+    assert {"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"} in \
+        k8s[train]["tolerations"]
+    assert k8s[train]["emptyDirMounts"] == [
+        {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "32Gi", "volumeName": "dshm"}]
+    for ex in (train, prep):
+        (secret,) = k8s[ex]["secretAsEnv"]
+        assert secret["secretName"] == "s3-creds"
+        assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        assert k8s[ex]["imagePullSecret"][0]["secretName"] == "regcred"
+        assert k8s[ex]["activeDeadlineSeconds"] == "7200"
+        assert k8s[ex]["podMetadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+        env = spec["deploymentSpec"]["executors"][ex]["container"]["env"]
+        assert {"name": "AWS_ENDPOINT_URL", "value": "http://minio.minio:9000"} in env
+    for task in spec["root"]["dag"]["tasks"].values():
+        assert task["retryPolicy"]["maxRetryCount"] == 2
+    # Data prep is a CPU step: no GPU, no GPU node pool.
+    assert "accelerator" not in spec["deploymentSpec"]["executors"][prep]["container"].get("resources", {})
+    assert "nodeSelector" not in k8s[prep] and "tolerations" not in k8s[prep]
+    # The credentials themselves never appear in the manifest.
+    assert "AWS_SECRET_ACCESS_KEY=" not in json.dumps(spec)
+
+
+def test_multi_node_training_launches_job_from_a_cpu_pod(tmp_path):
+    _, (spec, platform) = compile_docs(tmp_path, GPU + ["cluster.scheduler=kubernetes", "cluster.nnodes=4"])
+    train = executor(spec, "pretrain")
+    assert "accelerator" not in spec["deploymentSpec"]["executors"][train]["container"].get("resources", {})
+    assert "emptyDirMounts" not in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][train]
+
+
+def test_skipped_stages_start_from_config(tmp_path):
+    _, docs = compile_docs(tmp_path, ["pipeline.stages.data_prep=false", "pretrain.data=s3://b/shards"])
+    spec = docs[0]
+    tasks = spec["root"]["dag"]["tasks"]
+    assert list(tasks) == ["importer", "pretrain"]
+    imp = spec["deploymentSpec"]["executors"][executor(spec, "importer")]["importer"]
+    assert imp["artifactUri"]["constant"] == "s3://b/shards"
+    assert imp["typeSchema"]["schemaTitle"] == "system.Dataset"
+    assert tasks["pretrain"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"]["producerTask"] == "importer"
+
+    _, docs = compile_docs(tmp_path, ["pipeline.stages.pretrain=false", "pipeline.init_checkpoint=s3://b/hf/7b"])
+    spec = docs[0]
+    assert list(spec["root"]["dag"]["tasks"]) == ["data-prep", "importer"]
+    imp = spec["deploymentSpec"]["executors"][executor(spec, "importer")]["importer"]
+    assert imp["artifactUri"]["constant"] == "s3://b/hf/7b" and imp["typeSchema"]["schemaTitle"] == "system.Model"
+
+
+def test_single_stage_pipelines(tmp_path):
+    _, docs = compile_docs(tmp_path, [], "data_prep")
+    assert docs[0]["pipelineInfo"]["name"] == "kubellama-llama2-data-prep"
+    assert list(docs[0]["root"]["dag"]["tasks"]) == ["data-prep"]
+    _, docs = compile_docs(tmp_path, ["pipeline.stages.data_prep=false"], "pretrain")
+    assert list(docs[0]["root"]["dag"]["tasks"]) == ["importer", "pretrain"]
+
+
+def test_bad_switches_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="every stage off"):
+        compile_docs(tmp_path, ["pipeline.stages.data_prep=false", "pipeline.stages.pretrain=false"])
+    with pytest.raises(ConfigError, match="pretrain.data"):
+        compile_docs(tmp_path, ["pipeline.stages.data_prep=false", "pretrain.data="])
+
+
+def test_cli_compile_and_dry_run(tmp_path, capsys):
+    out = tmp_path / "llama2.yaml"
+    assert run.compile_main(["-o", str(out), *GPU]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert len(list(yaml.safe_load_all(out.read_text()))) == 2
+    assert run.run_main(["--dry-run", *GPU]) == 0
+    text = capsys.readouterr().out
+    assert "pretrain" in text and "after: data-prep" in text and "gpus=8" in text
+    assert load_config(GPU).cluster.shm_size in text  # the resolved config follows the DAG
+    assert run.compile_main(["-o", str(out), "pretrain.nope=1"]) == 2
+    assert "unknown config key 'pretrain.nope'" in capsys.readouterr().err
