@@ -120,9 +120,9 @@ def test_exported_tokenizer_loads_in_transformers_and_encodes_like_ours(tmp_path
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(f"The quick brown fox {i} jumps over the lazy dog {i * 7}. façade 東京" for i in range(500)))
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "tok"), model_type="bpe",
-                                   vocab_size=400, split_digits=True, byte_fallback=True, bos_id=1, eos_id=2,
+                                   vocab_size=350, split_digits=True, byte_fallback=True, bos_id=1, eos_id=2,
                                    unk_id=0, pad_id=-1, minloglevel=2)
-    cfg = ModelConfig(name="t", dim=32, n_layers=1, n_heads=2, n_kv_heads=None, ffn_hidden=64, vocab_size=400)
+    cfg = ModelConfig(name="t", dim=32, n_layers=1, n_heads=2, n_kv_heads=None, ffn_hidden=64, vocab_size=350)
     save_hf(Llama(cfg).state_dict(), cfg, str(tmp_path / "hf"), tokenizer=str(tmp_path / "tok.model"))
     theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     ours = Tokenizer(str(tmp_path / "tok.model"))
