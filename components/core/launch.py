@@ -1,0 +1,174 @@
+"""Launch a training stage as a torchx job: torchrun on this machine (`local_cwd`) or a Volcano job on Kubernetes.
+
+Every training stage goes through `app()` + `dryrun()` / `submit()`. The job runs `python -m components.<stage>
+--config <url>`, where the config is the resolved tree written next to the stage's output, so workers see exactly
+the config the launcher saw, whatever overrides or KFP parameters produced it.
+
+torchx's Kubernetes scheduler already emits one Volcano task per node, c10d rendezvous on task 0, /dev/shm as a
+memory emptyDir, `nvidia.com/gpu` limits and the Istio opt-out annotation. What it lacks for GPU node pools managed
+by the NVIDIA GPU operator is added to each pod template here: the node selector `nvidia.com/gpu.present=true`
+(+ `nvidia.com/gpu.product` when the cluster names one), the toleration for the `nvidia.com/gpu` taint, a size limit
+on /dev/shm, image pull secrets and the S3 credentials Secret as environment.
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+import threading
+from typing import Any
+
+import yaml
+
+from components.core.errors import ConfigError, KubellamaError
+from conf.schema.cluster import ClusterConfig
+
+GPU = "nvidia.com/gpu"
+# c10d rendezvous port on task 0 (torchx's own default).
+RDZV_PORT = 29500
+
+
+def _quantity(value: str | None) -> float:
+    if not value:
+        return 0.0
+    from kubernetes.utils import parse_quantity
+
+    try:
+        return float(parse_quantity(value))
+    except ValueError as exc:
+        raise ConfigError(f"cluster: bad Kubernetes quantity {value!r}: {exc}") from None
+
+
+def app(cluster: ClusterConfig, module: str, args: list[str], name: str, env: dict[str, str] | None = None):
+    """A torchx AppDef running `python -m module args` under torchrun on cluster.nnodes × nproc_per_node."""
+    from torchx import specs
+    from torchx.specs import macros
+
+    local = cluster.scheduler.startswith("local")
+    nnodes, nproc = max(1, cluster.nnodes), max(1, cluster.nproc_per_node)
+    if nnodes == 1:
+        endpoint = "localhost:0"  # one agent: let it pick a free port
+    else:
+        # Volcano exposes task 0's hostname to every task; torchx's kubernetes scheduler names it TORCHX_RANK0_HOST
+        # on task 0 and VC_<ROLE>_0_HOSTS elsewhere (the rank0_env macro). `$$` escapes torchx's own templating.
+        endpoint = f"$${{{macros.rank0_env}:=localhost}}:{RDZV_PORT}"
+    python = sys.executable if local else "python"
+    cmd = [python, "-m", "torch.distributed.run", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
+           "--rdzv_id", macros.app_id, "--nnodes", str(nnodes), "--nproc_per_node", str(nproc),
+           "-m", module, *args]
+    # Keep the rendezvous variable unquoted so bash expands it; quote everything else.
+    line = " ".join(c if "${" in c else shlex.quote(c) for c in cmd)
+    role = specs.Role(
+        name=name,
+        image=cluster.image_train,
+        entrypoint="bash",
+        args=["-c", line],
+        num_replicas=nnodes,
+        min_replicas=nnodes,
+        resource=specs.Resource(cpu=_quantity(cluster.cpu), gpu=cluster.gpus_per_node,  # type: ignore[arg-type]
+                                memMB=int(_quantity(cluster.memory) / 1e6)),
+        env={"PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING", **(env or {})},
+        port_map={"c10d": RDZV_PORT},
+        max_retries=cluster.retries,
+    )
+    return specs.AppDef(name=name, roles=[role])
+
+
+def scheduler_cfg(cluster: ClusterConfig) -> dict[str, Any]:
+    if cluster.scheduler == "kubernetes":
+        cfg: dict[str, Any] = {"queue": cluster.queue, "namespace": cluster.namespace}
+        if cluster.service_account:
+            cfg["service_account"] = cluster.service_account
+        if cluster.priority_class:
+            cfg["priority_class"] = cluster.priority_class
+        return cfg
+    if cluster.scheduler in ("local_cwd", "local"):
+        return {}
+    raise ConfigError(f"cluster.scheduler={cluster.scheduler!r}: expected local_cwd or kubernetes")
+
+
+def _patch_pods(resource: dict[str, Any], cluster: ClusterConfig) -> None:
+    from kubernetes.client.models import V1EnvFromSource, V1LocalObjectReference, V1SecretEnvSource, V1Toleration
+
+    for task in resource["spec"]["tasks"]:  # type: ignore[index]
+        pod = task["template"]
+        spec = pod.spec
+        selector = dict(spec.node_selector or {})
+        if cluster.gpus_per_node > 0:
+            selector["nvidia.com/gpu.present"] = "true"
+            if cluster.gpu_product:
+                selector["nvidia.com/gpu.product"] = cluster.gpu_product
+            spec.tolerations = [V1Toleration(key=GPU, operator="Exists", effect="NoSchedule")]
+        selector.update(cluster.node_selector or {})
+        spec.node_selector = selector or None
+        for vol in spec.volumes or []:
+            if vol.empty_dir is not None and vol.empty_dir.medium == "Memory" and cluster.shm_size:
+                # NCCL needs far more than Docker's 64 MB /dev/shm; bound it so it cannot eat the node's memory.
+                vol.empty_dir.size_limit = cluster.shm_size
+        if cluster.image_pull_secrets:
+            spec.image_pull_secrets = [V1LocalObjectReference(name=n) for n in cluster.image_pull_secrets]
+        if cluster.s3_secret:
+            for c in spec.containers:
+                c.env_from = [V1EnvFromSource(secret_ref=V1SecretEnvSource(name=cluster.s3_secret))]
+        if cluster.namespace:
+            pod.metadata.namespace = None  # the namespace belongs to the Job, not its pod template
+
+
+def dryrun(cluster: ClusterConfig, appdef) -> tuple[Any, dict[str, Any] | list[str]]:
+    """(torchx dry-run info, the job as plain data): the Volcano Job for kubernetes, the command line locally."""
+    from torchx.runner import get_runner
+
+    runner = get_runner()
+    info = runner.dryrun(appdef, cluster.scheduler, cfg=scheduler_cfg(cluster))
+    if cluster.scheduler == "kubernetes":
+        from kubernetes.client import ApiClient
+
+        resource = info.request.resource
+        _patch_pods(resource, cluster)
+        resource.setdefault("metadata", {})["namespace"] = cluster.namespace
+        return info, ApiClient().sanitize_for_serialization(resource)
+    return info, [r.entrypoint + " " + " ".join(shlex.quote(a) for a in r.args) for r in appdef.roles]
+
+
+def render(job: dict[str, Any] | list[str]) -> str:
+    if isinstance(job, dict):
+        return yaml.safe_dump(job, sort_keys=False)
+    return "\n".join(job) + "\n"
+
+
+def submit(cluster: ClusterConfig, appdef, stream: bool = True) -> str:
+    """Submit, stream the logs of every node to stdout, wait; returns the final state name. Raises on failure."""
+    from torchx.runner import get_runner
+    from torchx.specs import AppState
+
+    info, _ = dryrun(cluster, appdef)
+    with get_runner() as runner:
+        handle = runner.schedule(info)
+        print(f"kubellama: submitted {handle}", flush=True)
+        threads = []
+        if stream and cluster.scheduler == "kubernetes":
+            # The local scheduler already echoes the workers' output; on Kubernetes, follow every node's pod.
+            role = appdef.roles[0]
+            for k in range(role.num_replicas):
+                t = threading.Thread(target=_follow, args=(runner, handle, role.name, k), daemon=True)
+                t.start()
+                threads.append(t)
+        try:
+            status = runner.wait(handle, wait_interval=2)
+        except KeyboardInterrupt:
+            runner.cancel(handle)
+            raise
+        for t in threads:
+            t.join(timeout=5)
+    state = status.state if status else AppState.UNKNOWN
+    if state != AppState.SUCCEEDED:
+        detail = f": {status.msg}" if status is not None and status.msg else ""
+        raise KubellamaError(f"job {handle} ended {AppState(state).name}{detail}")
+    return AppState(state).name
+
+
+def _follow(runner, handle: str, role: str, k: int) -> None:
+    try:
+        for line in runner.log_lines(handle, role, k, should_tail=True):
+            print(f"[{role}/{k}] {line}", end="" if line.endswith("\n") else "\n", flush=True)
+    except Exception as exc:  # log streaming is best effort; the job's state decides success
+        print(f"kubellama: log stream of {role}/{k} ended: {exc}", file=sys.stderr)

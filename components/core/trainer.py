@@ -1,0 +1,406 @@
+"""The one training loop every stage shares (pretraining, SFT, reward models, PPO's policy and value updates).
+
+What it does, in the order a step sees it:
+- FSDP2: `fully_shard` on each transformer block, then on the root, over a 1-D mesh of all ranks. A
+  MixedPrecisionPolicy from `mixed_precision`: `auto` is bf16 compute parameters with fp32 gradient reduction on
+  GPU, plain fp32 on CPU (CPU bf16 matmuls are slow and tests want exact numbers). The sharded master copy and the
+  optimizer state stay fp32 either way.
+- Activation checkpointing per block: `none`, `full` (every block) or `every_k` (every `ac_every`-th block).
+- Gradient accumulation: micro-batches of `micro_batch` rows on every rank until `global_batch_tokens` is reached
+  (`global_batch_tokens = micro_batch · seq_len · world_size · accumulation`). The loss is a token-level mean over the
+  whole global batch: each micro-batch backpropagates its loss *sum*, and the reduced gradient is scaled by
+  world_size / global_token_count once per step, so 1 rank and W ranks take the same step for the same rows and
+  masked tokens (-100 labels) weigh nothing.
+- AdamW (β 0.9 / 0.95, ε 1e-5) with weight decay 0.1 on the weight matrices of the attention, MLP and output head;
+  no decay on RMSNorm gains (decaying a gain towards 0 fights the normalisation) nor on the token embedding (a
+  rare token's row gets little gradient, so decay would erase it between its occurrences). This follows nanoGPT
+  and Megatron; the paper does not say.
+- Linear warmup over `warmup_steps`, then cosine decay to `min_lr_ratio` of the peak at `max_steps`.
+- Gradient-norm clipping at `grad_clip` (the norm is reported either way).
+- A non-finite loss or gradient norm stops the run before the optimizer step, so the last checkpoint stays good.
+- Checkpoints (components/core/checkpoint.py) every `ckpt_every` steps, at the end, and on SIGTERM; automatic
+  resume from the newest complete one.
+
+Data comes from any object with `next_batch(rows) -> dict[str, np.ndarray]`, `seq_len`, `state_dict()` and
+`load_state_dict()`: components.core.shards.ShardReader fits. Batches hold `tokens` and optionally `labels` (aligned
+with tokens, -100 = no loss) and `segments` (example ids of packed rows: attention and RoPE positions restart per
+example). Stages with other objectives pass their own `loss_fn(model, batch) -> (loss_sum, count)`.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from components.core import checkpoint, dist, storage
+from components.core.errors import ConfigError, KubellamaError
+from components.core.metrics import MetricsLog, Throughput, peak_flops, peak_memory_gib, plot_loss
+from components.core.model import Llama, count_params, flops_per_token
+from conf.schema.model import ModelConfig
+from conf.schema.train import TrainConfig
+
+IGNORE = -100
+# Above this many parameters every rank cannot afford a full fp32 copy in host memory: build on the meta device and
+# initialise the shards in place (values then depend on the world size, which only matters for from-scratch runs).
+FULL_INIT_MAX_PARAMS = 3_000_000_000
+
+
+class NonFiniteLoss(KubellamaError):
+    pass
+
+
+class BatchSource(Protocol):
+    seq_len: int
+
+    def next_batch(self, rows: int) -> dict[str, np.ndarray]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+
+
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """RoPE positions restarting at 0 where the example id changes: (B, T) -> (B, T)."""
+    T = segments.shape[1]
+    idx = torch.arange(T, device=segments.device).expand_as(segments)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy summed over the target tokens: inputs row[:-1], targets row[1:] (or labels[1:])."""
+    tokens = batch["tokens"]
+    inputs = tokens[:, :-1]
+    targets = batch["labels"][:, 1:] if "labels" in batch else tokens[:, 1:]
+    segments = batch["segments"][:, :-1] if "segments" in batch else None
+    positions = segment_positions(segments) if segments is not None else None
+    logits = model(inputs, positions=positions, segments=segments)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, (targets != IGNORE).sum()
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak LR for optimizer step `step` (0-based): linear warmup, then cosine to min_ratio."""
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, max_steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def mp_policy(mode: str, device: torch.device) -> MixedPrecisionPolicy | None:
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "fp32"
+    if mode == "fp32":
+        return None
+    if mode == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    raise ConfigError(f"mixed_precision={mode!r}: expected auto, bf16 or fp32")
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks to shard one by one: `model.layers` (or a wrapped model's `.model.layers`)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] == "layers":
+            return module
+    raise ValueError(f"{type(model).__name__} has no `layers` ModuleList to shard per block")
+
+
+def apply_activation_checkpointing(layers: nn.ModuleList, mode: str, every: int) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    if mode == "none":
+        return
+    if mode not in ("full", "every_k"):
+        raise ConfigError(f"activation_checkpointing={mode!r}: expected none, full or every_k")
+    k = 1 if mode == "full" else max(1, every)
+    for i in range(len(layers)):
+        if i % k == 0:
+            # The wrapper's state-dict hooks strip its prefix, so checkpoint keys do not depend on this setting.
+            layers[i] = checkpoint_wrapper(layers[i], preserve_rng_state=False)
+
+
+def shard(model: nn.Module, cfg: TrainConfig, env: dist.Env) -> nn.Module:
+    layers = blocks(model)
+    apply_activation_checkpointing(layers, cfg.activation_checkpointing, cfg.ac_every)
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    kw: dict[str, Any] = {"mesh": mesh}
+    policy = mp_policy(cfg.mixed_precision, env.device)
+    if policy is not None:
+        kw["mp_policy"] = policy
+    for i, layer in enumerate(layers):
+        # The last block's parameters are needed again first in backward: keep them gathered after forward.
+        fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 and "embed_tokens" not in name else keep).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": keep, "weight_decay": 0.0}]
+
+
+def build_llama(model_cfg: ModelConfig, seed: int) -> nn.Module:
+    """The model every rank starts from: identical full weights from `seed` (meta device for huge models)."""
+    torch.manual_seed(seed)
+    if count_params(model_cfg) <= FULL_INIT_MAX_PARAMS:
+        return Llama(model_cfg)
+    with torch.device("meta"):
+        return Llama(model_cfg)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    tokens: int
+    stop: bool
+
+
+@dataclass
+class Trainer:
+    cfg: TrainConfig
+    model_cfg: ModelConfig
+    output: str
+    data: BatchSource
+    loss_fn: LossFn = causal_lm_loss
+    model: nn.Module | None = None
+    seed: int = 1234
+    name: str = "train"
+    env: dist.Env | None = None
+    step: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.env = self.env or dist.init()
+        env, cfg = self.env, self.cfg
+        if cfg.seq_len != self.data.seq_len:
+            raise ConfigError(f"seq_len={cfg.seq_len} but the training rows hold {self.data.seq_len} tokens; "
+                              f"set the stage's seq_len to match the data")
+        per_micro = cfg.micro_batch * self.data.seq_len * env.world_size
+        if cfg.global_batch_tokens < per_micro or cfg.global_batch_tokens % per_micro:
+            raise ConfigError(
+                f"global_batch_tokens={cfg.global_batch_tokens} is not a multiple of micro_batch·seq_len·world_size"
+                f" = {cfg.micro_batch}·{self.data.seq_len}·{env.world_size} = {per_micro}")
+        self.accum = cfg.global_batch_tokens // per_micro
+        model = self.model if self.model is not None else build_llama(self.model_cfg, self.seed)
+        meta = any(p.is_meta for p in model.parameters())
+        self.model = shard(model, cfg, env)
+        if meta:
+            self.model.to_empty(device=env.device)
+            self.model.init_weights()  # type: ignore[operator]
+        # Per-rank stream for anything random during training (none in pretraining; sampling in PPO).
+        torch.manual_seed(self.seed + env.rank)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+                                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                           fused=True if env.device.type == "cuda" else None)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+        self.ckpt_root = storage.join(self.output, "checkpoints")
+        self.flops = flops_per_token(self.model_cfg, self.data.seq_len)
+        self.peak = peak_flops(env.device)
+        self.last_ckpt: str | None = None
+        self._stop_requested = False
+
+    # --- checkpoints -------------------------------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save(self) -> str:
+        t0 = time.perf_counter()
+        meta = {"scheduler": self.scheduler.state_dict(), "data": self.data.state_dict(), "name": self.name}
+        self.last_ckpt = checkpoint.save(self.ckpt_root, self.step, self._state(), meta, self.env, self.cfg.keep_last)
+        if self.env.lead:
+            print(f"[{self.name}] checkpoint step {self.step} -> {self.last_ckpt} "
+                  f"({time.perf_counter() - t0:.1f}s)", flush=True)
+        return self.last_ckpt
+
+    def load(self, url: str) -> None:
+        state = self._state()
+        meta = checkpoint.load(url, state, self.env)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.data.load_state_dict(meta["data"])
+        self.step = int(meta["step"])
+        self.last_ckpt = url
+        if self.env.lead:
+            print(f"[{self.name}] resumed from {url} at step {self.step} "
+                  f"(saved on {meta['world_size']} ranks, now {self.env.world_size})", flush=True)
+
+    def resume(self) -> bool:
+        url = checkpoint.latest(self.ckpt_root)
+        if url is None:
+            return False
+        self.load(url)
+        return True
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: the unsharded fp32 weights on CPU, on rank 0 ({} elsewhere)."""
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # With one rank the full state dict aliases the live parameters: copy before anyone steps again.
+        return {k: v.detach().clone() for k, v in sd.items()} if self.env.lead else {}
+
+    # --- one optimizer step ------------------------------------------------------------------------------------
+
+    def _batch(self) -> dict[str, torch.Tensor]:
+        raw = self.data.next_batch(self.cfg.micro_batch)
+        return {k: torch.from_numpy(v.astype(np.int64)).to(self.env.device) for k, v in raw.items()}
+
+    def train_step(self) -> StepResult:
+        self.model.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        for _ in range(self.accum):
+            loss, n = self.loss_fn(self.model, self._batch())
+            loss.backward()
+            loss_sum += loss.detach().double()
+            count += n.detach().double()
+        total_loss, total_count, stop = dist.all_sum(
+            [loss_sum.item(), count.item(), float(self._stop_requested)], self.env.device)
+        # FSDP averaged the gradients over ranks; make them the gradient of the global per-token mean.
+        scale = self.env.world_size / max(total_count, 1.0)
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        grad_norm = float(norm)
+        mean_loss = total_loss / max(total_count, 1.0)
+        if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
+            where = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved yet"
+            raise NonFiniteLoss(
+                f"[{self.name}] loss {mean_loss} / gradient norm {grad_norm} at step {self.step + 1} is not finite; "
+                f"stopped before the optimizer step, {where}. Lower the learning rate or check the data, then rerun "
+                f"to resume from it.")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        tokens = self.accum * self.cfg.micro_batch * self.data.seq_len * self.env.world_size
+        return StepResult(mean_loss, grad_norm, tokens, stop > 0)
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        # Only a flag: the step in flight finishes, then every rank saves together (see train_step's all_sum).
+        self._stop_requested = True
+
+    def fit(self) -> dict[str, Any]:
+        """Train to `max_steps` (resuming if a checkpoint exists). Returns a summary; status `preempted` when a
+        SIGTERM arrived, after the checkpoint was written."""
+        env, cfg = self.env, self.cfg
+        self.resume()
+        start_step = self.step
+        log = MetricsLog(self.output, env.lead, resume_step=self.step, max_steps=cfg.max_steps)
+        try:
+            previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        except ValueError:  # not the main thread
+            previous = None
+        meter = Throughput()
+        status = "completed"
+        t_start = time.perf_counter()
+        try:
+            while self.step < cfg.max_steps:
+                r = self.train_step()
+                meter.add(r.tokens)
+                if self.step % max(1, cfg.log_every) == 0 or self.step in (start_step + 1, cfg.max_steps):
+                    rate = meter.take()
+                    per_rank = rate / env.world_size
+                    log.log({
+                        "step": self.step, "loss": r.loss, "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": r.grad_norm, "tokens_per_s": rate, "tokens_per_s_per_rank": per_rank,
+                        "mfu": per_rank * self.flops / self.peak if self.peak else None,
+                        "peak_mem_gib": peak_memory_gib(env.device), "tokens": self.step * r.tokens,
+                    })
+                if r.stop or self.step % max(1, cfg.ckpt_every) == 0 or self.step == cfg.max_steps:
+                    t0 = time.perf_counter()
+                    self.save()
+                    log.flush()
+                    meter.pause(time.perf_counter() - t0)
+                if r.stop:
+                    status = "preempted"
+                    if env.lead:
+                        print(f"[{self.name}] SIGTERM: stopped at step {self.step} after saving; rerun to resume",
+                              flush=True)
+                    break
+            if self.step >= cfg.max_steps and (self.last_ckpt is None or not self.last_ckpt.endswith(
+                    f"{checkpoint.PREFIX}{self.step:07d}")):
+                self.save()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            log.close()
+        return {
+            "status": status,
+            "step": self.step,
+            "start_step": start_step,
+            "world_size": env.world_size,
+            "checkpoint": self.last_ckpt,
+            "checkpoints": self.ckpt_root,
+            "metrics": log.url,
+            "tensorboard": log.tb_url,
+            "records": log.records,
+            "wall_s": time.perf_counter() - t_start,
+            "final_loss": log.records[-1]["loss"] if log.records else None,
+        }
+
+    def export_hf(self, url: str, tokenizer: str | None = None) -> str:
+        """Collective: write the consolidated weights as a Hugging Face Llama folder (rank 0 writes)."""
+        sd = self.full_state_dict()
+        if self.env.lead:
+            from components.core.hf import save_hf
+
+            save_hf(sd, self.model_cfg, url, tokenizer=tokenizer)
+        dist.barrier()
+        return url
+
+
+def write_report(output: str, title: str, summary: dict[str, Any], extra_md: str = "") -> dict[str, str]:
+    """report.json (the summary minus the per-step records), report.md and loss.png in `output`."""
+    records = summary.get("records", [])
+    png = plot_loss(records, storage.join(output, "loss.png"), title=f"{title}: loss")
+    body = {k: v for k, v in summary.items() if k != "records"}
+    body["loss_curve"] = png
+    storage.write_json(storage.join(output, "report.json"), body)
+    last = records[-1] if records else {}
+    rows = [("status", summary.get("status")), ("steps", summary.get("step")),
+            ("final loss", f"{last['loss']:.4f}" if last else "n/a"),
+            ("tokens/s (total)", f"{last['tokens_per_s']:.0f}" if last else "n/a"),
+            ("MFU", f"{last['mfu'] * 100:.1f}%" if last and last.get("mfu") is not None else "n/a (no GPU peak)"),
+            ("peak memory", f"{last['peak_mem_gib']:.2f} GiB" if last else "n/a"),
+            ("checkpoint", summary.get("checkpoint")), ("metrics", summary.get("metrics"))]
+    md = [f"# {title}", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+    if png:
+        md += ["", "![loss](loss.png)"]
+    if extra_md:
+        md += ["", extra_md]
+    storage.write_text(storage.join(output, "report.md"), "\n".join(md) + "\n")
+    return {"json": storage.join(output, "report.json"), "md": storage.join(output, "report.md")}

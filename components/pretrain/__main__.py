@@ -1,0 +1,5 @@
+import sys
+
+from components.pretrain.stage import main
+
+sys.exit(main())

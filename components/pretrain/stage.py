@@ -1,0 +1,135 @@
+"""Stage `pretrain`: FSDP pretraining on the token shards of the data prep stage.
+
+Three ways in, one training body (`train`):
+- `kubellama pretrain [overrides]`: in this process when the cluster has one process (the embedded default);
+  otherwise through torchx: `local_cwd` (torchrun with cluster.nproc_per_node processes here) or `kubernetes`
+  (a Volcano job). `--dryrun` prints the job instead of running it.
+- `torchrun -m components.pretrain [overrides]`: every rank trains directly (no torchx).
+- `launch(cfg)`: what the KFP component calls; runs the job wherever the config says and returns the summary.
+
+Outputs under `pretrain.output`: checkpoints/ (DCP, resumable), metrics.jsonl, tb/ (TensorBoard), hf/ (the
+consolidated Hugging Face checkpoint), config.yaml, report.json, report.md, loss.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Sequence
+
+from components.core import dist, launch as jobs, storage
+from components.core.cli import guarded
+from components.core.config import from_dict, load_config, to_dict, to_yaml
+from components.core.errors import ConfigError, KubellamaError
+from components.core.shards import ShardReader
+from components.core.trainer import Trainer, write_report
+from conf.schema import Config
+
+NAME = "pretrain"
+
+
+def data_url(cfg: Config) -> str:
+    return storage.join(cfg.pretrain.data, "pretrain")
+
+
+def tokenizer_url(cfg: Config, manifest: dict[str, Any]) -> str | None:
+    """The tokenizer the shards were made with, to ship inside the HF checkpoint (None when not found)."""
+    given = manifest.get("tokenizer")
+    candidates = [given] if isinstance(given, str) and given.endswith(".model") else []
+    candidates += [storage.join(cfg.pretrain.data, "tokenizer.model"),
+                   storage.join(cfg.pretrain.data, "tokenizer", "tokenizer.model")]
+    return next((c for c in candidates if storage.exists(c)), None)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """One rank's work (every rank calls it): train, export HF at the end, rank 0 writes the report."""
+    env = dist.init()
+    reader = ShardReader(data_url(cfg), rank=env.rank, world_size=env.world_size)
+    trainer = Trainer(cfg.pretrain, cfg.model, cfg.pretrain.output, reader, seed=cfg.run.seed, name=NAME, env=env)
+    summary = trainer.fit()
+    if summary["status"] == "completed":
+        summary["hf"] = trainer.export_hf(storage.join(cfg.pretrain.output, "hf"),
+                                          tokenizer=tokenizer_url(cfg, reader.manifest))
+    summary["output"] = cfg.pretrain.output
+    if env.lead:
+        summary.update({f"report_{k}": v for k, v in write_report(cfg.pretrain.output, "Pretraining", summary).items()})
+    summary.pop("records", None)
+    return summary
+
+
+def _config_url(cfg: Config) -> str:
+    return storage.join(cfg.pretrain.output, "config.yaml")
+
+
+def job(cfg: Config):
+    """The torchx AppDef of this stage for cfg.cluster."""
+    if cfg.cluster.scheduler == "kubernetes" and not storage.is_remote(cfg.pretrain.output):
+        raise ConfigError(f"pretrain.output={cfg.pretrain.output} is a local path, which pods on Kubernetes cannot "
+                          f"share: set run.root to an s3:// URL")
+    return jobs.app(cfg.cluster, "components.pretrain", ["--config", _config_url(cfg)], name=f"{cfg.run.name}-{NAME}")
+
+
+def dryrun(cfg: Config) -> str:
+    _, spec = jobs.dryrun(cfg.cluster, job(cfg))
+    return jobs.render(spec)
+
+
+def launch(cfg: Config) -> dict[str, Any]:
+    """Run the stage wherever cfg.cluster says and return its summary (output URLs, final metrics, report)."""
+    if dist.under_launcher():
+        # A torchrun worker: a preempted run still exits 0 here so the launcher (below) reads the report and
+        # decides; a non-zero exit would make torchrun tear the other ranks down mid-save.
+        return train(cfg)
+    if cfg.cluster.scheduler.startswith("local") and cfg.cluster.nnodes * cfg.cluster.nproc_per_node <= 1:
+        summary = train(cfg)
+    else:
+        storage.write_text(_config_url(cfg), to_yaml(cfg))
+        jobs.submit(cfg.cluster, job(cfg))
+        summary = storage.read_json(storage.join(cfg.pretrain.output, "report.json"))
+    if summary.get("status") == "preempted":
+        raise KubellamaError(f"pretraining was preempted at step {summary['step']}; checkpoint "
+                             f"{summary['checkpoint']} is saved: run again to resume")
+    return summary
+
+
+run = launch
+
+
+def load(args: argparse.Namespace) -> Config:
+    if args.config:
+        import yaml
+
+        base = from_dict(yaml.safe_load(storage.read_text(args.config)))
+        return load_config_over(base, args.overrides)
+    return load_config(args.overrides)
+
+
+def load_config_over(base: Config, overrides: Sequence[str]) -> Config:
+    """`base` with dotted key=value overrides applied (typed: the schema validates them)."""
+    if not overrides:
+        return base
+    from omegaconf import OmegaConf
+
+    data = to_dict(base)
+    patch = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    return from_dict(OmegaConf.to_container(OmegaConf.merge(data, patch)))  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog=f"kubellama {NAME}", description="FSDP pretraining (torchx local or Kubernetes)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. cluster=h100")
+    p.add_argument("--dryrun", action="store_true", help="print the job that would be submitted, run nothing")
+    p.add_argument("--config", help="a resolved config YAML (what launched workers receive)")
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        cfg = load(args)
+        if args.dryrun:
+            print(dryrun(cfg), end="")
+            return 0
+        summary = launch(cfg)
+        if not dist.under_launcher() or dist.init().lead:
+            print(json.dumps(summary, indent=2, default=str))
+        dist.shutdown()
+        return 0
+
+    return guarded(go)
