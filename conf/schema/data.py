@@ -4,15 +4,29 @@ from typing import List, Optional
 
 @dataclass
 class SourceConfig:
-    """One input of the corpus mix: a file, a folder or a glob at any fsspec URL."""
+    """One input: a file, a folder (every file below it) or a glob at any fsspec URL.
+
+    The same shape serves every dataset kind; fields that do not apply to a kind are ignored.
+    """
 
     name: str = ""
     path: str = ""
-    # auto picks by extension: .jsonl/.json, .parquet, anything else is plain text.
+    # auto picks by extension: .jsonl/.json, .parquet, .prompt/.yaml (PyRIT seed files), anything else is text.
     format: str = "auto"
+    # Pretraining / prompt text column of JSON and Parquet records ("prompt" is also tried for prompt sets).
     text_field: str = "text"
+    # Plain text files: "line" (one document per line) or "paragraph" (documents separated by blank lines).
+    text_split: str = "line"
     # Sampling weight; > 1 up-samples (repeats) a source, as the paper did for factual sources.
     weight: float = 1.0
+    # Prompts and preference pairs: is this a safety (adversarial) source? Sets the per-prompt safety tag.
+    safety: bool = False
+    # Prompts: "" spreads the source over rs/ppo/eval by the configured fractions; or one of rs, ppo, eval.
+    split: str = ""
+    # Preference pairs without a rating get this one ("" = data.preference.default_rating).
+    rating: str = ""
+    # Keep at most this many records of the source (0 = all).
+    limit: int = 0
 
 
 @dataclass
@@ -22,12 +36,16 @@ class CleanConfig:
     dedup_near: bool = True
     minhash_perm: int = 128
     minhash_bands: int = 16
+    # Word n-grams hashed into the MinHash signature.
     shingle: int = 5
+    # Candidate pairs from LSH are confirmed when their estimated Jaccard similarity reaches this.
     near_threshold: float = 0.8
     pii: bool = True
     min_chars: int = 32
     max_chars: int = 1_000_000
     min_alpha_ratio: float = 0.5
+    # Documents whose lines are mostly repeats of each other (boilerplate, spam) are dropped.
+    max_dup_line_ratio: float = 0.3
 
 
 @dataclass
@@ -37,6 +55,36 @@ class TokenizerConfig:
     vocab_size: int = "${model.vocab_size}"  # type: ignore[assignment]
     train_chars: int = 50_000_000
     character_coverage: float = 0.99995
+    # Small corpora cannot fill a large vocabulary; allow a smaller one instead of failing (Llama: hard limit).
+    hard_vocab_limit: bool = False
+
+
+@dataclass
+class SftConfig:
+    """Chat `messages` (system/user/assistant), Alpaca (instruction/input/output) or ShareGPT records."""
+
+    sources: List[SourceConfig] = field(default_factory=list)
+
+
+@dataclass
+class PreferenceConfig:
+    """Pairs in the Llama 2 schema, or the common chosen/rejected forms (Anthropic HH, TRL, ShareGPT DPO)."""
+
+    sources: List[SourceConfig] = field(default_factory=list)
+    # significantly better | better | slightly better | negligibly better or unsure
+    default_rating: str = "negligibly better or unsure"
+    # Paper §3.2.2: pairs whose chosen response is unsafe while the rejected one is safe are dropped.
+    drop_unsafe_chosen: bool = True
+    eval_fraction: float = 0.05
+
+
+@dataclass
+class PromptsConfig:
+    """Prompt sets for rejection sampling (rs), PPO and evaluation, each prompt tagged safety or not."""
+
+    sources: List[SourceConfig] = field(default_factory=list)
+    rs_fraction: float = 0.45
+    eval_fraction: float = 0.1
 
 
 @dataclass
@@ -45,9 +93,15 @@ class DataConfig:
     output: str = "${run.root}/data"
     clean: CleanConfig = field(default_factory=CleanConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
     seq_len: int = "${model.max_seq_len}"  # type: ignore[assignment]
     shard_tokens: int = 100_000_000
     # 0 means every CPU core.
     workers: int = 0
     # The stage fails when more than this fraction of input records is malformed.
     max_error_rate: float = 0.01
+    # How many malformed records the report quotes (file:line and reason).
+    error_samples: int = 20
+    seed: int = "${run.seed}"  # type: ignore[assignment]

@@ -1,0 +1,5 @@
+import sys
+
+from components.data_prep.stage import main
+
+sys.exit(main())

@@ -1,0 +1,166 @@
+"""Tokenizer training (SentencePiece BPE, Llama settings), parallel tokenization and packing into token shards."""
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import sentencepiece as spm
+
+from components.core.errors import KubellamaError
+from components.core.shards import ShardWriter, token_dtype
+from components.core.tokenizer import Tokenizer
+from components.data_prep.parallel import ordered_map
+
+log = logging.getLogger(__name__)
+
+# SentencePiece skips training sentences longer than this many bytes; long lines are cut below it.
+MAX_SENTENCE = 4096
+
+
+def training_lines(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    """Lines of `texts` cut to SentencePiece's sentence limit, up to `max_chars` characters in all."""
+    total = 0
+    for text in texts:
+        for line in text.split("\n"):
+            while line:
+                piece = line[:MAX_SENTENCE // 4]  # 4 bytes per character at most
+                line = line[len(piece):]
+                yield piece
+                total += len(piece)
+                if total >= max_chars:
+                    return
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, character_coverage: float = 0.99995,
+                    hard_vocab_limit: bool = False, threads: int = 1, seed_chars: int = 50_000_000) -> bytes:
+    """A SentencePiece BPE model with Llama 2's trainer settings; returns the serialized model."""
+    out = io.BytesIO()
+    lines = training_lines(texts, seed_chars)
+    first = next(lines, None)
+    if first is None:
+        raise KubellamaError("no text to train the tokenizer on: give data.sources or data.tokenizer.model")
+
+    def sentences() -> Iterator[str]:
+        yield first
+        yield from lines
+
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=sentences(), model_writer=out, model_type="bpe", vocab_size=vocab_size,
+            character_coverage=character_coverage, split_digits=True, byte_fallback=True,
+            allow_whitespace_only_pieces=True, normalization_rule_name="identity", add_dummy_prefix=True,
+            remove_extra_whitespaces=False, split_by_unicode_script=True, split_by_number=True,
+            split_by_whitespace=True, max_sentencepiece_length=16, max_sentence_length=MAX_SENTENCE,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=hard_vocab_limit,
+            vocabulary_output_piece_score=True, num_threads=max(1, threads), minloglevel=2)
+    except RuntimeError as exc:
+        raise KubellamaError(f"tokenizer training failed: {exc}") from None
+    return out.getvalue()
+
+
+def model_flags(model_bytes: bytes) -> dict[str, Any]:
+    """Trainer settings read back from a serialized model (what the Llama recipe requires of it)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(model_bytes)
+    t = proto.trainer_spec
+    return {"model_type": pb.TrainerSpec.ModelType.Name(t.model_type).lower(), "split_digits": t.split_digits,
+            "byte_fallback": t.byte_fallback, "vocab_size": len(proto.pieces),
+            "normalization": proto.normalizer_spec.name}
+
+
+# --- worker side ---------------------------------------------------------------------------------------------
+
+_TOK: Tokenizer | None = None
+
+
+def init_encoder(model_bytes: bytes) -> None:
+    global _TOK
+    _TOK = Tokenizer(model_bytes=model_bytes)
+
+
+def encode_docs(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    """BOS + ids + EOS of each text, concatenated; per-text token counts; UTF-8 bytes encoded."""
+    assert _TOK is not None, "init_encoder was not called"
+    ids = _TOK.encode_batch(texts, bos=True, eos=True)
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter((t for x in ids for t in x), dtype=token_dtype(_TOK.vocab_size), count=int(lengths.sum()))
+    return flat, lengths, sum(len(t.encode()) for t in texts)
+
+
+# --- main side -----------------------------------------------------------------------------------------------
+
+class Packer:
+    """Cuts a token stream into rows of seq_len and hands them to a ShardWriter; the last partial row is dropped."""
+
+    def __init__(self, writer: ShardWriter, seq_len: int, chunk_rows: int = 1024):
+        self.writer, self.seq_len, self.chunk = writer, seq_len, chunk_rows * seq_len
+        self.parts: list[np.ndarray] = []
+        self.buffered = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.parts.append(tokens)
+        self.buffered += len(tokens)
+        if self.buffered >= self.chunk:
+            self._emit()
+
+    def _emit(self) -> None:
+        flat = np.concatenate(self.parts) if len(self.parts) > 1 else self.parts[0]
+        rows = len(flat) // self.seq_len
+        if rows:
+            self.writer.add(flat[:rows * self.seq_len])
+        rest = flat[rows * self.seq_len:]
+        self.parts, self.buffered = ([rest] if len(rest) else []), len(rest)
+
+    def close(self) -> int:
+        """Flush whole rows; returns the number of tail tokens dropped."""
+        if self.parts:
+            self._emit()
+        return self.buffered
+
+
+def batched(texts: Iterable[Any], max_chars: int = 1 << 18) -> Iterator[list[Any]]:
+    """Groups of items of about `max_chars` characters (items are strings or (tag, string) pairs)."""
+    batch: list[Any] = []
+    size = 0
+    for item in texts:
+        batch.append(item)
+        size += len(item if isinstance(item, str) else item[1])
+        if size >= max_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _encode_tagged(batch: list[tuple[Any, str]]) -> tuple[list[Any], tuple[np.ndarray, np.ndarray, int]]:
+    return [tag for tag, _ in batch], encode_docs([text for _, text in batch])
+
+
+def tokenize_and_pack(docs: Iterable[tuple[Any, str]], model_bytes: bytes, writer: ShardWriter, seq_len: int,
+                      workers: int, vocab_size: int) -> dict[str, Any]:
+    """Tokenize (tag, text) documents on `workers` processes and pack them, in order, into `writer`.
+
+    Returns token counts per tag, UTF-8 bytes, total tokens, dropped tail tokens and the token histogram.
+    """
+    packer = Packer(writer, seq_len)
+    per_tag: dict[Any, int] = {}
+    hist = np.zeros(vocab_size, dtype=np.int64)
+    total = nbytes = docs_n = 0
+    for tags, (flat, lengths, nb) in ordered_map(_encode_tagged, batched(docs), workers,
+                                                initializer=init_encoder, initargs=(model_bytes,)):
+        packer.add(flat)
+        hist += np.bincount(flat, minlength=vocab_size)[:vocab_size]
+        for tag, n in zip(tags, lengths.tolist()):
+            per_tag[tag] = per_tag.get(tag, 0) + n
+        total += len(flat)
+        nbytes += nb
+        docs_n += len(tags)
+        if docs_n and docs_n % 20000 < len(tags):
+            log.info("tokenized %d documents, %d tokens", docs_n, total)
+    dropped = packer.close()
+    return {"tokens": total, "bytes": nbytes, "docs": docs_n, "per_tag": per_tag, "dropped_tail": dropped,
+            "histogram": hist}
