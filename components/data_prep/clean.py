@@ -22,7 +22,9 @@ PII: list[tuple[str, re.Pattern[str], str]] = [
                       r"|\b(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}\b"), "<IP_ADDRESS>"),
     # 13-19 digits, optionally grouped by spaces or dashes; confirmed with the Luhn checksum below.
     ("card", re.compile(r"\b\d(?:[ -]?\d){12,18}\b"), "<CARD_NUMBER>"),
-    ("phone", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}\b"),
+    # Not inside a longer run of digit groups (order numbers, dates written with spaces).
+    ("phone", re.compile(r"(?<![\w+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])"
+                         r"\d{3,4}[ .-]\d{3,4}\b(?![ .-]?\d)"),
      "<PHONE>"),
 ]
 
