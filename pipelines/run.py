@@ -21,6 +21,11 @@ from components.core.errors import ConfigError, KubellamaError
 from conf.schema import Config
 from pipelines import llama2
 
+# `kubellama run --demo` (what `make demo` runs): the tiny model on the fetched samples, trained for a couple of
+# minutes on a laptop CPU; 16 sequences of 256 tokens per step instead of the paper's 4M tokens.
+DEMO = ["pretrain.max_steps=40", "pretrain.warmup_steps=4", "pretrain.global_batch_tokens=4096",
+        "pretrain.micro_batch=8", "pretrain.ckpt_every=20", "pretrain.log_every=5", "run.name=demo"]
+
 
 def resolve(overrides: Sequence[str]) -> Config:
     """Load the config; a relative local run root becomes absolute, since steps may run from another directory."""
@@ -85,16 +90,23 @@ def _reports(cfg: Config, names: Sequence[str], kfp_root: str, started: float) -
 def run_main(argv: Sequence[str] | None = None) -> int:
     p = _parser("run", "Run the pipeline on this machine through kfp.local (each step a subprocess).")
     p.add_argument("--dry-run", action="store_true", help="print the DAG and the resolved config; run nothing")
-    p.add_argument("--samples", metavar="DIR",
-                   help="put the sample datasets of `kubellama data fetch-samples` (cached in DIR) first")
+    p.add_argument("--demo", action="store_true",
+                   help="the tiny model, briefly, on the samples of `kubellama data fetch-samples`")
+    p.add_argument("--samples", metavar="DIR", help="where fetch-samples put them (default: its cache)")
     args = p.parse_args(argv)
 
     def go() -> int:
         overrides = list(args.overrides)
-        if args.samples:
-            from components.data_prep.samples import demo_overrides
+        if args.demo or args.samples:
+            from components.data_prep import samples
 
-            overrides = [*demo_overrides(args.samples), *overrides]
+            missing = [s.name for s in samples.PACKAGES
+                       if not os.path.isdir(os.path.join(args.samples or samples.DEFAULT_DEST, s.name))]
+            if missing:
+                raise KubellamaError(f"sample data missing ({', '.join(missing)}): run `kubellama data fetch-samples"
+                                     + (f" --dest {args.samples}`" if args.samples else "`"))
+            overrides = [*samples.demo_overrides(args.samples or samples.DEFAULT_DEST),
+                         *(DEMO if args.demo else []), *overrides]
         cfg = resolve(overrides)
         names = llama2.selected(cfg, args.pipeline)
         if args.dry_run:
@@ -108,8 +120,13 @@ def run_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_local(cfg: Config, overrides: Sequence[str], pipeline: str, names: Sequence[str]) -> int:
+    import warnings
+
     from kfp import local
 
+    # The steps run in this Python on purpose (the package is installed here as in the images).
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task that uses custom",
+                            category=RuntimeWarning)
     root = cfg.pipeline.local_root
     if storage.is_remote(root):
         raise ConfigError(f"pipeline.local_root must be a local folder for `kubellama run` (got '{root}'); "

@@ -39,9 +39,10 @@ def report_markdown(url: str, summary: dict) -> str:
 def publish(summary: dict, url: str, artifact: Any, metrics: Any, report: Any) -> str:
     """Record a finished stage on its KFP outputs (Dataset/Model, Metrics, Markdown) and return `url`."""
     artifact.metadata["url"] = url
-    for key in ("report", "report_md", "report_json"):
-        if isinstance(summary.get(key), str):
-            artifact.metadata[key] = summary[key]
+    # Top-level strings are the stage's other URLs (HF export, reports, checkpoint): the UI shows them with lineage.
+    for key, value in summary.items():
+        if isinstance(value, str) and len(value) <= 1024 and key != "url":
+            artifact.metadata[key] = value
     with open(artifact.path, "w") as f:
         json.dump({"url": url, "summary": summary}, f, indent=2, sort_keys=True, default=str)
     for name, value in list(scalars(summary).items())[:MAX_METRICS]:

@@ -20,8 +20,7 @@ def pretrain(config: str, data: Input[Dataset], model: Output[Model], metrics: O
 
     cfg = from_dict(json.loads(config))
     cfg.pretrain.data = data.metadata.get("url") or data.uri
-    summary = (stage.launch if hasattr(stage, "launch") else stage.run)(cfg)
-    return publish(summary, cfg.pretrain.output, model, metrics, report)
+    return publish(stage.launch(cfg), cfg.pretrain.output, model, metrics, report)
 
 
 def op(image: str) -> PythonComponent:

@@ -1,0 +1,81 @@
+"""The whole pipeline on this machine: `kubellama run` through kfp.local with the real stages on tiny data."""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import random
+
+from components.core import storage
+from pipelines import run
+
+TINY = ["data.workers=1", "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
+        "model.ffn_hidden=64", "model.vocab_size=300", "model.max_seq_len=32", "pretrain.max_steps=3",
+        "pretrain.warmup_steps=1", "pretrain.global_batch_tokens=64", "pretrain.micro_batch=2",
+        "pretrain.ckpt_every=2", "pretrain.log_every=1"]
+
+
+def corpus(path: str, docs: int = 150) -> str:
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8))) for _ in range(300)]
+    with open(path, "w") as f:
+        for i in range(docs):
+            text = " ".join(rng.choice(words) for _ in range(rng.randint(40, 100)))
+            f.write(json.dumps({"text": f"{text}. Document {i} ends here."}) + "\n")
+    return path
+
+
+def executor_output(kfp_root: str, task: str) -> dict:
+    (path,) = glob.glob(os.path.join(kfp_root, "kubellama-llama2-*", task, "executor_output.json"))
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_run_data_prep_and_pretrain_through_kfp_local(tmp_path, capsys):
+    root = str(tmp_path / "run")
+    src = corpus(str(tmp_path / "corpus.jsonl"))
+    assert run.run_main([f"run.root={root}", f"data.sources=[{{name:t,path:'{src}'}}]", *TINY]) == 0
+    out = capsys.readouterr().out
+
+    # The stages wrote their real outputs where the config says.
+    assert storage.is_complete(os.path.join(root, "data"))
+    hf = os.path.join(root, "pretrain", "hf")
+    assert os.path.exists(os.path.join(hf, "config.json"))
+    for report in (os.path.join(root, "data", "report.md"), os.path.join(root, "pretrain", "report.md")):
+        assert f"  {report}\n" in out
+
+    # KFP artifacts stay small and point at the data: lineage data-prep -> pretrain through the Dataset's URL.
+    kfp_root = os.path.join(root, "kfp")
+    prep = executor_output(kfp_root, "data-prep")
+    (dataset,) = prep["artifacts"]["dataset"]["artifacts"]
+    assert dataset["metadata"]["url"] == os.path.join(root, "data")
+    assert dataset["metadata"]["pretrain"] == os.path.join(root, "data", "pretrain")
+    (metrics,) = prep["artifacts"]["metrics"]["artifacts"]
+    assert metrics["metadata"]["pretrain_tokens"] > 0
+
+    train = executor_output(kfp_root, "pretrain")
+    (model,) = train["artifacts"]["model"]["artifacts"]
+    assert model["metadata"]["url"] == os.path.join(root, "pretrain")
+    assert model["metadata"]["hf"] == hf and model["metadata"]["status"] == "completed"
+    (metrics,) = train["artifacts"]["metrics"]["artifacts"]
+    assert metrics["metadata"]["step"] == 3 and math.isfinite(metrics["metadata"]["final_loss"])
+    (report,) = glob.glob(os.path.join(kfp_root, "kubellama-llama2-*", "pretrain", "report"))
+    with open(report) as f, open(os.path.join(root, "pretrain", "report.md")) as g:
+        assert f.read() == g.read()
+    with open(os.path.join(root, "pretrain", "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+
+
+def test_failed_step_is_one_line_error(tmp_path, capsys):
+    root = str(tmp_path / "run")
+    missing = str(tmp_path / "nope.jsonl")
+    assert run.run_main([f"run.root={root}", f"data.sources=[{{name:t,path:'{missing}'}}]", *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("kubellama: error: pipeline failed:") and "data-prep" in err
+    assert not os.path.exists(os.path.join(root, "pretrain"))
+
+
+def test_demo_needs_samples(tmp_path, capsys):
+    assert run.run_main(["--demo", "--samples", str(tmp_path / "empty"), "--dry-run"]) == 2
+    assert "kubellama data fetch-samples --dest" in capsys.readouterr().err
