@@ -58,7 +58,8 @@ def app(cluster: ClusterConfig, module: str, args: list[str], name: str, env: di
     # Keep the rendezvous variable unquoted so bash expands it; quote everything else.
     line = " ".join(c if "${" in c else shlex.quote(c) for c in cmd)
     role = specs.Role(
-        name=name,
+        # Volcano exports task 0's host as VC_<ROLE>_0_HOSTS: a role name with '-' would not be a shell variable.
+        name="".join(c for c in name.split("-")[-1] if c.isalnum()) or "trainer",
         image=cluster.image_train,
         entrypoint="bash",
         args=["-c", line],
@@ -126,7 +127,7 @@ def dryrun(cluster: ClusterConfig, appdef) -> tuple[Any, dict[str, Any] | list[s
         _patch_pods(resource, cluster)
         resource.setdefault("metadata", {})["namespace"] = cluster.namespace
         return info, ApiClient().sanitize_for_serialization(resource)
-    return info, [r.entrypoint + " " + " ".join(shlex.quote(a) for a in r.args) for r in appdef.roles]
+    return info, [str(info)]
 
 
 def render(job: dict[str, Any] | list[str]) -> str:
@@ -145,8 +146,7 @@ def submit(cluster: ClusterConfig, appdef, stream: bool = True) -> str:
         handle = runner.schedule(info)
         print(f"kubellama: submitted {handle}", flush=True)
         threads = []
-        if stream and cluster.scheduler == "kubernetes":
-            # The local scheduler already echoes the workers' output; on Kubernetes, follow every node's pod.
+        if stream:
             role = appdef.roles[0]
             for k in range(role.num_replicas):
                 t = threading.Thread(target=_follow, args=(runner, handle, role.name, k), daemon=True)

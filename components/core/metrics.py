@@ -88,7 +88,7 @@ class MetricsLog:
         if self._tty:
             self._progress(record)
         else:
-            print(format_record(record), flush=True)
+            print(format_record(record), file=sys.stderr, flush=True)
 
     def _progress(self, r: dict[str, Any]) -> None:
         width = 30

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -238,7 +239,7 @@ class Trainer:
         self.last_ckpt = checkpoint.save(self.ckpt_root, self.step, self._state(), meta, self.env, self.cfg.keep_last)
         if self.env.lead:
             print(f"[{self.name}] checkpoint step {self.step} -> {self.last_ckpt} "
-                  f"({time.perf_counter() - t0:.1f}s)", flush=True)
+                  f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
         return self.last_ckpt
 
     def load(self, url: str) -> None:
@@ -251,7 +252,7 @@ class Trainer:
         self.last_ckpt = url
         if self.env.lead:
             print(f"[{self.name}] resumed from {url} at step {self.step} "
-                  f"(saved on {meta['world_size']} ranks, now {self.env.world_size})", flush=True)
+                  f"(saved on {meta['world_size']} ranks, now {self.env.world_size})", file=sys.stderr, flush=True)
 
     def resume(self) -> bool:
         url = checkpoint.latest(self.ckpt_root)

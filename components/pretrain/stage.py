@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any, Sequence
 
 from components.core import dist, launch as jobs, storage
@@ -25,6 +26,10 @@ from components.core.trainer import Trainer, write_report
 from conf.schema import Config
 
 NAME = "pretrain"
+
+
+class Preempted(KubellamaError):
+    """SIGTERM arrived; the checkpoint is saved and a rerun resumes from it."""
 
 
 def data_url(cfg: Config) -> str:
@@ -86,7 +91,7 @@ def launch(cfg: Config) -> dict[str, Any]:
         jobs.submit(cfg.cluster, job(cfg))
         summary = storage.read_json(storage.join(cfg.pretrain.output, "report.json"))
     if summary.get("status") == "preempted":
-        raise KubellamaError(f"pretraining was preempted at step {summary['step']}; checkpoint "
+        raise Preempted(f"pretraining was preempted at step {summary['step']}; checkpoint "
                              f"{summary['checkpoint']} is saved: run again to resume")
     return summary
 
@@ -126,7 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dryrun:
             print(dryrun(cfg), end="")
             return 0
-        summary = launch(cfg)
+        try:
+            summary = launch(cfg)
+        except Preempted as exc:
+            print(f"kubellama: {exc}", file=sys.stderr)
+            # 128 + SIGTERM: what a process stopped by SIGTERM reports, so schedulers see a preemption, not success.
+            return 143
         if not dist.under_launcher() or dist.init().lead:
             print(json.dumps(summary, indent=2, default=str))
         dist.shutdown()

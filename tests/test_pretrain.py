@@ -1,0 +1,118 @@
+"""The pretrain stage end to end: outputs and report, exact resume after SIGKILL, clean stop on SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from components.core import storage
+from components.core.config import load_config
+from pipelines.cli import main as cli
+from test_trainer_support import OVERRIDES, write_shards
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def overrides(root, *more: str) -> list[str]:
+    return [*OVERRIDES, f"run.root={root}", *more]
+
+
+def start(root, *more: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "pretrain", *overrides(root, *more)], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc: subprocess.Popen, text: str) -> list[str]:
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if text in line:
+            return seen
+    raise AssertionError(f"never printed {text!r}:\n{''.join(seen)}")
+
+
+def losses(root) -> list[float]:
+    lines = storage.read_text(os.path.join(root, "pretrain", "metrics.jsonl")).splitlines()
+    return [json.loads(x)["loss"] for x in lines]
+
+
+def test_stage_writes_checkpoints_metrics_report_and_hf(tmp_path, capsys):
+    write_shards(str(tmp_path / "data" / "pretrain"))
+    assert cli(["pretrain", *overrides(tmp_path, "pretrain.max_steps=4", "pretrain.ckpt_every=2")]) == 0
+    out = tmp_path / "pretrain"
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["status"] == "completed" and summary["step"] == 4 and summary["world_size"] == 1
+    assert summary["hf"] == str(out / "hf") and storage.is_complete(summary["hf"])
+    report = json.loads((out / "report.json").read_text())
+    assert report["final_loss"] == summary["final_loss"]
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![loss](loss.png)" in (out / "report.md").read_text()
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["tokens_per_s"] > 0 and r["mfu"] is None and r["lr"] > 0 for r in records)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tb"))
+    assert (out / "config.yaml").exists() is False  # in-process: no job, no config hand-off
+
+    # The consolidated HF weights are exactly the last DCP checkpoint's and load in transformers.
+    import torch.distributed.checkpoint as dcp
+    from transformers import LlamaForCausalLM
+
+    cfg = load_config(overrides(tmp_path))
+    from components.core.model import Llama
+
+    state = {"model": Llama(cfg.model).state_dict()}
+    dcp.load(state, checkpoint_id=summary["checkpoint"])
+    hf = load_file(str(out / "hf" / "model.safetensors"))
+    assert all(torch.equal(hf[k if k.startswith("lm_head") else f"model.{k}"], v) for k, v in state["model"].items())
+    model = LlamaForCausalLM.from_pretrained(str(out / "hf"))
+    assert torch.equal(model.lm_head.weight, state["model"]["lm_head.weight"])
+
+
+def test_sigkill_after_checkpoint_then_restart_is_bit_identical(tmp_path):
+    write_shards(str(tmp_path / "data" / "pretrain"))
+    more = ("pretrain.max_steps=30", "pretrain.ckpt_every=5", "pretrain.keep_last=2")
+
+    more += (f"data.output={tmp_path / 'data'}",)
+    ref = start(tmp_path / "ref", *more)
+    killed = start(tmp_path / "run", *more)
+    wait_for(killed, "checkpoint step 5 ")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert ref.wait() == 0, ref.stderr.read()
+    done, _ = __import__("components.core.checkpoint", fromlist=["steps"]).steps(
+        str(tmp_path / "run" / "pretrain" / "checkpoints"))
+    assert done and done[-1] < 30, "the kill came too late to test anything"
+
+    restart = start(tmp_path / "run", *more)
+    out, err = restart.communicate()
+    assert restart.returncode == 0, err
+    assert f"resumed from {tmp_path / 'run' / 'pretrain' / 'checkpoints'}" in err
+    # Every logged loss, before and after the kill, and the final weights are bit-identical to the uninterrupted run.
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+    assert len(losses(tmp_path / "ref")) == 30
+    assert (tmp_path / "run" / "pretrain" / "hf" / "model.safetensors").read_bytes() == \
+        (tmp_path / "ref" / "pretrain" / "hf" / "model.safetensors").read_bytes()
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    write_shards(str(tmp_path / "data" / "pretrain"))
+    proc = start(tmp_path, "pretrain.max_steps=100000", "pretrain.ckpt_every=100000")
+    wait_for(proc, "step 3 ")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    root = tmp_path / "pretrain" / "checkpoints"
+    (step_dir,) = os.listdir(root)
+    step = int(step_dir.split("_")[1])
+    assert step >= 3 and storage.is_complete(str(root / step_dir))
+    assert f"pretraining was preempted at step {step}" in err
+    report = json.loads((tmp_path / "pretrain" / "report.json").read_text())
+    assert report["status"] == "preempted" and report["step"] == step
+    assert not (tmp_path / "pretrain" / "hf").exists()
