@@ -17,12 +17,18 @@ S3_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "A
 
 
 def trains_in_pod(cfg: Config) -> bool:
-    """True when the training step runs torchrun inside its own pod; otherwise it only launches a cluster job."""
-    return cfg.cluster.scheduler != "kubernetes"
+    """True when the training step runs torchrun inside its own pod, with the node's GPUs.
+
+    One node needs no gang scheduling: the step's pod asks for the GPUs itself, which spares a second pod and
+    Volcano. Several nodes (scheduler kubernetes, nnodes > 1) make the step a small pod that launches the torchx job
+    and streams its logs.
+    """
+    return cfg.cluster.scheduler != "kubernetes" or cfg.cluster.nnodes <= 1
 
 
 def schedule(task: PipelineTask, cfg: Config, gpu: bool = False) -> PipelineTask:
-    """Apply images, secrets, limits, timeouts, retries, caching and (for `gpu` tasks) GPU placement to `task`."""
+    """Apply images, secrets, timeouts, retries, caching and, for a training pod (`gpu`), its node's resources and
+    GPU placement to `task`."""
     c = cfg.cluster
     task.set_caching_options(bool(cfg.pipeline.caching))
     kubernetes.set_image_pull_policy(task, c.image_pull_policy)
@@ -39,12 +45,14 @@ def schedule(task: PipelineTask, cfg: Config, gpu: bool = False) -> PipelineTask
         kubernetes.set_timeout(task, int(c.timeout_s))
     if c.retries > 0:
         task.set_retry(num_retries=int(c.retries), backoff_duration="60s", backoff_factor=2.0)
-    if c.cpu:
-        task.set_cpu_request(str(c.cpu)).set_cpu_limit(str(c.cpu))
-    if c.memory:
-        task.set_memory_request(str(c.memory)).set_memory_limit(str(c.memory))
-    if gpu and c.gpus_per_node > 0:
-        _gpu(task, cfg)
+    if gpu:
+        # cluster.cpu/memory describe a training node; CPU steps keep the namespace defaults.
+        if c.cpu:
+            task.set_cpu_request(str(c.cpu)).set_cpu_limit(str(c.cpu))
+        if c.memory:
+            task.set_memory_request(str(c.memory)).set_memory_limit(str(c.memory))
+        if c.gpus_per_node > 0:
+            _gpu(task, cfg)
     return task
 
 

@@ -45,9 +45,10 @@ def _data_prep(cfg: Config, config: Any, h: Handles) -> None:
 def _pretrain(cfg: Config, config: Any, h: Handles) -> None:
     if h.data is None:
         h.data = _import(cfg.pretrain.data, Dataset, "pretrain.data")
-    task = pretrain_component.op(cfg.cluster.image_train)(config=config, data=h.data)
+    in_pod = k8s.trains_in_pod(cfg)
+    task = pretrain_component.op(cfg.cluster.image_train)(config=config, data=h.data, in_pod=in_pod)
     task.set_display_name("pretrain")
-    k8s.schedule(task, cfg, gpu=k8s.trains_in_pod(cfg))
+    k8s.schedule(task, cfg, gpu=in_pod)
     h.model = task.outputs["model"]
 
 

@@ -100,11 +100,36 @@ def test_gpu_cluster_training_step(tmp_path):
     assert "AWS_SECRET_ACCESS_KEY=" not in json.dumps(spec)
 
 
+def test_h100_preset_trains_in_the_step_pod(tmp_path, capsys):
+    """`kubellama compile model=llama2_7b cluster=h100`: one 8-GPU node, so the step's own pod gets the GPUs."""
+    out = tmp_path / "llama2.yaml"
+    assert run.compile_main(["model=llama2_7b", "cluster=h100", "-o", str(out)]) == 0
+    spec, platform = yaml.safe_load_all(out.read_text())
+    cluster = load_config(["cluster=h100"]).cluster
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    train, prep = executor(spec, "pretrain"), executor(spec, "data-prep")
+    res = spec["deploymentSpec"]["executors"][train]["container"]["resources"]
+    assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"
+    assert res["accelerator"]["resourceCount"] == str(cluster.gpus_per_node)
+    assert res["resourceCpuLimit"] == cluster.cpu and res["resourceMemoryLimit"] == cluster.memory
+    assert k8s[train]["nodeSelector"]["labels"]["nvidia.com/gpu.product"] == cluster.gpu_product
+    assert k8s[train]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert k8s[train]["emptyDirMounts"][0]["sizeLimit"] == cluster.shm_size
+    task = spec["root"]["dag"]["tasks"]["pretrain"]
+    assert task["inputs"]["parameters"]["in_pod"] == {"runtimeValue": {"constant": True}}
+    # The CPU step does not inherit the training node's size.
+    assert "resources" not in spec["deploymentSpec"]["executors"][prep]["container"]
+    config = json.loads(spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"])
+    assert config["model"]["dim"] == 4096 and config["cluster"]["name"] == "h100"
+
+
 def test_multi_node_training_launches_job_from_a_cpu_pod(tmp_path):
     _, (spec, platform) = compile_docs(tmp_path, GPU + ["cluster.scheduler=kubernetes", "cluster.nnodes=4"])
     train = executor(spec, "pretrain")
     assert "accelerator" not in spec["deploymentSpec"]["executors"][train]["container"].get("resources", {})
     assert "emptyDirMounts" not in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][train]
+    task = spec["root"]["dag"]["tasks"]["pretrain"]
+    assert task["inputs"]["parameters"]["in_pod"] == {"runtimeValue": {"constant": False}}
 
 
 def test_skipped_stages_start_from_config(tmp_path):

@@ -1,7 +1,7 @@
 """KFP wrapper of the pretraining stage: token shards in, a checkpoint URL, metrics and the report out.
 
-The stage's `launch` picks torchx's scheduler from the config: torchrun inside this pod (its GPUs come from the
-task's resource request) or a gang-scheduled Kubernetes job whose logs it streams. No `from __future__ import
+The stage's `launch` runs torchrun inside this pod (one node: the pod's GPUs come from the task's resource
+request) or, for several nodes, a gang-scheduled Kubernetes job whose logs it streams. No `from __future__ import
 annotations` here: KFP reads the parameter annotations as real types.
 """
 from kfp import dsl
@@ -10,8 +10,12 @@ from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
 
 def pretrain(config: str, data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
-             report: Output[Markdown]) -> str:
-    """Pretrain on the shards that `data` points at, with the resolved config `config` (JSON)."""
+             report: Output[Markdown], in_pod: bool = True) -> str:
+    """Pretrain on the shards that `data` points at, with the resolved config `config` (JSON).
+
+    `in_pod`: this pod holds the node's GPUs (the pipeline asked for them), so torchrun runs here rather than in a
+    cluster job.
+    """
     import json
 
     from components.core.config import from_dict
@@ -20,6 +24,8 @@ def pretrain(config: str, data: Input[Dataset], model: Output[Model], metrics: O
 
     cfg = from_dict(json.loads(config))
     cfg.pretrain.data = data.metadata.get("url") or data.uri
+    if in_pod:
+        cfg.cluster.scheduler = "local_cwd"
     return publish(stage.launch(cfg), cfg.pretrain.output, model, metrics, report)
 
 
