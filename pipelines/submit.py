@@ -12,8 +12,9 @@ import tempfile
 import time
 from typing import Sequence
 
+from components.core import storage
 from components.core.cli import guarded
-from components.core.errors import KubellamaError
+from components.core.errors import ConfigError, KubellamaError
 from pipelines import llama2
 from pipelines.run import compile_pipeline, resolve
 
@@ -49,11 +50,17 @@ def _pipeline_ids(client, path: str, name: str, version: str, description: str,
 def submit(overrides: Sequence[str], host: str, namespace: str | None = None, experiment: str | None = None,
            pipeline: str = "llama2", run_name: str | None = None, start: bool = True) -> dict:
     """Compile, upload and (when `start`) run; returns the ids the KFP API gave back."""
+    import warnings
+
     import kfp
     from kfp_server_api.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
     cfg = resolve(overrides)
+    if not storage.is_remote(cfg.run.root):
+        # Pods on a cluster share nothing local: every stage's output must live in the object store.
+        raise ConfigError(f"run.root is the local folder {cfg.run.root}: a cluster run needs "
+                          "run.root=s3://bucket/prefix")
     host = host or cfg.pipeline.host
     if not host:
         raise KubellamaError("no KFP API endpoint: pass --host URL or set pipeline.host")
@@ -62,6 +69,7 @@ def submit(overrides: Sequence[str], host: str, namespace: str | None = None, ex
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     version = f"{name}-{stamp}-{llama2.config_hash(cfg)}"
     description = ("kubellama " + " ".join(overrides)) if overrides else "kubellama (default config)"
+    warnings.filterwarnings("ignore", message="This client only works with", category=FutureWarning)
     try:
         client = kfp.Client(host=host, namespace=namespace or "kubeflow")
         with tempfile.TemporaryDirectory() as tmp:

@@ -126,7 +126,8 @@ def test_submit_new_pipeline_uploads_and_runs_with_overrides(capsys):
 
 def test_submit_existing_pipeline_adds_a_version(capsys):
     with FakeKfp({"kubellama-llama2-pretrain": "p7"}) as kfp_api:
-        rc = submit.main(["--host", kfp_api.url, "--pipeline", "pretrain", "--no-run", "pretrain.max_steps=5"])
+        rc = submit.main(["--host", kfp_api.url, "--pipeline", "pretrain", "--no-run", "pretrain.max_steps=5",
+                            "run.root=s3://b/r"])
     assert rc == 0, capsys.readouterr().err
     assert not kfp_api.find("POST", "/pipelines/upload") and not kfp_api.find("POST", "/runs")
     (upload,) = kfp_api.find("POST", "/pipelines/upload_version")
@@ -142,9 +143,16 @@ def test_submit_errors_are_one_line(capsys):
         healthy = kfp_api.answer
         kfp_api.answer = lambda m, p, *a: healthy(m, p, *a) if p == "/healthz" else (
             500, {"error": "database is down", "code": 13})
-        assert submit.main(["--host", kfp_api.url]) == 2
+        assert submit.main(["--host", kfp_api.url, "run.root=s3://b/r"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("kubellama: error: KFP API at http://127.0.0.1:") and "500" in err
     assert "database is down" in err and "\n" not in err
-    assert submit.main(["pretrain.lr=1"]) == 2
+    assert submit.main(["pretrain.lr=1", "run.root=s3://b/r"]) == 2
     assert "no KFP API endpoint" in capsys.readouterr().err
+    assert submit.main(["--host", "http://127.0.0.1:9", "run.root=runs/x"]) == 2
+    assert "a cluster run needs run.root=s3://" in capsys.readouterr().err
+    with FakeKfp() as gone:
+        url = gone.url  # a port nobody listens on once the server is closed
+    assert submit.main(["--host", url, "run.root=s3://b/r"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"kubellama: error: cannot reach the KFP API at {url}") and "\n" not in err
