@@ -73,6 +73,10 @@ def dag_text(cfg: Config, overrides: Sequence[str], pipeline: str = "llama2") ->
             if res else ""
         k8s = platform.get(executor, {})
         extra = f" selector={k8s['nodeSelector'].get('labels', k8s['nodeSelector'])}" if "nodeSelector" in k8s else ""
+        params = task.get("inputs", {}).get("parameters", {})
+        if params.get("in_pod", {}).get("runtimeValue", {}).get("constant") is False:
+            c = cfg.cluster
+            extra += f" launches a torchx {c.scheduler} job of {c.nnodes} x {c.gpus_per_node} GPUs"
         lines.append(f"  {name:<28} after: {after:<20} {image}{gpus}{extra}")
     return "\n".join(lines)
 

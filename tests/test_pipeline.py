@@ -124,12 +124,14 @@ def test_h100_preset_trains_in_the_step_pod(tmp_path, capsys):
 
 
 def test_multi_node_training_launches_job_from_a_cpu_pod(tmp_path):
-    _, (spec, platform) = compile_docs(tmp_path, GPU + ["cluster.scheduler=kubernetes", "cluster.nnodes=4"])
+    overrides = GPU + ["cluster.scheduler=kubernetes", "cluster.nnodes=4"]
+    _, (spec, platform) = compile_docs(tmp_path, overrides)
     train = executor(spec, "pretrain")
     assert "accelerator" not in spec["deploymentSpec"]["executors"][train]["container"].get("resources", {})
     assert "emptyDirMounts" not in platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][train]
     task = spec["root"]["dag"]["tasks"]["pretrain"]
     assert task["inputs"]["parameters"]["in_pod"] == {"runtimeValue": {"constant": False}}
+    assert "launches a torchx kubernetes job of 4 x 8 GPUs" in run.dag_text(run.resolve(overrides), overrides)
 
 
 def test_skipped_stages_start_from_config(tmp_path):
