@@ -136,3 +136,28 @@ def test_irsa_values_use_the_role_not_keys(helm):
 def test_bad_values_are_refused(helm, bad, message):
     out = subprocess.run([helm, "template", "kl", CHART, *bad], capture_output=True, text=True)
     assert out.returncode != 0 and message in out.stderr
+
+
+@pytest.mark.parametrize("values, expect", [
+    ([], ["Runs write to s3://kubellama/runs", "keys from Secret kubellama-s3 (create it yourself",
+          "logs job/kl-kubellama-upload", "kubellama submit --host http://ml-pipeline.kubeflow"]),
+    (["-f", GPU_VALUES], ["GPU quota for the namespace: 16 x nvidia.com/gpu", "--namespace llm", "cluster=h100"]),
+    (["-f", IRSA_VALUES], ["the IAM role of service account kl-kubellama (IRSA)"]),
+], ids=["default", "gpu", "irsa"])
+def test_notes(helm, tmp_path, values, expect):
+    """NOTES.txt as `helm install` prints it (rendered through tpl in a copy of the chart: no cluster here)."""
+    import shutil
+
+    chart = tmp_path / "kubellama"
+    shutil.copytree(CHART, chart)
+    shutil.copy(chart / "templates" / "NOTES.txt", chart / "notes.txt")  # .Files cannot read templates/
+    (chart / "templates" / "notes-check.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\n"
+        'data:\n  notes: {{ tpl (.Files.Get "notes.txt") . | quote }}\n')
+    out = subprocess.run([helm, "template", "kl", str(chart), "--namespace", "llm", *values], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    notes = objects(out.stdout)[("ConfigMap", "notes")]["data"]["notes"]
+    for text in expect:
+        assert text in notes, notes
+    assert "minio-secret-key" not in notes
