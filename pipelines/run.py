@@ -17,7 +17,7 @@ import yaml
 from components.core import storage
 from components.core.cli import guarded
 from components.core.config import load_config, to_yaml
-from components.core.errors import ConfigError, KubellamaError
+from components.core.errors import KubellamaError
 from conf.schema import Config
 from pipelines import llama2
 
@@ -133,8 +133,8 @@ def _run_local(cfg: Config, overrides: Sequence[str], pipeline: str, names: Sequ
                             category=RuntimeWarning)
     root = cfg.pipeline.local_root
     if storage.is_remote(root):
-        raise ConfigError(f"pipeline.local_root must be a local folder for `kubellama run` (got '{root}'); "
-                          "stages may still read and write s3:// URLs")
+        # kfp.local keeps task artifacts in a local folder only; the stages still write their data to s3://.
+        root = os.path.abspath(os.path.join("runs", cfg.run.name, "kfp"))
     os.makedirs(root, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=True)
     print(f"kubellama run: {' -> '.join(names)} through kfp.local; artifacts under {root}", flush=True)

@@ -67,6 +67,23 @@ def test_run_data_prep_and_pretrain_through_kfp_local(tmp_path, capsys):
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
 
 
+def test_run_with_stages_on_s3(tmp_path, s3_bucket, monkeypatch, capsys):
+    """run.root on S3 (moto): the stages read and write s3:// themselves; kfp.local keeps its artifacts locally."""
+    monkeypatch.chdir(tmp_path)
+    src = corpus(str(tmp_path / "corpus.jsonl"), docs=80)
+    with open(src, "rb") as f:
+        storage.write_bytes(f"{s3_bucket}/in/corpus.jsonl", f.read())
+    root = f"{s3_bucket}/run"
+    overrides = [f"run.root={root}", f"data.sources=[{{name:t,path:'{s3_bucket}/in/corpus.jsonl'}}]", *TINY,
+                 "pretrain.max_steps=2", "run.name=s3demo"]
+    assert run.run_main(overrides) == 0, capsys.readouterr().err
+    assert storage.is_complete(f"{root}/data")
+    assert storage.exists(f"{root}/pretrain/hf/config.json")
+    assert f"  {root}/pretrain/report.md" in capsys.readouterr().out
+    model = executor_output(str(tmp_path / "runs" / "s3demo" / "kfp"), "pretrain")["artifacts"]["model"]
+    assert model["artifacts"][0]["metadata"]["url"] == f"{root}/pretrain"
+
+
 def test_failed_step_is_one_line_error(tmp_path, capsys):
     root = str(tmp_path / "run")
     missing = str(tmp_path / "nope.jsonl")

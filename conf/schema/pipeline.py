@@ -28,5 +28,6 @@ class PipelineConfig:
     # KFP step caching. The resolved config is an input of every step, so a changed override never reuses a stale
     # step; turn it off to force reruns of unchanged steps.
     caching: bool = True
-    # Where `kubellama run` (kfp.local) keeps task artifacts; on a cluster the kfp-launcher ConfigMap decides.
+    # Where `kubellama run` (kfp.local) keeps task artifacts: a local folder (with an s3:// run.root, runs/<name>/kfp
+    # under the current directory). On a cluster the kfp-launcher ConfigMap decides.
     local_root: str = "${run.root}/kfp"
