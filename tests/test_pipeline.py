@@ -177,3 +177,30 @@ def test_cli_compile_and_dry_run(tmp_path, capsys):
     assert load_config(GPU).cluster.shm_size in text  # the resolved config follows the DAG
     assert run.compile_main(["-o", str(out), "pretrain.nope=1"]) == 2
     assert "unknown config key 'pretrain.nope'" in capsys.readouterr().err
+
+
+def test_publish_records_urls_metrics_and_report(tmp_path):
+    """What a component hands KFP: the URL and other strings as metadata, finite numbers as metrics, the report."""
+    from types import SimpleNamespace
+
+    from components.core.publish import publish
+
+    class Metrics(dict):
+        def log_metric(self, name, value):
+            self[name] = value
+
+    out = tmp_path / "stage"
+    out.mkdir()
+    (out / "report.md").write_text("# Stage report\n")
+    art = SimpleNamespace(metadata={}, path=str(tmp_path / "artifact"))
+    report = SimpleNamespace(path=str(tmp_path / "report"))
+    metrics = Metrics()
+    summary = {"hf": f"{out}/hf", "step": 3, "loss": float("nan"), "done": True, "tokens": {"total": 10, "kept": 9}}
+    assert publish(summary, str(out), art, metrics, report) == str(out)
+    assert art.metadata == {"url": str(out), "hf": f"{out}/hf"}
+    assert metrics == {"step": 3.0, "tokens.total": 10.0, "tokens.kept": 9.0}
+    assert (tmp_path / "report").read_text() == "# Stage report\n"
+    assert json.loads((tmp_path / "artifact").read_text())["summary"]["step"] == 3
+    (out / "report.md").unlink()  # a stage without a Markdown report: the summary stands in
+    publish({"step": 1}, str(out), art, metrics, report)
+    assert '"step": 1' in (tmp_path / "report").read_text()
