@@ -66,8 +66,8 @@ def dag_text(cfg: Config, overrides: Sequence[str], pipeline: str = "llama2") ->
         comp = spec["components"][task["componentRef"]["name"]]
         executor = comp.get("executorLabel", "")
         container = spec["deploymentSpec"]["executors"].get(executor, {})
-        image = container.get("container", {}).get("image") or container.get("importer", {}).get(
-            "artifactUri", {}).get("runtimeParameter", "importer")
+        importer = container.get("importer", {}).get("artifactUri", {})
+        image = container.get("container", {}).get("image") or f"import {importer.get('constant', '')}"
         res = container.get("container", {}).get("resources", {}).get("accelerator", {})
         gpus = f" gpus={res.get('resourceCount', res.get('count'))} ({res.get('resourceType', res.get('type'))})" \
             if res else ""

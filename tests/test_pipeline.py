@@ -135,7 +135,10 @@ def test_multi_node_training_launches_job_from_a_cpu_pod(tmp_path):
 
 
 def test_skipped_stages_start_from_config(tmp_path):
-    _, docs = compile_docs(tmp_path, ["pipeline.stages.data_prep=false", "pretrain.data=s3://b/shards"])
+    overrides = ["pipeline.stages.data_prep=false", "pretrain.data=s3://b/shards"]
+    assert "importer                     after: -                    import s3://b/shards" in run.dag_text(
+        run.resolve(overrides), overrides)
+    _, docs = compile_docs(tmp_path, overrides)
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
     assert list(tasks) == ["importer", "pretrain"]
