@@ -25,6 +25,8 @@ from conf.schema.cluster import ClusterConfig
 GPU = "nvidia.com/gpu"
 # c10d rendezvous port on task 0 (torchx's own default).
 RDZV_PORT = 29500
+# Set in every worker of a job launched from here: the launcher prints the summary, the workers need not.
+LAUNCHED = "KUBELLAMA_LAUNCHED"
 
 
 def _quantity(value: str | None) -> float:
@@ -67,7 +69,7 @@ def app(cluster: ClusterConfig, module: str, args: list[str], name: str, env: di
         min_replicas=nnodes,
         resource=specs.Resource(cpu=_quantity(cluster.cpu), gpu=cluster.gpus_per_node,  # type: ignore[arg-type]
                                 memMB=int(_quantity(cluster.memory) / 1e6)),
-        env={"PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING", **(env or {})},
+        env={"PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING", LAUNCHED: "1", **(env or {})},
         port_map={"c10d": RDZV_PORT},
         max_retries=cluster.retries,
     )

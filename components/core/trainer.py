@@ -144,6 +144,11 @@ def apply_activation_checkpointing(layers: nn.ModuleList, mode: str, every: int)
 def shard(model: nn.Module, cfg: TrainConfig, env: dist.Env) -> nn.Module:
     layers = blocks(model)
     apply_activation_checkpointing(layers, cfg.activation_checkpointing, cfg.ac_every)
+    if cfg.compile:
+        for i in range(len(layers)):
+            # Per block, not the whole model: one compiled graph reused by every layer, and FSDP's hooks stay
+            # outside the graphs.
+            layers[i] = torch.compile(layers[i], fullgraph=True)
     mesh = init_device_mesh(env.device.type, (env.world_size,))
     kw: dict[str, Any] = {"mesh": mesh}
     policy = mp_policy(cfg.mixed_precision, env.device)
@@ -218,7 +223,7 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                           fused=True if env.device.type == "cuda" else None)
+                                           fused=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
         self.ckpt_root = storage.join(self.output, "checkpoints")
@@ -286,9 +291,9 @@ class Trainer:
             [loss_sum.item(), count.item(), float(self._stop_requested)], self.env.device)
         # FSDP averaged the gradients over ranks; make them the gradient of the global per-token mean.
         scale = self.env.world_size / max(total_count, 1.0)
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         if hasattr(norm, "full_tensor"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Sequence
 
@@ -137,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kubellama: {exc}", file=sys.stderr)
             # 128 + SIGTERM: what a process stopped by SIGTERM reports, so schedulers see a preemption, not success.
             return 143
-        if not dist.under_launcher() or dist.init().lead:
+        if not dist.under_launcher() or (dist.init().lead and jobs.LAUNCHED not in os.environ):
             print(json.dumps(summary, indent=2, default=str))
         dist.shutdown()
         return 0
