@@ -162,3 +162,25 @@ def test_checkpoints_round_trip_through_s3(tmp_path, s3_bucket):
     remote_losses = [json.loads(x)["loss"] for x in storage.read_text(f"{remote}/metrics.jsonl").splitlines()]
     assert remote_losses == [r["loss"] for r in ref["records"]]
     assert np.isfinite(remote_losses).all()
+
+
+def test_side_arrays_reach_the_loss_for_sft_style_shards(tmp_path):
+    rows = 32
+    labels = np.random.default_rng(1).integers(0, VOCAB, size=(rows, SEQ))
+    labels[:, : SEQ // 2] = -100  # prompt halves carry no loss
+    segments = np.repeat(np.arange(rows)[:, None], SEQ, 1)
+    segments[:, SEQ // 3:] += 1000  # two examples packed per row
+    data = write_shards(str(tmp_path / "data"), rows=rows, labels=labels, segments=segments)
+    seen = []
+
+    def spy(model, batch):
+        seen.append({k: (v.dtype, tuple(v.shape)) for k, v in batch.items()})
+        loss, n = causal_lm_loss(model, batch)
+        seen[-1]["count"] = int(n)
+        return loss, n
+
+    summary = trainer(data, str(tmp_path / "run"), max_steps=2, loss_fn=spy).fit()
+    assert summary["status"] == "completed" and np.isfinite(summary["final_loss"])
+    assert seen[0]["tokens"] == seen[0]["labels"] == seen[0]["segments"] == (torch.int64, (2, SEQ))
+    # Targets are labels[1:]: SEQ - 1 positions per row, of which those before SEQ // 2 are masked.
+    assert all(s["count"] == 2 * (SEQ - SEQ // 2) for s in seen)

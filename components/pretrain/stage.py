@@ -74,7 +74,16 @@ def job(cfg: Config):
     return jobs.app(cfg.cluster, "components.pretrain", ["--config", _config_url(cfg)], name=f"{cfg.run.name}-{NAME}")
 
 
+def in_process(cfg: Config) -> bool:
+    """One local process: no torchx, no torchrun, train right here."""
+    c = cfg.cluster
+    return c.scheduler.startswith("local") and c.nnodes * c.nproc_per_node <= 1
+
+
 def dryrun(cfg: Config) -> str:
+    if in_process(cfg):
+        return (f"in process (cluster.nproc_per_node=1): {NAME} on {data_url(cfg)} -> {cfg.pretrain.output}, "
+                f"{cfg.pretrain.max_steps} steps\n")
     _, spec = jobs.dryrun(cfg.cluster, job(cfg))
     return jobs.render(spec)
 
@@ -85,7 +94,7 @@ def launch(cfg: Config) -> dict[str, Any]:
         # A torchrun worker: a preempted run still exits 0 here so the launcher (below) reads the report and
         # decides; a non-zero exit would make torchrun tear the other ranks down mid-save.
         return train(cfg)
-    if cfg.cluster.scheduler.startswith("local") and cfg.cluster.nnodes * cfg.cluster.nproc_per_node <= 1:
+    if in_process(cfg):
         summary = train(cfg)
     else:
         storage.write_text(_config_url(cfg), to_yaml(cfg))
