@@ -72,6 +72,7 @@ def test_torchx_local_cwd_runs_two_ranks(tmp_path):
     assert "[pretrain/0] step 2 loss" in proc.stdout  # the workers' log lines are streamed through
     summary = json.loads(proc.stdout[proc.stdout.rindex("\n{") + 1:])
     assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["step"] == 2
+    assert summary["report_md"] == str(tmp_path / "pretrain" / "report.md")
     # The workers got the launcher's resolved config.
     cfg = yaml.safe_load((tmp_path / "pretrain" / "config.yaml").read_text())
     assert cfg["cluster"]["nproc_per_node"] == 2 and cfg["model"]["dim"] == 32

@@ -393,9 +393,10 @@ def write_report(output: str, title: str, summary: dict[str, Any], extra_md: str
     """report.json (the summary minus the per-step records), report.md and loss.png in `output`."""
     records = summary.get("records", [])
     png = plot_loss(records, storage.join(output, "loss.png"), title=f"{title}: loss")
+    paths = {"json": storage.join(output, "report.json"), "md": storage.join(output, "report.md")}
     body = {k: v for k, v in summary.items() if k != "records"}
-    body["loss_curve"] = png
-    storage.write_json(storage.join(output, "report.json"), body)
+    body.update(loss_curve=png, report_json=paths["json"], report_md=paths["md"])
+    storage.write_json(paths["json"], body)
     last = records[-1] if records else {}
     rows = [("status", summary.get("status")), ("steps", summary.get("step")),
             ("final loss", f"{last['loss']:.4f}" if last else "n/a"),
@@ -408,5 +409,5 @@ def write_report(output: str, title: str, summary: dict[str, Any], extra_md: str
         md += ["", "![loss](loss.png)"]
     if extra_md:
         md += ["", extra_md]
-    storage.write_text(storage.join(output, "report.md"), "\n".join(md) + "\n")
-    return {"json": storage.join(output, "report.json"), "md": storage.join(output, "report.md")}
+    storage.write_text(paths["md"], "\n".join(md) + "\n")
+    return paths

@@ -57,7 +57,8 @@ def train(cfg: Config) -> dict[str, Any]:
                                           tokenizer=tokenizer_url(cfg, reader.manifest))
     summary["output"] = cfg.pretrain.output
     if env.lead:
-        summary.update({f"report_{k}": v for k, v in write_report(cfg.pretrain.output, "Pretraining", summary).items()})
+        paths = write_report(cfg.pretrain.output, "Pretraining", summary)
+        summary.update(report_json=paths["json"], report_md=paths["md"])
     summary.pop("records", None)
     return summary
 
