@@ -227,7 +227,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
         self.ckpt_root = storage.join(self.output, "checkpoints")
-        self.flops = flops_per_token(self.model_cfg, self.data.seq_len)
+        # A row of seq_len tokens trains seq_len - 1 positions (inputs row[:-1]): throughput and MFU count those.
+        self.context = self.data.seq_len - 1
+        self.flops = flops_per_token(self.model_cfg, self.context)
         self.peak = peak_flops(env.device)
         self.last_ckpt: str | None = None
         self._stop_requested = False
@@ -310,7 +312,7 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        tokens = self.accum * self.cfg.micro_batch * self.data.seq_len * self.env.world_size
+        tokens = self.accum * self.cfg.micro_batch * self.context * self.env.world_size
         return StepResult(mean_loss, grad_norm, tokens, stop > 0)
 
     # --- the loop ----------------------------------------------------------------------------------------------
