@@ -116,3 +116,28 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     report = json.loads((tmp_path / "pretrain" / "report.json").read_text())
     assert report["status"] == "preempted" and report["step"] == step
     assert not (tmp_path / "pretrain" / "hf").exists()
+
+
+def test_plain_torchrun_two_ranks_checkpoint_on_preemption(tmp_path):
+    """`torchrun -m components.pretrain`: SIGTERM to the agent (what Kubernetes sends) reaches both ranks, which
+    finish the step, save together, and stop; a rerun resumes from that step."""
+    write_shards(str(tmp_path / "data" / "pretrain"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "components.pretrain",
+           *overrides(tmp_path, "pretrain.max_steps=100000", "pretrain.ckpt_every=100000")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(proc, "step 3 ")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0  # torchrun itself reports the signal it got
+    root = tmp_path / "pretrain" / "checkpoints"
+    (step_dir,) = os.listdir(root)
+    step = int(step_dir.split("_")[1])
+    # ckpt_every is out of reach: this checkpoint can only come from the SIGTERM path. (Its log line may be cut:
+    # torchrun exits once its workers have, and takes the pipe with it.)
+    assert 3 <= step < 100000, err
+    meta = json.loads((root / step_dir / "trainer.json").read_text())
+    assert meta["world_size"] == 2 and storage.is_complete(str(root / step_dir))
+    assert sorted(f for f in os.listdir(root / step_dir) if f.startswith("rng_")) == ["rng_0.pt", "rng_1.pt"]
+    # The data position of both ranks moved together: 2 rows per rank per step.
+    assert meta["data"]["position"] == 2 * step
