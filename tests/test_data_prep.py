@@ -1,20 +1,24 @@
 """The data prep stage end to end on corpora these tests write: cleaning counts, shards, SFT labels, S3, bad input."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from components.core import storage
 from components.core.config import load_config
 from components.core.errors import KubellamaError
-from components.core.shards import ShardReader
+from components.core.shards import ShardReader, ShardWriter
 from components.core.tokenizer import IGNORE, Tokenizer
 from components.data_prep import stage
 from components.data_prep.clean import luhn
+from components.data_prep.pack import SpoolingShardWriter
 
 VOCAB = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "we", "zu", "bra", "cle")
          for b in ("n", "ro", "tis", "mek", "la", "dor", "ve", "xu", "pa", "ng")] + ["the", "and", "über", "café"]
@@ -284,7 +288,10 @@ def test_stage_reads_and_writes_s3(s3_bucket, tmp_path) -> None:
     rng = random.Random(4)
     docs = [doc(rng, 70) for _ in range(40)]
     storage.write_text(f"{s3_bucket}/in/part-0.jsonl", "\n".join(json.dumps({"text": d}) for d in docs[:20]))
-    storage.write_text(f"{s3_bucket}/in/part-1.txt", "\n".join(docs[20:]))
+    storage.write_text(f"{s3_bucket}/in/part-1.txt", "\n".join(docs[20:30]))
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": docs[30:], "n": list(range(10))}), buf)
+    storage.write_bytes(f"{s3_bucket}/in/part-2.parquet", buf.getvalue())
     storage.write_text(f"{s3_bucket}/sft/a.jsonl", json.dumps(
         {"messages": [{"role": "user", "content": "Ka?"}, {"role": "assistant", "content": "Lo."}]}))
     out = f"{s3_bucket}/data"
@@ -297,8 +304,13 @@ def test_stage_reads_and_writes_s3(s3_bucket, tmp_path) -> None:
     assert rep["sources"][0]["docs"] == 40
     tok = Tokenizer(f"{out}/tokenizer.model")
     reader = ShardReader(f"{out}/pretrain")
-    first = reader.row(0)["tokens"].tolist()
-    assert first == tok.encode(docs[0], bos=True, eos=True)[:64]
+    stream = np.array([t for d in docs for t in tok.encode(d, bos=True, eos=True)])
+    whole = np.frombuffer(storage.read_bytes(f"{out}/pretrain/shard_00000.bin"), dtype=reader.dtype)
+    assert np.array_equal(whole, stream[:len(whole)]) and 0 <= len(stream) - len(whole) < 64
+    # The reader's ranged reads on S3 (a few rows: each is one request).
+    last = reader.total_rows - 1
+    assert np.array_equal(reader.row(last)["tokens"], whole[last * 64:])
+    assert np.array_equal(reader.next_batch(2)["tokens"].ravel(), whole[:128])
     assert "pretrain/_COMPLETE" in "/".join(storage.glob(f"{out}/pretrain/*"))
 
 
@@ -306,3 +318,17 @@ def test_missing_source_is_a_clear_error(tmp_path) -> None:
     cfg = load_config(overrides(str(tmp_path / "o"), **{"data.sources": sources(("x", str(tmp_path / "nope"), {}))}))
     with pytest.raises(KubellamaError, match="source 'x'.*nope does not exist"):
         stage.run(cfg)
+
+
+def test_spooling_writer_writes_what_shard_writer_writes(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(0, 300, size=(n, 8)) for n in (3, 11, 1, 9)]
+    outs = {}
+    for name, cls in (("mem", ShardWriter), ("spool", SpoolingShardWriter)):
+        w = cls(str(tmp_path / name), 8, 300, shard_rows=7, fields={"labels": "<i4"})
+        for c in chunks:
+            w.add(c, labels=-c)
+        outs[name] = w.close(note="x")
+    assert outs["spool"] == outs["mem"] and len(outs["mem"]["shards"]) == 4
+    for f in sorted(os.listdir(tmp_path / "mem")):
+        assert (tmp_path / "spool" / f).read_bytes() == (tmp_path / "mem" / f).read_bytes(), f

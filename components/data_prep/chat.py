@@ -12,6 +12,7 @@ import numpy as np
 from components.core.errors import KubellamaError
 from components.core.shards import ShardWriter
 from components.core.tokenizer import IGNORE, Tokenizer
+from components.data_prep.pack import SpoolingShardWriter
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "model": "assistant", "bot": "assistant"}
@@ -90,7 +91,8 @@ class SftPacker:
 
 
 def sft_writer(url: str, seq_len: int, vocab_size: int, shard_rows: int) -> ShardWriter:
-    return ShardWriter(url, seq_len, vocab_size, shard_rows=shard_rows, fields={"labels": "<i4", "segments": "<i4"})
+    return SpoolingShardWriter(url, seq_len, vocab_size, shard_rows=shard_rows,
+                               fields={"labels": "<i4", "segments": "<i4"})
 
 
 def encode_example(tok: Tokenizer, rec: dict) -> tuple[list[int], list[int]]:

@@ -1,17 +1,23 @@
 """Tokenizer training (SentencePiece BPE, Llama settings), parallel tokenization and packing into token shards."""
 from __future__ import annotations
 
+import hashlib
 import io
+import itertools
 import logging
+import os
+import shutil
+import tempfile
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
 
+from components.core import storage
 from components.core.errors import KubellamaError
 from components.core.shards import ShardWriter, token_dtype
 from components.core.tokenizer import Tokenizer
-from components.data_prep.parallel import ordered_map
+from components.data_prep.parallel import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -74,24 +80,82 @@ def model_flags(model_bytes: bytes) -> dict[str, Any]:
 
 # --- worker side ---------------------------------------------------------------------------------------------
 
-_TOK: Tokenizer | None = None
+_TOKENIZERS: dict[str, Tokenizer] = {}
 
 
-def init_encoder(model_bytes: bytes) -> None:
-    global _TOK
-    _TOK = Tokenizer(model_bytes=model_bytes)
+def encode_docs(texts: list[str], model_path: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """BOS + ids + EOS of each text, concatenated; per-text token counts; UTF-8 bytes encoded.
 
-
-def encode_docs(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
-    """BOS + ids + EOS of each text, concatenated; per-text token counts; UTF-8 bytes encoded."""
-    assert _TOK is not None, "init_encoder was not called"
-    ids = _TOK.encode_batch(texts, bos=True, eos=True)
+    The tokenizer comes from a local file, loaded once per worker process.
+    """
+    tok = _TOKENIZERS.get(model_path)
+    if tok is None:
+        with open(model_path, "rb") as f:
+            tok = _TOKENIZERS[model_path] = Tokenizer(model_bytes=f.read())
+    ids = tok.encode_batch(texts, bos=True, eos=True)
     lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((t for x in ids for t in x), dtype=token_dtype(_TOK.vocab_size), count=int(lengths.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=token_dtype(tok.vocab_size),
+                       count=int(lengths.sum()))
     return flat, lengths, sum(len(t.encode()) for t in texts)
 
 
 # --- main side -----------------------------------------------------------------------------------------------
+
+class SpoolingShardWriter(ShardWriter):
+    """A ShardWriter that spools rows to local temporary files instead of memory, so memory stays flat whatever
+    the shard size (100M tokens by default: 200 MB). Same files, manifest and marker as ShardWriter.
+    """
+
+    def __init__(self, url: str, seq_len: int, vocab_size: int, shard_rows: int = 65536,
+                 fields: dict[str, str] | None = None, spool_dir: str | None = None):
+        super().__init__(url, seq_len, vocab_size, shard_rows=shard_rows, fields=fields)
+        self._dir = tempfile.TemporaryDirectory(prefix="kubellama-spool-", dir=spool_dir)
+        self._files: dict[str, Any] = {}
+        self._sha = hashlib.sha256()
+
+    def _spool(self, suffix: str) -> Any:
+        if suffix not in self._files:
+            self._files[suffix] = open(os.path.join(self._dir.name, "shard" + suffix), "w+b")
+        return self._files[suffix]
+
+    def add(self, rows: np.ndarray, **side: np.ndarray) -> None:
+        rows = np.asarray(rows).reshape(-1, self.seq_len)
+        if set(side) != set(self.fields):
+            raise ValueError(f"side arrays {sorted(side)} do not match declared fields {sorted(self.fields)}")
+        side = {k: np.asarray(v).reshape(rows.shape) for k, v in side.items()}
+        start = 0
+        while start < len(rows):
+            take = min(len(rows) - start, self.shard_rows - self._rows)
+            data = rows[start:start + take].astype(self.dtype).tobytes()
+            self._spool(".bin").write(data)
+            self._sha.update(data)
+            for k, v in side.items():
+                self._spool(f".{k}.bin").write(v[start:start + take].astype(self.fields[k]).tobytes())
+            self._rows += take
+            start += take
+            if self._rows == self.shard_rows:
+                self._flush(self._rows)
+
+    def _flush(self, n: int) -> None:
+        if n == 0:
+            return
+        name = f"shard_{len(self.shards):05d}"
+        for suffix in [".bin"] + [f".{k}.bin" for k in self.fields]:
+            f = self._files.pop(suffix)
+            f.seek(0)
+            with storage.atomic_write(storage.join(self.url, name + suffix)) as out:
+                shutil.copyfileobj(f, out, 1 << 22)
+            f.close()
+        self.shards.append({"name": name, "rows": int(n), "sha256": self._sha.hexdigest()})
+        self._sha = hashlib.sha256()
+        self._rows = 0
+
+    def close(self, **meta: Any) -> dict[str, Any]:
+        try:
+            return super().close(**meta)
+        finally:
+            self._dir.cleanup()
+
 
 class Packer:
     """Cuts a token stream into rows of seq_len and hands them to a ShardWriter; the last partial row is dropped."""
@@ -136,22 +200,22 @@ def batched(texts: Iterable[Any], max_chars: int = 1 << 18) -> Iterator[list[Any
         yield batch
 
 
-def _encode_tagged(batch: list[tuple[Any, str]]) -> tuple[list[Any], tuple[np.ndarray, np.ndarray, int]]:
-    return [tag for tag, _ in batch], encode_docs([text for _, text in batch])
+def _encode_tagged(batch: list[tuple[Any, str]], model_path: str) -> tuple[list[Any], tuple]:
+    return [tag for tag, _ in batch], encode_docs([text for _, text in batch], model_path)
 
 
-def tokenize_and_pack(docs: Iterable[tuple[Any, str]], model_bytes: bytes, writer: ShardWriter, seq_len: int,
-                      workers: int, vocab_size: int) -> dict[str, Any]:
-    """Tokenize (tag, text) documents on `workers` processes and pack them, in order, into `writer`.
+def tokenize_and_pack(docs: Iterable[tuple[Any, str]], model_path: str, writer: ShardWriter, seq_len: int,
+                      pool: WorkerPool, vocab_size: int) -> dict[str, Any]:
+    """Tokenize (tag, text) documents on the pool's workers and pack them, in order, into `writer`.
 
-    Returns token counts per tag, UTF-8 bytes, total tokens, dropped tail tokens and the token histogram.
+    `model_path` is a local tokenizer.model. Returns token counts per tag, UTF-8 bytes, total tokens, dropped
+    tail tokens and the token histogram.
     """
     packer = Packer(writer, seq_len)
     per_tag: dict[Any, int] = {}
     hist = np.zeros(vocab_size, dtype=np.int64)
     total = nbytes = docs_n = 0
-    for tags, (flat, lengths, nb) in ordered_map(_encode_tagged, batched(docs), workers,
-                                                initializer=init_encoder, initargs=(model_bytes,)):
+    for tags, (flat, lengths, nb) in pool.map(_encode_tagged, batched(docs), args=(model_path,)):
         packer.add(flat)
         hist += np.bincount(flat, minlength=vocab_size)[:vocab_size]
         for tag, n in zip(tags, lengths.tolist()):
@@ -159,7 +223,7 @@ def tokenize_and_pack(docs: Iterable[tuple[Any, str]], model_bytes: bytes, write
         total += len(flat)
         nbytes += nb
         docs_n += len(tags)
-        if docs_n and docs_n % 20000 < len(tags):
+        if docs_n % 20000 < len(tags):
             log.info("tokenized %d documents, %d tokens", docs_n, total)
     dropped = packer.close()
     return {"tokens": total, "bytes": nbytes, "docs": docs_n, "per_tag": per_tag, "dropped_tail": dropped,

@@ -31,13 +31,12 @@ import numpy as np
 from components.core import storage
 from components.core.cli import stage_main
 from components.core.errors import KubellamaError
-from components.core.shards import ShardWriter
 from components.core.tokenizer import Tokenizer
 from components.data_prep import pack, report as reporting
 from components.data_prep.chat import SftPacker, encode_example, sft_writer, to_messages
 from components.core.config import to_dict
 from components.data_prep.clean import Deduper, clean_batch
-from components.data_prep.parallel import ordered_map, worker_count
+from components.data_prep.parallel import WorkerPool, worker_count
 from components.data_prep.preference import to_pair
 from components.data_prep.readers import ErrorLog, list_files, read_records
 from conf.schema import Config
@@ -83,7 +82,7 @@ def _read_spill(path: str) -> Iterator[str]:
 
 # --- pass 1: clean and dedup ---------------------------------------------------------------------------------
 
-def clean_sources(cfg: Config, tmp: str, errors: ErrorLog, workers: int) -> tuple[list[dict], dict]:
+def clean_sources(cfg: Config, tmp: str, errors: ErrorLog, pool: WorkerPool) -> tuple[list[dict], dict]:
     d = cfg.data
     opts = {**to_dict(d.clean), "seed": d.seed}
     dedup = Deduper(os.path.join(tmp, "signatures.bin"), d.clean.minhash_perm, d.clean.minhash_bands,
@@ -99,10 +98,10 @@ def clean_sources(cfg: Config, tmp: str, errors: ErrorLog, workers: int) -> tupl
             stats: dict[str, Any] = {"name": name, "path": src.path, "weight": float(src.weight), "docs_in": 0,
                                      "chars_in": 0, "docs": 0, "chars": 0, "dropped": Counter(),
                                      "spill": os.path.join(tmp, f"clean_{i}.jsonl")}
-            started = time.time()
+            started, next_log = time.time(), 50_000
             with open(stats["spill"], "w", encoding="utf-8") as spill:
                 batches = pack.batched(_source_texts(src, errors, stats))
-                for res in ordered_map(clean_batch, batches, workers, args=(opts,)):
+                for res in pool.map(clean_batch, batches, args=(opts,)):
                     pii.update(res["pii"])
                     for j, text in enumerate(res["texts"]):
                         reason = res["reasons"][j] or dedup.check(
@@ -113,6 +112,9 @@ def clean_sources(cfg: Config, tmp: str, errors: ErrorLog, workers: int) -> tupl
                         spill.write(json.dumps(text, ensure_ascii=False) + "\n")
                         stats["docs"] += 1
                         stats["chars"] += len(text)
+                    if stats["docs_in"] >= next_log:
+                        next_log += 50_000
+                        log.info("source %s: %d documents read, %d kept", name, stats["docs_in"], stats["docs"])
             dropped.update(stats["dropped"])
             log.info("source %s: %d documents in, %d kept (%s), %.1fs", name, stats["docs_in"], stats["docs"],
                      dict(stats["dropped"]) or "none dropped", time.time() - started)
@@ -198,13 +200,14 @@ def make_tokenizer(cfg: Config, sources: list[dict], workers: int) -> tuple[byte
 
 # --- datasets --------------------------------------------------------------------------------------------------
 
-def build_pretrain(cfg: Config, sources: list[dict], tok: Tokenizer, tok_url: str, workers: int) -> dict:
+def build_pretrain(cfg: Config, sources: list[dict], tok: Tokenizer, tok_url: str, model_path: str,
+                   pool: WorkerPool) -> dict:
     d = cfg.data
     url = storage.join(d.output, "pretrain")
-    writer = ShardWriter(url, d.seq_len, tok.vocab_size, shard_rows=max(1, d.shard_tokens // d.seq_len))
+    writer = pack.SpoolingShardWriter(url, d.seq_len, tok.vocab_size,
+                                      shard_rows=max(1, d.shard_tokens // d.seq_len))
     started = time.time()
-    res = pack.tokenize_and_pack(mixed_docs(sources, d.seed), tok.model_bytes, writer, d.seq_len, workers,
-                                 tok.vocab_size)
+    res = pack.tokenize_and_pack(mixed_docs(sources, d.seed), model_path, writer, d.seq_len, pool, tok.vocab_size)
     mix = {s["name"]: {"weight": s["weight"], "docs": s["docs_mixed"], "tokens": res["per_tag"].get(s["name"], 0)}
            for s in sources}
     manifest = writer.close(tokenizer=tok_url, tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size,
@@ -356,16 +359,19 @@ def run(cfg: Config) -> dict:
     storage.makedirs(out)
     errors = ErrorLog(d.error_samples)
     rep: dict[str, Any] = {"output": out, "workers": workers, "seq_len": d.seq_len}
-    with tempfile.TemporaryDirectory(prefix="kubellama-data-") as tmp:
-        sources, rep["clean"] = clean_sources(cfg, tmp, errors, workers)
+    with tempfile.TemporaryDirectory(prefix="kubellama-data-") as tmp, WorkerPool(workers) as pool:
+        sources, rep["clean"] = clean_sources(cfg, tmp, errors, pool)
         errors.check(d.max_error_rate)
         model_bytes, rep["tokenizer"] = make_tokenizer(cfg, sources, workers)
         tok_url = storage.join(out, "tokenizer.model")
         storage.write_bytes(tok_url, model_bytes)
         storage.write_text(storage.join(out, "tokenizer.sha256"), f"{rep['tokenizer']['sha256']}  tokenizer.model\n")
+        model_path = os.path.join(tmp, "tokenizer.model")
+        with open(model_path, "wb") as f:
+            f.write(model_bytes)
         tok = Tokenizer(model_bytes=model_bytes)
         rep["tokenizer"]["url"] = tok_url
-        rep["pretrain"] = build_pretrain(cfg, sources, tok, tok_url, workers) if sources else None
+        rep["pretrain"] = build_pretrain(cfg, sources, tok, tok_url, model_path, pool) if sources else None
         if rep["pretrain"]:
             rep["tokenizer"]["bytes_per_token"] = rep["pretrain"]["bytes_per_token"]
             rep["tokenizer"]["vocab_used"] = rep["pretrain"]["vocab_used"]
