@@ -22,7 +22,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_kubernetes_dryrun_is_a_gpu_gang_job_with_a_valid_pod(capsys):
     argv = ["pretrain", "cluster=h100", "cluster.nnodes=2", "run.root=s3://bucket/runs/a", "cluster.queue=train",
             "cluster.namespace=ml", "cluster.service_account=trainer", "cluster.priority_class=high",
-            "cluster.s3_secret=s3-creds", "--dryrun"]
+            "cluster.s3_secret=s3-creds", "cluster.s3_endpoint=http://minio:9000",
+            "cluster.tolerations=[{key: dedicated, operator: Equal, value: llm, effect: NoSchedule}]", "--dryrun"]
     assert cli(argv) == 0
     job = yaml.safe_load(capsys.readouterr().out)
     assert job["kind"] == "Job" and job["apiVersion"] == "batch.volcano.sh/v1alpha1"
@@ -40,7 +41,11 @@ def test_kubernetes_dryrun_is_a_gpu_gang_job_with_a_valid_pod(capsys):
         assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
         assert podspec["nodeSelector"] == {"nvidia.com/gpu.present": "true",
                                            "nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in podspec["tolerations"]
+        assert podspec["tolerations"] == [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+            {"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}]
+        assert {"name": "AWS_ENDPOINT_URL", "value": "http://minio:9000"} in c["env"]
+        assert c["imagePullPolicy"] == "IfNotPresent"
         assert podspec["serviceAccountName"] == "trainer"
         assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
         assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
@@ -77,3 +82,13 @@ def test_torchx_local_cwd_runs_two_ranks(tmp_path):
     cfg = yaml.safe_load((tmp_path / "pretrain" / "config.yaml").read_text())
     assert cfg["cluster"]["nproc_per_node"] == 2 and cfg["model"]["dim"] == 32
     assert os.path.exists(os.path.join(summary["hf"], "model.safetensors"))
+
+
+def test_mig_profile_is_requested_as_its_own_resource(capsys):
+    assert cli(["pretrain", "cluster=h100", "run.root=s3://b/r", "cluster.gpu_resource=nvidia.com/mig-1g.10gb",
+                "cluster.gpus_per_node=1", "cluster.nproc_per_node=1", "--dryrun"]) == 0
+    pod = yaml.safe_load(capsys.readouterr().out)["spec"]["tasks"][0]["template"]
+    limits = pod["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/mig-1g.10gb"] == "1" and "nvidia.com/gpu" not in limits
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": pod["spec"]},
+                                 "1.30.0", strict=True)

@@ -67,13 +67,25 @@ def app(cluster: ClusterConfig, module: str, args: list[str], name: str, env: di
         args=["-c", line],
         num_replicas=nnodes,
         min_replicas=nnodes,
-        resource=specs.Resource(cpu=_quantity(cluster.cpu), gpu=cluster.gpus_per_node,  # type: ignore[arg-type]
-                                memMB=int(_quantity(cluster.memory) / 1e6)),
-        env={"PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING", LAUNCHED: "1", **(env or {})},
+        resource=resource(cluster),
+        env={"PYTHONUNBUFFERED": "1", "LOGLEVEL": "WARNING", LAUNCHED: "1",
+             # The endpoint is configuration, not a secret: plain env (credentials come from cluster.s3_secret).
+             **({"AWS_ENDPOINT_URL": cluster.s3_endpoint} if cluster.s3_endpoint else {}), **(env or {})},
         port_map={"c10d": RDZV_PORT},
         max_retries=cluster.retries,
     )
     return specs.AppDef(name=name, roles=[role])
+
+
+def resource(cluster: ClusterConfig):
+    from torchx import specs
+
+    cpu, mem = _quantity(cluster.cpu), int(_quantity(cluster.memory) / 1e6)
+    if cluster.gpu_resource == GPU:
+        return specs.Resource(cpu=cpu, gpu=cluster.gpus_per_node, memMB=mem)  # type: ignore[arg-type]
+    # A MIG profile (nvidia.com/mig-1g.10gb, ...) is an extended resource of its own.
+    devices = {cluster.gpu_resource: cluster.gpus_per_node} if cluster.gpus_per_node else {}
+    return specs.Resource(cpu=cpu, gpu=0, memMB=mem, devices=devices)  # type: ignore[arg-type]
 
 
 def scheduler_cfg(cluster: ClusterConfig) -> dict[str, Any]:
@@ -101,6 +113,10 @@ def _patch_pods(resource: dict[str, Any], cluster: ClusterConfig) -> None:
             if cluster.gpu_product:
                 selector["nvidia.com/gpu.product"] = cluster.gpu_product
             spec.tolerations = [V1Toleration(key=GPU, operator="Exists", effect="NoSchedule")]
+        spec.tolerations = (spec.tolerations or []) + [
+            V1Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect) for t in cluster.tolerations]
+        spec.tolerations = spec.tolerations or None
+        pod.metadata.annotations = {**(pod.metadata.annotations or {}), **(cluster.pod_annotations or {})}
         selector.update(cluster.node_selector or {})
         spec.node_selector = selector or None
         for vol in spec.volumes or []:
@@ -109,11 +125,10 @@ def _patch_pods(resource: dict[str, Any], cluster: ClusterConfig) -> None:
                 vol.empty_dir.size_limit = cluster.shm_size
         if cluster.image_pull_secrets:
             spec.image_pull_secrets = [V1LocalObjectReference(name=n) for n in cluster.image_pull_secrets]
-        if cluster.s3_secret:
-            for c in spec.containers:
+        for c in spec.containers:
+            c.image_pull_policy = cluster.image_pull_policy
+            if cluster.s3_secret:
                 c.env_from = [V1EnvFromSource(secret_ref=V1SecretEnvSource(name=cluster.s3_secret))]
-        if cluster.namespace:
-            pod.metadata.namespace = None  # the namespace belongs to the Job, not its pod template
 
 
 def dryrun(cluster: ClusterConfig, appdef) -> tuple[Any, dict[str, Any] | list[str]]:
