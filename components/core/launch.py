@@ -108,14 +108,15 @@ def _patch_pods(resource: dict[str, Any], cluster: ClusterConfig) -> None:
         pod = task["template"]
         spec = pod.spec
         selector = dict(spec.node_selector or {})
+        tolerations = []
         if cluster.gpus_per_node > 0:
             selector["nvidia.com/gpu.present"] = "true"
             if cluster.gpu_product:
                 selector["nvidia.com/gpu.product"] = cluster.gpu_product
-            spec.tolerations = [V1Toleration(key=GPU, operator="Exists", effect="NoSchedule")]
-        spec.tolerations = (spec.tolerations or []) + [
-            V1Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect) for t in cluster.tolerations]
-        spec.tolerations = spec.tolerations or None
+            tolerations.append(V1Toleration(key=GPU, operator="Exists", effect="NoSchedule"))
+        tolerations += [V1Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect)
+                        for t in cluster.tolerations]
+        spec.tolerations = tolerations or None
         pod.metadata.annotations = {**(pod.metadata.annotations or {}), **(cluster.pod_annotations or {})}
         selector.update(cluster.node_selector or {})
         spec.node_selector = selector or None
