@@ -12,7 +12,6 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
-from components.core import storage
 from components.core.errors import KubellamaError
 
 META = "\u2581"
@@ -25,7 +24,11 @@ B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 class Tokenizer:
     def __init__(self, url: str | None = None, *, model_bytes: bytes | None = None):
-        data = model_bytes if model_bytes is not None else storage.read_bytes(str(url))
+        if model_bytes is None:
+            from components.core import storage  # not at import time: tokenizing workers stay light
+
+            model_bytes = storage.read_bytes(str(url))
+        data = model_bytes
         self.url = url
         self.sp = spm.SentencePieceProcessor(model_proto=data)
         self.model_bytes = data

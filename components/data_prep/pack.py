@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import logging
 import os
 import shutil
@@ -15,9 +14,9 @@ import sentencepiece as spm
 
 from components.core import storage
 from components.core.errors import KubellamaError
-from components.core.shards import ShardWriter, token_dtype
-from components.core.tokenizer import Tokenizer
+from components.core.shards import ShardWriter
 from components.data_prep.parallel import WorkerPool
+from components.data_prep.work import encode_tagged
 
 log = logging.getLogger(__name__)
 
@@ -76,27 +75,6 @@ def model_flags(model_bytes: bytes) -> dict[str, Any]:
     return {"model_type": pb.TrainerSpec.ModelType.Name(t.model_type).lower(), "split_digits": t.split_digits,
             "byte_fallback": t.byte_fallback, "vocab_size": len(proto.pieces),
             "normalization": proto.normalizer_spec.name}
-
-
-# --- worker side ---------------------------------------------------------------------------------------------
-
-_TOKENIZERS: dict[str, Tokenizer] = {}
-
-
-def encode_docs(texts: list[str], model_path: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """BOS + ids + EOS of each text, concatenated; per-text token counts; UTF-8 bytes encoded.
-
-    The tokenizer comes from a local file, loaded once per worker process.
-    """
-    tok = _TOKENIZERS.get(model_path)
-    if tok is None:
-        with open(model_path, "rb") as f:
-            tok = _TOKENIZERS[model_path] = Tokenizer(model_bytes=f.read())
-    ids = tok.encode_batch(texts, bos=True, eos=True)
-    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=token_dtype(tok.vocab_size),
-                       count=int(lengths.sum()))
-    return flat, lengths, sum(len(t.encode()) for t in texts)
 
 
 # --- main side -----------------------------------------------------------------------------------------------
@@ -200,10 +178,6 @@ def batched(texts: Iterable[Any], max_chars: int = 1 << 18) -> Iterator[list[Any
         yield batch
 
 
-def _encode_tagged(batch: list[tuple[Any, str]], model_path: str) -> tuple[list[Any], tuple]:
-    return [tag for tag, _ in batch], encode_docs([text for _, text in batch], model_path)
-
-
 def tokenize_and_pack(docs: Iterable[tuple[Any, str]], model_path: str, writer: ShardWriter, seq_len: int,
                       pool: WorkerPool, vocab_size: int) -> dict[str, Any]:
     """Tokenize (tag, text) documents on the pool's workers and pack them, in order, into `writer`.
@@ -215,7 +189,7 @@ def tokenize_and_pack(docs: Iterable[tuple[Any, str]], model_path: str, writer: 
     per_tag: dict[Any, int] = {}
     hist = np.zeros(vocab_size, dtype=np.int64)
     total = nbytes = docs_n = 0
-    for tags, (flat, lengths, nb) in pool.map(_encode_tagged, batched(docs), args=(model_path,)):
+    for tags, (flat, lengths, nb) in pool.map(encode_tagged, batched(docs), args=(model_path,)):
         packer.add(flat)
         hist += np.bincount(flat, minlength=vocab_size)[:vocab_size]
         for tag, n in zip(tags, lengths.tolist()):
