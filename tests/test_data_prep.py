@@ -56,7 +56,7 @@ def sources(*items: tuple[str, str, dict]) -> str:
     return "[" + ",".join(parts) + "]"
 
 
-PII_DOC = ("Write to jane.doe@example.com or call +1 415-555-0134 today; the server at 192.168.10.20 logs "
+PII_DOC = ("Meet at Cafe\u0301 Rouge. Write to jane.doe@example.com or call +1 415-555-0134 today; the server at 192.168.10.20 logs "
            "card 4111 1111 1111 1111 but order 1234 5678 9012 3456 is no card. ")
 
 
@@ -112,6 +112,7 @@ def test_pii_is_scrubbed_and_counted(planted) -> None:
     for secret in ("jane.doe@example.com", "415-555-0134", "192.168.10.20", "4111 1111 1111 1111"):
         assert secret not in text
     assert "1234 5678 9012 3456" in text
+    assert "Caf\u00e9 Rouge" in text and "Cafe\u0301" not in text  # NFC
 
 
 def test_bad_lines_are_reported_with_file_and_line(planted) -> None:
