@@ -68,10 +68,13 @@ def planted(tmp_path_factory):
     docs = [doc(rng, rng.randint(60, 120)) for _ in range(60)]
     near = docs[5].split(" ")
     near[40] = "zuzuzu"
+    # Similar but not a near duplicate: every third word replaced (estimated Jaccard far below 0.8).
+    apart = [w if i % 3 else "zuzuzu" for i, w in enumerate(docs[7].split(" "))]
     web = docs + [
         docs[3], docs[3],                                   # 2 exact duplicates
         " ".join(near),                                      # near duplicate: one word changed
         docs[6].upper(),                                     # near duplicate: case only (shingles are lower-cased)
+        " ".join(apart),                                     # kept
         PII_DOC + doc(rng, 40),
         "hi",                                                # too_short
         "1234 5678 ## 99 %% 42 == 17 -- 88 ++ 1000 ** 2 // 555 ## 77 $$ 12",  # low_alpha
@@ -98,7 +101,7 @@ def test_planted_duplicates_and_junk_are_counted(planted) -> None:
     assert rep["clean"]["dropped"] == {"dup_exact": 2, "dup_near": 2, "too_short": 1, "low_alpha": 1,
                                        "repetitive": 1, "too_long": 0}
     web, wiki = rep["sources"]
-    assert web["docs_in"] == 60 + 8 and web["docs"] == 61
+    assert web["docs_in"] == 60 + 9 and web["docs"] == 62
     assert wiki["docs"] == 20 and wiki["dropped"] == {}
 
 
@@ -127,9 +130,9 @@ def test_bad_lines_are_reported_with_file_and_line(planted) -> None:
 def test_weights_upsample_and_everything_is_published(planted) -> None:
     out = planted["out"]
     manifest = storage.read_json(os.path.join(out, "pretrain", "manifest.json"))
-    assert manifest["sources"]["wiki"]["docs"] == 40 and manifest["sources"]["web"]["docs"] == 61
+    assert manifest["sources"]["wiki"]["docs"] == 40 and manifest["sources"]["web"]["docs"] == 62
     assert manifest["tokenizer_sha256"] == planted["report"]["tokenizer"]["sha256"]
-    assert manifest["documents"] == 101
+    assert manifest["documents"] == 102
     assert storage.is_complete(out) and storage.is_complete(os.path.join(out, "pretrain"))
     sha = storage.read_text(os.path.join(out, "tokenizer.sha256")).split()[0]
     assert sha == Tokenizer(os.path.join(out, "tokenizer.model")).sha256
