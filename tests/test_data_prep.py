@@ -336,3 +336,19 @@ def test_spooling_writer_writes_what_shard_writer_writes(tmp_path) -> None:
     assert outs["spool"] == outs["mem"] and len(outs["mem"]["shards"]) == 4
     for f in sorted(os.listdir(tmp_path / "mem")):
         assert (tmp_path / "spool" / f).read_bytes() == (tmp_path / "mem" / f).read_bytes(), f
+
+
+def test_mix_repeats_sources_by_weight(tmp_path) -> None:
+    sources = []
+    for name, n, weight in (("a", 7, 2.5), ("b", 10, 0.3), ("c", 5, 0.0), ("d", 3, 1.0)):
+        spill = str(tmp_path / f"{name}.jsonl")
+        write_jsonl(spill, [json.dumps(f"{name}{i}") for i in range(n)])
+        sources.append({"name": name, "spill": spill, "docs": n, "weight": weight})
+    mixed = list(stage.mixed_docs(sources, seed=0))
+    got = {name: [t for s, t in mixed if s == name] for name in "abcd"}
+    assert sorted(got["a"]) == sorted([f"a{i}" for i in range(7)] * 2 + ["a1", "a3", "a5"])
+    assert got["b"] == ["b3", "b6", "b9"] and got["c"] == [] and got["d"] == ["d0", "d1", "d2"]
+    assert [s["docs_mixed"] for s in sources] == [17, 3, 0, 3]
+    # Interleaved, not one source after the other.
+    order = [s for s, _ in mixed]
+    assert order.index("b") < max(i for i, s in enumerate(order) if s == "a")

@@ -140,10 +140,11 @@ def mixed_docs(sources: list[dict], seed: int) -> Iterator[tuple[str, str]]:
         for _ in range(full):
             yield from _read_spill(s["spill"])
         for j, text in enumerate(_read_spill(s["spill"])):
-            if math.floor((j + 1) * frac) > math.floor(j * frac):
+            if math.floor((j + 1) * frac) > math.floor(j * frac):  # at j = n - 1: floor(n * frac)
                 yield text
 
-    remaining = np.array([int(s["weight"]) * s["docs"] + math.floor((s["weight"] % 1) * s["docs"] + 1e-9)
+    # The same float expression as in stream(), so the planned count is exactly what it yields.
+    remaining = np.array([int(s["weight"]) * s["docs"] + math.floor(s["docs"] * (s["weight"] - int(s["weight"])))
                           for s in sources], dtype=np.float64)
     for s, n in zip(sources, remaining):
         s["docs_mixed"] = int(n)
