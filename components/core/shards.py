@@ -6,7 +6,7 @@ A shard set is a folder (local or s3://) holding
 - `manifest.json`: dtype, seq_len, per-shard rows and sha256, totals and whatever metadata the writer adds;
 - `_COMPLETE`, written last: a folder without it is an interrupted write and is refused.
 
-Rows are dealt to ranks round-robin (global row i goes to rank i % world_size), so for the same global batch a
+Rows are dealt to ranks round-robin in blocks (see ShardReader), so for the same global batch a
 W-rank run sees exactly the rows a 1-rank run sees. The reader's position is a small dict that goes into checkpoints.
 """
 from __future__ import annotations
@@ -103,11 +103,17 @@ def read_manifest(url: str) -> dict[str, Any]:
 
 @dataclass
 class ShardReader:
-    """Streams one rank's rows of a shard set, memory-mapped locally, by ranged reads on S3; resumable."""
+    """Streams one rank's rows of a shard set, memory-mapped locally, by ranged reads on S3; resumable.
+
+    Rows are dealt to ranks in blocks of `block` rows, round-robin: block k of rank r is global block k·W + r. With
+    `block` equal to the micro-batch each batch is one contiguous read (one ranged GET on S3), and the rows of one
+    global batch are the same whatever the number of ranks.
+    """
 
     url: str
     rank: int = 0
     world_size: int = 1
+    block: int = 1
     # Rows this rank has consumed so far (across epochs); the whole reader state.
     position: int = 0
     manifest: dict[str, Any] = field(init=False)
@@ -119,51 +125,64 @@ class ShardReader:
         self.fields = {k: np.dtype(v) for k, v in self.manifest.get("fields", {}).items()}
         self._starts = np.cumsum([0] + [s["rows"] for s in self.manifest["shards"]])
         self.total_rows = int(self._starts[-1])
-        if self.total_rows < self.world_size:
-            raise KubellamaError(f"{self.url}: {self.total_rows} rows cannot feed {self.world_size} ranks")
+        if self.rows_per_rank == 0:
+            raise KubellamaError(f"{self.url}: {self.total_rows} rows cannot feed {self.world_size} ranks "
+                                 f"in blocks of {self.block}")
         self._maps: dict[str, np.ndarray] = {}
         self._remote = storage.is_remote(self.url)
 
     @property
     def rows_per_rank(self) -> int:
-        return self.total_rows // self.world_size
+        # A remainder that doesn't fill a block on every rank is dropped so all ranks step through the same rows.
+        return self.total_rows // (self.world_size * self.block) * self.block
 
-    def _array(self, shard: int, suffix: str, dtype: np.dtype) -> np.ndarray | None:
-        name = self.manifest["shards"][shard]["name"] + suffix
-        if self._remote:
-            return None
-        if name not in self._maps:
-            path = storage.join(self.url, name)
-            self._maps[name] = np.memmap(path, dtype=dtype, mode="r").reshape(-1, self.seq_len)
-        return self._maps[name]
-
-    def _row(self, index: int, suffix: str, dtype: np.dtype) -> np.ndarray:
-        shard = int(np.searchsorted(self._starts, index, side="right") - 1)
-        local = index - int(self._starts[shard])
-        arr = self._array(shard, suffix, dtype)
-        if arr is not None:
-            return np.array(arr[local])
-        fs, path = storage.filesystem(storage.join(self.url, self.manifest["shards"][shard]["name"] + suffix))
-        width = self.seq_len * dtype.itemsize
-        data = fs.cat_file(path, start=local * width, end=(local + 1) * width)
-        return np.frombuffer(data, dtype=dtype).copy()
+    def _read(self, start: int, n: int, suffix: str, dtype: np.dtype) -> np.ndarray:
+        """Global rows [start, start + n): one slice (local memmap) or one ranged read (S3) per shard touched."""
+        parts = []
+        while n > 0:
+            shard = int(np.searchsorted(self._starts, start, side="right") - 1)
+            local = start - int(self._starts[shard])
+            take = min(n, int(self._starts[shard + 1]) - start)
+            name = self.manifest["shards"][shard]["name"] + suffix
+            if self._remote:
+                fs, path = storage.filesystem(storage.join(self.url, name))
+                width = self.seq_len * dtype.itemsize
+                data = fs.cat_file(path, start=local * width, end=(local + take) * width)
+                parts.append(np.frombuffer(data, dtype=dtype).reshape(take, self.seq_len))
+            else:
+                if name not in self._maps:
+                    path = storage.join(self.url, name)
+                    self._maps[name] = np.memmap(path, dtype=dtype, mode="r").reshape(-1, self.seq_len)
+                parts.append(np.array(self._maps[name][local:local + take]))
+            start, n = start + take, n - take
+        return np.concatenate(parts)
 
     def row(self, index: int) -> dict[str, np.ndarray]:
         """Global row `index`: tokens plus side arrays."""
-        out = {"tokens": self._row(index, ".bin", self.dtype)}
+        return {k: v[0] for k, v in self._rows(index, 1).items()}
+
+    def _rows(self, start: int, n: int) -> dict[str, np.ndarray]:
+        out = {"tokens": self._read(start, n, ".bin", self.dtype)}
         for k, dt in self.fields.items():
-            out[k] = self._row(index, f".{k}.bin", dt)
+            out[k] = self._read(start, n, f".{k}.bin", dt)
         return out
 
     def global_index(self, position: int) -> int:
-        # Epochs wrap around the rows this rank owns; a remainder that doesn't divide evenly is dropped so every
-        # rank steps through the same number of rows.
-        return (position % self.rows_per_rank) * self.world_size + self.rank
+        block, j = divmod(position % self.rows_per_rank, self.block)
+        return (block * self.world_size + self.rank) * self.block + j
 
     def next_batch(self, batch: int) -> dict[str, np.ndarray]:
-        rows = [self.row(self.global_index(self.position + i)) for i in range(batch)]
+        index = [self.global_index(self.position + i) for i in range(batch)]
         self.position += batch
-        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+        # Read contiguous runs of global rows at once.
+        runs: list[tuple[int, int]] = []
+        for i in index:
+            if runs and runs[-1][0] + runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((i, 1))
+        chunks = [self._rows(start, n) for start, n in runs]
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         while True:

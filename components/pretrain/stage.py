@@ -49,7 +49,8 @@ def tokenizer_url(cfg: Config, manifest: dict[str, Any]) -> str | None:
 def train(cfg: Config) -> dict[str, Any]:
     """One rank's work (every rank calls it): train, export HF at the end, rank 0 writes the report."""
     env = dist.init()
-    reader = ShardReader(data_url(cfg), rank=env.rank, world_size=env.world_size)
+    # One block per micro-batch: each batch is a single contiguous read (one ranged GET on S3).
+    reader = ShardReader(data_url(cfg), rank=env.rank, world_size=env.world_size, block=cfg.pretrain.micro_batch)
     trainer = Trainer(cfg.pretrain, cfg.model, cfg.pretrain.output, reader, seed=cfg.run.seed, name=NAME, env=env)
     summary = trainer.fit()
     if summary["status"] == "completed":
