@@ -12,11 +12,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH) numpy
-	$(PIP) install -q -e .
+	$(PIP) install -q -e . $(TORCH)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test]' $(TORCH)
 	touch $@
 
 install: $(VENV)/.installed
@@ -32,6 +32,8 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(VENV)/bin/kubellama data fetch-samples
 	$(VENV)/bin/kubellama run --demo
+	@echo "--- a sample from the model the demo trained (tiny and briefly trained: expect babble):"
+	$(VENV)/bin/kubellama generate --checkpoint runs/demo/pretrain/hf --prompt "The history of" --max-new-tokens 32
 
 test: install-test tools
 	$(PIP) check

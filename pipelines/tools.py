@@ -43,11 +43,11 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         torch.manual_seed(g.seed)
         out = generate(model, prompts, args.max_new_tokens or g.max_new_tokens,
                        temperature=0.0 if args.greedy else g.temperature, top_p=g.top_p, seed=g.seed)
-        for ids in out:
+        for i, ids in enumerate(out):
             if args.ids or tok is None:
-                print(",".join(str(i) for i in ids))
+                print(",".join(str(t) for t in ids))
             else:
-                print(tok.decode(ids))
+                print(args.prompt[i] + tok.decode([t for t in ids if t != tok.eos_id]))
         return 0
 
     return guarded(go)
