@@ -47,7 +47,8 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
             if args.ids or tok is None:
                 print(",".join(str(t) for t in ids))
             else:
-                print(args.prompt[i] + tok.decode([t for t in ids if t != tok.eos_id]))
+                # Decode prompt and continuation together so the joining space survives.
+                print(tok.decode(prompts[i] + [t for t in ids if t != tok.eos_id]))
         return 0
 
     return guarded(go)
