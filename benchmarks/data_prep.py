@@ -58,7 +58,8 @@ def read_docs(path: str) -> list[str]:
 def throughput(path: str, vocab: int, workers: int, repeats: int) -> dict:
     import sentencepiece as spm
 
-    from components.data_prep.pack import SpoolingShardWriter, batched, tokenize_and_pack, train_tokenizer
+    from components.core.shards import ShardWriter
+    from components.data_prep.pack import batched, tokenize_and_pack, train_tokenizer
     from components.data_prep.parallel import WorkerPool
 
     docs = read_docs(path)
@@ -91,7 +92,7 @@ def throughput(path: str, vocab: int, workers: int, repeats: int) -> dict:
                 list(pool.map(abs, range(4 * workers)))  # every worker up and answering
                 started = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                writer = SpoolingShardWriter(os.path.join(tmp, "shards"), 2048, vocab)
+                writer = ShardWriter(os.path.join(tmp, "shards"), 2048, vocab)
                 res = tokenize_and_pack((("c", d) for d in docs), model_path, writer, 2048, pool, vocab)
                 writer.close()
                 return time.perf_counter() - t0, started, res

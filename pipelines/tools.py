@@ -67,7 +67,7 @@ def export_hf_main(argv: Sequence[str] | None = None) -> int:
     def go() -> int:
         import torch
 
-        from components.core.hf import load_model, save_hf
+        from components.core.hf import save_hf
         from components.core.model import Llama
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]

@@ -14,11 +14,10 @@ import pytest
 from components.core import storage
 from components.core.config import load_config
 from components.core.errors import KubellamaError
-from components.core.shards import ShardReader, ShardWriter
+from components.core.shards import ShardReader
 from components.core.tokenizer import IGNORE, Tokenizer
 from components.data_prep import stage
 from components.data_prep.clean import luhn
-from components.data_prep.pack import SpoolingShardWriter
 
 VOCAB = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "we", "zu", "bra", "cle")
          for b in ("n", "ro", "tis", "mek", "la", "dor", "ve", "xu", "pa", "ng")] + ["the", "and", "über", "café"]
@@ -322,20 +321,6 @@ def test_missing_source_is_a_clear_error(tmp_path) -> None:
     cfg = load_config(overrides(str(tmp_path / "o"), **{"data.sources": sources(("x", str(tmp_path / "nope"), {}))}))
     with pytest.raises(KubellamaError, match="source 'x'.*nope does not exist"):
         stage.run(cfg)
-
-
-def test_spooling_writer_writes_what_shard_writer_writes(tmp_path) -> None:
-    rng = np.random.default_rng(0)
-    chunks = [rng.integers(0, 300, size=(n, 8)) for n in (3, 11, 1, 9)]
-    outs = {}
-    for name, cls in (("mem", ShardWriter), ("spool", SpoolingShardWriter)):
-        w = cls(str(tmp_path / name), 8, 300, shard_rows=7, fields={"labels": "<i4"})
-        for c in chunks:
-            w.add(c, labels=-c)
-        outs[name] = w.close(note="x")
-    assert outs["spool"] == outs["mem"] and len(outs["mem"]["shards"]) == 4
-    for f in sorted(os.listdir(tmp_path / "mem")):
-        assert (tmp_path / "spool" / f).read_bytes() == (tmp_path / "mem" / f).read_bytes(), f
 
 
 def test_mix_repeats_sources_by_weight(tmp_path) -> None:

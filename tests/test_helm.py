@@ -1,7 +1,6 @@
 """The Helm chart: lint, schema, `helm template` validated against Kubernetes 1.30, and what it renders."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -30,6 +30,18 @@ def test_ranks_read_disjoint_blocks_whose_union_is_the_single_rank_batch(tmp_pat
     assert set(map(tuple, whole)) <= set(map(tuple, data))
 
 
+def test_shards_are_cut_at_shard_rows_with_checksums_of_their_bytes(tmp_path):
+    import hashlib
+
+    write(str(tmp_path / "s"))
+    manifest = storage.read_json(str(tmp_path / "s" / "manifest.json"))
+    assert [s["rows"] for s in manifest["shards"]] == [7] * 5 + [5]
+    assert manifest["rows"] == 40 and manifest["tokens"] == 320 and manifest["source"] == "test"
+    for s in manifest["shards"]:
+        data = (tmp_path / "s" / f"{s['name']}.bin").read_bytes()
+        assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["rows"] * 8 * 2
+
+
 def test_side_arrays_stay_aligned_across_shard_boundaries(tmp_path):
     data = write(str(tmp_path / "s"))
     batch = ShardReader(str(tmp_path / "s"), block=10).next_batch(10)

@@ -12,6 +12,9 @@ W-rank run sees exactly the rows a 1-rank run sees. The reader's position is a s
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -28,68 +31,81 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 class ShardWriter:
-    """Writes rows of `seq_len` tokens into shards of at most `shard_rows` rows, then publishes the manifest."""
+    """Writes rows of `seq_len` tokens into shards of at most `shard_rows` rows, then publishes the manifest.
+
+    Rows are spooled to local temporary files, not kept in memory, so memory stays flat whatever the shard size
+    (100M tokens by default: 200 MB); each shard is uploaded atomically once full.
+    """
 
     def __init__(self, url: str, seq_len: int, vocab_size: int, shard_rows: int = 65536,
-                 fields: dict[str, str] | None = None):
+                 fields: dict[str, str] | None = None, spool_dir: str | None = None):
         self.url, self.seq_len, self.shard_rows = url, seq_len, max(1, shard_rows)
         self.dtype = token_dtype(vocab_size)
         # Side arrays and their dtypes, e.g. {"labels": "<i4"}.
         self.fields = {k: np.dtype(v) for k, v in (fields or {}).items()}
         self.shards: list[dict[str, Any]] = []
-        self._buf: list[np.ndarray] = []
-        self._side: dict[str, list[np.ndarray]] = {k: [] for k in self.fields}
         self._rows = 0
+        self._dir = tempfile.TemporaryDirectory(prefix="kubellama-spool-", dir=spool_dir)
+        self._files: dict[str, Any] = {}
+        self._sha = hashlib.sha256()
         storage.remove(storage.join(url, storage.COMPLETE))
         storage.makedirs(url)
+
+    def _spool(self, suffix: str) -> Any:
+        if suffix not in self._files:
+            self._files[suffix] = open(os.path.join(self._dir.name, "shard" + suffix), "w+b")
+        return self._files[suffix]
 
     def add(self, rows: np.ndarray, **side: np.ndarray) -> None:
         rows = np.asarray(rows).reshape(-1, self.seq_len)
         if set(side) != set(self.fields):
             raise ValueError(f"side arrays {sorted(side)} do not match declared fields {sorted(self.fields)}")
-        self._buf.append(rows.astype(self.dtype))
-        for k, v in side.items():
-            self._side[k].append(np.asarray(v).reshape(rows.shape).astype(self.fields[k]))
-        self._rows += len(rows)
-        while self._rows >= self.shard_rows:
-            self._flush(self.shard_rows)
+        side = {k: np.asarray(v).reshape(rows.shape) for k, v in side.items()}
+        start = 0
+        while start < len(rows):
+            take = min(len(rows) - start, self.shard_rows - self._rows)
+            data = rows[start:start + take].astype(self.dtype).tobytes()
+            self._spool(".bin").write(data)
+            self._sha.update(data)
+            for k, v in side.items():
+                self._spool(f".{k}.bin").write(v[start:start + take].astype(self.fields[k]).tobytes())
+            self._rows += take
+            start += take
+            if self._rows == self.shard_rows:
+                self._flush()
 
-    def _take(self, parts: list[np.ndarray], n: int) -> np.ndarray:
-        allrows = np.concatenate(parts)
-        parts.clear()
-        if len(allrows) > n:
-            parts.append(allrows[n:])
-        return allrows[:n]
-
-    def _flush(self, n: int) -> None:
-        if n == 0:
+    def _flush(self) -> None:
+        if self._rows == 0:
             return
         name = f"shard_{len(self.shards):05d}"
-        rows = self._take(self._buf, n)
-        data = rows.tobytes()
-        storage.write_bytes(storage.join(self.url, name + ".bin"), data)
-        entry: dict[str, Any] = {"name": name, "rows": int(len(rows)), "sha256": hashlib.sha256(data).hexdigest()}
-        for k in self.fields:
-            side = self._take(self._side[k], n)
-            storage.write_bytes(storage.join(self.url, f"{name}.{k}.bin"), side.tobytes())
-        self.shards.append(entry)
-        self._rows -= n
+        for suffix in [".bin"] + [f".{k}.bin" for k in self.fields]:
+            f = self._files.pop(suffix)
+            f.seek(0)
+            with storage.atomic_write(storage.join(self.url, name + suffix)) as out:
+                shutil.copyfileobj(f, out, 1 << 22)
+            f.close()
+        self.shards.append({"name": name, "rows": int(self._rows), "sha256": self._sha.hexdigest()})
+        self._sha = hashlib.sha256()
+        self._rows = 0
 
     def close(self, **meta: Any) -> dict[str, Any]:
-        self._flush(self._rows)
-        manifest = {
-            "format": FORMAT,
-            "dtype": self.dtype.str,
-            "seq_len": self.seq_len,
-            "fields": {k: v.str for k, v in self.fields.items()},
-            "shards": self.shards,
-            "rows": sum(s["rows"] for s in self.shards),
-            "tokens": sum(s["rows"] for s in self.shards) * self.seq_len,
-            **meta,
-        }
-        storage.write_json(storage.join(self.url, "manifest.json"), manifest)
-        storage.mark_complete(self.url, {"rows": manifest["rows"]})
-        return manifest
+        try:
+            self._flush()
+            manifest = {
+                "format": FORMAT,
+                "dtype": self.dtype.str,
+                "seq_len": self.seq_len,
+                "fields": {k: v.str for k, v in self.fields.items()},
+                "shards": self.shards,
+                "rows": sum(s["rows"] for s in self.shards),
+                "tokens": sum(s["rows"] for s in self.shards) * self.seq_len,
+                **meta,
+            }
+            storage.write_json(storage.join(self.url, "manifest.json"), manifest)
+            storage.mark_complete(self.url, {"rows": manifest["rows"]})
+            return manifest
+        finally:
+            self._dir.cleanup()
 
 
 def read_manifest(url: str) -> dict[str, Any]:

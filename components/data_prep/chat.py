@@ -12,7 +12,6 @@ import numpy as np
 from components.core.errors import KubellamaError
 from components.core.shards import ShardWriter
 from components.core.tokenizer import IGNORE, Tokenizer
-from components.data_prep.pack import SpoolingShardWriter
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "model": "assistant", "bot": "assistant"}
@@ -91,7 +90,7 @@ class SftPacker:
 
 
 def sft_writer(url: str, seq_len: int, vocab_size: int, shard_rows: int) -> ShardWriter:
-    return SpoolingShardWriter(url, seq_len, vocab_size, shard_rows=shard_rows,
+    return ShardWriter(url, seq_len, vocab_size, shard_rows=shard_rows,
                                fields={"labels": "<i4", "segments": "<i4"})
 
 

@@ -1,18 +1,13 @@
 """Tokenizer training (SentencePiece BPE, Llama settings), parallel tokenization and packing into token shards."""
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
-import os
-import shutil
-import tempfile
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
 
-from components.core import storage
 from components.core.errors import KubellamaError
 from components.core.shards import ShardWriter
 from components.data_prep.parallel import WorkerPool
@@ -78,62 +73,6 @@ def model_flags(model_bytes: bytes) -> dict[str, Any]:
 
 
 # --- main side -----------------------------------------------------------------------------------------------
-
-class SpoolingShardWriter(ShardWriter):
-    """A ShardWriter that spools rows to local temporary files instead of memory, so memory stays flat whatever
-    the shard size (100M tokens by default: 200 MB). Same files, manifest and marker as ShardWriter.
-    """
-
-    def __init__(self, url: str, seq_len: int, vocab_size: int, shard_rows: int = 65536,
-                 fields: dict[str, str] | None = None, spool_dir: str | None = None):
-        super().__init__(url, seq_len, vocab_size, shard_rows=shard_rows, fields=fields)
-        self._dir = tempfile.TemporaryDirectory(prefix="kubellama-spool-", dir=spool_dir)
-        self._files: dict[str, Any] = {}
-        self._sha = hashlib.sha256()
-
-    def _spool(self, suffix: str) -> Any:
-        if suffix not in self._files:
-            self._files[suffix] = open(os.path.join(self._dir.name, "shard" + suffix), "w+b")
-        return self._files[suffix]
-
-    def add(self, rows: np.ndarray, **side: np.ndarray) -> None:
-        rows = np.asarray(rows).reshape(-1, self.seq_len)
-        if set(side) != set(self.fields):
-            raise ValueError(f"side arrays {sorted(side)} do not match declared fields {sorted(self.fields)}")
-        side = {k: np.asarray(v).reshape(rows.shape) for k, v in side.items()}
-        start = 0
-        while start < len(rows):
-            take = min(len(rows) - start, self.shard_rows - self._rows)
-            data = rows[start:start + take].astype(self.dtype).tobytes()
-            self._spool(".bin").write(data)
-            self._sha.update(data)
-            for k, v in side.items():
-                self._spool(f".{k}.bin").write(v[start:start + take].astype(self.fields[k]).tobytes())
-            self._rows += take
-            start += take
-            if self._rows == self.shard_rows:
-                self._flush(self._rows)
-
-    def _flush(self, n: int) -> None:
-        if n == 0:
-            return
-        name = f"shard_{len(self.shards):05d}"
-        for suffix in [".bin"] + [f".{k}.bin" for k in self.fields]:
-            f = self._files.pop(suffix)
-            f.seek(0)
-            with storage.atomic_write(storage.join(self.url, name + suffix)) as out:
-                shutil.copyfileobj(f, out, 1 << 22)
-            f.close()
-        self.shards.append({"name": name, "rows": int(n), "sha256": self._sha.hexdigest()})
-        self._sha = hashlib.sha256()
-        self._rows = 0
-
-    def close(self, **meta: Any) -> dict[str, Any]:
-        try:
-            return super().close(**meta)
-        finally:
-            self._dir.cleanup()
-
 
 class Packer:
     """Cuts a token stream into rows of seq_len and hands them to a ShardWriter; the last partial row is dropped."""

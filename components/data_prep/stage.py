@@ -30,11 +30,12 @@ import numpy as np
 
 from components.core import storage
 from components.core.cli import stage_main
+from components.core.config import to_dict
 from components.core.errors import KubellamaError
+from components.core.shards import ShardWriter
 from components.core.tokenizer import Tokenizer
 from components.data_prep import pack, report as reporting
 from components.data_prep.chat import SftPacker, encode_example, sft_writer, to_messages
-from components.core.config import to_dict
 from components.data_prep.clean import Deduper, clean_batch
 from components.data_prep.parallel import WorkerPool, worker_count
 from components.data_prep.preference import to_pair
@@ -205,7 +206,7 @@ def build_pretrain(cfg: Config, sources: list[dict], tok: Tokenizer, tok_url: st
                    pool: WorkerPool) -> dict:
     d = cfg.data
     url = storage.join(d.output, "pretrain")
-    writer = pack.SpoolingShardWriter(url, d.seq_len, tok.vocab_size,
+    writer = ShardWriter(url, d.seq_len, tok.vocab_size,
                                       shard_rows=max(1, d.shard_tokens // d.seq_len))
     started = time.time()
     res = pack.tokenize_and_pack(mixed_docs(sources, d.seed), model_path, writer, d.seq_len, pool, tok.vocab_size)
