@@ -155,8 +155,9 @@ def shard(model: nn.Module, cfg: TrainConfig, env: dist.Env) -> nn.Module:
     if policy is not None:
         kw["mp_policy"] = policy
     for i, layer in enumerate(layers):
-        # The last block's parameters are needed again first in backward: keep them gathered after forward.
-        fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kw)
+        # The last block's parameters are needed again first in backward: keep them gathered after forward. On one
+        # rank there is nothing to free by resharding, only a gather to repeat in backward.
+        fully_shard(layer, reshard_after_forward=env.world_size > 1 and i < len(layers) - 1, **kw)
     fully_shard(model, **kw)
     return model
 
