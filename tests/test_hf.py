@@ -128,3 +128,26 @@ def test_exported_tokenizer_loads_in_transformers_and_encodes_like_ours(tmp_path
     ours = Tokenizer(str(tmp_path / "tok.model"))
     for text in ["Hello world 12345", "façade 東京 ✓ 3.14"]:
         assert theirs(text)["input_ids"] == ours.encode(text)
+
+
+def test_cli_export_converts_a_training_checkpoint(tmp_path):
+    """A DCP training checkpoint (as the trainer core writes it) becomes an HF directory with the same weights."""
+    from components.core import checkpoint, dist
+
+    torch.manual_seed(11)
+    cfg = ModelConfig(name="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=160, vocab_size=211,
+                      max_seq_len=128)
+    model = Llama(cfg)
+    root = str(tmp_path / "checkpoints")
+    checkpoint.save(root, 5, {"model": model.state_dict()}, {"scheduler": {}, "data": {}}, dist.init(), keep=2)
+    out = str(tmp_path / "hf")
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "export-hf", "--checkpoint", root, "--out", out,
+                           "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+                           "model.ffn_hidden=160", "model.vocab_size=211"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    loaded, _, _ = load_model(out)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    wrong = subprocess.run([sys.executable, "-m", "pipelines.cli", "export-hf", "--checkpoint", root, "--out", out],
+                           capture_output=True, text=True)
+    assert wrong.returncode == 2 and "does not match model" in wrong.stderr

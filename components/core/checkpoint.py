@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
 from components.core import dist, storage
@@ -52,7 +53,12 @@ def _rng_state() -> dict[str, Any]:
 
     import numpy as np
 
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    # Only tensors, lists and numbers, so loading needs no pickle of arbitrary objects (weights_only=True): a
+    # checkpoint bucket must not be a way to run code.
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss_next],
+                             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -64,8 +70,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -110,6 +118,28 @@ def load(url: str, tensors: dict[str, Any], env: dist.Env) -> dict[str, Any]:
     # RNG streams are per rank; on a different world size rank r continues rank (r mod saved world size)'s stream.
     saved = int(meta.get("world_size", 1))
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(url, f"rng_{env.rank % saved}.pt"))),
-                       weights_only=False)
+                       weights_only=True)
     _set_rng_state(state)
     return meta
+
+
+def load_model(url: str, model_cfg: Any) -> Any:
+    """The model weights of training checkpoint `url` (any world size) as a plain Llama, without a process group:
+    what `kubellama export-hf --checkpoint` converts."""
+    from components.core.errors import KubellamaError
+    from components.core.model import Llama
+
+    if not storage.is_complete(url):
+        found = latest(url)
+        if found is None:
+            raise KubellamaError(f"{url}: not a complete training checkpoint (no {storage.COMPLETE} marker) and no "
+                                 f"{PREFIX}* checkpoint below it")
+        url = found
+    model = Llama(model_cfg)
+    state = {"model": model.state_dict()}
+    try:
+        dcp.load(state, storage_reader=FsspecReader(url, **storage.storage_options(url)))
+    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+        raise KubellamaError(f"{url}: checkpoint does not match model '{model_cfg.name}' ({exc})") from None
+    model.load_state_dict(state["model"])
+    return model.eval()

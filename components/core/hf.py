@@ -95,6 +95,9 @@ def save_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, url: str, tok
     """Write a LlamaForCausalLM directory at `url` (local or s3://): config, generation config, weights, and the
     tokenizer when given. The folder gets its `_COMPLETE` marker last."""
     storage.remove(storage.join(url, storage.COMPLETE))
+    # An earlier export here may have been sharded differently; its index would point readers at old weights.
+    for old in storage.glob(storage.join(url, "model*.safetensors*")):
+        storage.remove(old)
     tensors = {to_hf_key(k): (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in state_dict.items()}
     dtype = dtype or next(iter(tensors.values())).dtype
     shards: list[dict[str, torch.Tensor]] = [{}]

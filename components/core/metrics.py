@@ -7,6 +7,7 @@ reads as one uninterrupted run.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import sys
 import tempfile
@@ -80,7 +81,6 @@ class MetricsLog:
         if not self.lead:
             return
         self.records.append(record)
-        storage.write_text(self.url, "".join(json.dumps(r) + "\n" for r in self.records))
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
@@ -100,7 +100,11 @@ class MetricsLog:
         sys.stderr.flush()
 
     def flush(self) -> None:
-        """Push TensorBoard events out (and to S3 when the output is remote): at checkpoints and at the end."""
+        """Write metrics.jsonl and push TensorBoard events out (to S3 when the output is remote): at checkpoints and
+        at the end, not every log step, which would rewrite a growing object on the training loop's path."""
+        if not self.lead:
+            return
+        storage.write_text(self.url, "".join(json.dumps(r) + "\n" for r in self.records))
         if self._tb is None:
             return
         self._tb.flush()
@@ -112,6 +116,8 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._tb_dir and self._tb_dir != self.tb_url:
+            shutil.rmtree(self._tb_dir, ignore_errors=True)
 
 
 def format_record(r: dict[str, Any]) -> str:

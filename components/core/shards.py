@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -146,6 +146,8 @@ class ShardReader:
                                  f"in blocks of {self.block}")
         self._maps: dict[str, np.ndarray] = {}
         self._remote = storage.is_remote(self.url)
+        # One client for the reader's life: a new one per read would reconnect on every batch.
+        self._fs, self._root = storage.filesystem(self.url)
 
     @property
     def rows_per_rank(self) -> int:
@@ -161,9 +163,9 @@ class ShardReader:
             take = min(n, int(self._starts[shard + 1]) - start)
             name = self.manifest["shards"][shard]["name"] + suffix
             if self._remote:
-                fs, path = storage.filesystem(storage.join(self.url, name))
                 width = self.seq_len * dtype.itemsize
-                data = fs.cat_file(path, start=local * width, end=(local + take) * width)
+                path = f"{self._root.rstrip('/')}/{name}"
+                data = self._fs.cat_file(path, start=local * width, end=(local + take) * width)
                 parts.append(np.frombuffer(data, dtype=dtype).reshape(take, self.seq_len))
             else:
                 if name not in self._maps:
@@ -199,10 +201,6 @@ class ShardReader:
                 runs.append((i, 1))
         chunks = [self._rows(start, n) for start, n in runs]
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        while True:
-            yield self.next_batch(1)
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position, "world_size": self.world_size}

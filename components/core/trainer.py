@@ -351,8 +351,9 @@ class Trainer:
                     })
                 if r.stop or self.step % max(1, cfg.ckpt_every) == 0 or self.step == cfg.max_steps:
                     t0 = time.perf_counter()
-                    self.save()
+                    # Metrics first: once the checkpoint is complete, a crash must not lose the records it covers.
                     log.flush()
+                    self.save()
                     meter.pause(time.perf_counter() - t0)
                 if r.stop:
                     status = "preempted"

@@ -9,7 +9,6 @@ class GenerateConfig:
     # 0 means greedy. Safety eval uses 0.1 / top-p 0.9 (paper §4.1).
     temperature: float = 0.6
     top_p: float = 0.9
-    batch_size: int = 8
     seed: int = 0
 
 
