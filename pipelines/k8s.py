@@ -7,13 +7,8 @@ from __future__ import annotations
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
+from components.core.launch import S3_KEYS, S3_OPTIONAL_KEYS, placement
 from conf.schema import Config
-
-GPU_TAINT = "nvidia.com/gpu"
-GPU_PRESENT = "nvidia.com/gpu.present"
-GPU_PRODUCT = "nvidia.com/gpu.product"
-# Environment variable <- key in the cluster's S3 Secret. Region and endpoint may sit in the Secret too.
-S3_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
 
 
 def trains_in_pod(cfg: Config) -> bool:
@@ -38,7 +33,9 @@ def schedule(task: PipelineTask, cfg: Config, gpu: bool = False) -> PipelineTask
     for key, value in c.pod_annotations.items():
         kubernetes.add_pod_annotation(task, key, str(value))
     if c.s3_secret:
-        kubernetes.use_secret_as_env(task, c.s3_secret, dict(S3_KEYS))
+        # The same variables torchx pods get from the Secret (launch.py): the keys, and endpoint/region if present.
+        kubernetes.use_secret_as_env(task, c.s3_secret, {k: k for k in S3_KEYS})
+        kubernetes.use_secret_as_env(task, c.s3_secret, {k: k for k in S3_OPTIONAL_KEYS}, optional=True)
     if c.s3_endpoint:
         task.set_env_variable("AWS_ENDPOINT_URL", c.s3_endpoint)
     if c.timeout_s > 0:
@@ -51,22 +48,15 @@ def schedule(task: PipelineTask, cfg: Config, gpu: bool = False) -> PipelineTask
             task.set_cpu_request(str(c.cpu)).set_cpu_limit(str(c.cpu))
         if c.memory:
             task.set_memory_request(str(c.memory)).set_memory_limit(str(c.memory))
+        selector, tolerations = placement(c)
+        for key, value in selector.items():
+            kubernetes.add_node_selector(task, key, value)
+        for t in tolerations:
+            kubernetes.add_toleration(task, **t)
         if c.gpus_per_node > 0:
-            _gpu(task, cfg)
+            task.set_accelerator_type(c.gpu_resource)
+            task.set_accelerator_limit(int(c.gpus_per_node))
+            # NCCL moves data through shared memory; the container default of 64 MB is far too small.
+            kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                       size_limit=c.shm_size)
     return task
-
-
-def _gpu(task: PipelineTask, cfg: Config) -> None:
-    c = cfg.cluster
-    task.set_accelerator_type(c.gpu_resource)
-    task.set_accelerator_limit(int(c.gpus_per_node))
-    selector = {GPU_PRESENT: "true", **({GPU_PRODUCT: c.gpu_product} if c.gpu_product else {}), **c.node_selector}
-    for key, value in selector.items():
-        kubernetes.add_node_selector(task, key, str(value))
-    kubernetes.add_toleration(task, key=GPU_TAINT, operator="Exists", effect="NoSchedule")
-    for t in c.tolerations:
-        if (t.key, t.operator, t.value, t.effect) != (GPU_TAINT, "Exists", None, "NoSchedule"):
-            kubernetes.add_toleration(task, key=t.key or None, operator=t.operator, value=t.value, effect=t.effect)
-    # NCCL moves data through shared memory; the container default of 64 MB is far too small.
-    kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
-                               size_limit=c.shm_size)

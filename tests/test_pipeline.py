@@ -83,9 +83,12 @@ def test_gpu_cluster_training_step(tmp_path):
     assert k8s[train]["emptyDirMounts"] == [
         {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "32Gi", "volumeName": "dshm"}]
     for ex in (train, prep):
-        (secret,) = k8s[ex]["secretAsEnv"]
-        assert secret["secretName"] == "s3-creds"
-        assert {e["envVar"] for e in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        keys, extra = k8s[ex]["secretAsEnv"]
+        assert keys["secretName"] == extra["secretName"] == "s3-creds"
+        assert {e["envVar"] for e in keys["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        assert not keys.get("optional")
+        # Endpoint and region may sit in the Secret too (as torchx pods see them through envFrom); optional.
+        assert {e["envVar"] for e in extra["keyToEnv"]} == {"AWS_ENDPOINT_URL", "AWS_REGION"} and extra["optional"]
         assert k8s[ex]["imagePullSecret"][0]["secretName"] == "regcred"
         assert k8s[ex]["activeDeadlineSeconds"] == "7200"
         assert k8s[ex]["podMetadata"]["annotations"]["sidecar.istio.io/inject"] == "false"

@@ -23,6 +23,29 @@ from components.core.errors import ConfigError, KubellamaError
 from conf.schema.cluster import ClusterConfig
 
 GPU = "nvidia.com/gpu"
+GPU_PRESENT = "nvidia.com/gpu.present"
+GPU_PRODUCT = "nvidia.com/gpu.product"
+# Environment variables a pod takes from the cluster's S3 Secret; the optional ones may sit there too (MinIO, Ceph).
+S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+S3_OPTIONAL_KEYS = ("AWS_ENDPOINT_URL", "AWS_REGION")
+
+
+def placement(cluster: ClusterConfig) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """Node selector and tolerations of a training pod, the same for a pipeline step and a torchx job: GPU nodes of
+    the GPU operator (and the product, when set) tolerating the portable GPU taint, then the user's own."""
+    selector: dict[str, str] = {}
+    tolerations: list[dict[str, Any]] = []
+    if cluster.gpus_per_node > 0:
+        selector[GPU_PRESENT] = "true"
+        if cluster.gpu_product:
+            selector[GPU_PRODUCT] = cluster.gpu_product
+        tolerations.append({"key": GPU, "operator": "Exists", "value": None, "effect": "NoSchedule"})
+    selector.update({k: str(v) for k, v in (cluster.node_selector or {}).items()})
+    for t in cluster.tolerations:
+        entry = {"key": t.key or None, "operator": t.operator, "value": t.value, "effect": t.effect}
+        if entry not in tolerations:
+            tolerations.append(entry)
+    return selector, tolerations
 # c10d rendezvous port on task 0 (torchx's own default).
 RDZV_PORT = 29500
 # Set in every worker of a job launched from here: the launcher prints the summary, the workers need not.
@@ -107,19 +130,10 @@ def _patch_pods(resource: dict[str, Any], cluster: ClusterConfig) -> None:
     for task in resource["spec"]["tasks"]:  # type: ignore[index]
         pod = task["template"]
         spec = pod.spec
-        selector = dict(spec.node_selector or {})
-        tolerations = []
-        if cluster.gpus_per_node > 0:
-            selector["nvidia.com/gpu.present"] = "true"
-            if cluster.gpu_product:
-                selector["nvidia.com/gpu.product"] = cluster.gpu_product
-            tolerations.append(V1Toleration(key=GPU, operator="Exists", effect="NoSchedule"))
-        tolerations += [V1Toleration(key=t.key, operator=t.operator, value=t.value, effect=t.effect)
-                        for t in cluster.tolerations]
-        spec.tolerations = tolerations or None
+        selector, tolerations = placement(cluster)
+        spec.node_selector = {**(spec.node_selector or {}), **selector} or None
+        spec.tolerations = [V1Toleration(**t) for t in tolerations] or None
         pod.metadata.annotations = {**(pod.metadata.annotations or {}), **(cluster.pod_annotations or {})}
-        selector.update(cluster.node_selector or {})
-        spec.node_selector = selector or None
         for vol in spec.volumes or []:
             if vol.empty_dir is not None and vol.empty_dir.medium == "Memory" and cluster.shm_size:
                 # NCCL needs far more than Docker's 64 MB /dev/shm; bound it so it cannot eat the node's memory.
