@@ -73,3 +73,16 @@ def test_plan_memory_shrinks_with_more_gpus_and_checkpointing():
 def test_unknown_command_is_an_error():
     out = kubellama("nosuch")
     assert out.returncode == 2 and "unknown command" in out.stderr
+
+
+def test_resolved_config_file_takes_dotted_overrides_only(tmp_path):
+    from components.core.config import load_resolved, to_yaml
+
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(load_config(["model=llama2_7b"])))
+    cfg = load_resolved(str(path), ["pretrain.lr=1e-4"])
+    assert cfg.model.dim == 4096 and cfg.pretrain.lr == 1e-4
+    with pytest.raises(ConfigError, match="only dotted keys"):
+        load_resolved(str(path), ["cluster=h100"])
+    with pytest.raises(ConfigError, match="'pretrain.lrr'"):
+        load_resolved(str(path), ["pretrain.lrr=1"])

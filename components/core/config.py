@@ -109,6 +109,23 @@ def to_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
 
 
+def load_resolved(url: str, overrides: Sequence[str] = ()) -> Config:
+    """A resolved config file (the YAML a launcher hands its workers) with dotted key=value overrides on top."""
+    import yaml
+
+    from components.core import storage
+
+    cfg = from_dict(yaml.safe_load(storage.read_text(url)))
+    for o in _validate_overrides(overrides):
+        if "." not in o.split("=", 1)[0]:
+            raise ConfigError(f"override '{o}': on a resolved config ({url}) only dotted keys apply, such as "
+                              f"pretrain.lr=1e-4; presets are chosen when the config is composed")
+    try:
+        return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))  # type: ignore[return-value]
+    except Exception as exc:
+        raise ConfigError(_explain(exc, overrides)) from None
+
+
 def from_dict(data: dict) -> Config:
     """Rebuild a typed Config from a resolved dict (what components receive), with the same validation."""
     base = OmegaConf.structured(Config)

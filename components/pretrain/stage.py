@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from components.core import dist, launch as jobs, storage
 from components.core.cli import guarded
-from components.core.config import from_dict, load_config, to_dict, to_yaml
+from components.core.config import load_config, load_resolved, to_yaml
 from components.core.errors import ConfigError, KubellamaError
 from components.core.shards import ShardReader
 from components.core.trainer import Trainer, write_report
@@ -112,23 +112,7 @@ run = launch
 
 
 def load(args: argparse.Namespace) -> Config:
-    if args.config:
-        import yaml
-
-        base = from_dict(yaml.safe_load(storage.read_text(args.config)))
-        return load_config_over(base, args.overrides)
-    return load_config(args.overrides)
-
-
-def load_config_over(base: Config, overrides: Sequence[str]) -> Config:
-    """`base` with dotted key=value overrides applied (typed: the schema validates them)."""
-    if not overrides:
-        return base
-    from omegaconf import OmegaConf
-
-    data = to_dict(base)
-    patch = OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
-    return from_dict(OmegaConf.to_container(OmegaConf.merge(data, patch)))  # type: ignore[arg-type]
+    return load_resolved(args.config, args.overrides) if args.config else load_config(args.overrides)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
