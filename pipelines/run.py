@@ -15,7 +15,7 @@ from typing import Sequence
 import yaml
 
 from components.core import storage
-from components.core.cli import guarded
+from components.core.cli import guarded, parser
 from components.core.config import load_config, to_yaml
 from components.core.errors import KubellamaError
 from conf.schema import Config
@@ -36,10 +36,9 @@ def resolve(overrides: Sequence[str]) -> Config:
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"kubellama {prog}", description=description)
+    p = parser(prog, description)
     p.add_argument("--pipeline", default="llama2", choices=list(llama2.PIPELINES),
                    help="the configured recipe (default) or one stage alone")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. model=llama2_7b")
     return p
 
 

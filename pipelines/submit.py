@@ -13,22 +13,20 @@ import time
 from typing import Sequence
 
 from components.core import storage
-from components.core.cli import guarded
+from components.core.cli import guarded, parser
 from components.core.errors import ConfigError, KubellamaError
 from pipelines import llama2
 from pipelines.run import compile_pipeline, resolve
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kubellama submit",
-                                description="Upload the pipeline to a KFP API as a new version and start a run.")
+    p = parser("submit", "Upload the pipeline to a KFP API as a new version and start a run.")
     p.add_argument("--host", help="KFP API endpoint, e.g. http://ml-pipeline.kubeflow:8888 (default pipeline.host)")
     p.add_argument("--namespace", help="Kubeflow profile namespace (multi-user); default pipeline.namespace")
     p.add_argument("--experiment", help="experiment of the run (default pipeline.experiment)")
     p.add_argument("--pipeline", default="llama2", choices=list(llama2.PIPELINES))
     p.add_argument("--run-name", help="display name of the run (default: pipeline name, config hash and time)")
     p.add_argument("--no-run", action="store_true", help="upload the pipeline version only")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. model=llama2_7b")
     return p
 
 

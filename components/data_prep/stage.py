@@ -331,7 +331,8 @@ def build_prompts(cfg: Config, errors: ErrorLog) -> dict:
                     errors.bad(where, "missing prompt field", f"tried {src.text_field}, {', '.join(PROMPT_FIELDS)}")
                     continue
                 errors.ok()
-                text = unicodedata.normalize("NFC", text).strip()
+                form = cfg.data.clean.normalize
+                text = (unicodedata.normalize(form, text) if form else text).strip()
                 key = " ".join(text.lower().split())
                 if key in seen:
                     counts["duplicates"] += 1

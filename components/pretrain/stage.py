@@ -19,7 +19,7 @@ import sys
 from typing import Any, Sequence
 
 from components.core import dist, launch as jobs, storage
-from components.core.cli import guarded
+from components.core.cli import guarded, parser
 from components.core.config import load_config, load_resolved, to_yaml
 from components.core.errors import ConfigError, KubellamaError
 from components.core.shards import ShardReader
@@ -116,8 +116,7 @@ def load(args: argparse.Namespace) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=f"kubellama {NAME}", description="FSDP pretraining (torchx local or Kubernetes)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides, e.g. cluster=h100")
+    p = parser(NAME, "FSDP pretraining (torchx local or Kubernetes)")
     p.add_argument("--dryrun", action="store_true", help="print the job that would be submitted, run nothing")
     p.add_argument("--config", help="a resolved config YAML (what launched workers receive)")
     args = p.parse_args(argv)
