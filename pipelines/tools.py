@@ -11,7 +11,8 @@ from components.core.errors import KubellamaError
 
 def generate_main(argv: Sequence[str] | None = None) -> int:
     p = parser("generate", "Generate from a checkpoint directory (ours or one saved by transformers).")
-    p.add_argument("--checkpoint", required=True, help="HF Llama checkpoint directory, local or s3://")
+    p.add_argument("--checkpoint", required=True,
+                   help="HF Llama directory (ours or transformers'), or a training checkpoint (model from overrides)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--prompt-ids", action="append", help="comma-separated token ids, e.g. 1,37,99")
@@ -24,12 +25,11 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         from components.core.generate import generate
-        from components.core.hf import load_model
         from components.core.tokenizer import Tokenizer
 
         cfg = load_config(args.overrides)
         g = cfg.generate
-        model, _, tok_url = load_model(args.checkpoint)
+        model, _, tok_url = _load_any(args.checkpoint, cfg)
         tok = Tokenizer(tok_url) if tok_url else None
         if args.prompt:
             if tok is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -138,7 +139,10 @@ def load_model(url: str, model_cfg: Any) -> Any:
     model = Llama(model_cfg)
     state = {"model": model.state_dict()}
     try:
-        dcp.load(state, storage_reader=FsspecReader(url, **storage.storage_options(url)))
+        with warnings.catch_warnings():
+            # Loading without a process group is the point here, not an accident to warn about.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=FsspecReader(url, **storage.storage_options(url)))
     except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
         raise KubellamaError(f"{url}: checkpoint does not match model '{model_cfg.name}' ({exc})") from None
     model.load_state_dict(state["model"])
