@@ -93,8 +93,11 @@ def _load_any(url: str, cfg):  # type: ignore[no-untyped-def]
 
     if storage.exists(storage.join(url, "config.json")):
         return load_model(url)
-    from components.core.checkpoint import load_model as load_training_checkpoint
+    from components.core.checkpoint import latest, load_model as load_training_checkpoint
 
+    if not storage.is_complete(url) and latest(url) is None:
+        raise KubellamaError(f"{url}: neither a Hugging Face checkpoint (no config.json) nor a training checkpoint "
+                             f"(no {storage.COMPLETE} marker, no step_* folder)")
     model = load_training_checkpoint(url, cfg.model)
     return model, cfg.model, None
 
