@@ -396,7 +396,8 @@ def summary(rep: dict) -> dict:
     """The small JSON-able result: URLs and headline numbers."""
     out = rep["output"]
     s: dict[str, Any] = {"output": out, "tokenizer": rep["tokenizer"]["url"],
-                         "report": storage.join(out, "report.json"), "vocab_size": rep["tokenizer"]["vocab_size"],
+                         "report_json": storage.join(out, "report.json"), "report_md": storage.join(out, "report.md"),
+                         "vocab_size": rep["tokenizer"]["vocab_size"],
                          "input_errors": rep["errors"]["errors"], "seconds": rep["seconds"]}
     for key in ("pretrain", "sft", "preference", "prompts"):
         if rep.get(key):
