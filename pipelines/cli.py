@@ -8,15 +8,16 @@ import importlib
 import sys
 from typing import Sequence
 
-# command -> (module:function taking argv and returning an exit status, one-line help)
+from components.core.stages import STAGES
+
+# command -> (module:function taking argv and returning an exit status, one-line help); one per registered stage.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pipelines.tools:generate_main", "generate text from a checkpoint (ours or Hugging Face)"),
     "export-hf": ("pipelines.tools:export_hf_main", "write a checkpoint as a Hugging Face Llama directory"),
     "plan": ("pipelines.tools:plan_main", "parameter count and per-GPU memory under FSDP"),
     "config": ("pipelines.tools:config_main", "print the resolved config"),
-    "data-prep": ("components.data_prep.stage:main", "stage: clean, tokenize and shard the corpus"),
     "data": ("components.data_prep.samples:main", "sample datasets: `kubellama data fetch-samples`"),
-    "pretrain": ("components.pretrain.stage:main", "stage: FSDP pretraining (torchx local or Kubernetes)"),
+    **{s.command: (s.entry, s.help) for s in STAGES},
     "run": ("pipelines.run:run_main", "run the pipeline locally through kfp.local"),
     "compile": ("pipelines.run:compile_main", "compile the pipeline to KFP IR YAML"),
     "submit": ("pipelines.submit:main", "upload the pipeline to a KFP API and start a run"),

@@ -1,83 +1,61 @@
-"""The Llama 2 recipe as a KFP pipeline, built from a resolved config.
+"""The Llama 2 recipe as a KFP pipeline, built from a resolved config and the stage registry.
 
 The DAG follows the paper: data_prep -> pretrain -> sft -> reward (helpfulness || safety) -> rejection sampling ->
-ppo -> safety_eval. Each stage is a step of `STAGES` switched by `cfg.pipeline.stages`; a skipped stage's output
-comes from the config (`pretrain.data`, `pipeline.init_checkpoint`) through an importer, so lineage in the UI still
-starts somewhere real. Today the recipe has data_prep and pretrain; later stages add a step function and a flag.
+ppo -> safety_eval, each stage one step, in the order of components/core/stages.py and switched by
+`pipeline.stages.<name>`. A step's input made by a stage that is not in the pipeline comes from the config
+(`<stage>.<key>`, or `pipeline.init_checkpoint` for a model) through an importer, so lineage in the UI still starts
+somewhere real.
 
-Every step gets the whole resolved config as a JSON string parameter (the pipeline parameter `config`, whose default
-is the config given to `build`). Being an input, it is part of each step's cache key: a changed override never reuses
-a stale step. The `overrides` parameter records the command line that produced the config.
+Parameters: one per step, `config_<stage>`, holding only the config sections that stage reads (JSON), plus
+`overrides` (the command line that produced the config). A step's cache key therefore changes only when what it
+reads changes: a new `pretrain.lr` leaves the data prep step's inputs byte-identical, and KFP reuses its output.
 """
 # No `from __future__ import annotations`: KFP reads the pipeline signature as real types.
 
 import hashlib
+import importlib
+import inspect
 import json
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from kfp import dsl
 from kfp.dsl import Dataset, Model
 
+from components.core import stages
 from components.core.config import to_dict
 from components.core.errors import ConfigError
-from components.data_prep import component as data_prep_component
-from components.pretrain import component as pretrain_component
 from conf.schema import Config
 from pipelines import k8s
 
-
-@dataclass
-class Handles:
-    """Outputs of the steps so far, as the next step consumes them."""
-
-    data: Any = None
-    model: Any = None
-
-
-def _data_prep(cfg: Config, config: Any, h: Handles) -> None:
-    task = data_prep_component.op(cfg.cluster.image_cpu)(config=config)
-    task.set_display_name("data prep")
-    k8s.schedule(task, cfg)
-    h.data = task.outputs["dataset"]
-
-
-def _pretrain(cfg: Config, config: Any, h: Handles) -> None:
-    if h.data is None:
-        h.data = _import(cfg.pretrain.data, Dataset, "pretrain.data")
-    in_pod = k8s.trains_in_pod(cfg)
-    task = pretrain_component.op(cfg.cluster.image_train)(config=config, data=h.data, in_pod=in_pod)
-    task.set_display_name("pretrain")
-    k8s.schedule(task, cfg, gpu=in_pod)
-    h.model = task.outputs["model"]
-
-
-def _import(url: str, cls: type, key: str) -> Any:
-    if not url:
-        raise ConfigError(f"config key '{key}' is empty but a skipped stage needs it as input")
-    task = dsl.importer(artifact_uri=url, artifact_class=cls, reimport=False, metadata={"url": url})
-    task.set_display_name(f"import {key}")
-    return task.output
-
-
-# The recipe in order: (flag in cfg.pipeline.stages, step). A step reads the handles of earlier steps.
-STAGES: list[tuple[str, Callable[[Config, Any, Handles], None]]] = [
-    ("data_prep", _data_prep),
-    ("pretrain", _pretrain),
-]
-
+STAGES = stages.STAGES
 # Pipelines `build` can make: the configured recipe, or one stage alone (its inputs come from the config).
-PIPELINES = {"llama2": None, **{name: name for name, _ in STAGES}}
+PIPELINES = {"llama2": None, **{s.name: s.name for s in STAGES}}
+ARTIFACTS = {"dataset": Dataset, "model": Model}
 
 
 def selected(cfg: Config, pipeline: str = "llama2") -> list[str]:
     if pipeline not in PIPELINES:
         raise ConfigError(f"unknown pipeline '{pipeline}'; available: {', '.join(PIPELINES)}")
+    unknown = [k for k in cfg.pipeline.stages if k not in stages.BY_NAME]
+    if unknown:
+        raise ConfigError(f"unknown stage 'pipeline.stages.{unknown[0]}'; stages: {', '.join(stages.BY_NAME)}")
     only = PIPELINES[pipeline]
-    names = [n for n, _ in STAGES if (n == only if only else bool(cfg.pipeline.stages[n]))]
+    names = [s.name for s in STAGES if (s.name == only if only else bool(cfg.pipeline.stages.get(s.name, True)))]
     if not names:
         raise ConfigError("pipeline.stages switches every stage off; nothing to run")
     return names
+
+
+def stage_config(cfg: Config, name: str) -> str:
+    """The sections stage `name` reads, as the JSON its step receives."""
+    return json.dumps({sec: to_dict(cfg[sec]) for sec in stages.get(name).reads}, sort_keys=True)
+
+
+def parameters(cfg: Config, names: Sequence[str], overrides: Sequence[str] = ()) -> dict[str, str]:
+    """The pipeline's parameters and their values for this config: what the UI shows and `submit` sends."""
+    params = {f"config_{n}": stage_config(cfg, n) for n in names}
+    params["overrides"] = json.dumps(list(overrides))
+    return params
 
 
 def config_json(cfg: Config) -> str:
@@ -92,21 +70,55 @@ def pipeline_name(cfg: Config, pipeline: str = "llama2") -> str:
     return cfg.pipeline.name if pipeline == "llama2" else f"{cfg.pipeline.name}-{pipeline.replace('_', '-')}"
 
 
+def _import(url: str, cls: type, key: str) -> Any:
+    if not url:
+        raise ConfigError(f"config key '{key}' is empty but a skipped stage needs it as input")
+    task = dsl.importer(artifact_uri=url, artifact_class=cls, reimport=False, metadata={"url": url})
+    task.set_display_name(f"import {key}")
+    return task.output
+
+
+def _step(stage: stages.Stage, cfg: Config, params: dict[str, Any], made: dict[str, Any]) -> None:
+    """Add `stage`'s step; `made` maps the stages run so far to their output artifacts."""
+    training = stage.training
+    image = cfg.cluster.image_train if training else cfg.cluster.image_cpu
+    op = importlib.import_module(f"{stage.module}.component").op(image)
+    kwargs: dict[str, Any] = {"config": params[f"config_{stage.name}"]}
+    for inp in stage.inputs:
+        if inp.source not in made:
+            kind = stages.get(inp.source).output
+            url = cfg[stage.name][inp.key] or (cfg.pipeline.init_checkpoint if kind == "model" else "")
+            key = f"{stage.name}.{inp.key}" if cfg[stage.name][inp.key] or kind != "model" else \
+                "pipeline.init_checkpoint"
+            made[inp.source] = _import(url, ARTIFACTS[kind], key)
+        kwargs[inp.name] = made[inp.source]
+    in_pod = training and k8s.trains_in_pod(cfg)
+    if training:
+        # Each pipeline run trains into its own folder, named by the run (unless the config fixes run.id).
+        kwargs.update(in_pod=in_pod, run_id=cfg.run.id or dsl.PIPELINE_JOB_ID_PLACEHOLDER)
+    task = op(**kwargs)
+    task.set_display_name(stage.title)
+    k8s.schedule(task, cfg, gpu=in_pod)
+    made[stage.name] = task.outputs[stage.output]
+
+
 def build(cfg: Config, overrides: Sequence[str] = (), pipeline: str = "llama2") -> Callable:
-    """A KFP pipeline for `cfg`: the configured recipe (`llama2`) or a single stage (`data_prep`, `pretrain`)."""
+    """A KFP pipeline for `cfg`: the configured recipe (`llama2`) or a single stage (`data_prep`, `pretrain`, ...)."""
     names = selected(cfg, pipeline)
-    steps = [step for n, step in STAGES if n in names]
-    default_config, default_overrides = config_json(cfg), json.dumps(list(overrides))
-    start_from = cfg.pipeline.init_checkpoint
+    defaults = parameters(cfg, names, overrides)
+    order = list(defaults)
 
-    @dsl.pipeline(name=pipeline_name(cfg, pipeline),
-                  description=f"Llama 2 recipe ({' -> '.join(names)}), kubellama config {config_hash(cfg)}")
-    def llama2(config: str = default_config, overrides: str = default_overrides):
-        h = Handles()
-        for step in steps:
-            step(cfg, config, h)
-        if h.model is None and start_from:
-            # Pretraining skipped: later stages start from an existing (HF or kubellama) checkpoint.
-            h.model = _import(start_from, Model, "pipeline.init_checkpoint")
+    def llama2(*args: Any) -> None:
+        params = dict(zip(order, args))
+        made: dict[str, Any] = {}
+        for stage in STAGES:
+            if stage.name in names:
+                _step(stage, cfg, params, made)
 
-    return llama2
+    # One parameter per step: the signature is made from the registry, so a new stage needs no edit here.
+    llama2.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=v, annotation=str)
+         for k, v in defaults.items()])
+    return dsl.pipeline(name=pipeline_name(cfg, pipeline),
+                        description=f"Llama 2 recipe ({' -> '.join(names)}), kubellama config {config_hash(cfg)}"
+                        )(llama2)

@@ -6,15 +6,18 @@ Both build the same pipeline from the same resolved config; `run` executes each 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
+import re
 import sys
+import threading
 import time
-from typing import Sequence
+from typing import IO, Iterator, Sequence
 
 import yaml
 
-from components.core import storage
+from components.core import runs, storage
 from components.core.cli import guarded, parser
 from components.core.config import load_config, to_yaml
 from components.core.errors import KubellamaError
@@ -32,7 +35,22 @@ def resolve(overrides: Sequence[str]) -> Config:
     cfg = load_config(overrides)
     if not storage.is_remote(cfg.run.root) and not os.path.isabs(cfg.run.root):
         cfg = load_config([*overrides, f"run.root={os.path.abspath(cfg.run.root)}"])
+    # Content-addressed data: fixed here, so the data prep step needs no `run` section (whose id changes per run)
+    # and stages reading its output find it without the pipeline.
+    cfg.data.output = runs.data_output(cfg)
+    for stage in llama2.STAGES:
+        section = cfg.get(stage.name)
+        if section is not None and "data" in section and not section.data:
+            section.data = cfg.data.output
     return cfg
+
+
+LATEST = "latest"
+
+
+def local_outputs(cfg: Config, names: Sequence[str]) -> dict[str, str]:
+    """Where each stage of a bound local run writes."""
+    return {n: runs.stage_output(cfg, n) for n in names}
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -81,13 +99,70 @@ def dag_text(cfg: Config, overrides: Sequence[str], pipeline: str = "llama2") ->
 
 
 def _reports(cfg: Config, names: Sequence[str], kfp_root: str, started: float) -> list[str]:
-    outputs = {"data_prep": cfg.data.output, "pretrain": cfg.pretrain.output}
-    found = [storage.join(outputs[n], "report.md") for n in names if n in outputs]
+    """Every report of this run: each stage's own (from the registry) and the KFP artifacts."""
+    found = [storage.join(out, f"report.{ext}") for out in local_outputs(cfg, names).values() for ext in ("html", "md")]
     found = [p for p in found if storage.exists(p)]
-    runs = [d for d in glob.glob(os.path.join(kfp_root, "*")) if os.path.getmtime(d) >= started - 1]
-    for d in sorted(runs):
-        found += sorted(glob.glob(os.path.join(d, "*", "report")))
+    dirs = [d for d in glob.glob(os.path.join(kfp_root, "*")) if os.path.isdir(d) and os.path.getmtime(d) >= started - 1]
+    for d in sorted(dirs):
+        found += sorted(glob.glob(os.path.join(d, "*", "html")))
     return found
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TASK = re.compile(r"Executing task '?([\w-]+)'?|Task '?([\w-]+)'? finished with status (\w+)")
+# Stage progress worth a console line: the trainer's step records and checkpoints, data prep's phases.
+_PROGRESS = re.compile(r"^\[\w+\] (step|checkpoint|SIGTERM|resumed)|data prep done|data prep: ")
+
+
+def _follow(path: str, console: IO[str], stop: threading.Event) -> None:
+    """Echo task starts and ends (with durations) and stage progress from kfp.local's log to the console."""
+    started: dict[str, float] = {}
+    with open(path, errors="replace") as f:
+        while True:
+            line = f.readline()
+            if not line:
+                if stop.is_set():
+                    return
+                time.sleep(0.2)
+                continue
+            text = _ANSI.sub("", line).strip()
+            m = _TASK.search(text)
+            if m and m.group(1):
+                started[m.group(1)] = time.time()
+                console.write(f"  {m.group(1)}: running\n")
+            elif m:
+                took = time.time() - started.get(m.group(2), time.time())
+                console.write(f"  {m.group(2)}: {m.group(3).lower()} in {took:.0f} s\n")
+            elif _PROGRESS.search(text):
+                console.write(f"    {text[:160]}\n")
+
+
+@contextlib.contextmanager
+def _quiet(log_path: str) -> Iterator[IO[str]]:
+    """Send this process's (and its steps') stdout and stderr to `log_path`: kfp.local dumps each step's executor
+    input, hundreds of JSON lines. Yields the console, which gets the progress lines instead."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    console = os.fdopen(os.dup(saved[0]), "w", buffering=1)
+    stop = threading.Event()
+    tail = threading.Thread(target=_follow, args=(log_path, console, stop), daemon=True)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    tail.start()
+    try:
+        yield console
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        stop.set()
+        tail.join(timeout=5)
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (fd, *saved):
+            os.close(f)
+        console.close()
 
 
 def run_main(argv: Sequence[str] | None = None) -> int:
@@ -111,6 +186,9 @@ def run_main(argv: Sequence[str] | None = None) -> int:
             overrides = [*samples.demo_overrides(args.samples or samples.DEFAULT_DEST),
                          *(DEMO if args.demo else []), *overrides]
         cfg = resolve(overrides)
+        if not cfg.run.id:
+            # One id for every step of this local run (on a cluster each run gets the KFP run's id).
+            cfg.run.id = runs.new_id(cfg)
         names = llama2.selected(cfg, args.pipeline)
         if args.dry_run:
             print(dag_text(cfg, overrides, args.pipeline))
@@ -136,13 +214,27 @@ def _run_local(cfg: Config, overrides: Sequence[str], pipeline: str, names: Sequ
         root = os.path.abspath(os.path.join("runs", cfg.run.name, "kfp"))
     os.makedirs(root, exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=True)
-    print(f"kubellama run: {' -> '.join(names)} through kfp.local; artifacts under {root}", flush=True)
+    log_path = os.path.join(root, f"run-{cfg.run.id}.log")
+    print(f"kubellama run {cfg.run.id}: {' -> '.join(names)} through kfp.local; artifacts under {root}; "
+          f"full log in {log_path}", flush=True)
     started = time.time()
     try:
-        llama2.build(cfg, overrides, pipeline)()
-    except RuntimeError as exc:  # kfp.local reports a failed step this way; its log is already on the terminal
-        raise KubellamaError(f"pipeline failed: {' '.join(str(exc).split())}") from None
-    print(f"kubellama run: done in {time.time() - started:.0f} s; reports:")
+        with _quiet(log_path):
+            llama2.build(cfg, overrides, pipeline)()
+    except RuntimeError as exc:  # kfp.local reports a failed step this way
+        tail = "".join(open(log_path, errors="replace").readlines()[-30:])
+        print(_ANSI.sub("", tail), file=sys.stderr)
+        raise KubellamaError(f"pipeline failed: {' '.join(str(exc).split())} (full log: {log_path})") from None
+    print(f"kubellama run: done in {time.time() - started:.0f} s")
+    for name, out in local_outputs(cfg, names).items():
+        print(f"  {name}: {out}")
+    if not storage.is_remote(cfg.run.root):
+        # `runs/<name>/latest` points at the newest finished run, for `make demo`'s sample and for people.
+        link = os.path.join(cfg.run.root, LATEST)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(link)
+        os.symlink(cfg.run.id, link)
+    print("reports:")
     for path in _reports(cfg, names, root, started):
         print(f"  {path}")
     return 0

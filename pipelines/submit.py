@@ -76,7 +76,7 @@ def submit(overrides: Sequence[str], host: str, namespace: str | None = None, ex
         out = {"pipeline_id": pipeline_id, "version_id": version_id, "version": version}
         if start:
             exp = client.create_experiment(experiment or cfg.pipeline.experiment, namespace=namespace)
-            params = {"config": llama2.config_json(cfg), "overrides": json.dumps(list(overrides))}
+            params = llama2.parameters(cfg, llama2.selected(cfg, pipeline), overrides)
             run = client.run_pipeline(exp.experiment_id, run_name or version, params=params,
                                       pipeline_id=pipeline_id, version_id=version_id,
                                       enable_caching=bool(cfg.pipeline.caching),

@@ -23,7 +23,7 @@ def test_presets_carry_the_paper_shapes_and_hyperparameters():
 def test_overrides_are_typed_and_interpolations_resolve():
     cfg = load_config(["model.dim=512", "run.root=s3://bucket/x", "pretrain.lr=1e-4"])
     assert cfg.model.dim == 512 and isinstance(cfg.pretrain.lr, float)
-    assert cfg.data.output == "s3://bucket/x/data"
+    assert cfg.data.tokenizer.vocab_size == cfg.model.vocab_size
     assert from_dict(to_dict(cfg)) == cfg
 
 

@@ -139,7 +139,7 @@ def test_cli_export_converts_a_training_checkpoint(tmp_path):
                       max_seq_len=128)
     model = Llama(cfg)
     root = str(tmp_path / "checkpoints")
-    checkpoint.save(root, 5, {"model": model.state_dict()}, {"scheduler": {}, "data": {}}, dist.init(), keep=2)
+    checkpoint.save(root, 5, {"model": model.state_dict()}, {"scheduler": {}, "data": {}}, dist.init(), keep=2).finish()
     out = str(tmp_path / "hf")
     done = subprocess.run([sys.executable, "-m", "pipelines.cli", "export-hf", "--checkpoint", root, "--out", out,
                            "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",

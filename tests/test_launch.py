@@ -12,7 +12,7 @@ import yaml
 
 from components.core.config import load_config
 from components.core.errors import ConfigError
-from components.pretrain import stage
+from components.core import launch, runs
 from pipelines.cli import main as cli
 from test_trainer_support import OVERRIDES, write_shards
 
@@ -21,8 +21,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_kubernetes_dryrun_is_a_gpu_gang_job_with_a_valid_pod(capsys):
     argv = ["pretrain", "cluster=h100", "cluster.nnodes=2", "run.root=s3://bucket/runs/a", "cluster.queue=train",
-            "cluster.namespace=ml", "cluster.service_account=trainer", "cluster.priority_class=high",
-            "cluster.s3_secret=s3-creds", "cluster.s3_endpoint=http://minio:9000",
+            "cluster.namespace=ml", "cluster.service_account=trainer", "cluster.priority_class=high", "run.id=r1",
+            "cluster.grace_period_s=90", "cluster.s3_secret=s3-creds", "cluster.s3_endpoint=http://minio:9000",
             "cluster.tolerations=[{key: dedicated, operator: Equal, value: llm, effect: NoSchedule}]", "--dryrun"]
     assert cli(argv) == 0
     job = yaml.safe_load(capsys.readouterr().out)
@@ -51,7 +51,10 @@ def test_kubernetes_dryrun_is_a_gpu_gang_job_with_a_valid_pod(capsys):
         assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
         cmd = c["command"][-1]
         assert "--nnodes 2 --nproc_per_node 8" in cmd
-        assert "-m components.pretrain --config s3://bucket/runs/a/pretrain/config.yaml" in cmd
+        assert "-m components.pretrain --config s3://bucket/runs/a/r1/pretrain/config.yaml" in cmd
+        # torchrun is the container's process (SIGTERM reaches it) and waits the grace period for the save.
+        assert cmd.startswith("exec ") and "--shutdown_timeout 85" in cmd
+        assert podspec["terminationGracePeriodSeconds"] == 90
         # The pod template is what Volcano creates: it must be a valid Pod for Kubernetes 1.30.
         kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": task["name"]},
                                       "spec": podspec}, "1.30.0", strict=True)
@@ -61,25 +64,28 @@ def test_kubernetes_dryrun_is_a_gpu_gang_job_with_a_valid_pod(capsys):
 
 def test_kubernetes_needs_shared_storage_and_a_known_scheduler():
     with pytest.raises(ConfigError, match="local path, which pods on Kubernetes cannot share"):
-        stage.dryrun(load_config(["cluster=h100", "run.root=/tmp/x"]))
+        launch.dryrun_text(runs.bind(load_config(["cluster=h100", "run.root=/tmp/x"]), "pretrain"), "pretrain")
     with pytest.raises(ConfigError, match="cluster.scheduler='slurm'"):
-        stage.dryrun(load_config(["cluster.scheduler=slurm", "cluster.nproc_per_node=2"]))
+        launch.dryrun_text(runs.bind(load_config(["cluster.scheduler=slurm", "cluster.nproc_per_node=2"]),
+                                     "pretrain"), "pretrain")
 
 
 def test_torchx_local_cwd_runs_two_ranks(tmp_path):
     write_shards(str(tmp_path / "data" / "pretrain"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "pretrain", *OVERRIDES, f"run.root={tmp_path}",
-                           "pretrain.max_steps=2", "cluster.nproc_per_node=2"],
+                           f"data.output={tmp_path / 'data'}", "pretrain.max_steps=2", "cluster.nproc_per_node=2"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "submitted local_cwd://" in proc.stdout
     assert "[pretrain/0] step 2 loss" in proc.stdout  # the workers' log lines are streamed through
     summary = json.loads(proc.stdout[proc.stdout.rindex("\n{") + 1:])
     assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["step"] == 2
-    assert summary["report_md"] == str(tmp_path / "pretrain" / "report.md")
-    # The workers got the launcher's resolved config.
-    cfg = yaml.safe_load((tmp_path / "pretrain" / "config.yaml").read_text())
+    out = summary["output"]
+    assert out.startswith(str(tmp_path)) and summary["report_md"] == os.path.join(out, "report.md")
+    # The workers got the launcher's resolved config, run id included (a fresh one: time stamp + config hash).
+    cfg = yaml.safe_load(open(os.path.join(out, "config.yaml")).read())
+    assert cfg["run"]["id"] and out == os.path.join(str(tmp_path), cfg["run"]["id"], "pretrain")
     assert cfg["cluster"]["nproc_per_node"] == 2 and cfg["model"]["dim"] == 32
     assert os.path.exists(os.path.join(summary["hf"], "model.safetensors"))
 

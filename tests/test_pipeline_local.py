@@ -38,33 +38,55 @@ def test_run_data_prep_and_pretrain_through_kfp_local(tmp_path, capsys):
     assert run.run_main([f"run.root={root}", f"data.sources=[{{name:t,path:'{src}'}}]", *TINY]) == 0
     out = capsys.readouterr().out
 
-    # The stages wrote their real outputs where the config says.
-    assert storage.is_complete(os.path.join(root, "data"))
-    hf = os.path.join(root, "pretrain", "hf")
+    # The stages wrote their real outputs where the config says: data content-addressed, training per run.
+    data = outputs(out)["data_prep"]
+    assert os.path.dirname(data) == os.path.join(root, "data") and storage.is_complete(data)
+    train_out = outputs(out)["pretrain"]
+    run_id = os.path.basename(os.path.dirname(train_out))
+    assert train_out == os.path.join(root, run_id, "pretrain") and os.readlink(os.path.join(root, "latest")) == run_id
+    hf = os.path.join(train_out, "hf")
     assert os.path.exists(os.path.join(hf, "config.json"))
-    for report in (os.path.join(root, "data", "report.md"), os.path.join(root, "pretrain", "report.md")):
+    for report in (os.path.join(data, "report.md"), os.path.join(train_out, "report.md")):
         assert f"  {report}\n" in out
 
     # KFP artifacts stay small and point at the data: lineage data-prep -> pretrain through the Dataset's URL.
     kfp_root = os.path.join(root, "kfp")
     prep = executor_output(kfp_root, "data-prep")
     (dataset,) = prep["artifacts"]["dataset"]["artifacts"]
-    assert dataset["metadata"]["url"] == os.path.join(root, "data")
-    assert dataset["metadata"]["pretrain"] == os.path.join(root, "data", "pretrain")
+    assert dataset["metadata"]["url"] == data
+    assert dataset["metadata"]["pretrain"] == os.path.join(data, "pretrain")
     (metrics,) = prep["artifacts"]["metrics"]["artifacts"]
     assert metrics["metadata"]["pretrain_tokens"] > 0
 
     train = executor_output(kfp_root, "pretrain")
     (model,) = train["artifacts"]["model"]["artifacts"]
-    assert model["metadata"]["url"] == os.path.join(root, "pretrain")
+    assert model["metadata"]["url"] == train_out
     assert model["metadata"]["hf"] == hf and model["metadata"]["status"] == "completed"
     (metrics,) = train["artifacts"]["metrics"]["artifacts"]
     assert metrics["metadata"]["step"] == 3 and math.isfinite(metrics["metadata"]["final_loss"])
     (report,) = glob.glob(os.path.join(kfp_root, "kubellama-llama2-*", "pretrain", "report"))
-    with open(report) as f, open(os.path.join(root, "pretrain", "report.md")) as g:
+    with open(report) as f, open(os.path.join(train_out, "report.md")) as g:
         assert f.read() == g.read()
-    with open(os.path.join(root, "pretrain", "metrics.jsonl")) as f:
+    with open(os.path.join(train_out, "metrics.jsonl")) as f:
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+
+    # A second run with another training key: data prep finds its content-addressed output and skips the work;
+    # pretraining starts from step 0 in its own folder.
+    assert run.run_main([f"run.root={root}", f"data.sources=[{{name:t,path:'{src}'}}]", *TINY,
+                         "pretrain.lr=1e-3"]) == 0
+    again = outputs(capsys.readouterr().out)
+    assert again["data_prep"] == data and again["pretrain"] != train_out
+    assert json.loads(open(os.path.join(again["pretrain"], "report.json")).read())["start_step"] == 0
+
+
+def outputs(console: str) -> dict[str, str]:
+    """The `  <stage>: <output>` lines `kubellama run` prints at the end."""
+    found = {}
+    for line in console.splitlines():
+        name, _, url = line.strip().partition(": ")
+        if name in ("data_prep", "pretrain") and url:
+            found[name] = url
+    return found
 
 
 def test_run_with_stages_on_s3(tmp_path, s3_bucket, monkeypatch, capsys):
@@ -76,12 +98,13 @@ def test_run_with_stages_on_s3(tmp_path, s3_bucket, monkeypatch, capsys):
     root = f"{s3_bucket}/run"
     overrides = [f"run.root={root}", f"data.sources=[{{name:t,path:'{s3_bucket}/in/corpus.jsonl'}}]", *TINY,
                  "pretrain.max_steps=2", "run.name=s3demo"]
-    assert run.run_main(overrides) == 0, capsys.readouterr().err
-    assert storage.is_complete(f"{root}/data")
-    assert storage.exists(f"{root}/pretrain/hf/config.json")
-    assert f"  {root}/pretrain/report.md" in capsys.readouterr().out
+    assert run.run_main([*overrides, "run.id=s3"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert storage.is_complete(outputs(out)["data_prep"]) and outputs(out)["data_prep"].startswith(f"{root}/data/")
+    assert storage.exists(f"{root}/s3/pretrain/hf/config.json")
+    assert f"  {root}/s3/pretrain/report.md" in out
     model = executor_output(str(tmp_path / "runs" / "s3demo" / "kfp"), "pretrain")["artifacts"]["model"]
-    assert model["artifacts"][0]["metadata"]["url"] == f"{root}/pretrain"
+    assert model["artifacts"][0]["metadata"]["url"] == f"{root}/s3/pretrain"
 
 
 def test_failed_step_is_one_line_error(tmp_path, capsys):

@@ -18,14 +18,23 @@ from test_trainer_support import OVERRIDES, write_shards
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def overrides(root, *more: str) -> list[str]:
-    return [*OVERRIDES, f"run.root={root}", *more]
+RUN = "t"  # a fixed run id, so outputs are at <root>/t/pretrain and a rerun continues the run
 
 
-def start(root, *more: str) -> subprocess.Popen:
+def overrides(root, *more: str, data=None) -> list[str]:
+    keys = {m.split("=", 1)[0] for m in more}
+    base = [f"run.id={RUN}"] if "run.id" not in keys else []
+    return [*OVERRIDES, f"run.root={root}", f"data.output={data or os.path.join(str(root), 'data')}", *base, *more]
+
+
+def out_dir(root):
+    return os.path.join(str(root), RUN, "pretrain")
+
+
+def start(root, *more: str, data=None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "pretrain", *overrides(root, *more)], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "pretrain", *overrides(root, *more, data=data)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def wait_for(proc: subprocess.Popen, text: str) -> list[str]:
@@ -38,15 +47,16 @@ def wait_for(proc: subprocess.Popen, text: str) -> list[str]:
 
 
 def losses(root) -> list[float]:
-    lines = storage.read_text(os.path.join(root, "pretrain", "metrics.jsonl")).splitlines()
+    lines = storage.read_text(os.path.join(out_dir(root), "metrics.jsonl")).splitlines()
     return [json.loads(x)["loss"] for x in lines]
 
 
 def test_stage_writes_checkpoints_metrics_report_and_hf(tmp_path, capsys):
     write_shards(str(tmp_path / "data" / "pretrain"))
     assert cli(["pretrain", *overrides(tmp_path, "pretrain.max_steps=4", "pretrain.ckpt_every=2")]) == 0
-    out = tmp_path / "pretrain"
+    out = tmp_path / RUN / "pretrain"
     summary = json.loads(capsys.readouterr().out)
+    assert summary["output"] == str(out) and summary["start_step"] == 0
     assert summary["status"] == "completed" and summary["step"] == 4 and summary["world_size"] == 1
     assert summary["hf"] == str(out / "hf") and storage.is_complete(summary["hf"])
     report = json.loads((out / "report.json").read_text())
@@ -77,27 +87,26 @@ def test_stage_writes_checkpoints_metrics_report_and_hf(tmp_path, capsys):
 def test_sigkill_after_checkpoint_then_restart_is_bit_identical(tmp_path):
     write_shards(str(tmp_path / "data" / "pretrain"))
     more = ("pretrain.max_steps=30", "pretrain.ckpt_every=5", "pretrain.keep_last=2")
-
-    more += (f"data.output={tmp_path / 'data'}",)
-    ref = start(tmp_path / "ref", *more)
-    killed = start(tmp_path / "run", *more)
+    data = str(tmp_path / "data")
+    ref = start(tmp_path / "ref", *more, data=data)
+    killed = start(tmp_path / "run", *more, data=data)
     wait_for(killed, "checkpoint step 5 ")
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert ref.wait() == 0, ref.stderr.read()
     done, _ = __import__("components.core.checkpoint", fromlist=["steps"]).steps(
-        str(tmp_path / "run" / "pretrain" / "checkpoints"))
+        os.path.join(out_dir(tmp_path / "run"), "checkpoints"))
     assert done and done[-1] < 30, "the kill came too late to test anything"
 
-    restart = start(tmp_path / "run", *more)
+    restart = start(tmp_path / "run", *more, data=data)
     out, err = restart.communicate()
     assert restart.returncode == 0, err
-    assert f"resumed from {tmp_path / 'run' / 'pretrain' / 'checkpoints'}" in err
+    assert f"resumed from {os.path.join(out_dir(tmp_path / 'run'), 'checkpoints')}" in err
     # Every logged loss, before and after the kill, and the final weights are bit-identical to the uninterrupted run.
     assert losses(tmp_path / "run") == losses(tmp_path / "ref")
     assert len(losses(tmp_path / "ref")) == 30
-    assert (tmp_path / "run" / "pretrain" / "hf" / "model.safetensors").read_bytes() == \
-        (tmp_path / "ref" / "pretrain" / "hf" / "model.safetensors").read_bytes()
+    assert open(os.path.join(out_dir(tmp_path / "run"), "hf", "model.safetensors"), "rb").read() == \
+        open(os.path.join(out_dir(tmp_path / "ref"), "hf", "model.safetensors"), "rb").read()
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -108,14 +117,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "Traceback" not in err
-    root = tmp_path / "pretrain" / "checkpoints"
+    root = tmp_path / RUN / "pretrain" / "checkpoints"
     (step_dir,) = os.listdir(root)
     step = int(step_dir.split("_")[1])
     assert step >= 3 and storage.is_complete(str(root / step_dir))
-    assert f"pretraining was preempted at step {step}" in err
-    report = json.loads((tmp_path / "pretrain" / "report.json").read_text())
+    assert f"pretrain was preempted at step {step}" in err and f"run.id={RUN}" in err
+    report = json.loads((tmp_path / RUN / "pretrain" / "report.json").read_text())
     assert report["status"] == "preempted" and report["step"] == step
-    assert not (tmp_path / "pretrain" / "hf").exists()
+    assert not (tmp_path / RUN / "pretrain" / "hf").exists()
 
 
 def test_plain_torchrun_two_ranks_checkpoint_on_preemption(tmp_path):
@@ -130,7 +139,7 @@ def test_plain_torchrun_two_ranks_checkpoint_on_preemption(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0  # torchrun itself reports the signal it got
-    root = tmp_path / "pretrain" / "checkpoints"
+    root = tmp_path / RUN / "pretrain" / "checkpoints"
     (step_dir,) = os.listdir(root)
     step = int(step_dir.split("_")[1])
     # ckpt_every is out of reach: this checkpoint can only come from the SIGTERM path. (Its log line may be cut:

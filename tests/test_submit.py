@@ -108,7 +108,7 @@ def test_submit_new_pipeline_uploads_and_runs_with_overrides(capsys):
     assert upload["query"]["name"] == ["kubellama-llama2"]
     assert "pretrain.lr=0.000123" in upload["query"]["description"][0]
     spec, platform = _uploaded_yaml(upload)
-    config = json.loads(spec["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"])
+    config = json.loads(spec["root"]["inputDefinitions"]["parameters"]["config_pretrain"]["defaultValue"])
     assert config["pretrain"]["lr"] == 0.000123 and config["run"]["root"] == "s3://bucket/runs"
     assert "pretrain" in spec["root"]["dag"]["tasks"]
     (exp,) = kfp_api.find("POST", "/experiments")
@@ -117,7 +117,7 @@ def test_submit_new_pipeline_uploads_and_runs_with_overrides(capsys):
     body = json.loads(run["body"])
     params = body["runtime_config"]["parameters"]
     assert json.loads(params["overrides"]) == OVERRIDES
-    assert json.loads(params["config"])["cluster"]["gpus_per_node"] == 8
+    assert json.loads(params["config_pretrain"])["cluster"]["gpus_per_node"] == 8
     assert body["experiment_id"] == "e1"
     assert body["pipeline_version_reference"] == {"pipeline_id": "p1", "pipeline_version_id": "p1-v0"}
     assert "run_id=r1" in capsys.readouterr().out

@@ -79,25 +79,53 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(root: str, step: int, tensors: dict[str, Any], meta: dict[str, Any], env: dist.Env, keep: int) -> str:
-    """Collective: every rank calls it. Returns the checkpoint URL once it is complete."""
+class Pending:
+    """A checkpoint being written in the background (DCP async_save). `done()` is local; `finish()` is collective:
+    it waits for every rank's writes, then rank 0 writes `_COMPLETE` (last, so a cut-short save is never read)."""
+
+    def __init__(self, root: str, url: str, step: int, future: Any, env: dist.Env, keep: int):
+        self.root, self.url, self.step, self.future, self.env, self.keep = root, url, step, future, env, keep
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+    def finish(self) -> str:
+        if self.future is not None:
+            self.future.result()
+        dist.barrier()
+        if self.env.lead:
+            storage.mark_complete(self.url, {"step": self.step, "world_size": self.env.world_size})
+            prune(self.root, self.keep)
+        dist.barrier()
+        return self.url
+
+
+def save(root: str, step: int, tensors: dict[str, Any], meta: dict[str, Any], env: dist.Env, keep: int,
+         background: bool = False) -> Pending:
+    """Collective: every rank calls it. The small files (trainer.json, RNG) are written now; the tensors too, or,
+    with `background`, by DCP's async_save once they are staged in host memory. Call `finish()` on the result."""
     url = folder(root, step)
     if env.lead and storage.exists(url):
         # Leftovers of a save that was cut short at this same step (before a restart): start clean.
         storage.remove(url, recursive=True)
     dist.barrier()
-    dcp.save(tensors, storage_writer=FsspecWriter(url, **storage.storage_options(url)))
+    writer = FsspecWriter(url, **storage.storage_options(url))
+    future = None
+    if background:
+        future = dcp.async_save(tensors, storage_writer=writer, process_group=dist.checkpoint_group())
+    else:
+        dcp.save(tensors, storage_writer=writer)
     buf = io.BytesIO()
     torch.save(_rng_state(), buf)
     storage.write_bytes(storage.join(url, f"rng_{env.rank}.pt"), buf.getvalue())
     if env.lead:
         storage.write_json(storage.join(url, "trainer.json"), {**meta, "step": step, "world_size": env.world_size})
-    dist.barrier()
-    if env.lead:
-        storage.mark_complete(url, {"step": step, "world_size": env.world_size})
-        prune(root, keep)
-    dist.barrier()
-    return url
+    return Pending(root, url, step, future, env, keep)
+
+
+def meta(url: str) -> dict[str, Any]:
+    """trainer.json of checkpoint `url`: step, world size, fingerprint, scheduler and data position."""
+    return storage.read_json(storage.join(url, "trainer.json"))
 
 
 def prune(root: str, keep: int) -> None:
@@ -115,13 +143,69 @@ def prune(root: str, keep: int) -> None:
 def load(url: str, tensors: dict[str, Any], env: dist.Env) -> dict[str, Any]:
     """Collective: fill `tensors` in place from checkpoint `url`; restore RNG; return trainer.json."""
     dcp.load(tensors, storage_reader=FsspecReader(url, **storage.storage_options(url)))
-    meta = storage.read_json(storage.join(url, "trainer.json"))
+    info = meta(url)
     # RNG streams are per rank; on a different world size rank r continues rank (r mod saved world size)'s stream.
-    saved = int(meta.get("world_size", 1))
+    saved = int(info.get("world_size", 1))
     state = torch.load(io.BytesIO(storage.read_bytes(storage.join(url, f"rng_{env.rank % saved}.pt"))),
                        weights_only=True)
     _set_rng_state(state)
-    return meta
+    return info
+
+
+def resolve(url: str) -> tuple[str, str]:
+    """(kind, url) of a weights source given as `<stage>.init`: ("dcp", a complete step folder) for a step folder,
+    a checkpoints/ folder or a stage output holding one (its newest complete step); ("hf", folder) for an HF Llama
+    directory or a stage output with an hf/ export."""
+    from components.core.errors import KubellamaError
+
+    candidates = [url, storage.join(url, "checkpoints")]
+    if storage.exists(storage.join(url, ".metadata")):
+        if not storage.is_complete(url):
+            raise KubellamaError(f"{url}: checkpoint is incomplete (no {storage.COMPLETE} marker)")
+        return "dcp", url
+    for c in candidates:
+        found = latest(c) if storage.isdir(c) else None
+        if found:
+            return "dcp", found
+    for c in (url, storage.join(url, "hf")):
+        if storage.exists(storage.join(c, "config.json")):
+            return "hf", c
+    raise KubellamaError(f"{url}: neither a Hugging Face Llama directory (config.json + safetensors) nor a "
+                         f"kubellama checkpoint (a {PREFIX}* folder with {storage.COMPLETE})")
+
+
+def load_weights(model: Any, url: str, optional: tuple[str, ...] = ()) -> str:
+    """Collective: fill `model` (sharded by FSDP2 or not) from `<stage>.init` = `url`, each rank reading only the
+    slices of its own shards, on any world size. Parameters whose names start with one of `optional` may be absent
+    (a reward model's scalar head when the source is a language model). Returns the resolved source URL."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    from components.core.errors import KubellamaError
+
+    kind, src = resolve(url)
+    state = get_model_state_dict(model)
+    if kind == "hf":
+        from components.core.hf import read_into
+
+        missing = read_into(src, state)
+    else:
+        reader = FsspecReader(src, **storage.storage_options(src))
+        stored = {k.removeprefix("model.") for k in reader.read_metadata().state_dict_metadata if
+                  k.startswith("model.")}
+        missing = [k for k in state if k not in stored]
+        wanted = {k: v for k, v in state.items() if k in stored}
+        try:
+            dcp.load({"model": wanted}, storage_reader=FsspecReader(src, **storage.storage_options(src)))
+        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
+            raise KubellamaError(f"{src}: checkpoint does not fit this model ({' '.join(str(exc).split())[:300]})"
+                                 ) from None
+    absent = [k for k in missing if not k.startswith(optional)]
+    if absent:
+        raise KubellamaError(f"{src}: no weights for {', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}"
+                             f" (the init checkpoint does not match the model config)")
+    set_model_state_dict(model, {k: v for k, v in state.items() if k not in missing},
+                         options=StateDictOptions(strict=False))
+    return src
 
 
 def load_model(url: str, model_cfg: Any) -> Any:

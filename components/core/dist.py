@@ -57,6 +57,7 @@ def init(init_method: str | None = None, rank: int | None = None, world_size: in
 
 
 def shutdown() -> None:
+    _GROUPS.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -72,6 +73,39 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+_GROUPS: dict[str, object] = {}
+
+
+def groups() -> None:
+    """Create the side groups (collective: every rank calls it at the same point, the trainer's constructor):
+    - `control`: small messages of the training loop (stop flags), gloo so they never wait behind the GPU stream;
+    - `checkpoint`: DCP's background saves, whose collectives run in another thread and so must not share a
+      group with the training loop's."""
+    if not _GROUPS:
+        many = dist.get_world_size() > 1
+        _GROUPS["control"] = dist.new_group(backend="gloo") if many and dist.get_backend() != "gloo" else None
+        _GROUPS["checkpoint"] = dist.new_group(backend="gloo")
+
+
+def control_group():
+    groups()
+    return _GROUPS["control"]
+
+
+def checkpoint_group():
+    groups()
+    return _GROUPS["checkpoint"]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group())
+    return bool(t.item())
 
 
 def barrier() -> None:

@@ -90,10 +90,15 @@ def _tokenizer_files(tokenizer_url: str) -> dict[str, bytes]:
     }
 
 
+LINEAGE = "kubellama.json"
+
+
 def save_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, url: str, tokenizer: str | None = None,
-            dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES) -> None:
-    """Write a LlamaForCausalLM directory at `url` (local or s3://): config, generation config, weights, and the
-    tokenizer when given. The folder gets its `_COMPLETE` marker last."""
+            dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES,
+            lineage: dict[str, Any] | None = None) -> None:
+    """Write a LlamaForCausalLM directory at `url` (local or s3://): config, generation config, weights, the
+    tokenizer when given, and `kubellama.json` with the lineage (config hash, data hash, parent checkpoint, step).
+    The folder gets its `_COMPLETE` marker last."""
     storage.remove(storage.join(url, storage.COMPLETE))
     # An earlier export here may have been sharded differently; its index would point readers at old weights.
     for old in storage.glob(storage.join(url, "model*.safetensors*")):
@@ -126,7 +131,15 @@ def save_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, url: str, tok
     if tokenizer:
         for name, data in _tokenizer_files(tokenizer).items():
             storage.write_bytes(storage.join(url, name), data)
+    if lineage is not None:
+        storage.write_json(storage.join(url, LINEAGE), lineage)
     storage.mark_complete(url, {"format": "hf-llama"})
+
+
+def exported(url: str, lineage: dict[str, Any]) -> bool:
+    """True when `url` is a complete export with exactly this lineage (nothing to redo)."""
+    path = storage.join(url, LINEAGE)
+    return storage.is_complete(url) and storage.exists(path) and storage.read_json(path) == lineage
 
 
 def _read_tensors(url: str) -> dict[str, torch.Tensor]:
@@ -166,3 +179,66 @@ def load_model(url: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     tok = storage.join(url, "tokenizer.model")
     return model.eval(), cfg, (tok if storage.exists(tok) else None)
 
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32}
+
+
+def _headers(url: str) -> dict[str, tuple[str, dict[str, Any], int]]:
+    """HF key -> (file URL, safetensors entry, offset of the file's data section), reading headers only."""
+    import struct
+
+    index_url = storage.join(url, "model.safetensors.index.json")
+    if storage.exists(index_url):
+        files = sorted(set(storage.read_json(index_url)["weight_map"].values()))
+    elif storage.exists(storage.join(url, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise KubellamaError(f"{url}: no model.safetensors or model.safetensors.index.json (not an HF checkpoint)")
+    out: dict[str, tuple[str, dict[str, Any], int]] = {}
+    for name in files:
+        path = storage.join(url, name)
+        fs, p = storage.filesystem(path)
+        (n,) = struct.unpack("<Q", fs.cat_file(p, start=0, end=8))
+        header = json.loads(fs.cat_file(p, start=8, end=8 + n))
+        header.pop("__metadata__", None)
+        out.update({k: (path, v, 8 + n) for k, v in header.items()})
+    return out
+
+
+def read_into(url: str, state: dict[str, torch.Tensor]) -> list[str]:
+    """Fill `state` (our names; plain tensors or dim-0-sharded DTensors, as FSDP2 makes them) from the HF Llama
+    directory `url` with one ranged read per tensor of just this rank's rows, local or s3://. Returns the names
+    the directory lacks."""
+    from torch.distributed.tensor import DTensor
+
+    headers = _headers(url)
+    missing = []
+    for name, t in state.items():
+        entry = headers.get(to_hf_key(name))
+        if entry is None:
+            missing.append(name)
+            continue
+        path, info, base = entry
+        if list(info["shape"]) != list(t.shape):
+            raise KubellamaError(f"{url}: {to_hf_key(name)} has shape {info['shape']}, the model wants "
+                                 f"{list(t.shape)}")
+        local, first = t, 0
+        if isinstance(t, DTensor):
+            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+            local = t.to_local()
+            _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+            first = offset[0] if len(offset) else 0
+        if local.numel() == 0:
+            continue
+        dtype = _ST_DTYPES[info["dtype"]]
+        width = torch.empty((), dtype=dtype).element_size()
+        row = local[0].numel() * width if local.dim() else 0
+        begin = base + info["data_offsets"][0] + first * row
+        size = local.numel() * width
+        fs, p = storage.filesystem(path)
+        data = fs.cat_file(p, start=begin, end=begin + size)
+        local.copy_(torch.frombuffer(bytearray(data), dtype=dtype).reshape(local.shape))
+    return missing

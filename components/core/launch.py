@@ -1,8 +1,18 @@
-"""Launch a training stage as a torchx job: torchrun on this machine (`local_cwd`) or a Volcano job on Kubernetes.
+"""The one launcher of every training stage: in this process, under torchrun, as a torchx `local_cwd` job
+(torchrun on this machine) or as a Volcano job on Kubernetes.
 
-Every training stage goes through `app()` + `dryrun()` / `submit()`. The job runs `python -m components.<stage>
---config <url>`, where the config is the resolved tree written next to the stage's output, so workers see exactly
-the config the launcher saw, whatever overrides or KFP parameters produced it.
+A training stage supplies its training body (`train(cfg) -> summary`, run by every rank) and calls `main()` from its
+`__main__` / CLI entry and `run()` from its KFP component. Everything else is here: `--dryrun`, `--config`, the run
+binding (components/core/runs.py), the job, SIGTERM handling and exit code 143, and reading back the report.
+
+A job runs `python -m components.<stage> --config <url>`, where the config is the resolved tree written next to the
+stage's output, so workers see exactly the config the launcher saw, whatever overrides or KFP parameters produced it.
+
+Preemption: on SIGTERM the launcher signals its local ranks directly (their pids are recorded in a folder named by
+$KUBELLAMA_PIDS), which stop at the next micro-batch, save the last finished step and exit 0 with status
+`preempted`; torchrun and torchx then see a clean exit, so neither kills a save half-way (torchx's local scheduler
+SIGKILLs 10 s after its own SIGTERM). The launcher then exits 143. In Kubernetes pods SIGTERM reaches torchrun
+(exec'd as the container's process), which forwards it and waits `cluster.grace_period_s` before killing.
 
 torchx's Kubernetes scheduler already emits one Volcano task per node, c10d rendezvous on task 0, /dev/shm as a
 memory emptyDir, `nvidia.com/gpu` limits and the Istio opt-out annotation. What it lacks for GPU node pools managed
@@ -12,13 +22,19 @@ on /dev/shm, image pull secrets and the S3 credentials Secret as environment.
 """
 from __future__ import annotations
 
+import json
+import os
 import shlex
+import signal
 import sys
+import tempfile
 import threading
-from typing import Any
+import time
+from typing import Any, Callable, Sequence
 
 import yaml
 
+from components.core import dist, runs, storage
 from components.core.errors import ConfigError, KubellamaError
 from conf.schema.cluster import ClusterConfig
 
@@ -50,6 +66,16 @@ def placement(cluster: ClusterConfig) -> tuple[dict[str, str], list[dict[str, An
 RDZV_PORT = 29500
 # Set in every worker of a job launched from here: the launcher prints the summary, the workers need not.
 LAUNCHED = "KUBELLAMA_LAUNCHED"
+# A local folder where the ranks of a local job record their pids, so the launcher can signal them directly.
+PIDS = "KUBELLAMA_PIDS"
+# 128 + SIGTERM: what a process stopped by SIGTERM reports, so schedulers see a preemption, not success.
+EXIT_PREEMPTED = 143
+
+TrainFn = Callable[[Any], dict]
+
+
+class Preempted(KubellamaError):
+    """SIGTERM arrived; the last finished step is saved and a rerun of the same run resumes from it."""
 
 
 def _quantity(value: str | None) -> float:
@@ -79,9 +105,12 @@ def app(cluster: ClusterConfig, module: str, args: list[str], name: str, env: di
     python = sys.executable if local else "python"
     cmd = [python, "-m", "torch.distributed.run", "--rdzv_backend", "c10d", "--rdzv_endpoint", endpoint,
            "--rdzv_id", macros.app_id, "--nnodes", str(nnodes), "--nproc_per_node", str(nproc),
+           # On SIGTERM torchrun forwards it to the ranks and waits this long for their save before SIGKILL.
+           "--shutdown_timeout", str(max(1, cluster.grace_period_s - 5)),
            "-m", module, *args]
-    # Keep the rendezvous variable unquoted so bash expands it; quote everything else.
-    line = " ".join(c if "${" in c else shlex.quote(c) for c in cmd)
+    # Keep the rendezvous variable unquoted so bash expands it; quote everything else. `exec`: torchrun becomes the
+    # container's main process, so the SIGTERM of a pod deletion reaches it (bash would not forward it).
+    line = "exec " + " ".join(c if "${" in c else shlex.quote(c) for c in cmd)
     role = specs.Role(
         # Volcano exports task 0's host as VC_<ROLE>_0_HOSTS: a role name with '-' would not be a shell variable.
         name="".join(c for c in name.split("-")[-1] if c.isalnum()) or "trainer",
@@ -130,6 +159,7 @@ def _patch_pods(resource: dict[str, Any], cluster: ClusterConfig) -> None:
     for task in resource["spec"]["tasks"]:  # type: ignore[index]
         pod = task["template"]
         spec = pod.spec
+        spec.termination_grace_period_seconds = cluster.grace_period_s
         selector, tolerations = placement(cluster)
         spec.node_selector = {**(spec.node_selector or {}), **selector} or None
         spec.tolerations = [V1Toleration(**t) for t in tolerations] or None
@@ -168,15 +198,49 @@ def render(job: dict[str, Any] | list[str]) -> str:
     return "\n".join(job) + "\n"
 
 
+def _signal_ranks(pid_dir: str) -> int:
+    """SIGTERM every local rank that recorded its pid; returns how many were signalled."""
+    n = 0
+    for name in os.listdir(pid_dir):
+        try:
+            with open(os.path.join(pid_dir, name)) as f:
+                os.kill(int(f.read().strip()), signal.SIGTERM)
+            n += 1
+        except (OSError, ValueError):  # already gone, or a half-written file of a rank that is only starting
+            pass
+    return n
+
+
 def submit(cluster: ClusterConfig, appdef, stream: bool = True) -> str:
-    """Submit, stream the logs of every node to stdout, wait; returns the final state name. Raises on failure."""
+    """Submit, stream the logs of every node to stdout, wait; returns the final state name. Raises on failure.
+
+    SIGTERM while waiting: local ranks are signalled directly and given `cluster.grace_period_s` to save; a
+    Kubernetes job is cancelled (its pods then get their own grace period)."""
     from torchx.runner import get_runner
     from torchx.specs import AppState
 
+    local = cluster.scheduler.startswith("local")
+    pid_dir = tempfile.mkdtemp(prefix="kubellama-pids-") if local else ""
+    if local:
+        appdef.roles[0].env[PIDS] = pid_dir
     info, _ = dryrun(cluster, appdef)
+    stopping: dict[str, float] = {}
     with get_runner() as runner:
         handle = runner.schedule(info)
         print(f"kubellama: submitted {handle}", flush=True)
+
+        def on_sigterm(signum: int, frame: Any) -> None:
+            if stopping:
+                return
+            stopping["at"] = time.monotonic()
+            if local:
+                print(f"kubellama: SIGTERM: asked {_signal_ranks(pid_dir)} rank(s) to save and stop", flush=True)
+            else:
+                runner.cancel(handle)
+
+        # After schedule(): torchx's local scheduler installs its own handler (a 10 s kill) when it is created.
+        previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is \
+            threading.main_thread() else None
         threads = []
         if stream:
             role = appdef.roles[0]
@@ -185,10 +249,25 @@ def submit(cluster: ClusterConfig, appdef, stream: bool = True) -> str:
                 t.start()
                 threads.append(t)
         try:
-            status = runner.wait(handle, wait_interval=2)
+            while True:
+                status = runner.status(handle)
+                if status is None or status.is_terminal():
+                    break
+                if stopping and time.monotonic() - stopping["at"] > cluster.grace_period_s:
+                    runner.cancel(handle)
+                    break
+                time.sleep(0.5)
+            status = runner.status(handle)
         except KeyboardInterrupt:
             runner.cancel(handle)
             raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            if local:
+                import shutil
+
+                shutil.rmtree(pid_dir, ignore_errors=True)
         for t in threads:
             t.join(timeout=5)
     state = status.state if status else AppState.UNKNOWN
@@ -204,3 +283,103 @@ def _follow(runner, handle: str, role: str, k: int) -> None:
             print(f"[{role}/{k}] {line}", end="" if line.endswith("\n") else "\n", flush=True)
     except Exception as exc:  # log streaming is best effort; the job's state decides success
         print(f"kubellama: log stream of {role}/{k} ended: {exc}", file=sys.stderr)
+
+
+# --- the stage launcher ----------------------------------------------------------------------------------------
+
+
+def in_process(cluster: ClusterConfig) -> bool:
+    """One local process: no torchx, no torchrun, train right here."""
+    return cluster.scheduler.startswith("local") and cluster.nnodes * cluster.nproc_per_node <= 1
+
+
+def config_url(cfg: Any, stage: str) -> str:
+    return storage.join(cfg[stage].output, "config.yaml")
+
+
+def job(cfg: Any, stage: str):
+    """The torchx AppDef of `stage` for cfg.cluster."""
+    output = cfg[stage].output
+    if cfg.cluster.scheduler == "kubernetes" and not storage.is_remote(output):
+        raise ConfigError(f"{stage}.output={output} is a local path, which pods on Kubernetes cannot share: set "
+                          f"run.root to an s3:// URL")
+    name = f"{cfg.run.name}-{stage}".replace("_", "-")
+    return app(cfg.cluster, f"components.{stage}", ["--config", config_url(cfg, stage)], name=name)
+
+
+def dryrun_text(cfg: Any, stage: str) -> str:
+    if in_process(cfg.cluster):
+        section = cfg[stage]
+        data = f" on {section.data}" if "data" in section else ""
+        return (f"in process (cluster.nproc_per_node=1): {stage}{data} -> {section.output}, "
+                f"{section.max_steps} steps\n")
+    _, spec = dryrun(cfg.cluster, job(cfg, stage))
+    return render(spec)
+
+
+def _record_pid() -> None:
+    folder = os.environ.get(PIDS)
+    if folder and os.path.isdir(folder):
+        rank = os.environ.get("RANK", "0")
+        tmp = os.path.join(folder, f".{rank}.tmp")
+        with open(tmp, "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(tmp, os.path.join(folder, f"{rank}.pid"))
+
+
+def run(cfg: Any, stage: str, train: TrainFn) -> dict:
+    """Run training stage `stage` wherever cfg.cluster says and return its summary (output URLs, final metrics,
+    report). `cfg` is bound (runs.bind). Raises Preempted when SIGTERM stopped it after the save."""
+    if dist.under_launcher():
+        # A torchrun worker: a preempted run still exits 0 here so torchrun does not tear the other ranks down
+        # mid-save; the launcher reads the report and decides.
+        _record_pid()
+        return train(cfg)
+    if in_process(cfg.cluster):
+        summary = train(cfg)
+    else:
+        from components.core.config import to_yaml
+
+        storage.write_text(config_url(cfg, stage), to_yaml(cfg))
+        report = storage.join(cfg[stage].output, "report.json")
+        started = time.time()
+        try:
+            submit(cfg.cluster, job(cfg, stage))
+        except KubellamaError:
+            # A job stopped by SIGTERM may end FAILED although its ranks saved: the report says what happened.
+            if not (storage.exists(report) and storage.read_json(report).get("ended", 0) >= started):
+                raise
+        summary = storage.read_json(report)
+    if summary.get("status") == "preempted":
+        raise Preempted(f"{stage} was preempted at step {summary['step']}; checkpoint {summary['checkpoint']} is "
+                        f"saved: rerun with run.id={cfg.run.id} to resume")
+    return summary
+
+
+def main(stage: str, train: TrainFn, argv: Sequence[str] | None = None, description: str = "") -> int:
+    """`kubellama <stage> [--dryrun] [--config URL] [key=value ...]` and `python -m components.<stage>`."""
+    from components.core.cli import guarded, parser
+    from components.core.config import load_config, load_resolved
+
+    p = parser(stage.replace("_", "-"), description or f"training stage {stage}")
+    p.add_argument("--dryrun", action="store_true", help="print the job that would be submitted, run nothing")
+    p.add_argument("--config", help="a resolved config YAML (what launched workers receive)")
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        cfg = load_resolved(args.config, args.overrides) if args.config else load_config(args.overrides)
+        cfg = runs.bind(cfg, stage)
+        if args.dryrun:
+            print(dryrun_text(cfg, stage), end="")
+            return 0
+        try:
+            summary = run(cfg, stage, train)
+        except Preempted as exc:
+            print(f"kubellama: {exc}", file=sys.stderr)
+            return EXIT_PREEMPTED
+        if not dist.under_launcher() or (dist.init().lead and LAUNCHED not in os.environ):
+            print(json.dumps(summary, indent=2, default=str))
+        dist.shutdown()
+        return 0
+
+    return guarded(go)

@@ -18,8 +18,14 @@ What it does, in the order a step sees it:
 - Linear warmup over `warmup_steps`, then cosine decay to `min_lr_ratio` of the peak at `max_steps`.
 - Gradient-norm clipping at `grad_clip` (the norm is reported either way).
 - A non-finite loss or gradient norm stops the run before the optimizer step, so the last checkpoint stays good.
-- Checkpoints (components/core/checkpoint.py) every `ckpt_every` steps, at the end, and on SIGTERM; automatic
-  resume from the newest complete one.
+- Checkpoints (components/core/checkpoint.py) every `ckpt_every` steps in the background (DCP async_save), at the
+  end, and on SIGTERM; automatic resume from the newest complete one, refused when its config fingerprint differs
+  (components/core/runs.py).
+- Start from any weights: `init` (an HF Llama directory or a DCP checkpoint) is read into the sharded model, each
+  rank reading its own slices.
+- Preemption: SIGTERM only sets a flag; every rank checks it (one collective on a gloo group) before each
+  micro-batch, so the run stops within one micro-batch, drops the unfinished step (its gradients and its data),
+  saves the last finished step and reports `preempted`.
 
 Data comes from any object with `next_batch(rows) -> dict[str, np.ndarray]`, `seq_len`, `state_dict()` and
 `load_state_dict()`: components.core.shards.ShardReader fits. Batches hold `tokens` and optionally `labels` (aligned
@@ -185,6 +191,7 @@ class StepResult:
     loss: float
     grad_norm: float
     tokens: int
+    # SIGTERM: the step was dropped (nothing applied, data rewound to its start).
     stop: bool
 
 
@@ -199,6 +206,13 @@ class Trainer:
     seed: int = 1234
     name: str = "train"
     env: dist.Env | None = None
+    # Weights to start from (HF directory or DCP checkpoint); parameters under `init_optional` may be missing.
+    init: str = ""
+    init_optional: tuple[str, ...] = ()
+    # What shapes this run (runs.fingerprint): recorded in checkpoints, compared on resume. `run_id` names the run
+    # in the error message.
+    fingerprint: dict[str, Any] | None = None
+    run_id: str = ""
     step: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -213,12 +227,14 @@ class Trainer:
                 f"global_batch_tokens={cfg.global_batch_tokens} is not a multiple of micro_batch·seq_len·world_size"
                 f" = {cfg.micro_batch}·{self.data.seq_len}·{env.world_size} = {per_micro}")
         self.accum = cfg.global_batch_tokens // per_micro
+        dist.groups()  # collective: create the side groups now, on every rank together
         model = self.model if self.model is not None else build_llama(self.model_cfg, self.seed)
         meta = any(p.is_meta for p in model.parameters())
         self.model = shard(model, cfg, env)
         if meta:
             self.model.to_empty(device=env.device)
             self.model.init_weights()  # type: ignore[operator]
+        self.parent = checkpoint.load_weights(self.model, self.init, self.init_optional) if self.init else None
         # Per-rank stream for anything random during training (none in pretraining; sampling in PPO).
         torch.manual_seed(self.seed + env.rank)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -233,6 +249,7 @@ class Trainer:
         self.flops = flops_per_token(self.model_cfg, self.context)
         self.peak = peak_flops(env.device)
         self.last_ckpt: str | None = None
+        self._pending: checkpoint.Pending | None = None
         self._stop_requested = False
 
     # --- checkpoints -------------------------------------------------------------------------------------------
@@ -241,14 +258,33 @@ class Trainer:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
-    def save(self) -> str:
+    def save(self, background: bool = False) -> str:
+        """Collective: checkpoint the current step; with `background` the tensors are written by async_save and
+        the checkpoint becomes complete in a later `_settle()`."""
+        self._settle(wait=True)
         t0 = time.perf_counter()
-        meta = {"scheduler": self.scheduler.state_dict(), "data": self.data.state_dict(), "name": self.name}
-        self.last_ckpt = checkpoint.save(self.ckpt_root, self.step, self._state(), meta, self.env, self.cfg.keep_last)
+        meta = {"scheduler": self.scheduler.state_dict(), "data": self.data.state_dict(), "name": self.name,
+                "fingerprint": self.fingerprint}
+        pending = checkpoint.save(self.ckpt_root, self.step, self._state(), meta, self.env, self.cfg.keep_last,
+                                  background=background)
+        if background:
+            self._pending, self._pending_t0 = pending, t0
+            return pending.url
+        self._finished(pending.finish(), t0)
+        return self.last_ckpt  # type: ignore[return-value]
+
+    def _finished(self, url: str, t0: float) -> None:
+        self.last_ckpt = url
         if self.env.lead:
-            print(f"[{self.name}] checkpoint step {self.step} -> {self.last_ckpt} "
+            print(f"[{self.name}] checkpoint step {int(url.rstrip('/').rsplit('_', 1)[1])} -> {url} "
                   f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)
-        return self.last_ckpt
+
+    def _settle(self, wait: bool, done_everywhere: bool = False) -> None:
+        """Complete a background save: when `wait`, or when every rank's writes are done (`done_everywhere`, from
+        the step's collective), so all ranks finish it at the same step."""
+        if self._pending is not None and (wait or done_everywhere):
+            pending, self._pending = self._pending, None
+            self._finished(pending.finish(), self._pending_t0)
 
     def load(self, url: str) -> None:
         state = self._state()
@@ -266,6 +302,10 @@ class Trainer:
         url = checkpoint.latest(self.ckpt_root)
         if url is None:
             return False
+        if self.fingerprint is not None:
+            from components.core import runs
+
+            runs.check(checkpoint.meta(url).get("fingerprint"), self.fingerprint, url, self.run_id)
         self.load(url)
         return True
 
@@ -285,13 +325,22 @@ class Trainer:
         self.model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         count = torch.zeros((), dtype=torch.float64, device=self.env.device)
+        start = self.data.state_dict()
         for _ in range(self.accum):
+            if dist.any_rank(self._stop_requested):
+                # Preempted mid-step: drop it, so the checkpoint holds the last finished step and the data position
+                # where that step ended.
+                self.optimizer.zero_grad(set_to_none=True)
+                self.data.load_state_dict(start)
+                return StepResult(math.nan, math.nan, 0, True)
             loss, n = self.loss_fn(self.model, self._batch())
             loss.backward()
             loss_sum += loss.detach().double()
             count += n.detach().double()
-        total_loss, total_count, stop = dist.all_sum(
-            [loss_sum.item(), count.item(), float(self._stop_requested)], self.env.device)
+        pending = self._pending is not None and self._pending.done()
+        total_loss, total_count, saved = dist.all_sum(
+            [loss_sum.item(), count.item(), float(pending)], self.env.device)
+        self._settle(wait=False, done_everywhere=saved >= self.env.world_size)
         # FSDP averaged the gradients over ranks; make them the gradient of the global per-token mean.
         scale = self.env.world_size / max(total_count, 1.0)
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -304,6 +353,7 @@ class Trainer:
         grad_norm = float(norm)
         mean_loss = total_loss / max(total_count, 1.0)
         if not (math.isfinite(mean_loss) and math.isfinite(grad_norm)):
+            self._settle(wait=True)  # every rank is here: the background save of the last good step completes
             where = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was saved yet"
             raise NonFiniteLoss(
                 f"[{self.name}] loss {mean_loss} / gradient norm {grad_norm} at step {self.step + 1} is not finite; "
@@ -314,12 +364,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         tokens = self.accum * self.cfg.micro_batch * self.context * self.env.world_size
-        return StepResult(mean_loss, grad_norm, tokens, stop > 0)
+        return StepResult(mean_loss, grad_norm, tokens, False)
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
-        # Only a flag: the step in flight finishes, then every rank saves together (see train_step's all_sum).
+        # Only a flag: every rank sees it before its next micro-batch (train_step) and they save together.
         self._stop_requested = True
 
     def fit(self) -> dict[str, Any]:
@@ -339,6 +389,16 @@ class Trainer:
         try:
             while self.step < cfg.max_steps:
                 r = self.train_step()
+                if r.stop:
+                    status = "preempted"
+                    log.flush()
+                    self._settle(wait=True)
+                    if self.last_ckpt != checkpoint.folder(self.ckpt_root, self.step):
+                        self.save()
+                    if env.lead:
+                        print(f"[{self.name}] SIGTERM: stopped at step {self.step} after saving; rerun to resume",
+                              flush=True)
+                    break
                 meter.add(r.tokens)
                 if self.step % max(1, cfg.log_every) == 0 or self.step in (start_step + 1, cfg.max_steps):
                     rate = meter.take()
@@ -349,20 +409,14 @@ class Trainer:
                         "mfu": per_rank * self.flops / self.peak if self.peak else None,
                         "peak_mem_gib": peak_memory_gib(env.device), "tokens": self.step * r.tokens,
                     })
-                if r.stop or self.step % max(1, cfg.ckpt_every) == 0 or self.step == cfg.max_steps:
+                if self.step % max(1, cfg.ckpt_every) == 0 or self.step == cfg.max_steps:
                     t0 = time.perf_counter()
                     # Metrics first: once the checkpoint is complete, a crash must not lose the records it covers.
                     log.flush()
-                    self.save()
+                    self.save(background=self.step < cfg.max_steps)
                     meter.pause(time.perf_counter() - t0)
-                if r.stop:
-                    status = "preempted"
-                    if env.lead:
-                        print(f"[{self.name}] SIGTERM: stopped at step {self.step} after saving; rerun to resume",
-                              flush=True)
-                    break
-            if self.step >= cfg.max_steps and (self.last_ckpt is None or not self.last_ckpt.endswith(
-                    f"{checkpoint.PREFIX}{self.step:07d}")):
+            self._settle(wait=True)
+            if self.step >= cfg.max_steps and self.last_ckpt != checkpoint.folder(self.ckpt_root, self.step):
                 self.save()
         finally:
             if previous is not None:
@@ -379,16 +433,27 @@ class Trainer:
             "tensorboard": log.tb_url,
             "records": log.records,
             "wall_s": time.perf_counter() - t_start,
+            "ended": time.time(),
             "final_loss": log.records[-1]["loss"] if log.records else None,
         }
 
+    def lineage(self) -> dict[str, Any]:
+        """Config hash, data hash, parent checkpoint and step: what reports and exports record."""
+        from components.core import runs
+
+        return {**runs.lineage(self.fingerprint or {}), "parent": self.parent, "step": self.step}
+
     def export_hf(self, url: str, tokenizer: str | None = None) -> str:
-        """Collective: write the consolidated weights as a Hugging Face Llama folder (rank 0 writes)."""
+        """Collective: write the consolidated weights as a Hugging Face Llama folder (rank 0 writes), unless the
+        same run already exported this step there."""
+        from components.core.hf import exported, save_hf
+
+        lineage = self.lineage()
+        if exported(url, lineage):
+            return url
         sd = self.full_state_dict()
         if self.env.lead:
-            from components.core.hf import save_hf
-
-            save_hf(sd, self.model_cfg, url, tokenizer=tokenizer)
+            save_hf(sd, self.model_cfg, url, tokenizer=tokenizer, lineage=lineage)
         dist.barrier()
         return url
 

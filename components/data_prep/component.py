@@ -1,4 +1,4 @@
-"""KFP wrapper of the data prep stage: the resolved config in, the shard folder URL and the report out.
+"""KFP wrapper of the data prep stage: the `data` config section in, the shard folder URL and the report out.
 
 No `from __future__ import annotations` here: KFP reads the parameter annotations as real types.
 """
@@ -8,14 +8,12 @@ from kfp.dsl import Dataset, Markdown, Metrics, Output
 
 
 def data_prep(config: str, dataset: Output[Dataset], metrics: Output[Metrics], report: Output[Markdown]) -> str:
-    """Clean, tokenize and shard the corpus described by `config` (a resolved config as JSON)."""
-    import json
-
-    from components.core.config import from_dict
+    """Clean, tokenize and shard the corpus described by `config` (the sections this stage reads, as JSON)."""
     from components.core.publish import publish
+    from components.core.runs import step_config
     from components.data_prep.stage import run
 
-    cfg = from_dict(json.loads(config))
+    cfg = step_config(config, "data_prep")
     return publish(run(cfg), cfg.data.output, dataset, metrics, report)
 
 

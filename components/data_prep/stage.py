@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from components.core import storage
+from components.core import runs, storage
 from components.core.cli import stage_main
 from components.core.config import to_dict
 from components.core.errors import KubellamaError
@@ -354,8 +354,14 @@ def build_prompts(cfg: Config, errors: ErrorLog) -> dict:
 # --- entry points ----------------------------------------------------------------------------------------------
 
 def run(cfg: Config) -> dict:
+    addressed = not cfg.data.output
+    cfg = runs.bind(cfg, "data_prep")
     d = cfg.data
     out = d.output
+    if addressed and storage.is_complete(out) and storage.exists(storage.join(out, "report.json")):
+        # Content-addressed: this folder is the output of exactly this data config, already finished.
+        log.info("data prep: %s already holds the output of this data config; nothing to do", out)
+        return {**summary(storage.read_json(storage.join(out, "report.json"))), "reused": True}
     workers = worker_count(d.workers)
     started = time.time()
     storage.remove(storage.join(out, storage.COMPLETE))

@@ -1,7 +1,8 @@
 """KFP wrapper of the pretraining stage: token shards in, a checkpoint URL, metrics and the report out.
 
-The stage's `launch` runs torchrun inside this pod (one node: the pod's GPUs come from the task's resource
-request) or, for several nodes, a gang-scheduled Kubernetes job whose logs it streams. No `from __future__ import
+`config` holds only the sections this stage reads (components/core/stages.py). `run_id` is the pipeline run's id,
+so each run trains into its own folder. With `in_pod` the step's pod holds the node's GPUs and torchrun runs
+there; otherwise the stage launches a gang-scheduled job and streams its logs. No `from __future__ import
 annotations` here: KFP reads the parameter annotations as real types.
 """
 from kfp import dsl
@@ -10,23 +11,14 @@ from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
 
 def pretrain(config: str, data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
-             report: Output[Markdown], in_pod: bool = True) -> str:
-    """Pretrain on the shards that `data` points at, with the resolved config `config` (JSON).
-
-    `in_pod`: this pod holds the node's GPUs (the pipeline asked for them), so torchrun runs here rather than in a
-    cluster job.
-    """
-    import json
-
-    from components.core.config import from_dict
+             report: Output[Markdown], run_id: str = "", in_pod: bool = True) -> str:
+    """Pretrain on the shards that `data` points at."""
     from components.core.publish import publish
+    from components.core.runs import step_config
     from components.pretrain import stage
 
-    cfg = from_dict(json.loads(config))
-    cfg.pretrain.data = data.metadata.get("url") or data.uri
-    if in_pod:
-        cfg.cluster.scheduler = "local_cwd"
-    return publish(stage.launch(cfg), cfg.pretrain.output, model, metrics, report)
+    cfg = step_config(config, "pretrain", run_id, in_pod, data=data.metadata.get("url") or data.uri)
+    return publish(stage.run(cfg), cfg.pretrain.output, model, metrics, report)
 
 
 def op(image: str) -> PythonComponent:

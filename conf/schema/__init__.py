@@ -19,6 +19,9 @@ class RunConfig:
     name: str = "llama2"
     # Every stage reads and writes below this URL: a local folder or s3://bucket/prefix.
     root: str = "runs/${run.name}"
+    # Training outputs live under <root>/<id>/<stage>, where no other run writes. Empty: the KFP run id inside a
+    # pipeline, else a time stamp plus config hash. `run.id=<existing>` continues that run (same config only).
+    id: str = ""
     seed: int = 1234
 
 

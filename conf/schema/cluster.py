@@ -37,6 +37,10 @@ class ClusterConfig:
     # A Secret holding AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optionally AWS_ENDPOINT_URL).
     s3_secret: Optional[str] = None
     timeout_s: int = 0
+    # Seconds between SIGTERM and SIGKILL: torchx pods' terminationGracePeriodSeconds, torchrun's shutdown timeout
+    # and how long a launcher waits for its ranks to save. A preempted step saves within seconds; S3 uploads of
+    # large checkpoints need the rest.
+    grace_period_s: int = 120
     retries: int = 0
     # --- pipeline task scheduling (pipelines/k8s.py) ---
     # Extended resource GPU tasks ask for: nvidia.com/gpu, or a MIG profile such as nvidia.com/mig-1g.10gb.

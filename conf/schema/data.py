@@ -90,7 +90,9 @@ class PromptsConfig:
 @dataclass
 class DataConfig:
     sources: List[SourceConfig] = field(default_factory=list)
-    output: str = "${run.root}/data"
+    # Empty: <run.root>/data/<hash of this section>. Data prep is deterministic, so an identical data config finds
+    # its finished output there and skips the work (components/core/runs.py).
+    output: str = ""
     clean: CleanConfig = field(default_factory=CleanConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     sft: SftConfig = field(default_factory=SftConfig)

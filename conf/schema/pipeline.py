@@ -1,22 +1,15 @@
 from dataclasses import dataclass, field
+from typing import Dict
 
-
-@dataclass
-class StagesConfig:
-    """Which stages of the recipe the pipeline runs; a skipped stage's output comes from the config instead.
-
-    Skipping data_prep makes pretraining read `pretrain.data` as it stands; skipping pretrain makes later stages start
-    from `pipeline.init_checkpoint`. Later stages (sft, reward models, rejection sampling, ppo, safety eval) add a flag
-    here when they join the DAG (pipelines/llama2.py).
-    """
-
-    data_prep: bool = True
-    pretrain: bool = True
+from components.core.stages import STAGES
 
 
 @dataclass
 class PipelineConfig:
-    stages: StagesConfig = field(default_factory=StagesConfig)
+    # Which stages of the recipe (components/core/stages.py) the pipeline runs, e.g. pipeline.stages.data_prep=false.
+    # A skipped stage's output comes from the config instead: skipping data_prep makes pretraining read
+    # `pretrain.data`; skipping pretrain makes later stages start from `pipeline.init_checkpoint`.
+    stages: Dict[str, bool] = field(default_factory=lambda: {s.name: True for s in STAGES})
     # An HF or kubellama checkpoint URL to start from when pretraining is skipped.
     init_checkpoint: str = ""
     # Name of the pipeline in the KFP UI; each upload adds a version under it.

@@ -26,12 +26,23 @@ class TrainConfig:
     ac_every: int = 2
     # torch.compile each transformer block (torchtitan's recipe): worth it on GPUs, no gain on CPU and ~35 s to warm.
     compile: bool = False
+    # Periodic checkpoints are written in the background (DCP async_save); SIGTERM saves the last finished step.
     ckpt_every: int = 1000
     keep_last: int = 3
     log_every: int = 10
 
 
+# Keys that do not change what a run computes: resuming with other values is allowed (components/core/runs.py).
+VOLATILE = ("output", "data", "ckpt_every", "keep_last", "log_every", "compile", "activation_checkpointing",
+            "ac_every", "micro_batch", "mixed_precision")
+
+
 @dataclass
 class PretrainConfig(TrainConfig):
-    data: str = "${data.output}"
-    output: str = "${run.root}/pretrain"
+    # Token shards; empty: the data prep output of this config (content-addressed under <run.root>/data/).
+    data: str = ""
+    # Empty: <run.root>/<run.id>/pretrain.
+    output: str = ""
+    # Start from these weights instead of random ones: an HF Llama directory or a kubellama DCP checkpoint (a
+    # step_* folder or a checkpoints/ folder: its newest complete step), local or s3://.
+    init: str = ""
