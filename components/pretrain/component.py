@@ -6,11 +6,11 @@ annotations` here: KFP reads the parameter annotations as real types.
 """
 from kfp import dsl
 from kfp.dsl.python_component import PythonComponent
-from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
 
 def pretrain(config: str, data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
-             report: Output[Markdown], in_pod: bool = True) -> str:
+             report: Output[Markdown], html: Output[HTML], in_pod: bool = True) -> str:
     """Pretrain on the shards that `data` points at, with the resolved config `config` (JSON).
 
     `in_pod`: this pod holds the node's GPUs (the pipeline asked for them), so torchrun runs here rather than in a
@@ -26,7 +26,7 @@ def pretrain(config: str, data: Input[Dataset], model: Output[Model], metrics: O
     cfg.pretrain.data = data.metadata.get("url") or data.uri
     if in_pod:
         cfg.cluster.scheduler = "local_cwd"
-    return publish(stage.launch(cfg), cfg.pretrain.output, model, metrics, report)
+    return publish(stage.launch(cfg), cfg.pretrain.output, model, metrics, report, html)
 
 
 def op(image: str) -> PythonComponent:

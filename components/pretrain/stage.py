@@ -8,7 +8,7 @@ Three ways in, one training body (`train`):
 - `launch(cfg)`: what the KFP component calls; runs the job wherever the config says and returns the summary.
 
 Outputs under `pretrain.output`: checkpoints/ (DCP, resumable), metrics.jsonl, tb/ (TensorBoard), hf/ (the
-consolidated Hugging Face checkpoint), config.yaml, report.json, report.md, loss.png.
+consolidated Hugging Face checkpoint), config.yaml, report.json, report.md, report.html, loss.png.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from components.core.cli import guarded, parser
 from components.core.config import load_config, load_resolved, to_yaml
 from components.core.errors import ConfigError, KubellamaError
 from components.core.shards import ShardReader
-from components.core.trainer import Trainer, write_report
+from components.core.report import write_report
+from components.core.trainer import Trainer
 from conf.schema import Config
 
 NAME = "pretrain"
@@ -59,7 +60,7 @@ def train(cfg: Config) -> dict[str, Any]:
     summary["output"] = cfg.pretrain.output
     if env.lead:
         paths = write_report(cfg.pretrain.output, "Pretraining", summary)
-        summary.update(report_json=paths["json"], report_md=paths["md"])
+        summary.update(report_json=paths["json"], report_md=paths["md"], report_html=paths["html"])
     summary.pop("records", None)
     return summary
 
