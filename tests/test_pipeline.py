@@ -223,13 +223,14 @@ def test_publish_records_urls_metrics_and_report(tmp_path):
     (out / "report.md").write_text("# Stage report\n")
     art = SimpleNamespace(metadata={}, path=str(tmp_path / "artifact"))
     report = SimpleNamespace(path=str(tmp_path / "report"))
+    html = SimpleNamespace(path=str(tmp_path / "html"))
     metrics = Metrics()
     summary = {"hf": f"{out}/hf", "step": 3, "loss": float("nan"), "done": True, "tokens": {"total": 10, "kept": 9}}
-    assert publish(summary, str(out), art, metrics, report) == str(out)
+    assert publish(summary, str(out), art, metrics, report, html) == str(out)
     assert art.metadata == {"url": str(out), "hf": f"{out}/hf"}
     assert metrics == {"step": 3.0, "tokens.total": 10.0, "tokens.kept": 9.0}
     assert (tmp_path / "report").read_text() == "# Stage report\n"
     assert json.loads((tmp_path / "artifact").read_text())["summary"]["step"] == 3
     (out / "report.md").unlink()  # a stage without a Markdown report: the summary stands in
-    publish({"step": 1}, str(out), art, metrics, report)
+    publish({"step": 1}, str(out), art, metrics, report, html)
     assert '"step": 1' in (tmp_path / "report").read_text()

@@ -62,7 +62,8 @@ def test_stage_writes_checkpoints_metrics_report_and_hf(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["final_loss"] == summary["final_loss"]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "![loss](loss.png)" in (out / "report.md").read_text()
+    assert "](" not in (out / "report.md").read_text()  # no image links: the KFP UI cannot resolve them
+    assert "data:image/png;base64," in (out / "report.html").read_text()
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(r["tokens_per_s"] > 0 and r["mfu"] is None and r["lr"] > 0 for r in records)

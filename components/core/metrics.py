@@ -1,4 +1,4 @@
-"""Training metrics: JSONL and TensorBoard beside the checkpoints, a progress line on a terminal, a loss plot.
+"""Training metrics: JSONL and TensorBoard beside the checkpoints, a progress line on a terminal.
 
 Only rank 0 writes. Records are kept in memory and the whole JSONL is rewritten at each log step: S3 cannot append,
 and a run has at most a few thousand log lines. On resume, records after the restored step are dropped so the file
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import os
 import sys
 import tempfile
 import time
@@ -125,31 +124,6 @@ def format_record(r: dict[str, Any]) -> str:
     return (f"step {r['step']} loss {r['loss']:.4f} lr {r['lr']:.3g} grad_norm {r['grad_norm']:.3f} "
             f"tok/s {r['tokens_per_s']:.0f} ({r['tokens_per_s_per_rank']:.0f}/rank) mfu {mfu} "
             f"mem {r['peak_mem_gib']:.2f}GiB")
-
-
-def plot_loss(records: list[dict[str, Any]], url: str, title: str = "training loss") -> str | None:
-    """Loss against step as a PNG at `url`; None when there is nothing to plot."""
-    if not records:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], lw=1.2)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "loss.png")
-        fig.savefig(path)
-        plt.close(fig)
-        with open(path, "rb") as f:
-            storage.write_bytes(url, f.read())
-    return url
 
 
 class Throughput:

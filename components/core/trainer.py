@@ -56,7 +56,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from components.core import checkpoint, dist, storage
 from components.core.errors import ConfigError, KubellamaError
-from components.core.metrics import MetricsLog, Throughput, peak_flops, peak_memory_gib, plot_loss
+from components.core.metrics import MetricsLog, Throughput, peak_flops, peak_memory_gib
 from components.core.model import Llama, count_params, flops_per_token
 from conf.schema.model import ModelConfig
 from conf.schema.train import TrainConfig
@@ -457,26 +457,3 @@ class Trainer:
         dist.barrier()
         return url
 
-
-def write_report(output: str, title: str, summary: dict[str, Any], extra_md: str = "") -> dict[str, str]:
-    """report.json (the summary minus the per-step records), report.md and loss.png in `output`."""
-    records = summary.get("records", [])
-    png = plot_loss(records, storage.join(output, "loss.png"), title=f"{title}: loss")
-    paths = {"json": storage.join(output, "report.json"), "md": storage.join(output, "report.md")}
-    body = {k: v for k, v in summary.items() if k != "records"}
-    body.update(loss_curve=png, report_json=paths["json"], report_md=paths["md"])
-    storage.write_json(paths["json"], body)
-    last = records[-1] if records else {}
-    rows = [("status", summary.get("status")), ("steps", summary.get("step")),
-            ("final loss", f"{last['loss']:.4f}" if last else "n/a"),
-            ("tokens/s (total)", f"{last['tokens_per_s']:.0f}" if last else "n/a"),
-            ("MFU", f"{last['mfu'] * 100:.1f}%" if last and last.get("mfu") is not None else "n/a (no GPU peak)"),
-            ("peak memory", f"{last['peak_mem_gib']:.2f} GiB" if last else "n/a"),
-            ("checkpoint", summary.get("checkpoint")), ("metrics", summary.get("metrics"))]
-    md = [f"# {title}", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
-    if png:
-        md += ["", "![loss](loss.png)"]
-    if extra_md:
-        md += ["", extra_md]
-    storage.write_text(paths["md"], "\n".join(md) + "\n")
-    return paths

@@ -4,17 +4,18 @@ No `from __future__ import annotations` here: KFP reads the parameter annotation
 """
 from kfp import dsl
 from kfp.dsl.python_component import PythonComponent
-from kfp.dsl import Dataset, Markdown, Metrics, Output
+from kfp.dsl import HTML, Dataset, Markdown, Metrics, Output
 
 
-def data_prep(config: str, dataset: Output[Dataset], metrics: Output[Metrics], report: Output[Markdown]) -> str:
+def data_prep(config: str, dataset: Output[Dataset], metrics: Output[Metrics], report: Output[Markdown],
+              html: Output[HTML]) -> str:
     """Clean, tokenize and shard the corpus described by `config` (the sections this stage reads, as JSON)."""
     from components.core.publish import publish
     from components.core.runs import step_config
     from components.data_prep.stage import run
 
     cfg = step_config(config, "data_prep")
-    return publish(run(cfg), cfg.data.output, dataset, metrics, report)
+    return publish(run(cfg), cfg.data.output, dataset, metrics, report, html)
 
 
 def op(image: str) -> PythonComponent:

@@ -1,40 +1,32 @@
-"""report.md of the data prep stage, rendered from the same dict as report.json."""
+"""The data prep stage's report: its tables, written by the core report writer from the same dict as report.json."""
 from __future__ import annotations
 
 from typing import Any
 
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines + [""]
+from components.core.report import Section, Table, write_report
 
 
-def markdown(rep: dict[str, Any]) -> str:
-    out = ["# Data prep report", "", f"Output: `{rep['output']}`, {rep['workers']} workers, {rep['seconds']} s.", ""]
+def sections(rep: dict[str, Any]) -> list[Section]:
+    out = []
     mix = (rep.get("pretrain") or {}).get("mix", {})
     if rep["sources"]:
-        out += ["## Pretraining sources", ""]
-        out += _table(["source", "weight", "docs in", "kept", "dropped", "tokens (after mix)"],
-                      [[s["name"], s["weight"], s["docs_in"], s["docs"],
-                        ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items())) or "-",
-                        mix.get(s["name"], {}).get("tokens", 0)] for s in rep["sources"]])
+        out.append(Section("Pretraining sources", tables=[Table(
+            ["source", "weight", "docs in", "kept", "dropped", "tokens (after mix)"],
+            [[s["name"], s["weight"], s["docs_in"], s["docs"],
+              ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items())) or "-",
+              mix.get(s["name"], {}).get("tokens", 0)] for s in rep["sources"]])]))
     c = rep["clean"]
-    out += ["## Cleaning", ""]
-    out += _table(["dropped because", "documents"], [[k, v] for k, v in c["dropped"].items()])
-    out += _table(["PII scrubbed", "occurrences"], [[k, v] for k, v in c["pii"].items()])
+    out.append(Section("Cleaning", tables=[Table(["dropped because", "documents"], list(c["dropped"].items())),
+                                           Table(["PII scrubbed", "occurrences"], list(c["pii"].items()))]))
     t = rep["tokenizer"]
-    out += ["## Tokenizer", ""]
-    out += _table(["", ""], [
+    out.append(Section("Tokenizer", tables=[Table(["", ""], [
         ["origin", "trained (SentencePiece BPE)" if t["trained"] else f"given: {t['from']}"],
         ["vocabulary", t["vocab_size"]], ["split digits", t["split_digits"]],
         ["byte fallback", t["byte_fallback"]], ["bytes per token", t.get("bytes_per_token", "-")],
-        ["vocabulary used", t.get("vocab_used", "-")], ["sha256", f"`{t['sha256']}`"]])
-    p = rep.get("pretrain")
-    if p:
-        out += ["## Datasets", ""]
+        ["vocabulary used", t.get("vocab_used", "-")], ["sha256", f"`{t['sha256']}`"]])]))
     rows = []
-    if p:
+    if rep.get("pretrain"):
+        p = rep["pretrain"]
         rows.append(["pretrain", f"{p['tokens']:,} tokens in {p['rows']:,} rows, {p['shards']} shards, "
                      f"{p['documents']:,} documents", p["url"]])
     if rep.get("sft"):
@@ -50,13 +42,15 @@ def markdown(rep: dict[str, Any]) -> str:
         rows.append(["prompts", ", ".join(f"{k} {s[k]} ({s[k + '_safety']} safety)" for k in ("rs", "ppo", "eval")),
                      s["url"]])
     if rows:
-        if not p:
-            out += ["## Datasets", ""]
-        out += _table(["dataset", "size", "url"], rows)
+        out.append(Section("Datasets", tables=[Table(["dataset", "size", "url"], rows)]))
     e = rep["errors"]
-    out += ["## Input errors", "", f"{e['errors']} of {e['records']} records malformed ({e['rate']:.2%}).", ""]
-    if e["by_reason"]:
-        out += _table(["reason", "records"], [[k, v] for k, v in e["by_reason"].items()])
-    if e["samples"]:
-        out += ["Samples:", ""] + [f"- `{s}`" for s in e["samples"]] + [""]
-    return "\n".join(out)
+    out.append(Section("Input errors", text=f"{e['errors']} of {e['records']} records malformed ({e['rate']:.2%}).",
+                       tables=[Table(["reason", "records"], list(e["by_reason"].items()))] if e["by_reason"] else [],
+                       items=[f"`{s}`" for s in e["samples"]]))
+    return out
+
+
+def write(rep: dict[str, Any]) -> dict[str, str]:
+    """report.json (`rep` itself plus the report URLs), report.md and report.html in rep["output"]."""
+    rows = [("output", f"`{rep['output']}`"), ("workers", rep["workers"]), ("seconds", rep["seconds"])]
+    return write_report(rep["output"], "Data prep report", rep, rows=rows, sections=sections(rep))

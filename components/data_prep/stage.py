@@ -8,8 +8,8 @@ Passes over the pretraining sources, all streaming:
 Then SFT dialogs, preference pairs and prompt sets, which are small, are prepared in this process.
 
 Output under data.output (local or s3://): tokenizer.model, tokenizer.sha256, pretrain/ and sft/ (token shard
-sets), preference/{train,eval}.jsonl, prompts/{rs,ppo,eval}.jsonl, report.json, report.md; every folder gets its
-`_COMPLETE` marker last, the output folder itself after everything else.
+sets), preference/{train,eval}.jsonl, prompts/{rs,ppo,eval}.jsonl, report.json, report.md, report.html; every
+folder gets its `_COMPLETE` marker last, the output folder itself after everything else.
 """
 from __future__ import annotations
 
@@ -391,8 +391,7 @@ def run(cfg: Config) -> dict:
     rep["errors"] = errors.summary()
     rep["seconds"] = round(time.time() - started, 2)
     errors.check(d.max_error_rate)
-    storage.write_json(storage.join(out, "report.json"), rep)
-    storage.write_text(storage.join(out, "report.md"), reporting.markdown(rep))
+    reporting.write(rep)
     storage.mark_complete(out, {"tokenizer_sha256": rep["tokenizer"]["sha256"]})
     log.info("data prep done in %.1fs: %s", rep["seconds"], out)
     return summary(rep)
@@ -403,6 +402,7 @@ def summary(rep: dict) -> dict:
     out = rep["output"]
     s: dict[str, Any] = {"output": out, "tokenizer": rep["tokenizer"]["url"],
                          "report_json": storage.join(out, "report.json"), "report_md": storage.join(out, "report.md"),
+                         "report_html": storage.join(out, "report.html"),
                          "vocab_size": rep["tokenizer"]["vocab_size"],
                          "input_errors": rep["errors"]["errors"], "seconds": rep["seconds"]}
     for key in ("pretrain", "sft", "preference", "prompts"):

@@ -7,18 +7,18 @@ annotations` here: KFP reads the parameter annotations as real types.
 """
 from kfp import dsl
 from kfp.dsl.python_component import PythonComponent
-from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
 
 def pretrain(config: str, data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
-             report: Output[Markdown], run_id: str = "", in_pod: bool = True) -> str:
+             report: Output[Markdown], html: Output[HTML], run_id: str = "", in_pod: bool = True) -> str:
     """Pretrain on the shards that `data` points at."""
     from components.core.publish import publish
     from components.core.runs import step_config
     from components.pretrain import stage
 
     cfg = step_config(config, "pretrain", run_id, in_pod, data=data.metadata.get("url") or data.uri)
-    return publish(stage.run(cfg), cfg.pretrain.output, model, metrics, report)
+    return publish(stage.run(cfg), cfg.pretrain.output, model, metrics, report, html)
 
 
 def op(image: str) -> PythonComponent:

@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 from components.core import dist, launch, runs, storage
 from components.core.shards import ShardReader
-from components.core.trainer import Trainer, write_report
+from components.core.report import write_report
+from components.core.trainer import Trainer
 from conf.schema import Config
 from conf.schema.train import VOLATILE
 
@@ -50,7 +51,7 @@ def train(cfg: Config) -> dict[str, Any]:
     summary.update(output=p.output, run_id=cfg.run.id, lineage=trainer.lineage())
     if env.lead:
         paths = write_report(p.output, "Pretraining", summary)
-        summary.update(report_json=paths["json"], report_md=paths["md"])
+        summary.update(report_json=paths["json"], report_md=paths["md"], report_html=paths["html"])
     summary.pop("records", None)
     return summary
 
