@@ -76,3 +76,45 @@ def test_incomplete_shard_set_is_refused(tmp_path):
     w.add(np.zeros((3, 8)))
     with pytest.raises(KubellamaError, match="incomplete"):
         ShardReader(str(tmp_path / "s"))
+
+
+def flip_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_shard_is_refused_when_first_touched_and_shards_not_reached_are_not_read(tmp_path):
+    write(str(tmp_path / "s"))  # shards of 7 rows
+    flip_byte(tmp_path / "s" / "shard_00002.bin")
+    reader = ShardReader(str(tmp_path / "s"), block=7)
+    reader.next_batch(7)
+    reader.next_batch(7)  # shards 0 and 1: fine, shard 2 not read yet
+    with pytest.raises(KubellamaError) as err:
+        reader.next_batch(7)
+    msg = str(err.value)
+    assert "\n" not in msg and str(tmp_path / "s" / "shard_00002.bin") in msg and "sha256" in msg
+    # Unverified reading is there for whoever wants it.
+    unchecked = ShardReader(str(tmp_path / "s"), block=7, verify=False, position=14)
+    assert unchecked.next_batch(7)["tokens"].shape == (7, 8)
+
+
+def test_each_shard_is_hashed_once_per_reader(tmp_path):
+    data = write(str(tmp_path / "s"))
+    reader = ShardReader(str(tmp_path / "s"), block=2)
+    assert np.array_equal(reader.next_batch(2)["tokens"], data[:2])
+    # A later change to a verified shard goes unnoticed by this reader: it does not hash the shard on every read.
+    flip_byte(tmp_path / "s" / "shard_00000.bin")
+    reader.next_batch(2)
+    with pytest.raises(KubellamaError, match="shard_00000"):
+        ShardReader(str(tmp_path / "s"), block=2).next_batch(2)
+
+
+def test_a_corrupt_shard_on_s3_is_refused_naming_its_url(tmp_path, s3_bucket):
+    write(str(tmp_path / "s"))
+    flip_byte(tmp_path / "s" / "shard_00001.bin")
+    storage.put_dir(str(tmp_path / "s"), f"{s3_bucket}/s")
+    reader = ShardReader(f"{s3_bucket}/s", block=7)
+    reader.next_batch(7)
+    with pytest.raises(KubellamaError, match=f"{s3_bucket}/s/shard_00001.bin: sha256"):
+        reader.next_batch(7)
