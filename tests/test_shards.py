@@ -1,10 +1,13 @@
-"""Token shards: blocks per rank, contiguous reads, resume across world sizes, local and S3 alike."""
+"""Token shards: blocks per rank, contiguous reads, resume across world sizes, local and S3 alike; checksums;
+prefetching that resumes where the consumer stopped."""
+import time
+
 import numpy as np
 import pytest
 
 from components.core import storage
 from components.core.errors import KubellamaError
-from components.core.shards import ShardReader, ShardWriter
+from components.core.shards import Prefetcher, ShardReader, ShardWriter
 
 
 def write(url: str, rows: int = 40, seq_len: int = 8) -> np.ndarray:
@@ -118,3 +121,59 @@ def test_a_corrupt_shard_on_s3_is_refused_naming_its_url(tmp_path, s3_bucket):
     reader.next_batch(7)
     with pytest.raises(KubellamaError, match=f"{s3_bucket}/s/shard_00001.bin: sha256"):
         reader.next_batch(7)
+
+
+def test_prefetched_batches_equal_the_bare_readers_in_order_whatever_the_row_count(tmp_path):
+    write(str(tmp_path / "s"))
+    bare = ShardReader(str(tmp_path / "s"), rank=1, world_size=2, block=2)
+    with Prefetcher(ShardReader(str(tmp_path / "s"), rank=1, world_size=2, block=2), depth=3) as ahead:
+        assert ahead.seq_len == bare.seq_len
+        for rows in [2, 2, 2, 4, 4, 2, 2, 2, 2, 2]:  # 24 rows: past the 20 of this rank, into the next epoch
+            a, b = ahead.next_batch(rows), bare.next_batch(rows)
+            assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+        assert ahead.state_dict() == bare.state_dict()
+
+
+def wait_until(cond, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_state_is_the_position_of_batches_handed_out_not_of_the_read_ahead(tmp_path):
+    write(str(tmp_path / "s"))
+    ahead = Prefetcher(ShardReader(str(tmp_path / "s"), block=3), depth=2)
+    for _ in range(3):
+        ahead.next_batch(3)
+    # The thread reads at least `depth` batches past the third (one more waits to be queued).
+    wait_until(lambda: ahead.source.position >= 15)
+    state = ahead.state_dict()
+    assert state["position"] == 9
+
+    bare = ShardReader(str(tmp_path / "s"), block=3)
+    for _ in range(3):
+        bare.next_batch(3)
+    expected = bare.next_batch(3)["tokens"]
+    resumed = Prefetcher(ShardReader(str(tmp_path / "s"), block=3))
+    resumed.load_state_dict(state)
+    assert np.array_equal(resumed.next_batch(3)["tokens"], expected)
+    # Loading into a running prefetcher drops its queue: the next batch is again the one after the checkpoint.
+    ahead.next_batch(3)
+    ahead.load_state_dict(state)
+    assert np.array_equal(ahead.next_batch(3)["tokens"], expected)
+    for p in (ahead, resumed):
+        p.close()
+        assert p._thread is None and p.source.position == p.state_dict()["position"]
+
+
+def test_an_error_in_the_thread_is_raised_by_the_call_that_reaches_it(tmp_path):
+    data = write(str(tmp_path / "s"))
+    flip_byte(tmp_path / "s" / "shard_00001.bin")
+    ahead = Prefetcher(ShardReader(str(tmp_path / "s"), block=7), depth=2)
+    assert np.array_equal(ahead.next_batch(7)["tokens"], data[:7])  # the thread goes on to fail on shard 1
+    for _ in range(2):  # and retrying reads shard 1 again
+        with pytest.raises(KubellamaError, match="shard_00001.bin: sha256"):
+            ahead.next_batch(7)
+        assert ahead.state_dict()["position"] == 7
+    ahead.close()

@@ -8,20 +8,27 @@ A shard set is a folder (local or s3://) holding
 
 Rows are dealt to ranks round-robin in blocks (see ShardReader), so for the same global batch a
 W-rank run sees exactly the rows a 1-rank run sees. The reader's position is a small dict that goes into checkpoints.
+`Prefetcher` reads the next batches of any such reader in a background thread.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import shutil
 import tempfile
+import threading
+import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from components.core import storage
 from components.core.errors import KubellamaError
+
+if TYPE_CHECKING:  # at run time only the trainer needs torch, not data prep
+    from components.core.trainer import BatchSource
 
 FORMAT = "kubellama-shards/1"
 
@@ -235,3 +242,87 @@ class ShardReader:
         # Positions count rows per rank; on a different world size, keep the global row count consumed.
         consumed = int(state["position"]) * int(state.get("world_size", self.world_size))
         self.position = consumed // self.world_size
+
+
+def _read_ahead(source: BatchSource, rows: int, out: queue.Queue, stop: threading.Event) -> None:
+    """The prefetch thread: batches with the source state after each, or the exception that ended it."""
+    while not stop.is_set():
+        try:
+            item: tuple[Any, ...] = (source.next_batch(rows), source.state_dict())
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            item = (exc,)
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.05)
+                break
+            except queue.Full:
+                continue
+        if len(item) == 1:
+            return
+
+
+class Prefetcher:
+    """Reads `depth` batches ahead of the caller in a background thread (S3 reads, shard verification and copies
+    overlap the training step), while `state_dict()` stays the position after the batches actually handed out: a
+    checkpoint resumes at the first batch the trainer has not consumed, never past the read-ahead.
+
+    Batches come out in the source's order. The thread reads ahead at the row count of the last call; another row
+    count, `load_state_dict` or an error drops what was read ahead and rewinds the source to the consumed position.
+    An exception in the thread is raised by the `next_batch` call that would have returned that batch; calling
+    again retries from there.
+    """
+
+    def __init__(self, source: BatchSource, depth: int = 2):
+        self.source, self.depth = source, max(1, depth)
+        self.seq_len = source.seq_len
+        self._state = source.state_dict()
+        self._rows: int | None = None
+        self._queue: queue.Queue = queue.Queue(self.depth)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # The thread holds no reference to self, so a Prefetcher dropped without close() still stops its thread.
+        weakref.finalize(self, self._stop.set)
+
+    def _start(self, rows: int) -> None:
+        self._rows, self._queue = rows, queue.Queue(self.depth)
+        self._thread = threading.Thread(target=_read_ahead, args=(self.source, rows, self._queue, self._stop),
+                                        name="kubellama-prefetch", daemon=True)
+        self._thread.start()
+
+    def _halt(self) -> None:
+        """Stop the thread and rewind the source to what was handed out."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._stop.clear()
+        self._thread, self._rows = None, None
+        self.source.load_state_dict(self._state)
+
+    def next_batch(self, rows: int) -> dict[str, np.ndarray]:
+        if rows != self._rows:
+            self._halt()
+            self._start(rows)
+        item = self._queue.get()
+        if len(item) == 1:
+            self._halt()
+            raise item[0]
+        batch, self._state = item
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._halt()
+        self.source.load_state_dict(state)
+        self._state = self.source.state_dict()
+
+    def close(self) -> None:
+        self._halt()
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -22,7 +22,7 @@ from components.core import dist, launch as jobs, storage
 from components.core.cli import guarded, parser
 from components.core.config import load_config, load_resolved, to_yaml
 from components.core.errors import ConfigError, KubellamaError
-from components.core.shards import ShardReader
+from components.core.shards import Prefetcher, ShardReader
 from components.core.trainer import Trainer, write_report
 from conf.schema import Config
 
@@ -51,7 +51,8 @@ def train(cfg: Config) -> dict[str, Any]:
     env = dist.init()
     # One block per micro-batch: each batch is a single contiguous read (one ranged GET on S3).
     reader = ShardReader(data_url(cfg), rank=env.rank, world_size=env.world_size, block=cfg.pretrain.micro_batch)
-    trainer = Trainer(cfg.pretrain, cfg.model, cfg.pretrain.output, reader, seed=cfg.run.seed, name=NAME, env=env)
+    trainer = Trainer(cfg.pretrain, cfg.model, cfg.pretrain.output, Prefetcher(reader), seed=cfg.run.seed, name=NAME,
+                      env=env)
     summary = trainer.fit()
     if summary["status"] == "completed":
         summary["hf"] = trainer.export_hf(storage.join(cfg.pretrain.output, "hf"),
