@@ -8,20 +8,27 @@ A shard set is a folder (local or s3://) holding
 
 Rows are dealt to ranks round-robin in blocks (see ShardReader), so for the same global batch a
 W-rank run sees exactly the rows a 1-rank run sees. The reader's position is a small dict that goes into checkpoints.
+`Prefetcher` reads the next batches of any such reader in a background thread.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import shutil
 import tempfile
+import threading
+import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from components.core import storage
 from components.core.errors import KubellamaError
+
+if TYPE_CHECKING:  # at run time only the trainer needs torch, not data prep
+    from components.core.trainer import BatchSource
 
 FORMAT = "kubellama-shards/1"
 
@@ -124,6 +131,10 @@ class ShardReader:
     Rows are dealt to ranks in blocks of `block` rows, round-robin: block k of rank r is global block k·W + r. With
     `block` equal to the micro-batch each batch is one contiguous read (one ranged GET on S3), and the rows of one
     global batch are the same whatever the number of ranks.
+
+    With `verify`, the first time this reader touches a shard it hashes the whole shard file (streamed, a few
+    seconds for a 200 MB shard even from S3) against the manifest's sha256; shards this rank never reaches are never
+    read. A mismatch raises, naming the shard.
     """
 
     url: str
@@ -132,6 +143,7 @@ class ShardReader:
     block: int = 1
     # Rows this rank has consumed so far (across epochs); the whole reader state.
     position: int = 0
+    verify: bool = True
     manifest: dict[str, Any] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -148,11 +160,33 @@ class ShardReader:
         self._remote = storage.is_remote(self.url)
         # One client for the reader's life: a new one per read would reconnect on every batch.
         self._fs, self._root = storage.filesystem(self.url)
+        self._verified: set[int] = set()
 
     @property
     def rows_per_rank(self) -> int:
         # A remainder that doesn't fill a block on every rank is dropped so all ranks step through the same rows.
         return self.total_rows // (self.world_size * self.block) * self.block
+
+    def _path(self, name: str) -> str:
+        return f"{self._root.rstrip('/')}/{name}"
+
+    def _check(self, shard: int) -> None:
+        """Hash shard `shard` against the manifest, once per reader."""
+        if not self.verify or shard in self._verified:
+            return
+        entry = self.manifest["shards"][shard]
+        url = storage.join(self.url, entry["name"] + ".bin")
+        if "sha256" not in entry:
+            raise KubellamaError(f"{storage.join(self.url, 'manifest.json')}: shard {entry['name']} has no sha256 "
+                                 f"to verify {url} against")
+        sha = hashlib.sha256()
+        with self._fs.open(self._path(entry["name"] + ".bin"), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                sha.update(chunk)
+        if sha.hexdigest() != entry["sha256"]:
+            raise KubellamaError(f"{url}: sha256 {sha.hexdigest()} differs from {entry['sha256']} in the manifest: "
+                                 f"shard {entry['name']} is corrupt or was modified after it was written")
+        self._verified.add(shard)
 
     def _read(self, start: int, n: int, suffix: str, dtype: np.dtype) -> np.ndarray:
         """Global rows [start, start + n): one slice (local memmap) or one ranged read (S3) per shard touched."""
@@ -161,16 +195,15 @@ class ShardReader:
             shard = int(np.searchsorted(self._starts, start, side="right") - 1)
             local = start - int(self._starts[shard])
             take = min(n, int(self._starts[shard + 1]) - start)
+            self._check(shard)
             name = self.manifest["shards"][shard]["name"] + suffix
             if self._remote:
                 width = self.seq_len * dtype.itemsize
-                path = f"{self._root.rstrip('/')}/{name}"
-                data = self._fs.cat_file(path, start=local * width, end=(local + take) * width)
+                data = self._fs.cat_file(self._path(name), start=local * width, end=(local + take) * width)
                 parts.append(np.frombuffer(data, dtype=dtype).reshape(take, self.seq_len))
             else:
                 if name not in self._maps:
-                    path = storage.join(self.url, name)
-                    self._maps[name] = np.memmap(path, dtype=dtype, mode="r").reshape(-1, self.seq_len)
+                    self._maps[name] = np.memmap(self._path(name), dtype=dtype, mode="r").reshape(-1, self.seq_len)
                 parts.append(np.array(self._maps[name][local:local + take]))
             start, n = start + take, n - take
         return np.concatenate(parts)
@@ -209,3 +242,87 @@ class ShardReader:
         # Positions count rows per rank; on a different world size, keep the global row count consumed.
         consumed = int(state["position"]) * int(state.get("world_size", self.world_size))
         self.position = consumed // self.world_size
+
+
+def _read_ahead(source: BatchSource, rows: int, out: queue.Queue, stop: threading.Event) -> None:
+    """The prefetch thread: batches with the source state after each, or the exception that ended it."""
+    while not stop.is_set():
+        try:
+            item: tuple[Any, ...] = (source.next_batch(rows), source.state_dict())
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            item = (exc,)
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.05)
+                break
+            except queue.Full:
+                continue
+        if len(item) == 1:
+            return
+
+
+class Prefetcher:
+    """Reads `depth` batches ahead of the caller in a background thread (S3 reads, shard verification and copies
+    overlap the training step), while `state_dict()` stays the position after the batches actually handed out: a
+    checkpoint resumes at the first batch the trainer has not consumed, never past the read-ahead.
+
+    Batches come out in the source's order. The thread reads ahead at the row count of the last call; another row
+    count, `load_state_dict` or an error drops what was read ahead and rewinds the source to the consumed position.
+    An exception in the thread is raised by the `next_batch` call that would have returned that batch; calling
+    again retries from there.
+    """
+
+    def __init__(self, source: BatchSource, depth: int = 2):
+        self.source, self.depth = source, max(1, depth)
+        self.seq_len = source.seq_len
+        self._state = source.state_dict()
+        self._rows: int | None = None
+        self._queue: queue.Queue = queue.Queue(self.depth)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # The thread holds no reference to self, so a Prefetcher dropped without close() still stops its thread.
+        weakref.finalize(self, self._stop.set)
+
+    def _start(self, rows: int) -> None:
+        self._rows, self._queue = rows, queue.Queue(self.depth)
+        self._thread = threading.Thread(target=_read_ahead, args=(self.source, rows, self._queue, self._stop),
+                                        name="kubellama-prefetch", daemon=True)
+        self._thread.start()
+
+    def _halt(self) -> None:
+        """Stop the thread and rewind the source to what was handed out."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._stop.clear()
+        self._thread, self._rows = None, None
+        self.source.load_state_dict(self._state)
+
+    def next_batch(self, rows: int) -> dict[str, np.ndarray]:
+        if rows != self._rows:
+            self._halt()
+            self._start(rows)
+        item = self._queue.get()
+        if len(item) == 1:
+            self._halt()
+            raise item[0]
+        batch, self._state = item
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._halt()
+        self.source.load_state_dict(state)
+        self._state = self.source.state_dict()
+
+    def close(self) -> None:
+        self._halt()
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from components.core import dist, launch, runs, storage
-from components.core.shards import ShardReader
+from components.core.shards import Prefetcher, ShardReader
 from components.core.report import write_report
 from components.core.trainer import Trainer
 from conf.schema import Config
@@ -43,7 +43,7 @@ def train(cfg: Config) -> dict[str, Any]:
     reader = ShardReader(data_url(cfg), rank=env.rank, world_size=env.world_size, block=p.micro_batch)
     fp = runs.fingerprint(cfg, NAME, VOLATILE, **{"data.manifest": runs.manifest_hash(reader.manifest),
                                                   "init": p.init or None})
-    trainer = Trainer(p, cfg.model, p.output, reader, seed=cfg.run.seed, name=NAME, env=env, init=p.init,
+    trainer = Trainer(p, cfg.model, p.output, Prefetcher(reader), seed=cfg.run.seed, name=NAME, env=env, init=p.init,
                       fingerprint=fp, run_id=cfg.run.id)
     summary = trainer.fit()
     if summary["status"] == "completed":
