@@ -20,10 +20,9 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-from components.core import dist, storage
+from components.core import dist, storage, trust
 
 PREFIX = "step_"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -114,13 +113,20 @@ def prune(root: str, keep: int) -> None:
 
 def load(url: str, tensors: dict[str, Any], env: dist.Env) -> dict[str, Any]:
     """Collective: fill `tensors` in place from checkpoint `url`; restore RNG; return trainer.json."""
-    dcp.load(tensors, storage_reader=FsspecReader(url, **storage.storage_options(url)))
-    meta = storage.read_json(storage.join(url, "trainer.json"))
+    trust.load(tensors, url)
+    meta_url = storage.join(url, "trainer.json")
+    meta = storage.read_json(meta_url)
+    saved = meta.get("world_size", 1) if isinstance(meta, dict) else None
+    if not isinstance(saved, int) or saved < 1:
+        raise trust.Refused(f"{meta_url}: not a trainer state (world_size {saved!r})")
     # RNG streams are per rank; on a different world size rank r continues rank (r mod saved world size)'s stream.
-    saved = int(meta.get("world_size", 1))
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(url, f"rng_{env.rank % saved}.pt"))),
-                       weights_only=True)
-    _set_rng_state(state)
+    rng_url = storage.join(url, f"rng_{env.rank % saved}.pt")
+    try:
+        state = torch.load(io.BytesIO(storage.read_bytes(rng_url)), weights_only=True)
+        _set_rng_state(state)
+    except Exception as exc:
+        raise trust.Refused(f"{rng_url}: not an RNG state of plain tensors and numbers ({trust.one_line(exc)})") \
+            from None
     return meta
 
 
@@ -138,12 +144,9 @@ def load_model(url: str, model_cfg: Any) -> Any:
         url = found
     model = Llama(model_cfg)
     state = {"model": model.state_dict()}
-    try:
-        with warnings.catch_warnings():
-            # Loading without a process group is the point here, not an accident to warn about.
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, storage_reader=FsspecReader(url, **storage.storage_options(url)))
-    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
-        raise KubellamaError(f"{url}: checkpoint does not match model '{model_cfg.name}' ({exc})") from None
+    with warnings.catch_warnings():
+        # Loading without a process group is the point here, not an accident to warn about.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        trust.load(state, url, failure=f"checkpoint does not match model '{model_cfg.name}'")
     model.load_state_dict(state["model"])
     return model.eval()
