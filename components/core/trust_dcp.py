@@ -25,7 +25,8 @@ from components.core.errors import KubellamaError
 from components.core.trust import Refused, one_line, safe_name
 
 # What DCP's `.metadata` pickle is made of (torch 2.x FileSystemWriter and FsspecWriter, any world size, FSDP2
-# DTensor shards included): its metadata dataclasses, the storage entries, sizes, dtypes and layouts.
+# DTensor shards included): its metadata dataclasses, the storage entries, sizes, dtypes and layouts. Containers
+# need no global: pickle protocol 4 (DCP's) has opcodes for lists, tuples, dicts and sets.
 _ALLOWED = {
     *(("torch.distributed.checkpoint.metadata", n) for n in (
         "Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
@@ -34,7 +35,6 @@ _ALLOWED = {
     ("torch", "Size"),
     # torch.layout pickles as a lookup by name in torch's own table of layouts.
     ("torch.serialization", "_get_layout"),
-    ("builtins", "set"), ("builtins", "frozenset"), ("collections", "OrderedDict"),
 }
 
 
@@ -48,9 +48,6 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         raise Refused(f"{self.where}: refused to unpickle {module}.{name} (DCP metadata holds only checkpoint "
                       f"metadata types; this file could run code)")
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise Refused(f"{self.where}: refused a persistent id in DCP metadata")
 
 
 class _TensorsOnly:
