@@ -138,7 +138,7 @@ def test_kfp_pretrain_task_html_artifact_holds_the_loss_plot(tmp_path):
     root = str(tmp_path / "run")
     src = corpus(str(tmp_path / "corpus.jsonl"), docs=80)
     assert run.run_main([f"run.root={root}", f"data.sources=[{{name:t,path:'{src}'}}]", *TINY,
-                         "pretrain.max_steps=2"]) == 0
+                         "pretrain.max_steps=2", "run.id=h"]) == 0
     kfp_root = os.path.join(root, "kfp")
     (art,) = executor_output(kfp_root, "pretrain")["artifacts"]["html"]["artifacts"]
     with open(art["uri"]) as f:
@@ -146,8 +146,8 @@ def test_kfp_pretrain_task_html_artifact_holds_the_loss_plot(tmp_path):
     assert_self_contained(page)
     (png,) = embedded_pngs(page)
     read_png(png)
-    assert png == storage.read_bytes(os.path.join(root, "pretrain", "loss.png"))
-    with open(os.path.join(root, "pretrain", "report.md")) as f:
+    assert png == storage.read_bytes(os.path.join(root, "h", "pretrain", "loss.png"))
+    with open(os.path.join(root, "h", "pretrain", "report.md")) as f:
         assert "](" not in f.read()
 
     # Data prep has no plot, but its tables reach the UI as HTML too.

@@ -20,10 +20,9 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-from components.core import dist, storage
+from components.core import dist, storage, trust
 
 PREFIX = "step_"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -142,13 +141,20 @@ def prune(root: str, keep: int) -> None:
 
 def load(url: str, tensors: dict[str, Any], env: dist.Env) -> dict[str, Any]:
     """Collective: fill `tensors` in place from checkpoint `url`; restore RNG; return trainer.json."""
-    dcp.load(tensors, storage_reader=FsspecReader(url, **storage.storage_options(url)))
+    trust.load(tensors, url)
+    meta_url = storage.join(url, "trainer.json")
     info = meta(url)
+    saved = info.get("world_size", 1) if isinstance(info, dict) else None
+    if not isinstance(saved, int) or saved < 1:
+        raise trust.Refused(f"{meta_url}: not a trainer state (world_size {saved!r})")
     # RNG streams are per rank; on a different world size rank r continues rank (r mod saved world size)'s stream.
-    saved = int(info.get("world_size", 1))
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(url, f"rng_{env.rank % saved}.pt"))),
-                       weights_only=True)
-    _set_rng_state(state)
+    rng_url = storage.join(url, f"rng_{env.rank % saved}.pt")
+    try:
+        state = torch.load(io.BytesIO(storage.read_bytes(rng_url)), weights_only=True)
+        _set_rng_state(state)
+    except Exception as exc:
+        raise trust.Refused(f"{rng_url}: not an RNG state of plain tensors and numbers ({trust.one_line(exc)})") \
+            from None
     return info
 
 
@@ -189,16 +195,11 @@ def load_weights(model: Any, url: str, optional: tuple[str, ...] = ()) -> str:
 
         missing = read_into(src, state)
     else:
-        reader = FsspecReader(src, **storage.storage_options(src))
-        stored = {k.removeprefix("model.") for k in reader.read_metadata().state_dict_metadata if
+        stored = {k.removeprefix("model.") for k in trust.reader(src).read_metadata().state_dict_metadata if
                   k.startswith("model.")}
         missing = [k for k in state if k not in stored]
         wanted = {k: v for k, v in state.items() if k in stored}
-        try:
-            dcp.load({"model": wanted}, storage_reader=FsspecReader(src, **storage.storage_options(src)))
-        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
-            raise KubellamaError(f"{src}: checkpoint does not fit this model ({' '.join(str(exc).split())[:300]})"
-                                 ) from None
+        trust.load({"model": wanted}, src, failure="checkpoint does not fit this model")
     absent = [k for k in missing if not k.startswith(optional)]
     if absent:
         raise KubellamaError(f"{src}: no weights for {', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''}"
@@ -222,12 +223,9 @@ def load_model(url: str, model_cfg: Any) -> Any:
         url = found
     model = Llama(model_cfg)
     state = {"model": model.state_dict()}
-    try:
-        with warnings.catch_warnings():
-            # Loading without a process group is the point here, not an accident to warn about.
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, storage_reader=FsspecReader(url, **storage.storage_options(url)))
-    except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
-        raise KubellamaError(f"{url}: checkpoint does not match model '{model_cfg.name}' ({exc})") from None
+    with warnings.catch_warnings():
+        # Loading without a process group is the point here, not an accident to warn about.
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        trust.load(state, url, failure=f"checkpoint does not match model '{model_cfg.name}'")
     model.load_state_dict(state["model"])
     return model.eval()

@@ -115,7 +115,11 @@ def load_resolved(url: str, overrides: Sequence[str] = ()) -> Config:
 
     from components.core import storage
 
-    cfg = from_dict(yaml.safe_load(storage.read_text(url)))
+    try:
+        data = yaml.safe_load(storage.read_text(url))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{url}: not valid YAML ({' '.join(str(exc).split())})") from None
+    cfg = from_dict(data)
     for o in _validate_overrides(overrides):
         if "." not in o.split("=", 1)[0]:
             raise ConfigError(f"override '{o}': on a resolved config ({url}) only dotted keys apply, such as "

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from components.core import storage
+from components.core import storage, trust
 from components.core.errors import KubellamaError
 from components.core.model import Llama
 from conf.schema.model import ModelConfig
@@ -145,14 +145,25 @@ def exported(url: str, lineage: dict[str, Any]) -> bool:
 def _read_tensors(url: str) -> dict[str, torch.Tensor]:
     index_url = storage.join(url, "model.safetensors.index.json")
     if storage.exists(index_url):
-        files = sorted(set(storage.read_json(index_url)["weight_map"].values()))
+        index = storage.read_json(index_url)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise trust.Refused(f"{index_url}: no weight_map of tensor names to file names")
+        # File names come from the index: `../x` or `s3://other/x` would read weights from somewhere else.
+        files = sorted({trust.safe_name(name, index_url) for name in weight_map.values()})
     elif storage.exists(storage.join(url, "model.safetensors")):
         files = ["model.safetensors"]
     else:
         raise KubellamaError(f"{url}: no model.safetensors or model.safetensors.index.json (not an HF checkpoint)")
     out: dict[str, torch.Tensor] = {}
     for name in files:
-        out.update(st_load(storage.read_bytes(storage.join(url, name))))
+        try:
+            out.update(st_load(storage.read_bytes(storage.join(url, name))))
+        except FileNotFoundError:
+            raise KubellamaError(f"{storage.join(url, name)}: missing") from None
+        except Exception as exc:  # safetensors' own errors: a truncated or foreign file
+            raise trust.Refused(f"{storage.join(url, name)}: not a safetensors file ({trust.one_line(exc)})") \
+                from None
     return out
 
 
@@ -163,7 +174,10 @@ def load_model(url: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     if not storage.exists(config_url):
         raise KubellamaError(f"{url}: no config.json (not a checkpoint directory)")
     hf = storage.read_json(config_url)
-    cfg = model_config_from_hf(hf)
+    try:
+        cfg = model_config_from_hf(hf)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise KubellamaError(f"{config_url}: not a Llama config ({trust.one_line(exc)})") from None
     tensors = {from_hf_key(k): v for k, v in _read_tensors(url).items()}
     if "lm_head.weight" not in tensors and hf.get("tie_word_embeddings"):
         tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
@@ -171,7 +185,11 @@ def load_model(url: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     tensors = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
     with torch.device("meta"):
         model = Llama(cfg)
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)[:2]
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)[:2]
+    except RuntimeError as exc:  # shape mismatches: torch's message is a header line, then one line per tensor
+        detail = " ".join(line.strip() for line in str(exc).splitlines()[1:3])
+        raise KubellamaError(f"{url}: weights do not match config.json ({detail})") from None
     if missing or unexpected:
         raise KubellamaError(f"{url}: weights do not match config.json (missing {missing[:3]}, unexpected "
                              f"{unexpected[:3]})")

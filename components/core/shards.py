@@ -24,13 +24,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from components.core import storage
+from components.core import storage, trust
 from components.core.errors import KubellamaError
 
 if TYPE_CHECKING:  # at run time only the trainer needs torch, not data prep
     from components.core.trainer import BatchSource
 
 FORMAT = "kubellama-shards/1"
+# Token and side-array dtypes a manifest may name: integers, as ShardWriter writes them.
+_INT_DTYPES = {np.dtype(f"<{kind}{size}").str for kind in "iu" for size in (1, 2, 4, 8)}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -118,9 +120,29 @@ class ShardWriter:
 def read_manifest(url: str) -> dict[str, Any]:
     if not storage.is_complete(url):
         raise KubellamaError(f"token shards at {url} are incomplete or missing (no {storage.COMPLETE} marker)")
-    manifest = storage.read_json(storage.join(url, "manifest.json"))
-    if manifest.get("format") != FORMAT:
-        raise KubellamaError(f"{url}/manifest.json: unknown format {manifest.get('format')!r}, expected {FORMAT}")
+    where = storage.join(url, "manifest.json")
+    manifest = storage.read_json(where)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise KubellamaError(f"{where}: unknown format {found!r}, expected {FORMAT}")
+    # Everything a reader turns into paths, dtypes and offsets is checked here: the manifest may come from anyone
+    # who can write to the bucket, and a name like `../x` or `s3://other/x` would make it read another object.
+    fields = manifest.get("fields", {})
+    shards = manifest.get("shards")
+    if not isinstance(fields, dict) or not isinstance(shards, list):
+        raise trust.Refused(f"{where}: 'fields' must be a mapping and 'shards' a list")
+    for dtype in [manifest.get("dtype"), *fields.values()]:
+        if not isinstance(dtype, str) or dtype not in _INT_DTYPES:
+            raise trust.Refused(f"{where}: dtype {dtype!r} is not one of {sorted(_INT_DTYPES)}")
+    seq_len = manifest.get("seq_len")
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise trust.Refused(f"{where}: seq_len {seq_len!r} is not a positive integer")
+    for s in shards:
+        if not isinstance(s, dict) or not isinstance(s.get("rows"), int) or s["rows"] < 0:
+            raise trust.Refused(f"{where}: shard entry {s!r} needs a name and a row count")
+        name = trust.safe_name(s.get("name"), where)
+        for k in fields:
+            trust.safe_name(f"{name}.{k}.bin", where)
     return manifest
 
 

@@ -159,7 +159,12 @@ def write_json(url: str, obj: Any) -> None:
 
 
 def read_json(url: str) -> Any:
-    return json.loads(read_text(url))
+    try:
+        return json.loads(read_text(url))
+    except ValueError as exc:  # bad JSON or bad UTF-8: one line naming the file, not a traceback
+        from components.core.errors import KubellamaError
+
+        raise KubellamaError(f"{url}: not valid JSON ({exc})") from None
 
 
 def mark_complete(folder: str, info: dict | None = None) -> None:
@@ -191,11 +196,14 @@ def get_dir(url: str, local: str) -> str:
     """Make the folder at `url` available locally; returns a local path (the same one when `url` is local)."""
     if not is_remote(url):
         return url
+    from components.core import trust
+
     fs, path = filesystem(url)
     os.makedirs(local, exist_ok=True)
     for src in fs.find(path):
         rel = posixpath.relpath(src, path)
-        dst = os.path.join(local, *rel.split("/"))
+        # Object keys are names from storage: a key with `..` in it must not write outside `local`.
+        dst = os.path.join(local, *(trust.safe_name(part, url) for part in rel.split("/")))
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         fs.get_file(src, dst)
     return local

