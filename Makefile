@@ -3,15 +3,19 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-# torch first, pinned: a CPU wheel here; asking for torch through the package's range alone would pull CUDA.
+# torch first, pinned: asking for torch through the package's range alone would pull a multi-GB CUDA build. It comes
+# from the PyTorch CPU wheel index where that is reachable (a stock Linux box, whose PyPI torch is the CUDA build),
+# else from the configured index (an unreachable extra index only warns, so the fallback runs on a real failure).
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install install-test demo test bench clean tools
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q $(TORCH) numpy
+	$(PIP) install -q --timeout 20 --retries 1 --extra-index-url $(TORCH_INDEX) $(TORCH) || $(PIP) install -q $(TORCH)
+	$(PIP) install -q numpy $(TORCH)
 	$(PIP) install -q -e . $(TORCH)
 	touch $@
 
@@ -33,7 +37,7 @@ demo: install
 	$(VENV)/bin/kubellama data fetch-samples
 	$(VENV)/bin/kubellama run --demo
 	@echo "--- a sample from the model the demo trained (tiny and briefly trained: expect babble):"
-	$(VENV)/bin/kubellama generate --checkpoint runs/demo/pretrain/hf --prompt "The history of" --max-new-tokens 32
+	$(VENV)/bin/kubellama generate --checkpoint runs/demo/latest/pretrain/hf --prompt "The history of" --max-new-tokens 32
 
 test: install-test tools
 	$(PIP) check
