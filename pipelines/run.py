@@ -111,7 +111,8 @@ def _reports(cfg: Config, names: Sequence[str], kfp_root: str, started: float) -
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TASK = re.compile(r"Executing task '?([\w-]+)'?|Task '?([\w-]+)'? finished with status (\w+)")
 # Stage progress worth a console line: the trainer's step records and checkpoints, data prep's phases.
-_PROGRESS = re.compile(r"^\[\w+\] (step|checkpoint|SIGTERM|resumed)|data prep done|data prep: ")
+_PROGRESS = re.compile(r"^(\[\w+\] )?(step \d+ |checkpoint step|SIGTERM|resumed)|data prep done|data prep: ")
+_EXECUTOR = re.compile(r"^\[KFP Executor [^\]]*\]:\s*")
 
 
 def _follow(path: str, console: IO[str], stop: threading.Event) -> None:
@@ -125,7 +126,7 @@ def _follow(path: str, console: IO[str], stop: threading.Event) -> None:
                     return
                 time.sleep(0.2)
                 continue
-            text = _ANSI.sub("", line).strip()
+            text = _EXECUTOR.sub("", _ANSI.sub("", line).strip())
             m = _TASK.search(text)
             if m and m.group(1):
                 started[m.group(1)] = time.time()
