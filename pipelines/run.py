@@ -102,7 +102,8 @@ def _reports(cfg: Config, names: Sequence[str], kfp_root: str, started: float) -
     """Every report of this run: each stage's own (from the registry) and the KFP artifacts."""
     found = [storage.join(out, f"report.{ext}") for out in local_outputs(cfg, names).values() for ext in ("html", "md")]
     found = [p for p in found if storage.exists(p)]
-    dirs = [d for d in glob.glob(os.path.join(kfp_root, "*")) if os.path.isdir(d) and os.path.getmtime(d) >= started - 1]
+    dirs = [d for d in glob.glob(os.path.join(kfp_root, "*"))
+            if os.path.isdir(d) and os.path.getmtime(d) >= started - 1]
     for d in sorted(dirs):
         found += sorted(glob.glob(os.path.join(d, "*", "html")))
     return found

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.core import checkpoint, dist, runs, stages, storage
+from components.core import checkpoint, dist, stages
 from components.core.config import load_config
 from components.core.hf import save_hf
 from components.core.model import Llama
