@@ -29,6 +29,7 @@ class FakeKube(FakeServer):
         self.logs: dict[tuple[str, str], list[str]] = {}
         self.lock = threading.Lock()
         self.on_create = on_create  # called with each created custom object (outside the lock)
+        self.outages = 0  # answer this many of the next requests with 503, as a restarting API server does
         super().__init__()
 
     def kubeconfig(self, path: str) -> str:
@@ -91,6 +92,10 @@ class FakeKube(FakeServer):
     # --- the API -----------------------------------------------------------------------------------------------
 
     def respond(self, method: str, path: str, query: dict, body: bytes, stream) -> tuple[int, dict] | None:
+        with self.lock:
+            if self.outages > 0:
+                self.outages -= 1
+                return 503, {"kind": "Status", "status": "Failure", "message": "apiserver restarting", "code": 503}
         parts = path.strip("/").split("/")
         q = {k: v[0] for k, v in query.items()}
         if parts[:2] == ["api", "v1"] and parts[4:5] == ["pods"]:

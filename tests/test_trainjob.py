@@ -245,6 +245,19 @@ def test_existing_jobs_are_refused_or_replaced(api, s3_bucket):
     assert len(api.find("DELETE", f"/trainjobs/{name}")) == 2 and len(api.find("POST", "/trainjobs")) == 1
 
 
+def test_an_api_outage_does_not_cost_the_job(api, s3_bucket, capsys):
+    cfg = bound(f"{s3_bucket}/runs", "run.id=k7")
+    finish = finish_with_report(cfg)
+
+    def on_create(fake: FakeKube, job: dict) -> None:
+        fake.outages = 4  # the next requests fail while the job runs
+        finish(fake, job)
+
+    api.on_create = on_create
+    assert kube.launch(cfg, "pretrain", kube.manifest(cfg, "pretrain")) == "succeeded"
+    assert len(api.find("DELETE", "/trainjobs")) == 1 and "retrying after" in capsys.readouterr().err
+
+
 def test_failure_and_timeout_delete_the_job(api, s3_bucket):
     cfg = bound(f"{s3_bucket}/runs", "run.id=k4")
     api.on_create = finish_with_report(cfg, ok=False)

@@ -33,6 +33,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from urllib3.exceptions import HTTPError
+
 from components.core import runs, storage
 from components.core.errors import ConfigError, KubellamaError
 
@@ -46,6 +48,8 @@ LEASE_TTL_S = 300
 # Between writing the lease and reading it back: a launcher that wrote within this window of another loses.
 LEASE_SETTLE_S = 1.0
 POLL_S = 2.0
+# How long the launcher rides out API or object store errors while its job runs before giving up (and deleting it).
+API_PATIENCE_S = 300
 SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -361,7 +365,12 @@ class _Logs:
 
     def scan(self) -> int:
         """Start following new pods; returns how many pods the job has now."""
-        pods = self.api.core.list_namespaced_pod(self.ns, label_selector=f"{JOB_LABEL}={self.name}").items
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            pods = self.api.core.list_namespaced_pod(self.ns, label_selector=f"{JOB_LABEL}={self.name}").items
+        except ApiException as exc:
+            raise _api_error(exc, f"list pods {JOB_LABEL}={self.name} in {self.ns}") from None
         self.phases = {p.metadata.name: p.status.phase or "" for p in pods}
         for pod in pods:
             if pod.metadata.name in self.threads:
@@ -431,6 +440,7 @@ def launch(cfg: Any, stage: str, job: dict) -> str:
     logs = _Logs(api, ns, name)
     deadline = time.monotonic() + cluster.timeout_s if cluster.timeout_s > 0 else None
     obj = None
+    failing = 0.0
     try:
         obj = _create_or_adopt(api, kind, _owned(job))
         if cluster.network_policy:
@@ -440,12 +450,23 @@ def launch(cfg: Any, stage: str, job: dict) -> str:
                 stop.setdefault("why", f"cluster.timeout_s={cluster.timeout_s} passed")
             if stop:
                 break
-            current = api.get(kind, ns, name)
+            try:
+                current = api.get(kind, ns, name)
+                logs.scan()
+                lease.renew()
+                failing = 0.0
+            except (KubellamaError, OSError, HTTPError) as exc:
+                # A restarting API server or object store must not cost a job that may have run for days.
+                failing = failing or time.monotonic()
+                if time.monotonic() - failing > API_PATIENCE_S:
+                    raise KubellamaError(f"no answer from the Kubernetes API or the object store for "
+                                         f"{API_PATIENCE_S}s: {exc}") from None
+                print(f"kubellama: retrying after: {' '.join(str(exc).split())[:200]}", file=sys.stderr)
+                time.sleep(POLL_S)
+                continue
             if current is None:
                 raise KubellamaError(f"{kind.plural} {ns}/{name} was deleted by someone else")
             state, message = kind.state(current)
-            logs.scan()
-            lease.renew()
             if state != "running":
                 break
             time.sleep(POLL_S)
@@ -455,7 +476,12 @@ def launch(cfg: Any, stage: str, job: dict) -> str:
                   f"{cluster.grace_period_s}s to save", flush=True)
             # Keep streaming while the pods save, for as long as this pod is allowed to live.
             end = time.monotonic() + cluster.grace_period_s
-            while time.monotonic() < end and logs.scan():
+            while time.monotonic() < end:
+                try:
+                    if not logs.scan():
+                        break
+                except (KubellamaError, OSError, HTTPError):
+                    break
                 time.sleep(POLL_S)
             raise Stopped(f"{stage}: {stop['why']}: deleted {kind.plural} {ns}/{name}")
         logs.scan()
