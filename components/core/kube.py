@@ -118,7 +118,7 @@ def manifest(cfg: Any, stage: str) -> dict[str, Any]:
     name = job_name(cfg, stage)
     if not storage.is_remote(cfg[stage].output):
         raise ConfigError(f"{stage}.output={cfg[stage].output} is a local path, which pods on Kubernetes cannot "
-                             f"share: set run.root to an s3:// URL")
+                          f"share: set run.root to an s3:// URL")
     tags = labels(cfg, stage, name)
     if cfg.cluster.scheduler == "trainjob":
         from components.core import trainjob
@@ -415,6 +415,49 @@ class _Logs:
             t.join(max(0.0, end - time.monotonic()))
 
 
+def _delete(api: _Api, kind: Kind, ns: str, name: str) -> None:
+    """Delete the job, riding out a brief API outage: a job left behind holds its GPUs."""
+    for attempt in range(10):
+        try:
+            return api.delete(kind, ns, name)
+        except (KubellamaError, OSError, HTTPError):
+            if attempt == 9:
+                raise
+            time.sleep(POLL_S)
+
+
+def _watch(api: _Api, kind: Kind, ns: str, name: str, logs: _Logs, lease: Lease, stop: dict[str, str],
+           timeout_s: int) -> tuple[str, str]:
+    """Follow the job until it ends, `stop` is set (SIGTERM) or `timeout_s` (when > 0) passes: (state, message)."""
+    deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
+    failing = 0.0
+    while True:
+        if deadline is not None and time.monotonic() > deadline:
+            stop.setdefault("why", f"cluster.timeout_s={timeout_s} passed")
+        if stop:
+            return "stopped", stop["why"]
+        try:
+            current = api.get(kind, ns, name)
+            logs.scan()
+            lease.renew()
+            failing = 0.0
+        except (KubellamaError, OSError, HTTPError) as exc:
+            # A restarting API server or object store must not cost a job that may have run for days.
+            failing = failing or time.monotonic()
+            if time.monotonic() - failing > API_PATIENCE_S:
+                raise KubellamaError(f"no answer from the Kubernetes API or the object store for "
+                                     f"{API_PATIENCE_S}s: {exc}") from None
+            print(f"kubellama: retrying after: {' '.join(str(exc).split())[:200]}", file=sys.stderr)
+            time.sleep(POLL_S)
+            continue
+        if current is None:
+            raise KubellamaError(f"{kind.plural} {ns}/{name} was deleted by someone else")
+        state, message = kind.state(current)
+        if state != "running":
+            return state, message
+        time.sleep(POLL_S)
+
+
 def launch(cfg: Any, stage: str, job: dict) -> str:
     """Run `job` (from `manifest`) for training stage `stage` until it ends: create or adopt it, hold the output's
     lease, stream its logs, delete it at the end. Returns "succeeded"; raises KubellamaError when it failed and
@@ -438,42 +481,20 @@ def launch(cfg: Any, stage: str, job: dict) -> str:
     previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is \
         threading.main_thread() else None
     logs = _Logs(api, ns, name)
-    deadline = time.monotonic() + cluster.timeout_s if cluster.timeout_s > 0 else None
     obj = None
-    failing = 0.0
     try:
         obj = _create_or_adopt(api, kind, _owned(job))
         if cluster.network_policy:
             _network_policy(api, obj)
-        while True:
-            if deadline is not None and time.monotonic() > deadline:
-                stop.setdefault("why", f"cluster.timeout_s={cluster.timeout_s} passed")
-            if stop:
-                break
-            try:
-                current = api.get(kind, ns, name)
-                logs.scan()
-                lease.renew()
-                failing = 0.0
-            except (KubellamaError, OSError, HTTPError) as exc:
-                # A restarting API server or object store must not cost a job that may have run for days.
-                failing = failing or time.monotonic()
-                if time.monotonic() - failing > API_PATIENCE_S:
-                    raise KubellamaError(f"no answer from the Kubernetes API or the object store for "
-                                         f"{API_PATIENCE_S}s: {exc}") from None
-                print(f"kubellama: retrying after: {' '.join(str(exc).split())[:200]}", file=sys.stderr)
-                time.sleep(POLL_S)
-                continue
-            if current is None:
-                raise KubellamaError(f"{kind.plural} {ns}/{name} was deleted by someone else")
-            state, message = kind.state(current)
-            if state != "running":
-                break
-            time.sleep(POLL_S)
-        if stop:
-            api.delete(kind, ns, name)
-            print(f"kubellama: {stop['why']}: deleted {kind.plural} {ns}/{name}; its pods get "
-                  f"{cluster.grace_period_s}s to save", flush=True)
+        state, message = _watch(api, kind, ns, name, logs, lease, stop, int(cluster.timeout_s))
+        if state != "stopped":
+            logs.scan()
+            logs.join()  # the last lines, before deleting the job takes its pods
+        _delete(api, kind, ns, name)
+        if state == "stopped":
+            why = message
+            print(f"kubellama: {why}: deleted {kind.plural} {ns}/{name}; its pods get {cluster.grace_period_s}s to "
+                  f"save", flush=True)
             # Keep streaming while the pods save, for as long as this pod is allowed to live.
             end = time.monotonic() + cluster.grace_period_s
             while time.monotonic() < end:
@@ -483,17 +504,14 @@ def launch(cfg: Any, stage: str, job: dict) -> str:
                 except (KubellamaError, OSError, HTTPError):
                     break
                 time.sleep(POLL_S)
-            raise Stopped(f"{stage}: {stop['why']}: deleted {kind.plural} {ns}/{name}")
-        logs.scan()
-        logs.join()
-        api.delete(kind, ns, name)
+            raise Stopped(f"{stage}: {why}: deleted {kind.plural} {ns}/{name}")
         if state == "failed":
             raise KubellamaError(f"{kind.plural} {ns}/{name} failed{': ' + message if message else ''}")
         return state
     except BaseException:
         if obj is not None and not stop:  # an error of ours (or Ctrl-C): never leave our job without a launcher
             try:
-                api.delete(kind, ns, name)
+                _delete(api, kind, ns, name)
             except KubellamaError:
                 pass
         raise
