@@ -320,3 +320,16 @@ def test_a_stale_lease_of_a_vanished_job_is_taken_over(api, s3_bucket, monkeypat
     api.put("trainjobs", {"metadata": {"name": "kl-pretrain-gone", "namespace": "ml"}})
     with pytest.raises(KubellamaError, match="being written by TrainJob ml/kl-pretrain-gone"):
         kube.launch(cfg, "pretrain", kube.manifest(cfg, "pretrain"))
+
+
+def test_a_multi_node_trainjob_step_is_a_small_launcher_pod():
+    from pipelines import run
+
+    overrides = [*TRAINJOB, "cluster.nnodes=4", "run.root=s3://bucket/p"]
+    text = run.dag_text(run.resolve(overrides), overrides)
+    line = next(line for line in text.splitlines() if line.strip().startswith("pretrain"))
+    assert "launches a Kubeflow TrainJob of 4 x 8 GPUs" in line and "gpus=" not in line
+    one = [*TRAINJOB, "cluster.nnodes=1", "run.root=s3://bucket/p"]
+    line = next(line for line in run.dag_text(run.resolve(one), one).splitlines()
+                if line.strip().startswith("pretrain"))
+    assert "gpus=8" in line and "launches" not in line  # one node: torchrun in the step's own pod
