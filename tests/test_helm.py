@@ -112,6 +112,8 @@ def test_default_values(helm):
     assert api["ports"] == [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}]
     kfp_rule = next(e for e in spec["egress"] if e["to"][0].get("namespaceSelector", {}).get("matchLabels"))
     assert kfp_rule["to"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "kubeflow"}
+    # KFP API, metadata, and Kubeflow's object store (Argo's log archive, KFP artifacts in a profile namespace).
+    assert {p["port"] for p in kfp_rule["ports"]} == {8887, 8888, 8080, 9000}
     assert "cluster.network_policy=true" in overrides(objs)  # the launcher opens each job to itself
 
     job = objs[("Job", "kl-kubellama-upload")]
