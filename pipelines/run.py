@@ -93,7 +93,8 @@ def dag_text(cfg: Config, overrides: Sequence[str], pipeline: str = "llama2") ->
         params = task.get("inputs", {}).get("parameters", {})
         if params.get("in_pod", {}).get("runtimeValue", {}).get("constant") is False:
             c = cfg.cluster
-            extra += f" launches a torchx {c.scheduler} job of {c.nnodes} x {c.gpus_per_node} GPUs"
+            engine = "Kubeflow TrainJob" if c.scheduler == "trainjob" else "torchx kubernetes job"
+            extra += f" launches a {engine} of {c.nnodes} x {c.gpus_per_node} GPUs"
         lines.append(f"  {name:<28} after: {after:<20} {image}{gpus}{extra}")
     return "\n".join(lines)
 
