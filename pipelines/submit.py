@@ -10,6 +10,7 @@ exactly which command line made it. `--no-run` only uploads (what the Helm chart
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
