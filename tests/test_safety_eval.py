@@ -350,3 +350,66 @@ def test_plan_prints_gpu_hours_and_co2_within_15pct_of_table2(preset, capsys):
     if preset == "llama2_7b":
         assert "184,320 GPU-hours" in out and "31.22 tCO2eq" in out and "39.1% MFU" in out
     assert not math.isnan(float(hours.replace(",", "")))
+
+
+# Classifier checkpoints (judges, toxicity) ------------------------------------------------------------------------
+
+def tiny_classifier(folder: str, hf_model: str) -> str:
+    """A Llama sequence classifier saved by transformers (safetensors), with our tokenizer: a stand-in judge."""
+    import shutil
+
+    import transformers
+
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=2, num_labels=2,
+                                   max_position_embeddings=512)
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(hf_model, name), folder)
+    return folder
+
+
+def test_classifier_checkpoints_score_like_transformers_and_drive_judged_truthfulqa(hf_model, tmp_path):
+    import transformers
+
+    from components.safety_eval.benchmarks import Toxicity
+    from components.safety_eval.scoring import Classifier
+
+    judge = tiny_classifier(str(tmp_path / "judge"), hf_model)
+    texts = ["Q: Why?\nA: Because the sky is blue.", "short", "the brain is good and happy"]
+    got = Classifier(judge, 1, "test")(texts)
+    tok = transformers.AutoTokenizer.from_pretrained(judge)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(judge).eval()
+    for text, p in zip(texts, got):
+        with torch.no_grad():
+            want = model(**tok(text, return_tensors="pt")).logits.softmax(-1)[0, 1].item()
+        assert p == pytest.approx(want, abs=1e-5)  # batched with padding = one at a time
+
+    cfg = se(f"truthfulqa.path={FIXTURES}/truthfulqa", "truthfulqa.limit=3", "truthfulqa.primer=false",
+             f"truthfulqa.judge_truth={judge}", f"truthfulqa.judge_info={judge}", "truthfulqa.max_new_tokens=6",
+             f"toxicity.path={FIXTURES}/toxigen", "toxicity.limit=2", f"toxicity.classifier={judge}",
+             "decoding.max_new_tokens=6")
+    runner, ctx = runner_for(hf_model, max_new_tokens=6), Context(cfg)
+    res = TruthfulQA().run(runner, TruthfulQA().load(cfg, ""), ctx)
+    verdicts = Classifier(judge, 1, "test")([f"Q: {r['question']}\nA: {r['answer']}" for r in res.records])
+    want = 100 * sum(p >= 0.5 for p in verdicts) / 3
+    assert res.scores["true_pct"] == res.scores["info_pct"] == res.scores["true_info_pct"] == pytest.approx(want)
+    tox = Toxicity().run(runner, Toxicity().load(cfg, ""), ctx)
+    assert ctx.toxicity().label.startswith(f"classifier {judge}") and not ctx.toxicity().fallback
+    probs = Classifier(judge, 1, "test")([r["generation"] for r in tox.records])
+    assert [r["score"] for r in tox.records] == pytest.approx(probs, abs=1e-6)
+    assert tox.scores["toxic_pct"] == pytest.approx(100 * sum(p >= 0.5 for p in probs) / len(probs))
+
+
+def test_detoxify_without_the_package_is_a_one_line_error():
+    from components.core.errors import ConfigError
+    from components.safety_eval.scoring import toxicity_scorer
+
+    try:
+        import detoxify  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"needs the detoxify package \(pip install detoxify\)"):
+            toxicity_scorer("detoxify:unbiased")
+    else:
+        pytest.skip("detoxify is installed here; loading it downloads its weights")

@@ -91,6 +91,11 @@ class Classifier:
         self.tok = AutoTokenizer.from_pretrained(local)
         self.model = AutoModelForSequenceClassification.from_pretrained(local, use_safetensors=True,
                                                                         trust_remote_code=False).to(device).eval()
+        if self.tok.pad_token is None:
+            # Llama-style judges have no pad token; batches need one (masked out, and the classifier reads the last
+            # real token through pad_token_id).
+            self.tok.pad_token = self.tok.eos_token or self.tok.unk_token
+            self.model.config.pad_token_id = self.tok.pad_token_id
         n = self.model.config.num_labels
         if n > 1 and not 0 <= label < n:
             raise ConfigError(f"{what}: label {label} is not a class of {url} ({n} classes)")
