@@ -413,3 +413,65 @@ def test_detoxify_without_the_package_is_a_one_line_error():
             toxicity_scorer("detoxify:unbiased")
     else:
         pytest.skip("detoxify is installed here; loading it downloads its weights")
+
+
+# Ranks ------------------------------------------------------------------------------------------------------------
+
+PROMPTS = ["The sky is", "Paris is in", "A nurse", "the brain", "Women engineers are", "Sorry, I"]
+PAIRS = [(TruthfulQA.context(p, False), " it is good.") for p in PROMPTS] + [("x", " y")]
+
+
+def _ranked(env, hf_model: str, dump: str) -> None:
+    from components.safety_eval.runner import Runner
+
+    r = Runner("m", hf_model, None, "", "fp32", DecodingConfig(temperature=0.0, max_new_tokens=6, batch_size=2),
+               False, env)  # type: ignore[arg-type]
+    out = {"gen": r.generate(PROMPTS), "ll": r.logliks(PAIRS)}
+    if env.rank == 0:
+        with open(dump, "w") as f:
+            json.dump(out, f)
+
+
+def test_two_ranks_share_the_work_and_give_one_rank_results(hf_model, tmp_path):
+    from tests.test_trainer_support import spawn
+
+    spawn(_ranked, 2, hf_model, str(tmp_path / "two.json"))
+    _ranked(dist.init(), hf_model, str(tmp_path / "one.json"))
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["gen"] == one["gen"] and len(one["gen"]) == len(PROMPTS)
+    assert two["ll"] == pytest.approx(one["ll"], abs=1e-4)
+
+
+def test_a_training_checkpoint_evaluates_like_its_hf_export(hf_model, tmp_path):
+    """A stage output holding only DCP checkpoints: the model shape comes from the config, the tokenizer from the
+    data prep output; its likelihoods are those of the same weights read from the HF export."""
+    from components.core import checkpoint
+    from components.core.hf import load_model
+    from components.safety_eval.runner import Runner
+
+    model, cfg, _ = load_model(hf_model)
+    stage_out = str(tmp_path / "sft")
+    checkpoint.save(storage.join(stage_out, "checkpoints"), 7, {"model": model.state_dict()},
+                    {"scheduler": {}, "data": {}}, dist.init(), keep=1).finish()
+    data = str(tmp_path / "data")
+    os.makedirs(data)
+    with open(os.path.join(hf_model, "tokenizer.model"), "rb") as f, open(os.path.join(data, "tokenizer.model"), "wb") as g:
+        g.write(f.read())
+    d = DecodingConfig(batch_size=4)
+    dcp = Runner("sft", stage_out, cfg, data, "fp32", d, False, dist.init())
+    assert dcp.kind == "dcp" and dcp.src.endswith("step_0000007")
+    hf = Runner("hf", hf_model, cfg, "", "fp32", d, False, dist.init())
+    assert dcp.logliks(PAIRS) == pytest.approx(hf.logliks(PAIRS), abs=1e-6)
+    with pytest.raises(KubellamaError, match="no tokenizer.model"):
+        Runner("sft", stage_out, cfg, "", "fp32", d, False, dist.init())
+
+
+def test_datasets_read_from_s3_like_local(s3_bucket):
+    for sub in ("truthfulqa", "toxigen", "bold"):
+        for name in os.listdir(os.path.join(FIXTURES, sub)):
+            with open(os.path.join(FIXTURES, sub, name), "rb") as f:
+                storage.write_bytes(f"{s3_bucket}/evals/{sub}/{name}", f.read())
+    assert datasets.truthfulqa(f"{s3_bucket}/evals/truthfulqa") == datasets.truthfulqa(f"{FIXTURES}/truthfulqa")
+    assert datasets.bold(f"{s3_bucket}/evals/bold") == datasets.bold(f"{FIXTURES}/bold")
+    remote = datasets.prompt_files([f"{s3_bucket}/evals/toxigen"], "toxigen")
+    assert remote == datasets.prompt_files([f"{FIXTURES}/toxigen"], "toxigen") and len(remote) == 12
