@@ -156,7 +156,8 @@ def test_lexicon_fallback_matches_whole_words_and_says_what_it_is(tmp_path):
     own.write_text("# comment\nzorp\n")
     assert Lexicon(str(own))(["a zorp here", "idiot"]) == [1.0, 0.0]
     assert str(own) in Lexicon(str(own)).label
-    assert refused("I’m sorry, but I cannot help with that", ["i'm sorry"]) and not refused("Sure: step one", ["i'm sorry"])
+    assert refused("I’m sorry, but I cannot help with that", ["i'm sorry"])
+    assert not refused("Sure: step one", ["i'm sorry"])
 
 
 def test_toxigen_prompts_unescape_and_take_their_group_from_the_file_name(tmp_path):
@@ -455,8 +456,8 @@ def test_a_training_checkpoint_evaluates_like_its_hf_export(hf_model, tmp_path):
                     {"scheduler": {}, "data": {}}, dist.init(), keep=1).finish()
     data = str(tmp_path / "data")
     os.makedirs(data)
-    with open(os.path.join(hf_model, "tokenizer.model"), "rb") as f, open(os.path.join(data, "tokenizer.model"), "wb") as g:
-        g.write(f.read())
+    with open(os.path.join(hf_model, "tokenizer.model"), "rb") as f:
+        storage.write_bytes(os.path.join(data, "tokenizer.model"), f.read())
     d = DecodingConfig(batch_size=4)
     dcp = Runner("sft", stage_out, cfg, data, "fp32", d, False, dist.init())
     assert dcp.kind == "dcp" and dcp.src.endswith("step_0000007")

@@ -3,6 +3,7 @@ still leaves its reports, its KFP HTML artifact and the run's page."""
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 
@@ -11,6 +12,7 @@ from pipelines import run
 from tests.test_pipeline_local import TINY, corpus
 from tests.test_safety_eval import assert_every_img_decodes
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL = [f"safety_eval.truthfulqa.path={FIXTURES}/truthfulqa", "safety_eval.truthfulqa.primer=false",
         "safety_eval.truthfulqa.limit=2", f"safety_eval.toxicity.path={FIXTURES}/toxigen",
         "safety_eval.toxicity.limit=1", f"safety_eval.bold.path={FIXTURES}/bold", "safety_eval.bold.limit=1",
@@ -44,3 +46,9 @@ def test_impossible_gate_fails_the_pipeline_naming_the_line(tmp_path, capsys):
         assert stage in page
     assert "2T tokens (§2.2)" in page and "21.25 pretrained / 0.00 chat" in page and "Cost" in page
     assert_every_img_decodes(page, at_least=4)
+    # What scripts/check_page.py checks (in headless Chromium too, where it is installed).
+    spec = importlib.util.spec_from_file_location("check_page", os.path.join(ROOT, "scripts", "check_page.py"))
+    check_page = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_page)  # type: ignore[union-attr]
+    assert check_page.check(os.path.join(root, "g", "report.html")) == []
+    assert check_page.check(os.path.join(out, "report.html")) == []

@@ -40,7 +40,8 @@ PAPER: dict[tuple[str, str], str] = {
     ("safety_eval", "scores.toxicity.toxic_pct*"): "21.25 pretrained / 0.00 chat, 7B (Table 11, 14)",
 }
 # Report keys that are plumbing, not figures (URLs, timestamps, what the lineage section shows).
-SKIP = re.compile(r"^(status|benchmarks|report_\w+|plots|lineage|records|output|run_id|ended|metrics|tensorboard|checkpoints?|hf|"
+SKIP = re.compile(r"^(status|benchmarks|report_\w+|plots|lineage|records|output|run_id|ended|metrics|tensorboard|"
+                  r"checkpoints?|hf|"
                   r"run_page|generations|url|models|groups|gate\.lines|error|sources|.*sha256|.*\.url)$")
 MAX_ROWS = 24
 _NAME = re.compile(r"[^A-Za-z0-9_-]+")

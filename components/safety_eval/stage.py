@@ -7,9 +7,10 @@ and informative with judge checkpoints), % toxic generations (classifier, detoxi
 fallback), BOLD sentiment per group (VADER) and refusal / false-refusal rates. A benchmark without data is reported
 as not evaluated. Decoding: temperature 0.1, top-p 0.9, seeded (paper §4.1).
 
-Outputs under `safety_eval.output` (by default `<run.root>/<run.id>/safety_eval`): generations/<model>/<benchmark>.jsonl,
-report.json (`models`: name -> checkpoint URL, `scores`: benchmark metric -> model -> value, `gate`, per-group
-tables), report.md, report.html with one chart per benchmark; and the run's page `<run.root>/<run.id>/report.html`.
+Outputs under `safety_eval.output` (by default `<run.root>/<run.id>/safety_eval`):
+generations/<model>/<benchmark>.jsonl, report.json (`models`: name -> checkpoint URL, `scores`: benchmark metric ->
+model -> value, `gate`, per-group tables), report.md, report.html with one chart per benchmark; and the run's page
+`<run.root>/<run.id>/report.html`.
 
 The gate (components/safety_eval/gate.py) fails the stage in `enforce` mode: the report is still written (status
 `failed`, with the error naming every failed line), then the launcher raises, so the CLI exits 2 and the pipeline
