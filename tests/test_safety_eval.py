@@ -476,3 +476,17 @@ def test_datasets_read_from_s3_like_local(s3_bucket):
     assert datasets.bold(f"{s3_bucket}/evals/bold") == datasets.bold(f"{FIXTURES}/bold")
     remote = datasets.prompt_files([f"{s3_bucket}/evals/toxigen"], "toxigen")
     assert remote == datasets.prompt_files([f"{FIXTURES}/toxigen"], "toxigen") and len(remote) == 12
+
+
+def test_run_page_figures_keep_numbers_drop_plumbing_and_find_the_papers():
+    from components.safety_eval.runpage import figures, paper
+
+    rep = {"status": "completed", "adherence_after": {"2": 1.0, "4": 0.5}, "heldout_loss_end": 1.25,
+           "report_json": "/r/report.json", "hf": "/r/hf", "lineage": {"config_hash": "c"}, "note": "a/b path",
+           "scores": {"toxicity.toxic_pct": {"ppo": 0.0, "sft": 2.5}}}
+    got = dict(figures(rep))
+    assert got == {"adherence_after": "2: 1, 4: 0.5", "heldout_loss_end": "1.25",
+                   "scores.toxicity.toxic_pct": "ppo: 0, sft: 2.5"}
+    assert paper("gatt", "adherence_after") == "turns 2/4/6/20: 100/100/100/100% (Table 30)"
+    assert paper("safety_eval", "scores.toxicity.toxic_pct").startswith("21.25 pretrained")
+    assert paper("sft", "heldout_loss_end") == ""
