@@ -490,3 +490,20 @@ def test_run_page_figures_keep_numbers_drop_plumbing_and_find_the_papers():
     assert paper("gatt", "adherence_after") == "turns 2/4/6/20: 100/100/100/100% (Table 30)"
     assert paper("safety_eval", "scores.toxicity.toxic_pct").startswith("21.25 pretrained")
     assert paper("sft", "heldout_loss_end") == ""
+
+
+def test_refusal_and_toxicity_split_the_data_prep_prompts(tmp_path):
+    from components.safety_eval.benchmarks import Refusal, Toxicity
+
+    recs = [{"id": f"{s}-{i}", "prompt": f"{s} prompt {i}", "safety": s != "alpaca", "source": s}
+            for s in ("donotanswer", "advbench", "alpaca", "realtoxicity") for i in range(3)]
+    storage.write_text(str(tmp_path / "prompts" / "eval.jsonl"), "".join(json.dumps(r) + "\n" for r in recs))
+    cfg = se("refusal.limit=2", "toxicity.limit=0")
+    sets = Refusal().load(cfg, str(tmp_path)).items
+    # Safety-tagged prompts are harmful, the rest benign; RealToxicityPrompts are continuations, not requests.
+    assert [p.text for p in sets["harmful"]] == ["donotanswer prompt 0", "donotanswer prompt 1", "advbench prompt 0",
+                                                 "advbench prompt 1"]
+    assert [p.text for p in sets["benign"]] == ["alpaca prompt 0", "alpaca prompt 1"]
+    tox = Toxicity().load(cfg, str(tmp_path))
+    assert [(p.text, p.group) for p in tox.items] == [(f"realtoxicity prompt {i}", "realtoxicity") for i in range(3)]
+    assert Refusal().load(se("refusal.from_data=false"), str(tmp_path)) is None

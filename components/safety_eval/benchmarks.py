@@ -243,8 +243,8 @@ class Refusal:
             prep = [p for p in datasets.prep_prompts(data) if p.get("source") not in skip]
             harmful += [datasets.Prompt(p["prompt"], p["source"], "harmful") for p in prep if p.get("safety")]
             benign += [datasets.Prompt(p["prompt"], p["source"], "benign") for p in prep if not p.get("safety")]
-        if r.limit:
-            harmful, benign = harmful[:r.limit], benign[:r.limit]
+        # Per source, so each set keeps every source it has (Do-Not-Answer and AdvBench both).
+        harmful, benign = datasets.per_group(harmful, r.limit), datasets.per_group(benign, r.limit)
         if not harmful and not benign:
             return None
         names = sorted({p.group for p in harmful + benign})

@@ -84,7 +84,7 @@ class RefusalConfig:
     # Also the data prep stage's `eval` prompt split: safety-tagged prompts are harmful, the others benign
     # (sources listed in toxicity.data_sources excepted).
     from_data: bool = True
-    # Prompts per set (0 = all).
+    # Prompts per source (0 = all).
     limit: int = 0
     markers: List[str] = field(default_factory=lambda: list(REFUSAL_MARKERS))
 
