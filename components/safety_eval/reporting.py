@@ -25,8 +25,11 @@ def bars_png(title: str, categories: Sequence[str], series: Mapping[str, Sequenc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import textwrap
+
     n = max(1, len(series))
     width = 0.8 / n
+    values = [v for vs in series.values() for v in vs if v is not None and not math.isnan(v)]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(categories) * max(1, n / 2) + 2), 3.6), dpi=100)
     for i, (name, values) in enumerate(series.items()):
         xs = [c + (i - (n - 1) / 2) * width for c in range(len(categories))]
@@ -35,7 +38,10 @@ def bars_png(title: str, categories: Sequence[str], series: Mapping[str, Sequenc
     ax.set_xticklabels(categories, rotation=20 if len(categories) > 3 else 0, ha="right" if len(categories) > 3
                        else "center", fontsize=8)
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 70), fontsize=10)
+    if values and min(values) >= 0:
+        # All-zero scores still get a readable axis from 0 up.
+        ax.set_ylim(0, max(values) * 1.15 or (100 if ylabel == "%" else 1))
     ax.axhline(0, color="#888", lw=0.6)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
