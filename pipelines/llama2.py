@@ -85,13 +85,15 @@ def _step(stage: stages.Stage, cfg: Config, params: dict[str, Any], made: dict[s
     op = importlib.import_module(f"{stage.module}.component").op(image)
     kwargs: dict[str, Any] = {"config": params[f"config_{stage.name}"]}
     for inp in stage.inputs:
-        if inp.source not in made:
-            kind = stages.get(inp.source).output
+        source = next((s for s in inp.sources if s in made), None)
+        if source is None:
+            source = next(s for s in inp.sources if s in stages.BY_NAME)
+            kind = stages.get(source).output
             url = cfg[stage.name][inp.key] or (cfg.pipeline.init_checkpoint if kind == "model" else "")
             key = f"{stage.name}.{inp.key}" if cfg[stage.name][inp.key] or kind != "model" else \
                 "pipeline.init_checkpoint"
-            made[inp.source] = _import(url, ARTIFACTS[kind], key)
-        kwargs[inp.name] = made[inp.source]
+            made[source] = _import(url, ARTIFACTS[kind], key)
+        kwargs[inp.name] = made[source]
     in_pod = training and k8s.trains_in_pod(cfg)
     if training:
         # Each pipeline run trains into its own folder, named by the run (unless the config fixes run.id).

@@ -33,8 +33,12 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     path, docs = compile_docs(tmp_path, ["pretrain.lr=0.0002"])
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
-    assert list(tasks) == ["data-prep", "pretrain"]
+    assert list(tasks) == ["data-prep", "pretrain", "safety-eval"]
     assert tasks["pretrain"]["dependentTasks"] == ["data-prep"]
+    # Safety eval gates the newest model (here pretraining's) and reads data prep's prompt sets.
+    assert tasks["safety-eval"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "model", "producerTask": "pretrain"}
+    assert tasks["safety-eval"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"]["producerTask"] == "data-prep"
     assert tasks["pretrain"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"] == {
         "outputArtifactKey": "dataset", "producerTask": "data-prep"}
     params = spec["root"]["inputDefinitions"]["parameters"]
@@ -61,7 +65,8 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     assert "accelerator" not in json.dumps(execs)
     loaded = components.load_component_from_file(path)
     assert loaded.name == "kubellama-llama2"
-    assert set(loaded.component_spec.inputs) == {"config_data_prep", "config_pretrain", "overrides"}
+    assert set(loaded.component_spec.inputs) == {"config_data_prep", "config_pretrain", "config_safety_eval",
+                                                 "overrides"}
 
 
 def _step_inputs(docs, task: str) -> tuple:
@@ -164,7 +169,7 @@ def test_skipped_stages_start_from_config(tmp_path):
     _, docs = compile_docs(tmp_path, overrides)
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
-    assert list(tasks) == ["importer", "pretrain"]
+    assert list(tasks) == ["importer", "pretrain", "safety-eval"]
     imp = spec["deploymentSpec"]["executors"][executor(spec, "importer")]["importer"]
     assert imp["artifactUri"]["constant"] == "s3://b/shards"
     assert imp["typeSchema"]["schemaTitle"] == "system.Dataset"
@@ -172,8 +177,12 @@ def test_skipped_stages_start_from_config(tmp_path):
 
     _, docs = compile_docs(tmp_path, ["pipeline.stages.pretrain=false", "pipeline.init_checkpoint=s3://b/hf/7b"])
     spec = docs[0]
-    # No later stage consumes a model yet: nothing to import.
-    assert list(spec["root"]["dag"]["tasks"]) == ["data-prep"]
+    # Safety eval then evaluates the imported checkpoint.
+    tasks = spec["root"]["dag"]["tasks"]
+    assert list(tasks) == ["data-prep", "importer", "safety-eval"]
+    imp = spec["deploymentSpec"]["executors"][executor(spec, "importer")]["importer"]
+    assert imp["artifactUri"]["constant"] == "s3://b/hf/7b" and imp["typeSchema"]["schemaTitle"] == "system.Model"
+    assert tasks["safety-eval"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "importer"
 
 
 def test_single_stage_pipelines(tmp_path):
@@ -186,7 +195,8 @@ def test_single_stage_pipelines(tmp_path):
 
 def test_bad_switches_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="every stage off"):
-        compile_docs(tmp_path, ["pipeline.stages.data_prep=false", "pipeline.stages.pretrain=false"])
+        compile_docs(tmp_path, ["pipeline.stages.data_prep=false", "pipeline.stages.pretrain=false",
+                                "pipeline.stages.safety_eval=false"])
     with pytest.raises(ConfigError, match="'pipeline.stages.pretrian'"):
         compile_docs(tmp_path, ["pipeline.stages.pretrian=false"])
     # Without data prep, pretraining reads what data prep would write for this config.

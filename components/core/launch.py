@@ -80,6 +80,15 @@ class Preempted(KubellamaError):
     """SIGTERM arrived; the last finished step is saved and a rerun of the same run resumes from it."""
 
 
+class StageFailed(KubellamaError):
+    """The stage finished its work and its report says `failed` (e.g. safety eval's promotion gate): the message is
+    the report's `error`, and `summary` the report, so a KFP step can still publish it before failing."""
+
+    def __init__(self, summary: dict):
+        super().__init__(str(summary.get("error") or "the stage reports status failed"))
+        self.summary = summary
+
+
 def _quantity(value: str | None) -> float:
     if not value:
         return 0.0
@@ -309,8 +318,8 @@ def dryrun_text(cfg: Any, stage: str) -> str:
     if in_process(cfg.cluster):
         section = cfg[stage]
         data = f" on {section.data}" if "data" in section else ""
-        return (f"in process (cluster.nproc_per_node=1): {stage}{data} -> {section.output}, "
-                f"{section.max_steps} steps\n")
+        steps = f", {section.max_steps} steps" if "max_steps" in section else ""
+        return f"in process (cluster.nproc_per_node=1): {stage}{data} -> {section.output}{steps}\n"
     if cfg.cluster.scheduler in kube.SCHEDULERS:
         return render(kube.manifest(cfg, stage))
     _, spec = dryrun(cfg.cluster, job(cfg, stage))
@@ -353,6 +362,8 @@ def run(cfg: Any, stage: str, train: TrainFn) -> dict:
             if not (storage.exists(report) and storage.read_json(report).get("ended", 0) >= started):
                 raise
         summary = storage.read_json(report)
+    if summary.get("status") == "failed":
+        raise StageFailed(summary)
     if summary.get("status") == "preempted":
         raise Preempted(f"{stage} was preempted at step {summary['step']}; checkpoint {summary['checkpoint']} is "
                         f"saved: rerun with run.id={cfg.run.id} to resume")

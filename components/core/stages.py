@@ -12,11 +12,19 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Input:
     """A step input: the artifact `name` of the component, made by stage `source`. When that stage is not in the
-    pipeline, the URL at config key `<stage>.<key>` is imported instead."""
+    pipeline, the URL at config key `<stage>.<key>` is imported instead.
+
+    `source` may also be a tuple of candidate stages, in order of preference: the first one the pipeline runs makes
+    the input (safety eval takes the newest model: PPO, else rejection sampling, GAtt, SFT, pretraining). Candidates
+    need not be registered yet; the first registered one gives the artifact kind of an import."""
 
     name: str
-    source: str
+    source: str | tuple[str, ...]
     key: str
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.source,) if isinstance(self.source, str) else tuple(self.source)
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("pretrain", "pretrain", "stage: FSDP pretraining (torchx local or Kubernetes)",
           reads=("run", "model", "pretrain", "cluster"), output="model",
           inputs=(Input("data", "data_prep", "data"),), training=True),
+    # Last: evaluates the newest model of the run (and the run's other checkpoints side by side), gates promotion
+    # and writes the run's page.
+    Stage("safety_eval", "safety eval", "stage: safety benchmarks, side-by-side report, promotion gate",
+          reads=("run", "model", "safety_eval", "cluster", "plan"), output="dataset",
+          inputs=(Input("model", ("ppo", "rejection_sampling", "gatt", "sft", "pretrain"), "init"),
+                  Input("data", "data_prep", "data")), training=True),
 )
 
 BY_NAME = {s.name: s for s in STAGES}

@@ -10,6 +10,7 @@ from conf.schema.cluster import ClusterConfig
 from conf.schema.data import DataConfig
 from conf.schema.model import ModelConfig
 from conf.schema.pipeline import PipelineConfig
+from conf.schema.safety_eval import SafetyEvalConfig
 from conf.schema.train import PretrainConfig
 from conf.schema.tools import GenerateConfig, PlanConfig
 
@@ -35,9 +36,10 @@ class Config:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    safety_eval: SafetyEvalConfig = field(default_factory=SafetyEvalConfig)
 
 
 __all__ = [
     "Config", "RunConfig", "ModelConfig", "DataConfig", "PretrainConfig", "ClusterConfig", "PipelineConfig",
-    "GenerateConfig", "PlanConfig",
+    "GenerateConfig", "PlanConfig", "SafetyEvalConfig",
 ]
