@@ -19,7 +19,7 @@ import torch
 from components.core import dist, storage
 from components.core.errors import KubellamaError
 from components.safety_eval import FIXTURES, data as datasets, gate as gating
-from components.safety_eval.benchmarks import Bias, Context, Items, TruthfulQA
+from components.safety_eval.benchmarks import Bias, Context, TruthfulQA
 from components.safety_eval.scoring import Lexicon, mc_scores, refused
 from conf.schema.safety_eval import DecodingConfig, GateConfig, SafetyEvalConfig
 
