@@ -33,7 +33,7 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     path, docs = compile_docs(tmp_path, ["pretrain.lr=0.0002"])
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
-    assert list(tasks) == ["data-prep", "pretrain"]
+    assert list(tasks) == ["data-prep", "pretrain", "reward-helpfulness", "reward-safety"]
     assert tasks["pretrain"]["dependentTasks"] == ["data-prep"]
     assert tasks["pretrain"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"] == {
         "outputArtifactKey": "dataset", "producerTask": "data-prep"}
@@ -61,7 +61,8 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     assert "accelerator" not in json.dumps(execs)
     loaded = components.load_component_from_file(path)
     assert loaded.name == "kubellama-llama2"
-    assert set(loaded.component_spec.inputs) == {"config_data_prep", "config_pretrain", "overrides"}
+    assert set(loaded.component_spec.inputs) == {"config_data_prep", "config_pretrain", "config_reward_helpfulness",
+                                                 "config_reward_safety", "overrides"}
 
 
 def _step_inputs(docs, task: str) -> tuple:
@@ -158,7 +159,7 @@ def test_multi_node_training_launches_job_from_a_cpu_pod(tmp_path):
 
 
 def test_skipped_stages_start_from_config(tmp_path):
-    overrides = ["pipeline.stages.data_prep=false", "pretrain.data=s3://b/shards"]
+    overrides = ["pipeline.stages.data_prep=false", "pretrain.data=s3://b/shards", "pipeline.stages.reward=false"]
     assert "importer                     after: -                    import s3://b/shards" in run.dag_text(
         run.resolve(overrides), overrides)
     _, docs = compile_docs(tmp_path, overrides)
@@ -172,8 +173,11 @@ def test_skipped_stages_start_from_config(tmp_path):
 
     _, docs = compile_docs(tmp_path, ["pipeline.stages.pretrain=false", "pipeline.init_checkpoint=s3://b/hf/7b"])
     spec = docs[0]
-    # No later stage consumes a model yet: nothing to import.
-    assert list(spec["root"]["dag"]["tasks"]) == ["data-prep"]
+    # Both reward models start from the configured checkpoint, through one importer.
+    tasks = spec["root"]["dag"]["tasks"]
+    assert sorted(tasks) == ["data-prep", "importer", "reward-helpfulness", "reward-safety"]
+    assert {tasks[t]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"]
+            for t in ("reward-helpfulness", "reward-safety")} == {"importer"}
 
 
 def test_single_stage_pipelines(tmp_path):
@@ -186,7 +190,8 @@ def test_single_stage_pipelines(tmp_path):
 
 def test_bad_switches_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="every stage off"):
-        compile_docs(tmp_path, ["pipeline.stages.data_prep=false", "pipeline.stages.pretrain=false"])
+        compile_docs(tmp_path, ["pipeline.stages.data_prep=false", "pipeline.stages.pretrain=false",
+                                "pipeline.stages.reward=false"])
     with pytest.raises(ConfigError, match="'pipeline.stages.pretrian'"):
         compile_docs(tmp_path, ["pipeline.stages.pretrian=false"])
     # Without data prep, pretraining reads what data prep would write for this config.

@@ -10,6 +10,7 @@ from conf.schema.cluster import ClusterConfig
 from conf.schema.data import DataConfig
 from conf.schema.model import ModelConfig
 from conf.schema.pipeline import PipelineConfig
+from conf.schema.reward import RewardConfig
 from conf.schema.train import PretrainConfig
 from conf.schema.tools import GenerateConfig, PlanConfig
 
@@ -31,6 +32,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -39,5 +41,5 @@ class Config:
 
 __all__ = [
     "Config", "RunConfig", "ModelConfig", "DataConfig", "PretrainConfig", "ClusterConfig", "PipelineConfig",
-    "GenerateConfig", "PlanConfig",
+    "GenerateConfig", "PlanConfig", "RewardConfig",
 ]
