@@ -90,6 +90,11 @@ def _import(url: str, cls: type, key: str) -> Any:
     return task.output
 
 
+def producer(inp: stages.Input, made: dict[str, Any]) -> str | None:
+    """The step whose output feeds `inp`: its first candidate source in the pipeline so far (None: import)."""
+    return next((s for s in inp.sources if s in made), None)
+
+
 def _step(stage: stages.Stage, step: str, variant: str, cfg: Config, params: dict[str, Any],
           made: dict[str, Any]) -> None:
     """Add the step `step` of `stage` (its `variant`, if any); `made` maps the steps run so far to their output
@@ -102,7 +107,7 @@ def _step(stage: stages.Stage, step: str, variant: str, cfg: Config, params: dic
         op.component_spec.name = step
     kwargs: dict[str, Any] = {"config": params[f"config_{step}"]}
     for inp in stage.inputs:
-        found = next((s for s in inp.sources if s in made), None)
+        found = producer(inp, made)
         if found is None:
             kind = next(p.output for p in map(stages.producer, inp.sources) if p is not None)
             given = cfg[stage.name][inp.key]
