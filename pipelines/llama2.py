@@ -2,9 +2,9 @@
 
 The DAG follows the paper: data_prep -> pretrain -> sft -> reward (helpfulness || safety) -> rejection sampling ->
 ppo -> safety_eval, each stage one step (a stage with variants one step per variant, side by side), in the order of
-components/core/stages.py and switched by `pipeline.stages.<name>`. A step's input made by a stage that is not in the pipeline comes from the config
-(`<stage>.<key>`, or `pipeline.init_checkpoint` for a model) through an importer, so lineage in the UI still starts
-somewhere real.
+components/core/stages.py and switched by `pipeline.stages.<name>`. A step's input comes from the first of its
+candidate stages in the pipeline; when none is, from the config (`<stage>.<key>`, or `pipeline.init_checkpoint` for a
+model) through an importer, so lineage in the UI still starts somewhere real.
 
 Parameters: one per step, `config_<stage>`, holding only the config sections that stage reads (JSON), plus
 `overrides` (the command line that produced the config). A step's cache key therefore changes only when what it

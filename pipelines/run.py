@@ -25,9 +25,13 @@ from conf.schema import Config
 from pipelines import llama2
 
 # `kubellama run --demo` (what `make demo` runs): the tiny model on the fetched samples, trained for a couple of
-# minutes on a laptop CPU; 16 sequences of 256 tokens per step instead of the paper's 4M tokens.
+# minutes on a laptop CPU; 16 sequences of 256 tokens per step instead of the paper's 4M tokens. Each reward model:
+# 30 steps of 16 pairs (512 in the paper), answers cut to their last 128 tokens, a learning rate a tiny model moves
+# with in 30 steps, and a tenth of the preference prompts held out so the safety RM's accuracy rests on ~150 pairs.
 DEMO = ["pretrain.max_steps=40", "pretrain.warmup_steps=4", "pretrain.global_batch_tokens=4096",
-        "pretrain.micro_batch=8", "pretrain.ckpt_every=20", "pretrain.log_every=5", "run.name=demo"]
+        "pretrain.micro_batch=8", "pretrain.ckpt_every=20", "pretrain.log_every=5", "run.name=demo",
+        "reward.max_steps=30", "reward.pairs_per_batch=16", "reward.micro_batch=8", "reward.seq_len=128",
+        "reward.lr=3e-4", "reward.log_every=5", "data.preference.eval_fraction=0.1"]
 
 
 def resolve(overrides: Sequence[str]) -> Config:

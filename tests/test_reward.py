@@ -161,3 +161,29 @@ def test_two_ranks_train_like_one(tmp_path, data):
     assert reports[1]["world_size"] == 2
     assert [r["accuracy"] for r in reports] == [reports[0]["accuracy"]] * 2
     assert reports[0]["test_sets"] == reports[1]["test_sets"]
+
+
+SEQS = [[1, 5, 9, 2], [1, 7, 2], [1, 3, 4, 5, 6, 2]]
+
+
+def _score_sharded(env, out):
+    from components.core.trainer import shard
+    from conf.schema.train import TrainConfig
+
+    torch.manual_seed(0)
+    model = shard(RewardModel(ModelConfig(**MODEL)), TrainConfig(mixed_precision="fp32"), env)
+    # Rank 1 has nothing to score: it still joins every forward (3 sequences in batches of 2 on rank 0).
+    scores = Scorer(model, batch_size=2).score_ids(SEQS if env.rank == 0 else [])
+    torch.save(scores, os.path.join(out, f"{env.rank}.pt"))
+
+
+def test_scorer_under_fsdp_with_uneven_ranks_scores_like_one_process(tmp_path):
+    from test_trainer_support import spawn
+
+    spawn(_score_sharded, 2, str(tmp_path))
+    torch.manual_seed(0)
+    plain = RewardModel(ModelConfig(**MODEL)).eval()
+    with torch.no_grad():
+        want = torch.cat([plain(torch.tensor([s])) for s in SEQS])
+    assert torch.allclose(torch.load(tmp_path / "0.pt"), want, atol=1e-6)
+    assert torch.load(tmp_path / "1.pt").numel() == 0

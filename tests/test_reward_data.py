@@ -110,7 +110,8 @@ def test_pair_source_keeps_pairs_whole_and_resumes_exactly(data):
     for i, p in enumerate(seen):
         for side, key in enumerate(("chosen", "rejected")):
             ids = batch["tokens"][i, side, :batch["lengths"][i, side]]
-            assert tok.decode(ids).rstrip().endswith(p[key]) and ids[-1] == tok.eos_id and p["prompt"] in tok.decode(ids)
+            text = tok.decode(ids)
+            assert text.rstrip().endswith(p[key]) and ids[-1] == tok.eos_id and p["prompt"] in text
         assert batch["rating"][i] == RATINGS.index(p["rating"])
         assert list(batch["safe"][i]) == [p["chosen_safe"], p["rejected_safe"]]
 

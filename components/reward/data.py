@@ -82,6 +82,9 @@ def mix(pairs: Sequence[dict[str, Any]], kind: str, fraction: float | None, seed
     f = other_fraction(kind, fraction)
     own = [i for i, p in enumerate(pairs) if p["safety"] == (kind == "safety")]
     others = [i for i, p in enumerate(pairs) if p["safety"] != (kind == "safety")]
+    if not own:
+        raise KubellamaError(f"no {kind} pairs to train the {kind} RM on (pairs are safety pairs when their prompt "
+                             f"is safety-tagged: data.preference.sources[].safety, data.preference.synthetic_safety)")
     take = min(len(others), round(len(own) * f / (1.0 - f)))
     picked = np.random.default_rng(seed).choice(len(others), size=take, replace=False) if take else []
     indices = sorted(own + [others[j] for j in picked])

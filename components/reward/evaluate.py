@@ -37,6 +37,10 @@ def accuracy_by_rating(chosen: torch.Tensor, rejected: torch.Tensor, ratings: Se
     return out
 
 
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for scores far apart
+
+
 def calibration(chosen: torch.Tensor, rejected: torch.Tensor, bins: int) -> list[dict[str, Any]]:
     """Rows of (score difference range, mean, observed preference rate, predicted σ(difference), count). Every pair
     counts twice, as (d, preferred) and (-d, not preferred), so the table does not depend on the order of sides."""
@@ -48,7 +52,7 @@ def calibration(chosen: torch.Tensor, rejected: torch.Tensor, bins: int) -> list
     for part in np.array_split(order, min(bins, len(order))) if len(order) else []:
         xs = x[part]
         rows.append({"low": float(xs.min()), "high": float(xs.max()), "mean_diff": float(xs.mean()),
-                     "observed": float(y[part].mean()), "predicted": float((1 / (1 + np.exp(-xs))).mean()),
+                     "observed": float(y[part].mean()), "predicted": float(sigmoid(xs).mean()),
                      "n": int(len(part))})
     return rows
 
@@ -63,7 +67,7 @@ def calibration_png(rows: Sequence[dict[str, Any]], title: str) -> bytes:
     xs = [r["mean_diff"] for r in rows]
     span = max([abs(v) for v in xs] + [1.0])
     grid = np.linspace(-span, span, 200)
-    ax.plot(grid, 1 / (1 + np.exp(-grid)), lw=1.0, color="grey", label="σ(difference)")
+    ax.plot(grid, sigmoid(grid), lw=1.0, color="grey", label="σ(difference)")
     ax.plot(xs, [r["observed"] for r in rows], "o-", lw=1.2, label="observed")
     ax.set_xlabel("score difference r(a) - r(b)")
     ax.set_ylabel("rate of a preferred")
@@ -86,7 +90,7 @@ def score_pairs(scorer: Scorer, pairs: Sequence[dict[str, Any]]) -> tuple[torch.
         c, r, n = encode_pair(scorer.tok, pairs[i], scorer.max_len)  # type: ignore[arg-type]
         seqs += [c, r]
         cut += n
-    scores = scorer.score_ids(seqs).view(-1, 2) if seqs else torch.empty(0, 2)
+    scores = scorer.score_ids(seqs).view(-1, 2)  # also with no pairs here: the other ranks need its forwards
     parts: list[Any] = [(mine, scores, cut)]
     if world > 1:
         parts = [None] * world
@@ -152,7 +156,8 @@ def sections(res: dict[str, Any], mix: dict[str, Any], kind: str) -> list[Sectio
     if "combined" in res:
         c = res["combined"]
         out.append(Section("Safety threshold of the combined reward", text=(
-            f"R_c takes the safety reward when the prompt is safety-tagged or sigmoid(R_s) < {c['threshold']}. On the "
+            f"R_c takes the safety reward R_s = sigmoid(score) when the prompt is safety-tagged or R_s < "
+            f"{c['threshold']}. On the "
             f"safety test set that rule flags {c['flagged']} of {c['responses']} responses ({c['unsafe']} unsafe): "
             f"precision {_pct(c['precision'])}%, recall {_pct(c['recall'])}% (paper: 89 / 55)."), tables=[]))
     out.append(Section("Calibration", text=("Each pair in both orders, in equal-count bins of the score difference; "

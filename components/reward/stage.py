@@ -18,7 +18,7 @@ import math
 from typing import Any, Sequence
 
 from components.core import dist, launch, runs, storage
-from components.core.errors import ConfigError
+from components.core.errors import ConfigError, KubellamaError
 from components.core.report import loss_png, write_report
 from components.core.scorer import CLASSIFIER, Scorer, build
 from components.core.shards import Prefetcher
@@ -56,6 +56,8 @@ def train(cfg: Config) -> dict[str, Any]:
     env = dist.init()
     p = cfg.reward
     tok_url = storage.join(p.data, "tokenizer.model")
+    if not storage.exists(tok_url):
+        raise KubellamaError(f"{tok_url} does not exist: reward.data must be a data prep output")
     tok = Tokenizer(tok_url)
     pairs, digest = data.read_pairs(storage.join(p.data, "preference", "train.jsonl"))
     held_out, _ = data.read_pairs(storage.join(p.data, "preference", "eval.jsonl"))
@@ -65,10 +67,11 @@ def train(cfg: Config) -> dict[str, Any]:
                              p.micro_batch, cfg.run.seed)
     fp = runs.fingerprint(cfg, NAME, VOLATILE, **{"data.manifest": digest, "data.tokenizer": tok.sha256,
                                                   "init": p.init or None})
-    trainer = Trainer(section, cfg.model, p.output, Prefetcher(source), loss_fn=pair_loss(p.margin, p.aux_loss_weight),
-                      model=build(cfg.model, cfg.run.seed), seed=cfg.run.seed, name=NAME, env=env, init=p.init,
-                      init_optional=("score.",), fingerprint=fp, run_id=cfg.run.id)
-    summary = trainer.fit()
+    with Prefetcher(source) as batches:
+        trainer = Trainer(section, cfg.model, p.output, batches, loss_fn=pair_loss(p.margin, p.aux_loss_weight),
+                          model=build(cfg.model, cfg.run.seed), seed=cfg.run.seed, name=NAME, env=env, init=p.init,
+                          init_optional=("score.",), fingerprint=fp, run_id=cfg.run.id)
+        summary = trainer.fit()
     result: dict[str, Any] = {}
     if summary["status"] == "completed":
         result = evaluate.evaluate(Scorer(trainer.model, tok, p.eval_batch, p.seq_len), held_out, p)
