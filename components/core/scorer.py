@@ -25,6 +25,7 @@ from components.core import checkpoint, dist, storage
 from components.core.errors import KubellamaError
 from components.core.model import Llama, count_params
 from components.core.tokenizer import Tokenizer
+from components.core.trainer import FULL_INIT_MAX_PARAMS, shard
 from conf.schema.model import ModelConfig
 from conf.schema.train import TrainConfig
 
@@ -60,8 +61,6 @@ class RewardModel(Llama):
 def build(cfg: ModelConfig, seed: int) -> RewardModel:
     """A reward model every rank builds alike: seeded weights, or the meta device for huge models (see
     trainer.build_llama)."""
-    from components.core.trainer import FULL_INIT_MAX_PARAMS
-
     torch.manual_seed(seed)
     if count_params(cfg) <= FULL_INIT_MAX_PARAMS:
         return RewardModel(cfg)
@@ -125,8 +124,6 @@ class Scorer:
         """Collective: the reward model at `url` (an RM stage output, one of its checkpoints, or its HF export),
         sharded over all ranks like training (`train_cfg` gives mixed precision and activation checkpointing), each
         rank reading only its own slices. The tokenizer defaults to the one shipped in the export."""
-        from components.core.trainer import shard
-
         env = env or dist.init()
         model = build(model_cfg or model_config(url), seed=0)
         meta = any(p.is_meta for p in model.parameters())
