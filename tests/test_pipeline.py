@@ -33,7 +33,7 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     path, docs = compile_docs(tmp_path, ["pretrain.lr=0.0002"])
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
-    assert list(tasks) == ["data-prep", "pretrain", "safety-eval"]
+    assert list(tasks) == ["data-prep", "pretrain", "reward-helpfulness", "reward-safety", "safety-eval"]
     assert tasks["pretrain"]["dependentTasks"] == ["data-prep"]
     # Safety eval gates the newest model (here pretraining's) and reads data prep's prompt sets.
     assert tasks["safety-eval"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"] == {
@@ -65,8 +65,8 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     assert "accelerator" not in json.dumps(execs)
     loaded = components.load_component_from_file(path)
     assert loaded.name == "kubellama-llama2"
-    assert set(loaded.component_spec.inputs) == {"config_data_prep", "config_pretrain", "config_safety_eval",
-                                                 "overrides"}
+    assert set(loaded.component_spec.inputs) == {"config_data_prep", "config_pretrain", "config_reward_helpfulness",
+                                                 "config_reward_safety", "config_safety_eval", "overrides"}
 
 
 def _step_inputs(docs, task: str) -> tuple:
@@ -163,13 +163,14 @@ def test_multi_node_training_launches_job_from_a_cpu_pod(tmp_path):
 
 
 def test_skipped_stages_start_from_config(tmp_path):
-    overrides = ["pipeline.stages.data_prep=false", "pretrain.data=s3://b/shards"]
+    overrides = ["pipeline.stages.data_prep=false", "pretrain.data=s3://b/shards", "pipeline.stages.reward=false"]
     assert "importer                     after: -                    import s3://b/shards" in run.dag_text(
         run.resolve(overrides), overrides)
     _, docs = compile_docs(tmp_path, overrides)
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
-    assert list(tasks) == ["importer", "pretrain", "safety-eval"]
+    # Safety eval imports its own `data` (data prep's output for this config): one importer per URL.
+    assert sorted(tasks) == ["importer", "importer-2", "pretrain", "safety-eval"]
     imp = spec["deploymentSpec"]["executors"][executor(spec, "importer")]["importer"]
     assert imp["artifactUri"]["constant"] == "s3://b/shards"
     assert imp["typeSchema"]["schemaTitle"] == "system.Dataset"
@@ -177,11 +178,13 @@ def test_skipped_stages_start_from_config(tmp_path):
 
     _, docs = compile_docs(tmp_path, ["pipeline.stages.pretrain=false", "pipeline.init_checkpoint=s3://b/hf/7b"])
     spec = docs[0]
-    # Safety eval then evaluates the imported checkpoint.
+    # Both reward models start from the configured checkpoint, through one importer; safety eval evaluates it too.
     tasks = spec["root"]["dag"]["tasks"]
-    assert list(tasks) == ["data-prep", "importer", "safety-eval"]
+    assert sorted(tasks) == ["data-prep", "importer", "reward-helpfulness", "reward-safety", "safety-eval"]
     imp = spec["deploymentSpec"]["executors"][executor(spec, "importer")]["importer"]
     assert imp["artifactUri"]["constant"] == "s3://b/hf/7b" and imp["typeSchema"]["schemaTitle"] == "system.Model"
+    assert {tasks[t]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"]
+            for t in ("reward-helpfulness", "reward-safety")} == {"importer"}
     assert tasks["safety-eval"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "importer"
 
 
@@ -196,7 +199,8 @@ def test_single_stage_pipelines(tmp_path):
 def test_bad_switches_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="every stage off"):
         compile_docs(tmp_path, ["pipeline.stages.data_prep=false", "pipeline.stages.pretrain=false",
-                                "pipeline.stages.safety_eval=false"])
+                                "pipeline.stages.safety_eval=false",
+                                "pipeline.stages.reward=false"])
     with pytest.raises(ConfigError, match="'pipeline.stages.pretrian'"):
         compile_docs(tmp_path, ["pipeline.stages.pretrian=false"])
     # Without data prep, pretraining reads what data prep would write for this config.

@@ -7,16 +7,15 @@ Adding a stage touches its folder (`components/<name>/`: stage.py, component.py,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Input:
-    """A step input: the artifact `name` of the component, made by stage `source`. When that stage is not in the
-    pipeline, the URL at config key `<stage>.<key>` is imported instead.
-
-    `source` may also be a tuple of candidate stages, in order of preference: the first one the pipeline runs makes
-    the input (safety eval takes the newest model: PPO, else rejection sampling, GAtt, SFT, pretraining). Candidates
-    need not be registered yet; the first registered one gives the artifact kind of an import."""
+    """A step input: the artifact `name` of the component, made by stage `source` (or by one step of a stage with
+    variants, e.g. `reward_safety`). `source` may list candidates instead, the first one in the pipeline winning
+    (a model from gatt, else sft, else pretrain). When none is in the pipeline, the URL at config key
+    `<stage>.<key>` is imported instead."""
 
     name: str
     source: str | tuple[str, ...]
@@ -39,6 +38,18 @@ class Stage:
     inputs: tuple[Input, ...] = ()
     # A training stage runs through the shared launcher (core/launch.py) in a GPU pod or a torchx job.
     training: bool = False
+    # Run once per variant, side by side, with `<name>.<variant_key>=<variant>` (the reward models: helpfulness ||
+    # safety). Steps and output folders are then named `<name>_<variant>`.
+    variants: tuple[str, ...] = ()
+    variant_key: str = "kind"
+
+    def steps(self) -> tuple[tuple[str, str], ...]:
+        """(step name, variant) of each of the stage's steps."""
+        return tuple((f"{self.name}_{v}", v) for v in self.variants) or ((self.name, ""),)
+
+    def step_of(self, section: Any) -> str:
+        """The step (and output folder name) a config section of this stage runs as."""
+        return f"{self.name}_{section[self.variant_key]}" if self.variants else self.name
 
     @property
     def module(self) -> str:
@@ -59,6 +70,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("pretrain", "pretrain", "stage: FSDP pretraining (torchx local or Kubernetes)",
           reads=("run", "model", "pretrain", "cluster"), output="model",
           inputs=(Input("data", "data_prep", "data"),), training=True),
+    Stage("reward", "reward model", "stage: helpfulness or safety reward model (reward.kind)",
+          reads=("run", "model", "reward", "cluster"), output="model",
+          inputs=(Input("data", "data_prep", "data"), Input("init", ("gatt", "sft", "pretrain"), "init")),
+          training=True, variants=("helpfulness", "safety")),
     # Last: evaluates the newest model of the run (and the run's other checkpoints side by side), gates promotion
     # and writes the run's page.
     Stage("safety_eval", "safety eval", "stage: safety benchmarks, side-by-side report, promotion gate",
@@ -68,6 +83,11 @@ STAGES: tuple[Stage, ...] = (
 )
 
 BY_NAME = {s.name: s for s in STAGES}
+
+
+def producer(name: str) -> Stage | None:
+    """The stage making the output of stage or step `name` (None for a name not in the registry)."""
+    return next((s for s in STAGES if name == s.name or name in dict(s.steps())), None)
 
 
 def get(name: str) -> Stage:

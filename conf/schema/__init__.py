@@ -11,6 +11,7 @@ from conf.schema.data import DataConfig
 from conf.schema.model import ModelConfig
 from conf.schema.pipeline import PipelineConfig
 from conf.schema.safety_eval import SafetyEvalConfig
+from conf.schema.reward import RewardConfig
 from conf.schema.train import PretrainConfig
 from conf.schema.tools import GenerateConfig, PlanConfig
 
@@ -32,6 +33,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -41,5 +43,5 @@ class Config:
 
 __all__ = [
     "Config", "RunConfig", "ModelConfig", "DataConfig", "PretrainConfig", "ClusterConfig", "PipelineConfig",
-    "GenerateConfig", "PlanConfig", "SafetyEvalConfig",
+    "GenerateConfig", "PlanConfig", "SafetyEvalConfig", "RewardConfig",
 ]
