@@ -13,6 +13,9 @@ class GattConfig(SftTrainConfig):
     # Instruction families (components/gatt/families.py): the paper's hobby, language, figure and combo (two of
     # them at once), and first_word / caps, which a function can check on any answer.
     families: List[str] = field(default_factory=lambda: ["hobby", "language", "figure", "combo", "first_word"])
+    # The words of `first_word` instructions ("Begin every answer with the word W").
+    first_words: List[str] = field(default_factory=lambda: ["Indeed", "Certainly", "Absolutely", "Sure", "Well",
+                                                            "Okay", "Alright", "Right"])
     # "given": the dialog's own answers (a checkable family rewrites them to comply, standing in for the paper's
     # RLHF model that follows an instruction present in every turn); "sample": answers sampled from `init` with the
     # instruction in every user turn, dialogs failing a checkable instruction dropped.
