@@ -126,3 +126,22 @@ def test_gatt_raises_turn8_adherence_over_the_sft_model(tmp_path, data, capsys):
     with open(metrics) as f:
         meta = json.load(f)["artifacts"]["metrics"]["artifacts"][0]["metadata"]
     assert meta["adherence_after.8"] == after["8"]
+
+
+def test_sampled_answers_come_from_the_model(tmp_path, data, capsys):
+    """`gatt.answers=sample`: the set's answers are the init model's (random weights here), not the dialogs'; a
+    family without a check keeps every dialog, and without a checkable family there is no adherence eval."""
+    gatt = sft_overrides("gatt", families="[hobby]", answers="sample", max_dialogs=6, min_turns=2, max_new_tokens=5,
+                         temperature=1.0, max_steps=1)
+    assert cli(["gatt", *gatt, f"gatt.data={data}", f"run.root={tmp_path}", "run.id=s"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["adherence_before"] == {} == summary["adherence_after"] and summary["gatt_examples"] == 6
+    given = {tuple(d.users): d.answers for d in read_dialogs(os.path.join(data, "sft", "dialogs", "train.jsonl"), 2)}
+    records = [json.loads(x) for x in storage.read_text(os.path.join(summary["gatt_set"], "train.jsonl")).splitlines()]
+    assert len(records) == 6
+    for rec in records:
+        users = [m["content"] for m in rec["messages"] if m["role"] == "user"]
+        answers = [m["content"] for m in rec["messages"] if m["role"] == "assistant"]
+        original = (users[0][:-len(rec["instruction"]) - 1], *users[1:])
+        assert rec["answers"] == "sampled" and answers != given[original]
+    assert "No checkable family" in storage.read_text(os.path.join(tmp_path, "s", "gatt", "report.md"))

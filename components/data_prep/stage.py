@@ -444,7 +444,7 @@ def summary(rep: dict) -> dict:
     s["dropped"] = sum(rep["clean"]["dropped"].values())
     s["pii_scrubbed"] = sum(rep["clean"]["pii"].values())
     if rep.get("sft"):
-        s["sft_examples"] = rep["sft"]["examples"]
+        s["sft_examples"] = sum(rep["sft"]["sources"].values())  # source dialogs, chained ones not counted
     if rep.get("preference"):
         s["preference_pairs"] = rep["preference"]["train"] + rep["preference"]["eval"]
     return s
