@@ -140,3 +140,22 @@ def test_gpu_check_skips_without_a_gpu():
     out = subprocess.run([sys.executable, "-m", "components.core.attention", "--check"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "attention check: skipped (no CUDA device)"
+
+
+def test_fsdp_with_the_bf16_policy_passes_the_block_mask_through(monkeypatch):
+    """What the GPU runs, forward only on CPU: an FSDP2-sharded model under the bf16 policy gets the BlockMask
+    through its per-block hooks and scores a packed batch like the dense path."""
+    from components.core import dist
+    from components.core.trainer import causal_lm_loss, shard
+    from conf.schema.train import TrainConfig
+
+    env = dist.init()
+    torch.manual_seed(4)
+    model = shard(Llama(CFG), TrainConfig(mixed_precision="bf16"), env)
+    batch = packed_batch(examples(), pad=6)
+    with torch.no_grad():
+        monkeypatch.setenv(attention.MODE_ENV, "block")
+        block, n = causal_lm_loss(model, batch)
+        monkeypatch.setenv(attention.MODE_ENV, "dense")
+        dense, _ = causal_lm_loss(model, batch)
+    assert torch.allclose(block / n, dense / n, rtol=1e-2)
