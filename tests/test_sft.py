@@ -131,7 +131,8 @@ def test_sft_lowers_heldout_loss_checkpoints_each_epoch_and_exports(tmp_path, da
 
 
 def test_init_from_another_run_starts_from_its_weights(tmp_path, data, capsys):
-    """`sft.init` = a stage output folder: the held-out loss at the start is the other run's at its end."""
+    """`sft.init` = a stage output folder or an HF folder: the held-out loss at the start is the other run's at its
+    end."""
     assert cli(["sft", *overrides(tmp_path / "a", data, "sft.max_steps=6")]) == 0
     first = json.loads(capsys.readouterr().out)
     assert cli(["sft", *overrides(tmp_path / "b", data, "sft.max_steps=2", f"sft.init={first['output']}")]) == 0
@@ -139,6 +140,11 @@ def test_init_from_another_run_starts_from_its_weights(tmp_path, data, capsys):
     assert second["heldout"][0]["step"] == 0 and first["heldout"][-1]["step"] == 6
     assert second["heldout_loss_start"] == pytest.approx(first["heldout_loss_end"], abs=1e-6)
     assert second["lineage"]["parent"].endswith("step_0000006")
+    # Its HF export is the same weights, read through the Hugging Face path.
+    assert cli(["sft", *overrides(tmp_path / "c", data, "sft.max_steps=1", f"sft.init={first['hf']}")]) == 0
+    third = json.loads(capsys.readouterr().out)
+    assert third["heldout_loss_start"] == pytest.approx(first["heldout_loss_end"], abs=1e-6)
+    assert third["lineage"]["parent"] == first["hf"]
 
 
 def start(root, data: str, *more: str) -> subprocess.Popen:
