@@ -42,7 +42,12 @@ DEMO = ["pretrain.max_steps=40", "pretrain.warmup_steps=4", "pretrain.global_bat
         "safety_eval.gate.min_refusal_pct=null", "safety_eval.gate.max_toxic_pct=10",
         "safety_eval.gate.max_toxic_increase=10", "safety_eval.gate.truth_margin=0.25",
         "reward.max_steps=30", "reward.pairs_per_batch=16", "reward.micro_batch=8", "reward.seq_len=128",
-        "reward.lr=3e-4", "reward.log_every=5", "data.preference.eval_fraction=0.1"]
+        "reward.lr=3e-4", "reward.log_every=5", "data.preference.eval_fraction=0.1",
+        # SFT and GAtt: 2 epochs of 8 rows per step over the first 120 Alpaca dialogs (components/data_prep/samples),
+        # a learning rate for a model that has seen 40 steps rather than 2T tokens.
+        "sft.lr=1e-3", "sft.global_batch_tokens=2048", "sft.micro_batch=8", "sft.log_every=5",
+        "gatt.lr=1e-3", "gatt.global_batch_tokens=2048", "gatt.micro_batch=8", "gatt.log_every=5",
+        "gatt.min_turns=1", "gatt.message_chars=160", "gatt.eval_dialogs=8", "gatt.eval_max_new_tokens=8"]
 
 
 def resolve(overrides: Sequence[str]) -> Config:

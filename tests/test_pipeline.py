@@ -33,11 +33,20 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     path, docs = compile_docs(tmp_path, ["pretrain.lr=0.0002"])
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
-    assert list(tasks) == ["data-prep", "pretrain", "reward-helpfulness", "reward-safety", "safety-eval"]
+    assert sorted(tasks) == ["data-prep", "gatt", "pretrain", "reward-helpfulness", "reward-safety", "safety-eval",
+                             "sft"]
     assert tasks["pretrain"]["dependentTasks"] == ["data-prep"]
-    # Safety eval gates the newest model (here pretraining's) and reads data prep's prompt sets.
-    assert tasks["safety-eval"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"] == {
+    # SFT starts from pretraining's model, GAtt from SFT's; both read data prep's output.
+    assert sorted(tasks["sft"]["dependentTasks"]) == ["data-prep", "pretrain"]
+    assert tasks["sft"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"] == {
         "outputArtifactKey": "model", "producerTask": "pretrain"}
+    assert tasks["gatt"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "model", "producerTask": "sft"}
+    # The reward models start from the newest model (GAtt's); safety eval gates it and reads data prep's prompts.
+    for t in ("reward-helpfulness", "reward-safety"):
+        assert tasks[t]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"] == "gatt"
+    assert tasks["safety-eval"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "model", "producerTask": "gatt"}
     assert tasks["safety-eval"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"]["producerTask"] == "data-prep"
     assert tasks["pretrain"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"] == {
         "outputArtifactKey": "dataset", "producerTask": "data-prep"}
@@ -65,8 +74,9 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     assert "accelerator" not in json.dumps(execs)
     loaded = components.load_component_from_file(path)
     assert loaded.name == "kubellama-llama2"
-    assert set(loaded.component_spec.inputs) == {"config_data_prep", "config_pretrain", "config_reward_helpfulness",
-                                                 "config_reward_safety", "config_safety_eval", "overrides"}
+    assert set(loaded.component_spec.inputs) == {"config_data_prep", "config_pretrain", "config_sft", "config_gatt",
+                                                 "config_reward_helpfulness", "config_reward_safety",
+                                                 "config_safety_eval", "overrides"}
 
 
 def _step_inputs(docs, task: str) -> tuple:
@@ -169,8 +179,8 @@ def test_skipped_stages_start_from_config(tmp_path):
     _, docs = compile_docs(tmp_path, overrides)
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
-    # Safety eval imports its own `data` (data prep's output for this config): one importer per URL.
-    assert sorted(tasks) == ["importer", "importer-2", "pretrain", "safety-eval"]
+    # The later stages import their own `data` (data prep's output for this config): one importer per URL.
+    assert sorted(tasks) == ["gatt", "importer", "importer-2", "pretrain", "safety-eval", "sft"]
     imp = spec["deploymentSpec"]["executors"][executor(spec, "importer")]["importer"]
     assert imp["artifactUri"]["constant"] == "s3://b/shards"
     assert imp["typeSchema"]["schemaTitle"] == "system.Dataset"
@@ -178,14 +188,16 @@ def test_skipped_stages_start_from_config(tmp_path):
 
     _, docs = compile_docs(tmp_path, ["pipeline.stages.pretrain=false", "pipeline.init_checkpoint=s3://b/hf/7b"])
     spec = docs[0]
-    # Both reward models start from the configured checkpoint, through one importer; safety eval evaluates it too.
+    # SFT starts from the imported checkpoint instead; the reward models and safety eval from GAtt's model.
     tasks = spec["root"]["dag"]["tasks"]
-    assert sorted(tasks) == ["data-prep", "importer", "reward-helpfulness", "reward-safety", "safety-eval"]
+    assert sorted(tasks) == ["data-prep", "gatt", "importer", "reward-helpfulness", "reward-safety", "safety-eval",
+                             "sft"]
     imp = spec["deploymentSpec"]["executors"][executor(spec, "importer")]["importer"]
     assert imp["artifactUri"]["constant"] == "s3://b/hf/7b" and imp["typeSchema"]["schemaTitle"] == "system.Model"
+    assert tasks["sft"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"] == "importer"
     assert {tasks[t]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"]
-            for t in ("reward-helpfulness", "reward-safety")} == {"importer"}
-    assert tasks["safety-eval"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "importer"
+            for t in ("reward-helpfulness", "reward-safety")} == {"gatt"}
+    assert tasks["safety-eval"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "gatt"
 
 
 def test_single_stage_pipelines(tmp_path):
@@ -200,7 +212,8 @@ def test_bad_switches_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="every stage off"):
         compile_docs(tmp_path, ["pipeline.stages.data_prep=false", "pipeline.stages.pretrain=false",
                                 "pipeline.stages.safety_eval=false",
-                                "pipeline.stages.reward=false"])
+                                "pipeline.stages.reward=false",
+                                "pipeline.stages.sft=false", "pipeline.stages.gatt=false"])
     with pytest.raises(ConfigError, match="'pipeline.stages.pretrian'"):
         compile_docs(tmp_path, ["pipeline.stages.pretrian=false"])
     # Without data prep, pretraining reads what data prep would write for this config.

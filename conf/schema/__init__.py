@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 
 from conf.schema.cluster import ClusterConfig
 from conf.schema.data import DataConfig
+from conf.schema.gatt import GattConfig
 from conf.schema.model import ModelConfig
 from conf.schema.pipeline import PipelineConfig
 from conf.schema.safety_eval import SafetyEvalConfig
 from conf.schema.reward import RewardConfig
+from conf.schema.sft import SftTrainConfig
 from conf.schema.train import PretrainConfig
 from conf.schema.tools import GenerateConfig, PlanConfig
 
@@ -33,6 +35,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SftTrainConfig = field(default_factory=SftTrainConfig)
+    gatt: GattConfig = field(default_factory=GattConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -43,5 +47,5 @@ class Config:
 
 __all__ = [
     "Config", "RunConfig", "ModelConfig", "DataConfig", "PretrainConfig", "ClusterConfig", "PipelineConfig",
-    "GenerateConfig", "PlanConfig", "SafetyEvalConfig", "RewardConfig",
+    "GenerateConfig", "PlanConfig", "SafetyEvalConfig", "RewardConfig", "SftTrainConfig", "GattConfig",
 ]
