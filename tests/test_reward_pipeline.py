@@ -15,8 +15,13 @@ from test_pipeline_local import TINY, corpus, executor_output, outputs
 from test_reward_support import write_jsonl
 
 
+# SFT, GAtt and safety eval off: these tests are about the reward models starting from pretraining (or a configured
+# checkpoint).
+NO_SFT = ["pipeline.stages.sft=false", "pipeline.stages.gatt=false", "pipeline.stages.safety_eval=false"]
+
+
 def test_both_reward_models_run_side_by_side_after_pretraining(tmp_path):
-    _, docs = compile_docs(tmp_path, ["reward.lr=2e-5"])
+    _, docs = compile_docs(tmp_path, ["reward.lr=2e-5", *NO_SFT])
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
     for kind in ("helpfulness", "safety"):
@@ -44,11 +49,11 @@ def test_model_inputs_come_from_the_newest_stage_in_the_pipeline():
 
 
 def test_skipped_pretraining_starts_the_reward_models_from_config(tmp_path):
-    overrides = ["pipeline.stages.pretrain=false", "reward.init=s3://b/sft/hf"]
+    overrides = ["pipeline.stages.pretrain=false", "reward.init=s3://b/sft/hf", *NO_SFT]
     text = run.dag_text(run.resolve(overrides), overrides)
     assert "import s3://b/sft/hf" in text and text.count("importer") == 3  # one importer, read by both steps
     with pytest.raises(ConfigError, match="'pipeline.init_checkpoint' is empty"):
-        compile_docs(tmp_path, ["pipeline.stages.pretrain=false"])
+        compile_docs(tmp_path, ["pipeline.stages.pretrain=false", *NO_SFT])
 
 
 def test_each_reward_model_writes_its_own_folder():
