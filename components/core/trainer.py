@@ -3,8 +3,8 @@
 What it does, in the order a step sees it:
 - FSDP2: `fully_shard` on each transformer block, then on the root, over a 1-D mesh of all ranks. A
   MixedPrecisionPolicy from `mixed_precision`: `auto` is bf16 compute parameters with fp32 gradient reduction on
-  GPU, plain fp32 on CPU (CPU bf16 matmuls are slow and tests want exact numbers). The sharded master copy and the
-  optimizer state stay fp32 either way.
+  GPU and on CPUs with native bf16 matmuls (AMX, AVX512-BF16), plain fp32 on other CPUs (emulated bf16 is slower).
+  The sharded master copy and the optimizer state stay fp32 either way; tests that compare exact numbers pin fp32.
 - Activation checkpointing per block: `none`, `full` (every block) or `every_k` (every `ac_every`-th block).
 - Gradient accumulation: micro-batches of `micro_batch` rows on every rank until `global_batch_tokens` is reached
   (`global_batch_tokens = micro_batch · seq_len · world_size · accumulation`). The loss is a token-level mean over the
@@ -52,6 +52,7 @@ from components.core import checkpoint, dist, storage
 from components.core.errors import ConfigError, KubellamaError
 from components.core.metrics import MetricsLog, Throughput, peak_flops, peak_memory_gib, plot_loss
 from components.core.model import Llama, count_params, flops_per_token
+from components.core.precision import compute_dtype, model_gemm_shapes
 from conf.schema.model import ModelConfig
 from conf.schema.train import TrainConfig
 
@@ -110,13 +111,11 @@ def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float
 
 
 def mp_policy(mode: str, device: torch.device) -> MixedPrecisionPolicy | None:
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "fp32"
-    if mode == "fp32":
+    """bf16 compute parameters over fp32 master shards, gradients reduced in fp32; None (plain fp32) where the
+    compute dtype is fp32 (components/core/precision.py decides what `auto` means on this device)."""
+    if compute_dtype(mode, device) == torch.float32:
         return None
-    if mode == "bf16":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    raise ConfigError(f"mixed_precision={mode!r}: expected auto, bf16 or fp32")
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
@@ -231,7 +230,8 @@ class Trainer:
         # A row of seq_len tokens trains seq_len - 1 positions (inputs row[:-1]): throughput and MFU count those.
         self.context = self.data.seq_len - 1
         self.flops = flops_per_token(self.model_cfg, self.context)
-        self.peak = peak_flops(env.device)
+        self.peak = peak_flops(env.device, compute_dtype(cfg.mixed_precision, env.device),
+                               model_gemm_shapes(self.model_cfg, min(cfg.micro_batch * self.context, 512), head=False))
         self.last_ckpt: str | None = None
         self._stop_requested = False
 
