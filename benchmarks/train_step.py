@@ -9,9 +9,10 @@ SDPA attention. Ours is the real thing: the trainer core's `train_step` (FSDP2 o
 the same code multi-GPU runs use).
 
 Each side runs in its own child process, and rounds alternate (peak, ours, transformers), so peak memory is per side
-and load from other processes hits every side alike; the figures are medians over rounds. The GEMM peak is
-measured at the model's matmul shapes, in bf16 and fp32, in each round; MFU is the model FLOPs achieved
-(components/core/model.py `flops_per_token`) over the best peak seen in the compute dtype.
+and load from other processes hits every side alike; tokens/s is taken from the median step over all rounds. The
+GEMM peak is measured at the model's matmul shapes, in bf16 and fp32, in each round; MFU is the model FLOPs
+achieved (components/core/model.py `flops_per_token`) over the best peak seen in the compute dtype (on a GPU also
+over the data-sheet bf16 peak, components/core/metrics.py).
 
     python benchmarks/train_step.py                       # tiny model (conf/model/tiny.yaml), target ours/HF >= 1.0
     python benchmarks/train_step.py --preset cpu-100m     # ~134M, bf16, 512 tokens: >= 1.15x and MFU >= 45%
@@ -94,7 +95,8 @@ def _peak_gib(device) -> float:
 
 
 def _timed(step, p: dict, device) -> dict:
-    """Tokens/s over the timed steps, and of the fastest single step (the one least disturbed by other load)."""
+    """Seconds of each timed step: the parent takes the median over every step of every round, which a burst of
+    other load on the machine moves less than a round's mean."""
     times = []
     for _ in range(p["steps"]):
         _sync(device)
@@ -102,9 +104,7 @@ def _timed(step, p: dict, device) -> dict:
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    tokens = p["batch"] * (p["model"]["max_seq_len"] - 1)
-    return {"tokens_per_s": tokens * len(times) / sum(times), "best_step_tokens_per_s": tokens / min(times),
-            "peak_gib": _peak_gib(device)}
+    return {"step_s": times, "peak_gib": _peak_gib(device)}
 
 
 def _dtype(p: dict, device):
@@ -158,12 +158,14 @@ def hf(p: dict) -> dict:
     data = RandomRows(seq, mcfg.vocab_size)
     if p["ac"] == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    forward = torch.compile(model) if p["compile"] else model
+    if p["compile"]:
+        for layer in model.model.layers:
+            layer.compile()  # the same blocks ours compiles (pretrain.compile=true)
 
     def step() -> None:
         tokens = torch.from_numpy(data.next_batch(p["batch"])["tokens"]).to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            logits = forward(input_ids=tokens[:, :-1], use_cache=False).logits
+            logits = model(input_ids=tokens[:, :-1], use_cache=False).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -237,39 +239,40 @@ def report(p: dict, args, runs: dict[str, list[dict]], load: float) -> None:
     from conf.schema.model import ModelConfig
 
     mcfg = ModelConfig(**p["model"])
+    tokens = p["batch"] * (mcfg.max_seq_len - 1)
     flops = flops_per_token(mcfg, mcfg.max_seq_len - 1)
     info = runs["ours"][0]
     on_gpu = info["device"].startswith("cuda")
-    bf16 = info["dtype"] == "torch.bfloat16"
-    med = {s: statistics.median(r["tokens_per_s"] for r in runs[s]) for s in ("ours", "hf")}
+    dtype = "bf16" if info["dtype"] == "torch.bfloat16" else "fp32"
+    steps = {s: [t for r in runs[s] for t in r["step_s"]] for s in ("ours", "hf")}
+    med = {s: tokens / statistics.median(steps[s]) for s in steps}
     peaks = {k: max(r[k] for r in runs["peak"]) for k in ("bf16", "fp32")}
-    peak = peaks["bf16" if bf16 else "fp32"]
-    mem = {s: max(r["peak_gib"] for r in runs[s]) for s in ("ours", "hf")}
-    print(f"model: {count_params(mcfg) / 1e6:.1f}M params, batch {p['batch']} x {mcfg.max_seq_len - 1} tokens, "
-          f"{'bf16' if bf16 else 'fp32'} ({p['precision']}), AC {p['ac']}, compiled: {p['compile']}, "
-          f"device {info['device']}, {args.rounds} rounds x {p['steps']} steps, load average before {load:.2f}")
-    print(f"measured GEMM peak at the model's shapes: bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s, "
-          f"fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s; model {flops / 1e9:.3f} GFLOP/token")
-    mem_kind = "peak GPU memory" if on_gpu else "peak RSS"
-    mfu = {}
-    for s, label in (("ours", "kubellama trainer step"), ("hf", "transformers LlamaForCausalLM")):
-        mfu[s] = med[s] * flops / peak
-        each = ", ".join(f"{r['tokens_per_s']:.0f}" for r in runs[s])
-        best = max(r["best_step_tokens_per_s"] for r in runs[s])
-        print(f"  {label:30s} median {med[s]:8.0f} tokens/s (rounds: {each}; best step {best:.0f})  "
-              f"MFU {mfu[s] * 100:.1f}% of measured {'bf16' if bf16 else 'fp32'} peak  "
-              f"{mem_kind} {mem[s]:.2f} GiB  warm-up {statistics.median(r['warmup_s'] for r in runs[s]):.0f} s")
+    mem = {s: max(r["peak_gib"] for r in runs[s]) for s in steps}
+    sheet, name = None, info["device"]
     if on_gpu:
         import torch
 
         name = torch.cuda.get_device_name(0)
         sheet = next((v for k, v in PEAK_BF16 if k in name), None)
-        if sheet:
-            print(f"MFU against the {name} data-sheet bf16 peak ({sheet / 1e12:.0f} TFLOP/s): "
-                  f"ours {med['ours'] * flops / sheet * 100:.1f}%, transformers {med['hf'] * flops / sheet * 100:.1f}%")
-    if "mfu_target" in p:
-        print(f"MFU ours {mfu['ours'] * 100:.1f}% (target >= {p['mfu_target'] * 100:.0f}%)")
+    print(f"model: {count_params(mcfg) / 1e6:.1f}M params, batch {p['batch']} x {mcfg.max_seq_len - 1} tokens, "
+          f"{dtype} ({p['precision']}), AC {p['ac']}, compiled: {p['compile']}, {name}, {args.rounds} rounds x "
+          f"{p['steps']} steps, load average before {load:.2f}")
+    print(f"measured GEMM peak at the model's shapes: bf16 {peaks['bf16'] / 1e9:,.0f} GFLOP/s, "
+          f"fp32 {peaks['fp32'] / 1e9:,.0f} GFLOP/s; model {flops / 1e9:.3f} GFLOP/token")
+    mem_kind = "peak GPU memory" if on_gpu else "peak RSS"
+    mfu = {s: med[s] * flops / peaks[dtype] for s in steps}
+    for s, label in (("ours", "kubellama trainer step"), ("hf", "transformers LlamaForCausalLM")):
+        label += " (compiled)" if p["compile"] else ""
+        best = tokens / min(steps[s])
+        rounds = ", ".join(f"{tokens * len(r['step_s']) / sum(r['step_s']):.0f}" for r in runs[s])
+        on_sheet = f"  MFU {med[s] * flops / sheet * 100:.1f}% of the {sheet / 1e12:.0f} TFLOP/s data sheet" if sheet else ""
+        print(f"  {label:41s} {med[s]:9.0f} tokens/s  MFU {mfu[s] * 100:.1f}% of measured {dtype} peak{on_sheet}  "
+              f"{mem_kind} {mem[s]:.2f} GiB  (best step {best:.0f}, rounds {rounds}, warm-up "
+              f"{statistics.median(r['warmup_s'] for r in runs[s]):.0f} s)")
     print(f"memory ours/HF {mem['ours'] / mem['hf']:.2f}x")
+    if "mfu_target" in p:
+        print(f"MFU ours {mfu['ours'] * 100:.1f}% of the measured {dtype} GEMM peak (target >= "
+              f"{p['mfu_target'] * 100:.0f}%)")
     print(f"ratio {med['ours'] / med['hf']:.2f} (target >= {p['target']})")
 
 

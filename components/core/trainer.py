@@ -37,7 +37,6 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -51,12 +50,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from components.core import checkpoint, dist, storage
 from components.core.errors import ConfigError, KubellamaError
 from components.core.metrics import MetricsLog, Throughput, peak_flops, peak_memory_gib, plot_loss
-from components.core.model import Llama, count_params, flops_per_token
+from components.core.model import IGNORE, Llama, count_params, flops_per_token
 from components.core.precision import compute_dtype, model_gemm_shapes
 from conf.schema.model import ModelConfig
 from conf.schema.train import TrainConfig
 
-IGNORE = -100
 # Above this many parameters every rank cannot afford a full fp32 copy in host memory: build on the meta device and
 # initialise the shards in place (values then depend on the world size, which only matters for from-scratch runs).
 FULL_INIT_MAX_PARAMS = 3_000_000_000
@@ -96,8 +94,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     targets = batch["labels"][:, 1:] if "labels" in batch else tokens[:, 1:]
     segments = batch["segments"][:, :-1] if "segments" in batch else None
     positions = segment_positions(segments) if segments is not None else None
-    logits = model(inputs, positions=positions, segments=segments)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    loss = model(inputs, positions=positions, segments=segments, targets=targets)
     return loss, (targets != IGNORE).sum()
 
 
