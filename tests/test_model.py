@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from components.core.config import load_config
 from components.core.generate import generate, sample
-from components.core.model import IGNORE, KVCache, Llama, count_params, flops_per_token, linear_cross_entropy
+from components.core.model import (IGNORE, KVCache, Llama, Rotary, count_params, flops_per_token,
+                                   linear_cross_entropy)
 from conf.schema.model import ModelConfig
 
 
@@ -173,3 +174,12 @@ def test_model_returns_the_summed_loss_given_targets(model):
     logits = model(x)
     expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
     assert model(x, targets=targets).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_rotary_matches_rotate_half_and_its_gradient_is_exact():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = torch.randn(1, 5, 1, 8, dtype=torch.float64), torch.randn(1, 5, 1, 8, dtype=torch.float64)
+    half = torch.cat((-x[..., 4:], x[..., :4]), dim=-1)
+    assert torch.allclose(Rotary.apply(x, cos, sin), x * cos + half * sin)
+    assert torch.autograd.gradcheck(Rotary.apply, (x, cos, sin))
