@@ -11,11 +11,12 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from components.core import storage
+from components.core.precision import gemm_peak
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, from NVIDIA's data sheets. Matched by substring of
 # torch.cuda.get_device_name(); the first match wins, so the more specific names come first.
@@ -28,8 +29,14 @@ PEAK_BF16: list[tuple[str, float]] = [
 ]
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """The device's bf16 peak, or None (CPU, unknown GPU): MFU is then reported as not applicable."""
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16,
+               shapes: Sequence[tuple[int, int, int]] = ((1024, 1024, 1024),)) -> float | None:
+    """The FLOP/s that MFU divides by, or None (unknown GPU: MFU is then reported as not applicable).
+
+    GPU: the data-sheet bf16 peak. CPU: no data sheet says what a (shared, throttled, virtualised) host gives, so the
+    matmul rate in the compute dtype is measured at the model's `shapes` (once per process, well under a second)."""
+    if device.type == "cpu":
+        return gemm_peak(shapes, dtype)
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
