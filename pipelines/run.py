@@ -27,7 +27,12 @@ from pipelines import llama2
 # `kubellama run --demo` (what `make demo` runs): the tiny model on the fetched samples, trained for a couple of
 # minutes on a laptop CPU; 16 sequences of 256 tokens per step instead of the paper's 4M tokens.
 DEMO = ["pretrain.max_steps=40", "pretrain.warmup_steps=4", "pretrain.global_batch_tokens=4096",
-        "pretrain.micro_batch=8", "pretrain.ckpt_every=20", "pretrain.log_every=5", "run.name=demo"]
+        "pretrain.micro_batch=8", "pretrain.ckpt_every=20", "pretrain.log_every=5", "run.name=demo",
+        # SFT and GAtt: 2 epochs of 8 rows per step over the first 120 Alpaca dialogs (components/data_prep/samples),
+        # a learning rate for a model that has seen 40 steps rather than 2T tokens.
+        "sft.lr=1e-3", "sft.global_batch_tokens=2048", "sft.micro_batch=8", "sft.log_every=5",
+        "gatt.lr=1e-3", "gatt.global_batch_tokens=2048", "gatt.micro_batch=8", "gatt.log_every=5",
+        "gatt.min_turns=1", "gatt.message_chars=160", "gatt.eval_dialogs=8", "gatt.eval_max_new_tokens=8"]
 
 
 def resolve(overrides: Sequence[str]) -> Config:

@@ -33,8 +33,14 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     path, docs = compile_docs(tmp_path, ["pretrain.lr=0.0002"])
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
-    assert list(tasks) == ["data-prep", "pretrain"]
+    assert sorted(tasks) == ["data-prep", "gatt", "pretrain", "sft"]
     assert tasks["pretrain"]["dependentTasks"] == ["data-prep"]
+    # SFT starts from pretraining's model, GAtt from SFT's; both read data prep's output.
+    assert sorted(tasks["sft"]["dependentTasks"]) == ["data-prep", "pretrain"]
+    assert tasks["sft"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "model", "producerTask": "pretrain"}
+    assert tasks["gatt"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "model", "producerTask": "sft"}
     assert tasks["pretrain"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"] == {
         "outputArtifactKey": "dataset", "producerTask": "data-prep"}
     params = spec["root"]["inputDefinitions"]["parameters"]
@@ -61,7 +67,8 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     assert "accelerator" not in json.dumps(execs)
     loaded = components.load_component_from_file(path)
     assert loaded.name == "kubellama-llama2"
-    assert set(loaded.component_spec.inputs) == {"config_data_prep", "config_pretrain", "overrides"}
+    assert set(loaded.component_spec.inputs) == {"config_data_prep", "config_pretrain", "config_sft", "config_gatt",
+                                                 "overrides"}
 
 
 def _step_inputs(docs, task: str) -> tuple:
@@ -164,7 +171,7 @@ def test_skipped_stages_start_from_config(tmp_path):
     _, docs = compile_docs(tmp_path, overrides)
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
-    assert list(tasks) == ["importer", "pretrain"]
+    assert sorted(tasks) == ["gatt", "importer", "pretrain", "sft"]
     imp = spec["deploymentSpec"]["executors"][executor(spec, "importer")]["importer"]
     assert imp["artifactUri"]["constant"] == "s3://b/shards"
     assert imp["typeSchema"]["schemaTitle"] == "system.Dataset"
@@ -172,8 +179,12 @@ def test_skipped_stages_start_from_config(tmp_path):
 
     _, docs = compile_docs(tmp_path, ["pipeline.stages.pretrain=false", "pipeline.init_checkpoint=s3://b/hf/7b"])
     spec = docs[0]
-    # No later stage consumes a model yet: nothing to import.
-    assert list(spec["root"]["dag"]["tasks"]) == ["data-prep"]
+    # SFT starts from the imported checkpoint instead.
+    tasks = spec["root"]["dag"]["tasks"]
+    assert sorted(tasks) == ["data-prep", "gatt", "importer", "sft"]
+    assert spec["deploymentSpec"]["executors"][executor(spec, "importer")]["importer"]["artifactUri"][
+        "constant"] == "s3://b/hf/7b"
+    assert tasks["sft"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"] == "importer"
 
 
 def test_single_stage_pipelines(tmp_path):
@@ -186,7 +197,8 @@ def test_single_stage_pipelines(tmp_path):
 
 def test_bad_switches_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="every stage off"):
-        compile_docs(tmp_path, ["pipeline.stages.data_prep=false", "pipeline.stages.pretrain=false"])
+        compile_docs(tmp_path, ["pipeline.stages.data_prep=false", "pipeline.stages.pretrain=false",
+                                "pipeline.stages.sft=false", "pipeline.stages.gatt=false"])
     with pytest.raises(ConfigError, match="'pipeline.stages.pretrian'"):
         compile_docs(tmp_path, ["pipeline.stages.pretrian=false"])
     # Without data prep, pretraining reads what data prep would write for this config.

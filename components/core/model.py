@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.core import attention
 from conf.schema.model import ModelConfig
 
 
@@ -73,7 +74,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: attention.Mask | None,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -90,7 +91,9 @@ class Attention(nn.Module):
         # Grouped-query attention inside SDPA: each KV head serves n_heads / n_kv query heads without copying K and V
         # n_heads / n_kv times (and summing their gradients back in backward).
         gqa = self.n_kv != self.n_heads
-        if mask is None:
+        if isinstance(mask, attention.BlockMask):  # packed rows on GPU: the fused document-mask kernel
+            out = attention.flex(q, k, v, mask, gqa)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -116,7 +119,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: attention.Mask | None = None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -173,8 +176,7 @@ class Llama(nn.Module):
             # cache even where they are masked (0 · NaN = NaN).
             mask = ((causal[None] & cache.valid[:, None, :start + T]) | (k_pos[None, :] == q_pos[:, None])[None])[:, None]
         elif segments is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-            mask = (causal[None] & (segments[:, :, None] == segments[:, None, :]))[:, None]
+            mask = attention.document_mask(segments)
         h = self.embed_tokens(tokens)
         cos, sin = rope(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, h.dtype)
         for i, layer in enumerate(self.layers):

@@ -51,6 +51,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("pretrain", "pretrain", "stage: FSDP pretraining (torchx local or Kubernetes)",
           reads=("run", "model", "pretrain", "cluster"), output="model",
           inputs=(Input("data", "data_prep", "data"),), training=True),
+    Stage("sft", "SFT", "stage: supervised fine-tuning on packed dialogs, loss on answers only",
+          reads=("run", "model", "sft", "cluster"), output="model",
+          inputs=(Input("data", "data_prep", "data"), Input("init", "pretrain", "init")), training=True),
+    Stage("gatt", "GAtt", "stage: Ghost Attention fine-tuning and the turn-by-turn instruction-adherence eval",
+          reads=("run", "model", "gatt", "cluster"), output="model",
+          inputs=(Input("data", "data_prep", "data"), Input("init", "sft", "init")), training=True),
 )
 
 BY_NAME = {s.name: s for s in STAGES}

@@ -372,9 +372,12 @@ class Trainer:
         # Only a flag: every rank sees it before its next micro-batch (train_step) and they save together.
         self._stop_requested = True
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, on_step: Callable[[int], bool] | None = None) -> dict[str, Any]:
         """Train to `max_steps` (resuming if a checkpoint exists). Returns a summary; status `preempted` when a
-        SIGTERM arrived, after the checkpoint was written."""
+        SIGTERM arrived, after the checkpoint was written.
+
+        `on_step(step)` runs on every rank after each finished step (its time is not counted in throughput); it may
+        do collective work such as an evaluation, and returns True to checkpoint this step (an epoch's end)."""
         env, cfg = self.env, self.cfg
         self.resume()
         start_step = self.step
@@ -409,7 +412,10 @@ class Trainer:
                         "mfu": per_rank * self.flops / self.peak if self.peak else None,
                         "peak_mem_gib": peak_memory_gib(env.device), "tokens": self.step * r.tokens,
                     })
-                if self.step % max(1, cfg.ckpt_every) == 0 or self.step == cfg.max_steps:
+                t0 = time.perf_counter()
+                mark = on_step(self.step) if on_step is not None else False
+                meter.pause(time.perf_counter() - t0)
+                if mark or self.step % max(1, cfg.ckpt_every) == 0 or self.step == cfg.max_steps:
                     t0 = time.perf_counter()
                     # Metrics first: once the checkpoint is complete, a crash must not lose the records it covers.
                     log.flush()

@@ -31,8 +31,9 @@ def sections(rep: dict[str, Any]) -> list[Section]:
                      f"{p['documents']:,} documents", p["url"]])
     if rep.get("sft"):
         s = rep["sft"]
-        rows.append(["sft", f"{s['examples']:,} examples in {s['rows']:,} rows, {s['trained_tokens']:,} answer "
-                     f"tokens, {s['truncated']} truncated", s["url"]])
+        rows.append(["sft", f"{s['examples']:,} examples ({s['eval']['examples']:,} held out; {s['multi_turn']:,} "
+                     f"multi-turn, {s['chained']:,} chained from single turns) in {s['rows']:,} rows, "
+                     f"{s['trained_tokens']:,} answer tokens, {s['truncated']} truncated", s["url"]])
     if rep.get("preference"):
         s = rep["preference"]
         rows.append(["preference", f"{s['train']:,} train / {s['eval']:,} eval pairs, "

@@ -7,9 +7,10 @@ Passes over the pretraining sources, all streaming:
 3. mix the sources by weight (up-sampling repeats a source) -> tokenize (worker processes) -> pack into shards.
 Then SFT dialogs, preference pairs and prompt sets, which are small, are prepared in this process.
 
-Output under data.output (local or s3://): tokenizer.model, tokenizer.sha256, pretrain/ and sft/ (token shard
-sets), preference/{train,eval}.jsonl, prompts/{rs,ppo,eval}.jsonl, report.json, report.md, report.html; every
-folder gets its `_COMPLETE` marker last, the output folder itself after everything else.
+Output under data.output (local or s3://): tokenizer.model, tokenizer.sha256, pretrain/ and sft/{train,eval}/ (token
+shard sets), sft/dialogs/{train,eval}.jsonl, preference/{train,eval}.jsonl, prompts/{rs,ppo,eval}.jsonl,
+report.json, report.md, report.html; every folder gets its `_COMPLETE` marker last, the output folder itself after
+everything else.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from components.core.errors import KubellamaError
 from components.core.shards import ShardWriter
 from components.core.tokenizer import Tokenizer
 from components.data_prep import pack, report as reporting
-from components.data_prep.chat import SftPacker, encode_example, sft_writer, to_messages
+from components.data_prep.chat import SftPacker, chain, encode_dialog, sft_writer, to_messages, turns
 from components.data_prep.clean import Deduper, clean_batch
 from components.data_prep.parallel import WorkerPool, worker_count
 from components.data_prep.preference import to_pair
@@ -45,6 +46,7 @@ from conf.schema import Config
 log = logging.getLogger("kubellama.data_prep")
 
 SPLITS = ("rs", "ppo", "eval")
+SFT_SPLITS = ("train", "eval")
 
 
 def _records(src: Any, errors: ErrorLog) -> Iterator[tuple[dict, str]]:
@@ -228,28 +230,56 @@ def build_pretrain(cfg: Config, sources: list[dict], tok: Tokenizer, tok_url: st
 
 
 def build_sft(cfg: Config, tok: Tokenizer, errors: ErrorLog) -> dict:
+    """sft/train and sft/eval (packed shards, split per dialog by a stable hash of its id) and sft/dialogs/
+    {train,eval}.jsonl (the same dialogs as messages, for Ghost Attention and its eval). Without any multi-turn
+    source dialog, single-turn ones are also chained into multi-turn dialogs (`data.sft.demo_turns`)."""
     d = cfg.data
     url = storage.join(d.output, "sft")
-    packer = SftPacker(sft_writer(url, d.seq_len, tok.vocab_size, max(1, d.shard_tokens // d.seq_len)), d.seq_len,
-                       tok.eos_id)
-    per_source = {}
-    for i, src in enumerate(d.sft.sources):
-        n = 0
-        for rec, where in _records(src, errors):
-            try:
-                ids, labels = encode_example(tok, rec)
-            except KubellamaError as exc:
-                errors.bad(where, "invalid dialog", str(exc))
-                continue
-            errors.ok()
-            packer.add(ids, labels)
-            n += 1
-        per_source[src.name or f"sft{i}"] = n
-    stats = packer.close()
-    packer.writer.close(tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size, sources=per_source,
-                        examples=stats["examples"])
-    log.info("sft: %d examples in %d rows", stats["examples"], stats["rows"])
-    return {"url": url, **stats, "sources": per_source}
+    storage.remove(storage.join(url, storage.COMPLETE))
+    shard_rows = max(1, d.shard_tokens // d.seq_len)
+    packers = {s: SftPacker(sft_writer(storage.join(url, s), d.seq_len, tok.vocab_size, shard_rows), d.seq_len,
+                            tok.eos_id) for s in SFT_SPLITS}
+    per_source: dict[str, int] = {}
+    singles: dict[str, list[list[dict]]] = {s: [] for s in SFT_SPLITS}
+    counts: Counter[str] = Counter()
+    multi = 0
+
+    with jsonl_splits(storage.join(url, "dialogs"), SFT_SPLITS, counts) as write:
+        for i, src in enumerate(d.sft.sources):
+            name = src.name or f"sft{i}"
+            per_source[name] = 0
+            for n, (rec, where) in enumerate(_records(src, errors)):
+                try:
+                    msgs = to_messages(rec)
+                    encoded = encode_dialog(tok, msgs)
+                except KubellamaError as exc:
+                    errors.bad(where, "invalid dialog", str(exc))
+                    continue
+                errors.ok()
+                did = f"{name}-{n}"
+                split = "eval" if _unit(did, d.seed) < d.sft.eval_fraction else "train"
+                packers[split].add(*encoded)
+                write(split, {"id": did, "source": name, "messages": msgs})
+                per_source[name] += 1
+                if turns(msgs) > 1:
+                    multi += 1
+                elif multi == 0:
+                    singles[split].append(msgs)
+        chained = 0
+        if multi == 0 and d.sft.demo_turns >= 2:
+            for split in SFT_SPLITS:
+                for j, msgs in enumerate(chain(singles[split], d.sft.demo_turns, d.seed)):
+                    packers[split].add(*encode_dialog(tok, msgs))
+                    write(split, {"id": f"chained-{split}-{j}", "source": "chained", "messages": msgs})
+                    chained += 1
+    stats = {s: packers[s].close(tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size, sources=per_source)
+             for s in SFT_SPLITS}
+    total = {k: sum(st[k] for st in stats.values()) for k in stats["train"]}
+    storage.mark_complete(url, {"train": stats["train"]["examples"], "eval": stats["eval"]["examples"]})
+    log.info("sft: %d train / %d held-out examples (%d multi-turn, %d chained)", stats["train"]["examples"],
+             stats["eval"]["examples"], multi, chained)
+    return {"url": url, **total, "train": stats["train"], "eval": stats["eval"], "multi_turn": multi,
+            "chained": chained, "sources": per_source}
 
 
 @contextlib.contextmanager

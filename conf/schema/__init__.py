@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 
 from conf.schema.cluster import ClusterConfig
 from conf.schema.data import DataConfig
+from conf.schema.gatt import GattConfig
 from conf.schema.model import ModelConfig
 from conf.schema.pipeline import PipelineConfig
+from conf.schema.sft import SftTrainConfig
 from conf.schema.train import PretrainConfig
 from conf.schema.tools import GenerateConfig, PlanConfig
 
@@ -31,6 +33,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SftTrainConfig = field(default_factory=SftTrainConfig)
+    gatt: GattConfig = field(default_factory=GattConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -39,5 +43,5 @@ class Config:
 
 __all__ = [
     "Config", "RunConfig", "ModelConfig", "DataConfig", "PretrainConfig", "ClusterConfig", "PipelineConfig",
-    "GenerateConfig", "PlanConfig",
+    "GenerateConfig", "PlanConfig", "SftTrainConfig", "GattConfig",
 ]

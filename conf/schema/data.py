@@ -64,6 +64,11 @@ class SftConfig:
     """Chat `messages` (system/user/assistant), Alpaca (instruction/input/output) or ShareGPT records."""
 
     sources: List[SourceConfig] = field(default_factory=list)
+    # Share of dialogs held out, by a stable hash of their id: SFT's held-out loss, GAtt's adherence eval prompts.
+    eval_fraction: float = 0.05
+    # When no source dialog has more than one turn, consecutive single-turn ones are also chained into dialogs of
+    # 2..demo_turns turns (multi-turn training data and GAtt dialogs from single-turn samples); 0 or 1: never.
+    demo_turns: int = 4
 
 
 @dataclass
