@@ -17,7 +17,7 @@ from typing import IO, Iterator, Sequence
 
 import yaml
 
-from components.core import runs, storage
+from components.core import runs, stages, storage
 from components.core.cli import guarded, parser
 from components.core.config import load_config, to_yaml
 from components.core.errors import KubellamaError
@@ -54,8 +54,9 @@ LATEST = "latest"
 
 
 def local_outputs(cfg: Config, names: Sequence[str]) -> dict[str, str]:
-    """Where each stage of a bound local run writes."""
-    return {n: runs.stage_output(cfg, n) for n in names}
+    """Where each step of a bound local run writes."""
+    return {step: runs.stage_output(llama2.variant_config(cfg, n, variant), n) for n in names
+            for step, variant in stages.get(n).steps()}
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     path, docs = compile_docs(tmp_path, ["pretrain.lr=0.0002"])
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
-    assert sorted(tasks) == ["data-prep", "gatt", "pretrain", "sft"]
+    assert sorted(tasks) == ["data-prep", "gatt", "pretrain", "reward-helpfulness", "reward-safety", "sft"]
     assert tasks["pretrain"]["dependentTasks"] == ["data-prep"]
     # SFT starts from pretraining's model, GAtt from SFT's; both read data prep's output.
     assert sorted(tasks["sft"]["dependentTasks"]) == ["data-prep", "pretrain"]
@@ -68,7 +68,7 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     loaded = components.load_component_from_file(path)
     assert loaded.name == "kubellama-llama2"
     assert set(loaded.component_spec.inputs) == {"config_data_prep", "config_pretrain", "config_sft", "config_gatt",
-                                                 "overrides"}
+                                                 "config_reward_helpfulness", "config_reward_safety", "overrides"}
 
 
 def _step_inputs(docs, task: str) -> tuple:
@@ -165,7 +165,7 @@ def test_multi_node_training_launches_job_from_a_cpu_pod(tmp_path):
 
 
 def test_skipped_stages_start_from_config(tmp_path):
-    overrides = ["pipeline.stages.data_prep=false", "pretrain.data=s3://b/shards"]
+    overrides = ["pipeline.stages.data_prep=false", "pretrain.data=s3://b/shards", "pipeline.stages.reward=false"]
     assert "importer                     after: -                    import s3://b/shards" in run.dag_text(
         run.resolve(overrides), overrides)
     _, docs = compile_docs(tmp_path, overrides)
@@ -179,12 +179,14 @@ def test_skipped_stages_start_from_config(tmp_path):
 
     _, docs = compile_docs(tmp_path, ["pipeline.stages.pretrain=false", "pipeline.init_checkpoint=s3://b/hf/7b"])
     spec = docs[0]
-    # SFT starts from the imported checkpoint instead.
+    # SFT starts from the imported checkpoint instead; the reward models from the newest model (GAtt's).
     tasks = spec["root"]["dag"]["tasks"]
-    assert sorted(tasks) == ["data-prep", "gatt", "importer", "sft"]
+    assert sorted(tasks) == ["data-prep", "gatt", "importer", "reward-helpfulness", "reward-safety", "sft"]
     assert spec["deploymentSpec"]["executors"][executor(spec, "importer")]["importer"]["artifactUri"][
         "constant"] == "s3://b/hf/7b"
     assert tasks["sft"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"] == "importer"
+    assert {tasks[t]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"]
+            for t in ("reward-helpfulness", "reward-safety")} == {"gatt"}
 
 
 def test_single_stage_pipelines(tmp_path):
@@ -198,7 +200,8 @@ def test_single_stage_pipelines(tmp_path):
 def test_bad_switches_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="every stage off"):
         compile_docs(tmp_path, ["pipeline.stages.data_prep=false", "pipeline.stages.pretrain=false",
-                                "pipeline.stages.sft=false", "pipeline.stages.gatt=false"])
+                                "pipeline.stages.sft=false", "pipeline.stages.gatt=false",
+                                "pipeline.stages.reward=false"])
     with pytest.raises(ConfigError, match="'pipeline.stages.pretrian'"):
         compile_docs(tmp_path, ["pipeline.stages.pretrian=false"])
     # Without data prep, pretraining reads what data prep would write for this config.

@@ -7,16 +7,23 @@ Adding a stage touches its folder (`components/<name>/`: stage.py, component.py,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Input:
-    """A step input: the artifact `name` of the component, made by stage `source`. When that stage is not in the
-    pipeline, the URL at config key `<stage>.<key>` is imported instead."""
+    """A step input: the artifact `name` of the component, made by stage `source` (or by one step of a stage with
+    variants, e.g. `reward_safety`). `source` may list candidates instead, the first one in the pipeline winning
+    (a model from gatt, else sft, else pretrain). When none is in the pipeline, the URL at config key
+    `<stage>.<key>` is imported instead."""
 
     name: str
-    source: str
+    source: str | tuple[str, ...]
     key: str
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.source,) if isinstance(self.source, str) else self.source
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,18 @@ class Stage:
     inputs: tuple[Input, ...] = ()
     # A training stage runs through the shared launcher (core/launch.py) in a GPU pod or a torchx job.
     training: bool = False
+    # Run once per variant, side by side, with `<name>.<variant_key>=<variant>` (the reward models: helpfulness ||
+    # safety). Steps and output folders are then named `<name>_<variant>`.
+    variants: tuple[str, ...] = ()
+    variant_key: str = "kind"
+
+    def steps(self) -> tuple[tuple[str, str], ...]:
+        """(step name, variant) of each of the stage's steps."""
+        return tuple((f"{self.name}_{v}", v) for v in self.variants) or ((self.name, ""),)
+
+    def step_of(self, section: Any) -> str:
+        """The step (and output folder name) a config section of this stage runs as."""
+        return f"{self.name}_{section[self.variant_key]}" if self.variants else self.name
 
     @property
     def module(self) -> str:
@@ -57,9 +76,18 @@ STAGES: tuple[Stage, ...] = (
     Stage("gatt", "GAtt", "stage: Ghost Attention fine-tuning and the turn-by-turn instruction-adherence eval",
           reads=("run", "model", "gatt", "cluster"), output="model",
           inputs=(Input("data", "data_prep", "data"), Input("init", "sft", "init")), training=True),
+    Stage("reward", "reward model", "stage: helpfulness or safety reward model (reward.kind)",
+          reads=("run", "model", "reward", "cluster"), output="model",
+          inputs=(Input("data", "data_prep", "data"), Input("init", ("gatt", "sft", "pretrain"), "init")),
+          training=True, variants=("helpfulness", "safety")),
 )
 
 BY_NAME = {s.name: s for s in STAGES}
+
+
+def producer(name: str) -> Stage | None:
+    """The stage making the output of stage or step `name` (None for a name not in the registry)."""
+    return next((s for s in STAGES if name == s.name or name in dict(s.steps())), None)
 
 
 def get(name: str) -> Stage:

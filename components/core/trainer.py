@@ -449,9 +449,9 @@ class Trainer:
 
         return {**runs.lineage(self.fingerprint or {}), "parent": self.parent, "step": self.step}
 
-    def export_hf(self, url: str, tokenizer: str | None = None) -> str:
+    def export_hf(self, url: str, tokenizer: str | None = None, config: dict[str, Any] | None = None) -> str:
         """Collective: write the consolidated weights as a Hugging Face Llama folder (rank 0 writes), unless the
-        same run already exported this step there."""
+        same run already exported this step there. `config`: extra config.json keys (hf.save_hf)."""
         from components.core.hf import exported, save_hf
 
         lineage = self.lineage()
@@ -459,7 +459,7 @@ class Trainer:
             return url
         sd = self.full_state_dict()
         if self.env.lead:
-            save_hf(sd, self.model_cfg, url, tokenizer=tokenizer, lineage=lineage)
+            save_hf(sd, self.model_cfg, url, tokenizer=tokenizer, lineage=lineage, config=config)
         dist.barrier()
         return url
 

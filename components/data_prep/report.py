@@ -37,7 +37,8 @@ def sections(rep: dict[str, Any]) -> list[Section]:
     if rep.get("preference"):
         s = rep["preference"]
         rows.append(["preference", f"{s['train']:,} train / {s['eval']:,} eval pairs, "
-                     f"{s['dropped_unsafe_chosen']} dropped (unsafe chosen); ratings {s['ratings']}", s["url"]])
+                     f"{s['dropped_unsafe_chosen']} dropped (unsafe chosen), {s.get('synthetic', 0)} synthetic safety pairs; "
+                     f"ratings {s['ratings']}", s["url"]])
     if rep.get("prompts"):
         s = rep["prompts"]
         rows.append(["prompts", ", ".join(f"{k} {s[k]} ({s[k + '_safety']} safety)" for k in ("rs", "ppo", "eval")),

@@ -39,7 +39,7 @@ from components.data_prep import pack, report as reporting
 from components.data_prep.chat import SftPacker, chain, encode_dialog, sft_writer, to_messages, turns
 from components.data_prep.clean import Deduper, clean_batch
 from components.data_prep.parallel import WorkerPool, worker_count
-from components.data_prep.preference import to_pair
+from components.data_prep.preference import prompt_key, synthetic_safety_pair, to_pair
 from components.data_prep.readers import ErrorLog, list_files, read_records
 from conf.schema import Config
 
@@ -298,11 +298,23 @@ def jsonl_splits(url: str, splits: Sequence[str], counts: Counter[str]) -> Itera
 
 
 def build_preference(cfg: Config, errors: ErrorLog) -> dict:
+    """preference/{train,eval}.jsonl: the pairs of data.preference.sources, then synthetic safety pairs made from
+    the prompts of data.preference.synthetic_safety. The eval split is drawn per prompt (`prompt_key`), not per
+    pair, so the RM is evaluated on prompts it never saw in training."""
     p = cfg.data.preference
     url = storage.join(cfg.data.output, "preference")
     counts: Counter[str] = Counter()
     ratings: Counter[str] = Counter()
     with jsonl_splits(url, ("train", "eval"), counts) as write:
+
+        def emit(pair: dict, name: str, n: int) -> None:
+            pair = {"id": f"{name}-{n}", "source": name, **pair}
+            split = "eval" if _unit(prompt_key(pair["messages"]), cfg.data.seed) < p.eval_fraction else "train"
+            write(split, pair)
+            ratings[pair["rating"]] += 1
+            counts["safety"] += pair["safety"]
+            counts["synthetic"] += pair["synthetic"]
+
         for i, src in enumerate(p.sources):
             name = src.name or f"preference{i}"
             for n, (rec, where) in enumerate(_records(src, errors)):
@@ -315,14 +327,19 @@ def build_preference(cfg: Config, errors: ErrorLog) -> dict:
                 if p.drop_unsafe_chosen and not pair["chosen_safe"] and pair["rejected_safe"]:
                     counts["dropped_unsafe_chosen"] += 1
                     continue
-                pair = {"id": f"{name}-{n}", "source": name, **pair}
-                split = "eval" if _unit(pair["id"], cfg.data.seed) < p.eval_fraction else "train"
-                write(split, pair)
-                ratings[pair["rating"]] += 1
-                counts["safety"] += pair["safety"]
+                emit(pair, name, n)
+        for i, src in enumerate(p.synthetic_safety):
+            name = src.name or f"synthetic_safety{i}"
+            seen: set[str] = set()
+            for n, _, text in _prompt_records(cfg, src, errors):
+                key = " ".join(text.casefold().split())
+                if key not in seen:
+                    seen.add(key)
+                    emit(synthetic_safety_pair(text, _unit(f"{name}-{n}", cfg.data.seed)), name, n)
     log.info("preference: %d train, %d eval pairs", counts["train"], counts["eval"])
     return {"url": url, "train": counts["train"], "eval": counts["eval"], "safety_prompts": counts["safety"],
-            "dropped_unsafe_chosen": counts["dropped_unsafe_chosen"], "ratings": dict(ratings)}
+            "synthetic": counts["synthetic"], "dropped_unsafe_chosen": counts["dropped_unsafe_chosen"],
+            "ratings": dict(ratings)}
 
 
 PROMPT_FIELDS = ("prompt", "instruction", "question", "value", "text")
@@ -341,6 +358,23 @@ def prompt_text(rec: dict, field: str) -> str | None:
     return None
 
 
+def _prompt_records(cfg: Config, src: Any, errors: ErrorLog) -> Iterator[tuple[int, dict, str]]:
+    """(record number, record, prompt text normalised like data.clean.normalize) of prompt source `src`; records
+    without a prompt are reported to `errors`."""
+    for n, (rec, where) in enumerate(_records(src, errors)):
+        try:
+            text = prompt_text(rec, src.text_field)
+        except KubellamaError as exc:
+            errors.bad(where, "invalid prompt record", str(exc))
+            continue
+        if text is None:
+            errors.bad(where, "missing prompt field", f"tried {src.text_field}, {', '.join(PROMPT_FIELDS)}")
+            continue
+        errors.ok()
+        form = cfg.data.clean.normalize
+        yield n, rec, (unicodedata.normalize(form, text) if form else text).strip()
+
+
 def build_prompts(cfg: Config, errors: ErrorLog) -> dict:
     p = cfg.data.prompts
     url = storage.join(cfg.data.output, "prompts")
@@ -351,18 +385,7 @@ def build_prompts(cfg: Config, errors: ErrorLog) -> dict:
             name = src.name or f"prompts{i}"
             if src.split and src.split not in SPLITS:
                 raise KubellamaError(f"prompt source '{name}': split '{src.split}' is not one of {SPLITS}")
-            for n, (rec, where) in enumerate(_records(src, errors)):
-                try:
-                    text = prompt_text(rec, src.text_field)
-                except KubellamaError as exc:
-                    errors.bad(where, "invalid prompt record", str(exc))
-                    continue
-                if text is None:
-                    errors.bad(where, "missing prompt field", f"tried {src.text_field}, {', '.join(PROMPT_FIELDS)}")
-                    continue
-                errors.ok()
-                form = cfg.data.clean.normalize
-                text = (unicodedata.normalize(form, text) if form else text).strip()
+            for n, rec, text in _prompt_records(cfg, src, errors):
                 key = " ".join(text.lower().split())
                 if key in seen:
                     counts["duplicates"] += 1
@@ -416,7 +439,8 @@ def run(cfg: Config) -> dict:
             rep["tokenizer"]["vocab_used"] = rep["pretrain"]["vocab_used"]
     rep["sources"] = [{k: v for k, v in s.items() if k != "spill"} for s in sources]
     rep["sft"] = build_sft(cfg, tok, errors) if d.sft.sources else None
-    rep["preference"] = build_preference(cfg, errors) if d.preference.sources else None
+    rep["preference"] = build_preference(cfg, errors) if d.preference.sources or d.preference.synthetic_safety \
+        else None
     rep["prompts"] = build_prompts(cfg, errors) if d.prompts.sources else None
     rep["errors"] = errors.summary()
     rep["seconds"] = round(time.time() - started, 2)

@@ -12,6 +12,7 @@ from conf.schema.gatt import GattConfig
 from conf.schema.model import ModelConfig
 from conf.schema.pipeline import PipelineConfig
 from conf.schema.sft import SftTrainConfig
+from conf.schema.reward import RewardConfig
 from conf.schema.train import PretrainConfig
 from conf.schema.tools import GenerateConfig, PlanConfig
 
@@ -35,6 +36,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SftTrainConfig = field(default_factory=SftTrainConfig)
     gatt: GattConfig = field(default_factory=GattConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -43,5 +45,5 @@ class Config:
 
 __all__ = [
     "Config", "RunConfig", "ModelConfig", "DataConfig", "PretrainConfig", "ClusterConfig", "PipelineConfig",
-    "GenerateConfig", "PlanConfig", "SftTrainConfig", "GattConfig",
+    "GenerateConfig", "PlanConfig", "SftTrainConfig", "GattConfig", "RewardConfig",
 ]

