@@ -171,7 +171,8 @@ def test_skipped_stages_start_from_config(tmp_path):
     _, docs = compile_docs(tmp_path, overrides)
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
-    assert sorted(tasks) == ["gatt", "importer", "pretrain", "sft"]
+    # SFT and GAtt import their own `data` (data prep's output for this config), pretraining `pretrain.data`.
+    assert sorted(tasks) == ["gatt", "importer", "importer-2", "pretrain", "sft"]
     imp = spec["deploymentSpec"]["executors"][executor(spec, "importer")]["importer"]
     assert imp["artifactUri"]["constant"] == "s3://b/shards"
     assert imp["typeSchema"]["schemaTitle"] == "system.Dataset"
