@@ -80,6 +80,11 @@ STAGES: tuple[Stage, ...] = (
           reads=("run", "model", "reward", "cluster"), output="model",
           inputs=(Input("data", "data_prep", "data"), Input("init", ("gatt", "sft", "pretrain"), "init")),
           training=True, variants=("helpfulness", "safety")),
+    Stage("ppo", "PPO", "stage: PPO against the combined reward with a KL penalty to the initial policy",
+          reads=("run", "model", "ppo", "cluster"), output="model",
+          inputs=(Input("data", "data_prep", "data"), Input("init", ("gatt", "sft", "pretrain"), "init"),
+                  Input("reward_helpfulness", "reward_helpfulness", "reward_helpfulness"),
+                  Input("reward_safety", "reward_safety", "reward_safety")), training=True),
 )
 
 BY_NAME = {s.name: s for s in STAGES}

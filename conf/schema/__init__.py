@@ -13,6 +13,7 @@ from conf.schema.model import ModelConfig
 from conf.schema.pipeline import PipelineConfig
 from conf.schema.sft import SftTrainConfig
 from conf.schema.reward import RewardConfig
+from conf.schema.ppo import PpoConfig
 from conf.schema.train import PretrainConfig
 from conf.schema.tools import GenerateConfig, PlanConfig
 
@@ -37,6 +38,7 @@ class Config:
     sft: SftTrainConfig = field(default_factory=SftTrainConfig)
     gatt: GattConfig = field(default_factory=GattConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PpoConfig = field(default_factory=PpoConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -45,5 +47,5 @@ class Config:
 
 __all__ = [
     "Config", "RunConfig", "ModelConfig", "DataConfig", "PretrainConfig", "ClusterConfig", "PipelineConfig",
-    "GenerateConfig", "PlanConfig", "SftTrainConfig", "GattConfig", "RewardConfig",
+    "GenerateConfig", "PlanConfig", "SftTrainConfig", "GattConfig", "RewardConfig", "PpoConfig",
 ]
