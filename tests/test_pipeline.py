@@ -33,9 +33,11 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     path, docs = compile_docs(tmp_path, ["pretrain.lr=0.0002"])
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
-    assert sorted(tasks) == ["data-prep", "gatt", "ppo", "pretrain", "reward-helpfulness", "reward-safety", "sft"]
-    # PPO starts from GAtt's model and reads both reward models.
-    assert tasks["ppo"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"] == "gatt"
+    assert sorted(tasks) == ["data-prep", "gatt", "ppo", "pretrain", "rejection-sampling", "reward-helpfulness",
+                             "reward-safety", "sft"]
+    # Rejection sampling starts from GAtt's model, PPO from rejection sampling's; both read both reward models.
+    assert tasks["rejection-sampling"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"] == "gatt"
+    assert tasks["ppo"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"] == "rejection-sampling"
     assert tasks["ppo"]["inputs"]["artifacts"]["reward_safety"]["taskOutputArtifact"]["producerTask"] == \
         "reward-safety"
     assert tasks["pretrain"]["dependentTasks"] == ["data-prep"]
@@ -72,7 +74,8 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     loaded = components.load_component_from_file(path)
     assert loaded.name == "kubellama-llama2"
     assert set(loaded.component_spec.inputs) == {"config_data_prep", "config_pretrain", "config_sft", "config_gatt",
-                                                 "config_reward_helpfulness", "config_reward_safety", "config_ppo",
+                                                 "config_reward_helpfulness", "config_reward_safety",
+                                                 "config_rejection_sampling", "config_ppo",
                                                  "overrides"}
 
 
@@ -171,7 +174,7 @@ def test_multi_node_training_launches_job_from_a_cpu_pod(tmp_path):
 
 def test_skipped_stages_start_from_config(tmp_path):
     overrides = ["pipeline.stages.data_prep=false", "pretrain.data=s3://b/shards", "pipeline.stages.reward=false",
-                 "pipeline.stages.ppo=false"]
+                 "pipeline.stages.rejection_sampling=false", "pipeline.stages.ppo=false"]
     assert "importer                     after: -                    import s3://b/shards" in run.dag_text(
         run.resolve(overrides), overrides)
     _, docs = compile_docs(tmp_path, overrides)
@@ -185,7 +188,7 @@ def test_skipped_stages_start_from_config(tmp_path):
     assert tasks["pretrain"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"]["producerTask"] == "importer"
 
     _, docs = compile_docs(tmp_path, ["pipeline.stages.pretrain=false", "pipeline.init_checkpoint=s3://b/hf/7b",
-                                      "pipeline.stages.ppo=false"])
+                                      "pipeline.stages.rejection_sampling=false", "pipeline.stages.ppo=false"])
     spec = docs[0]
     # SFT starts from the imported checkpoint instead; the reward models from the newest model (GAtt's).
     tasks = spec["root"]["dag"]["tasks"]
@@ -209,7 +212,8 @@ def test_bad_switches_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="every stage off"):
         compile_docs(tmp_path, ["pipeline.stages.data_prep=false", "pipeline.stages.pretrain=false",
                                 "pipeline.stages.sft=false", "pipeline.stages.gatt=false",
-                                "pipeline.stages.reward=false", "pipeline.stages.ppo=false"])
+                                "pipeline.stages.reward=false", "pipeline.stages.rejection_sampling=false",
+                                "pipeline.stages.ppo=false"])
     with pytest.raises(ConfigError, match="'pipeline.stages.pretrian'"):
         compile_docs(tmp_path, ["pipeline.stages.pretrian=false"])
     # Without data prep, pretraining reads what data prep would write for this config.

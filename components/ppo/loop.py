@@ -60,6 +60,8 @@ class GuardStop(KubellamaError):
 class Prompt:
     ids: list[int]
     safety: bool = False
+    # The dialog the ids encode (ending with a user turn), when known.
+    messages: list[dict[str, str]] | None = None
 
 
 def batch_tensors(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
@@ -179,16 +181,9 @@ class Ppo:
     # --- rollouts ----------------------------------------------------------------------------------------------
 
     def generator_model(self) -> Llama:
-        """The policy's weights in an unsharded model for generation: one consolidation (an all-gather of every
-        parameter at once under FSDP) per rollout phase instead of per-layer gathers at every decoding step.
-        Under `rollout=copy` the model is kept and refreshed in place; bf16 when training runs mixed precision."""
-        sd = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True))
-        if self.gen is None:
-            with torch.device("meta"):
-                gen = Llama(self.model_cfg)
-            dtype = torch.float32 if mp_policy(self.cfg.mixed_precision, self.env.device) is None else torch.bfloat16
-            self.gen = gen.to_empty(device=self.env.device).to(dtype).eval()
-        self.gen.load_state_dict(sd)
+        """The policy's weights in an unsharded model for generation (`consolidated`); under `rollout=copy` the
+        model is kept and refreshed in place."""
+        self.gen = consolidated(self.policy, self.model_cfg, self.cfg.mixed_precision, self.env.device, self.gen)
         return self.gen
 
     def batch_prompts(self, iteration: int) -> list[Prompt]:
@@ -407,6 +402,21 @@ class Ppo:
         """Collective: the policy's unsharded fp32 weights on CPU, on rank 0 ({} elsewhere)."""
         sd = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: v.detach().clone() for k, v in sd.items()} if self.env.lead else {}
+
+
+def consolidated(model: nn.Module, model_cfg: ModelConfig, mixed_precision: str, device: torch.device,
+                 into: Llama | None = None) -> Llama:
+    """Collective: the weights of FSDP-sharded `model` in an unsharded Llama (`into`, or a new one) for generation:
+    one consolidation (an all-gather of every parameter at once) per rollout phase instead of per-layer gathers at
+    every decoding step, the paper's 20x. bf16 when training runs mixed precision."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    if into is None:
+        with torch.device("meta"):
+            into = Llama(model_cfg)
+        dtype = torch.float32 if mp_policy(mixed_precision, device) is None else torch.bfloat16
+        into = into.to_empty(device=device).to(dtype).eval()
+    into.load_state_dict(sd)
+    return into
 
 
 def _generate(model: Llama, prompts: list[list[int]], cfg: PpoConfig, eos_id: int, salt: tuple[int, ...],

@@ -44,7 +44,7 @@ def prompts_of(url: str, tok: Tokenizer, limit_tokens: int, count: int = 0) -> t
         if len(ids) > limit_tokens:
             dropped += 1
             continue
-        out.append(Prompt(ids, bool(rec["safety"])))
+        out.append(Prompt(ids, bool(rec["safety"]), list(rec["messages"])))
         if count and len(out) >= count:
             break
     return out, digest, dropped
@@ -61,6 +61,15 @@ def combined_reward(helpful: Scorer, safe: Scorer, eos_id: int, threshold: float
         return logit(choose(r_h, r_s, torch.tensor(list(safety)), threshold), eps)
 
     return reward
+
+
+def load_reward(section: Any, tok: Tokenizer, tok_url: str, env: dist.Env, batch_size: int) -> RewardFn:
+    """Collective: the combined reward of the section's two reward models (`reward_helpfulness`, `reward_safety`),
+    sharded like the section's training."""
+    helpful = Scorer.load(section.reward_helpfulness, tokenizer=tok_url, train_cfg=section, env=env,
+                          batch_size=batch_size)
+    safe = Scorer.load(section.reward_safety, tokenizer=tok_url, train_cfg=section, env=env, batch_size=batch_size)
+    return combined_reward(helpful, safe, tok.eos_id, section.combined.safety_threshold, section.combined.eps)
 
 
 def _export(ppo: Ppo, cfg: Config, url: str, tokenizer: str) -> str:
@@ -84,12 +93,9 @@ def train(cfg: Config) -> dict[str, Any]:
     room = cfg.model.max_seq_len - min(p.max_new_tokens, cfg.model.max_seq_len // 2)
     train_prompts, digest, dropped = prompts_of(storage.join(p.data, "preference", "train.jsonl"), tok, room)
     heldout, _, _ = prompts_of(storage.join(p.data, "preference", "eval.jsonl"), tok, room, p.heldout_prompts)
-    helpful = Scorer.load(p.reward_helpfulness, tokenizer=tok_url, train_cfg=p, env=env, batch_size=p.micro_batch)
-    safe = Scorer.load(p.reward_safety, tokenizer=tok_url, train_cfg=p, env=env, batch_size=p.micro_batch)
     fp = runs.fingerprint(cfg, NAME, PPO_VOLATILE, **{"data.manifest": digest, "data.tokenizer": tok.sha256,
                                                       "init": p.init or None})
-    ppo = Ppo(p, cfg.model, p.output, train_prompts, heldout,
-              combined_reward(helpful, safe, tok.eos_id, p.combined.safety_threshold, p.combined.eps),
+    ppo = Ppo(p, cfg.model, p.output, train_prompts, heldout, load_reward(p, tok, tok_url, env, p.micro_batch),
               init=p.init, value_init=p.value_init or p.reward_helpfulness, seed=cfg.run.seed, eos_id=tok.eos_id,
               fingerprint=fp, run_id=cfg.run.id, env=env)
     summary = ppo.fit()

@@ -14,6 +14,7 @@ from conf.schema.pipeline import PipelineConfig
 from conf.schema.sft import SftTrainConfig
 from conf.schema.reward import RewardConfig
 from conf.schema.ppo import PpoConfig
+from conf.schema.rejection_sampling import RejectionSamplingConfig
 from conf.schema.train import PretrainConfig
 from conf.schema.tools import GenerateConfig, PlanConfig
 
@@ -38,6 +39,7 @@ class Config:
     sft: SftTrainConfig = field(default_factory=SftTrainConfig)
     gatt: GattConfig = field(default_factory=GattConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    rejection_sampling: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
     ppo: PpoConfig = field(default_factory=PpoConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -47,5 +49,5 @@ class Config:
 
 __all__ = [
     "Config", "RunConfig", "ModelConfig", "DataConfig", "PretrainConfig", "ClusterConfig", "PipelineConfig",
-    "GenerateConfig", "PlanConfig", "SftTrainConfig", "GattConfig", "RewardConfig", "PpoConfig",
+    "GenerateConfig", "PlanConfig", "SftTrainConfig", "GattConfig", "RewardConfig", "PpoConfig", "RejectionSamplingConfig",
 ]
