@@ -49,7 +49,7 @@ def reward_by_k(rewards: torch.Tensor) -> list[dict[str, float]]:
     for k in ks:
         head = rewards[:, :k].double()
         mx = float(head.max(-1).values.mean())
-        med = float(torch.tensor([statistics.median(r) for r in head.tolist()]).mean())
+        med = float(torch.tensor([statistics.median(r) for r in head.tolist()], dtype=torch.float64).mean())
         out.append({"k": k, "max": mx, "median": med, "gap": mx - med})
     return out
 
