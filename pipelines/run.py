@@ -47,7 +47,15 @@ DEMO = ["pretrain.max_steps=40", "pretrain.warmup_steps=4", "pretrain.global_bat
         # a learning rate for a model that has seen 40 steps rather than 2T tokens.
         "sft.lr=1e-3", "sft.global_batch_tokens=2048", "sft.micro_batch=8", "sft.log_every=5",
         "gatt.lr=1e-3", "gatt.global_batch_tokens=2048", "gatt.micro_batch=8", "gatt.log_every=5",
-        "gatt.min_turns=1", "gatt.message_chars=160", "gatt.eval_dialogs=8", "gatt.eval_max_new_tokens=8"]
+        "gatt.min_turns=1", "gatt.message_chars=160", "gatt.eval_dialogs=8", "gatt.eval_max_new_tokens=8",
+        # Rejection sampling: 4 samples of 24 prompts, one SFT epoch on the pool. PPO: 8 iterations of 16 prompts
+        # (minibatches of 8), a learning rate a tiny model notices in that time instead of the paper's 1e-6.
+        "rejection_sampling.samples=4", "rejection_sampling.prompts=24", "rejection_sampling.max_new_tokens=32",
+        "rejection_sampling.lr=1e-4", "rejection_sampling.global_batch_tokens=512",
+        "rejection_sampling.micro_batch=2", "rejection_sampling.epochs=1", "rejection_sampling.log_every=1",
+        "ppo.prompts_per_batch=16", "ppo.minibatch=8", "ppo.micro_batch=8", "ppo.max_new_tokens=24",
+        "ppo.max_steps=8", "ppo.lr=2e-4", "ppo.heldout_prompts=8", "ppo.eval_every=4", "ppo.patience=0",
+        "ppo.ckpt_every=4"]
 
 
 def resolve(overrides: Sequence[str]) -> Config:

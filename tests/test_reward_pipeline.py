@@ -17,7 +17,8 @@ from test_reward_support import write_jsonl
 
 # SFT, GAtt and safety eval off: these tests are about the reward models starting from pretraining (or a configured
 # checkpoint).
-NO_SFT = ["pipeline.stages.sft=false", "pipeline.stages.gatt=false", "pipeline.stages.safety_eval=false"]
+NO_SFT = ["pipeline.stages.sft=false", "pipeline.stages.gatt=false", "pipeline.stages.safety_eval=false",
+          "pipeline.stages.rejection_sampling=false", "pipeline.stages.ppo=false"]
 
 
 def test_both_reward_models_run_side_by_side_after_pretraining(tmp_path):

@@ -127,6 +127,8 @@ class MetricsLog:
 
 
 def format_record(r: dict[str, Any]) -> str:
+    if "loss" not in r:  # a loop of its own (PPO): its keys as they are
+        return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
     mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "n/a"
     return (f"step {r['step']} loss {r['loss']:.4f} lr {r['lr']:.3g} grad_norm {r['grad_norm']:.3f} "
             f"tok/s {r['tokens_per_s']:.0f} ({r['tokens_per_s_per_rank']:.0f}/rank) mfu {mfu} "

@@ -80,6 +80,18 @@ STAGES: tuple[Stage, ...] = (
           reads=("run", "model", "reward", "cluster"), output="model",
           inputs=(Input("data", "data_prep", "data"), Input("init", ("gatt", "sft", "pretrain"), "init")),
           training=True, variants=("helpfulness", "safety")),
+    Stage("rejection_sampling", "rejection sampling",
+          "stage: best of K samples by the combined reward, pooled across rounds, then SFT on the pool",
+          reads=("run", "model", "rejection_sampling", "cluster"), output="model",
+          inputs=(Input("data", "data_prep", "data"), Input("init", ("gatt", "sft", "pretrain"), "init"),
+                  Input("reward_helpfulness", "reward_helpfulness", "reward_helpfulness"),
+                  Input("reward_safety", "reward_safety", "reward_safety")), training=True),
+    Stage("ppo", "PPO", "stage: PPO against the combined reward with a KL penalty to the initial policy",
+          reads=("run", "model", "ppo", "cluster"), output="model",
+          inputs=(Input("data", "data_prep", "data"),
+                  Input("init", ("rejection_sampling", "gatt", "sft", "pretrain"), "init"),
+                  Input("reward_helpfulness", "reward_helpfulness", "reward_helpfulness"),
+                  Input("reward_safety", "reward_safety", "reward_safety")), training=True),
     # Last: evaluates the newest model of the run (and the run's other checkpoints side by side), gates promotion
     # and writes the run's page.
     Stage("safety_eval", "safety eval", "stage: safety benchmarks, side-by-side report, promotion gate",

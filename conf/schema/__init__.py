@@ -14,6 +14,8 @@ from conf.schema.pipeline import PipelineConfig
 from conf.schema.safety_eval import SafetyEvalConfig
 from conf.schema.reward import RewardConfig
 from conf.schema.sft import SftTrainConfig
+from conf.schema.ppo import PpoConfig
+from conf.schema.rejection_sampling import RejectionSamplingConfig
 from conf.schema.train import PretrainConfig
 from conf.schema.tools import GenerateConfig, PlanConfig
 
@@ -38,6 +40,8 @@ class Config:
     sft: SftTrainConfig = field(default_factory=SftTrainConfig)
     gatt: GattConfig = field(default_factory=GattConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    rejection_sampling: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
+    ppo: PpoConfig = field(default_factory=PpoConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
@@ -48,4 +52,5 @@ class Config:
 __all__ = [
     "Config", "RunConfig", "ModelConfig", "DataConfig", "PretrainConfig", "ClusterConfig", "PipelineConfig",
     "GenerateConfig", "PlanConfig", "SafetyEvalConfig", "RewardConfig", "SftTrainConfig", "GattConfig",
+    "PpoConfig", "RejectionSamplingConfig",
 ]
