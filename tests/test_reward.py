@@ -17,6 +17,7 @@ from components.core import checkpoint, storage
 from components.core.scorer import RewardModel, Scorer, encode, model_config, pad
 from conf.schema.data import RATINGS
 from conf.schema.model import ModelConfig
+from conf.schema.train import TrainConfig
 from pipelines.cli import main as cli
 from test_pretrain import wait_for
 from test_reward_support import MODEL, RM, separable_data
@@ -83,7 +84,8 @@ def test_export_loads_in_transformers_with_our_scores(helpful, data):
 
     hf_dir = os.path.join(helpful, "hf")
     theirs = LlamaForSequenceClassification.from_pretrained(hf_dir).eval()
-    ours = Scorer.load(helpful)  # the newest DCP checkpoint of the run
+    fp32 = TrainConfig(mixed_precision="fp32")  # transformers computes in fp32: compare at the same precision
+    ours = Scorer.load(helpful, train_cfg=fp32)  # the newest DCP checkpoint of the run
     pairs = [json.loads(x) for x in open(os.path.join(data, "preference", "eval.jsonl"))][:10]
     seqs = [encode(ours.tok, p["messages"], p[side], 64)[0] for p in pairs for side in ("chosen", "rejected")]
     assert len({len(s) for s in seqs}) > 1  # padding is in play
@@ -93,7 +95,7 @@ def test_export_loads_in_transformers_with_our_scores(helpful, data):
     with torch.no_grad():
         got = theirs(input_ids=tokens, attention_mask=mask).logits.squeeze(-1)
     assert torch.allclose(got, mine, atol=1e-5)
-    assert torch.allclose(Scorer.load(hf_dir).score_ids(seqs), mine, atol=1e-6)
+    assert torch.allclose(Scorer.load(hf_dir, train_cfg=fp32).score_ids(seqs), mine, atol=1e-6)
     # From text: the same sequences (batched otherwise, so equal up to float rounding).
     assert torch.allclose(ours.score([p["messages"] for p in pairs], [p["chosen"] for p in pairs]), mine[0::2],
                           atol=1e-6)
@@ -168,7 +170,6 @@ SEQS = [[1, 5, 9, 2], [1, 7, 2], [1, 3, 4, 5, 6, 2]]
 
 def _score_sharded(env, out):
     from components.core.trainer import shard
-    from conf.schema.train import TrainConfig
 
     torch.manual_seed(0)
     model = shard(RewardModel(ModelConfig(**MODEL)), TrainConfig(mixed_precision="fp32"), env)
