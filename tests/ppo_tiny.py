@@ -1,5 +1,5 @@
 """A tiny seeded PPO run for the tests (no tests here): random tiny policy, prompts of random tokens, and a reward
-that prefers a known token. `python -m tests.ppo_tiny OUTPUT ITERATIONS [KILL_AT]` runs it in a process of its own
+that prefers a known token. `python tests/ppo_tiny.py OUTPUT ITERATIONS [KILL_AT]` runs it in a process of its own
 (KILL_AT: SIGKILL itself right after that iteration's checkpoint)."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from tests.test_trainer_support import MODEL, model_cfg
+from test_trainer_support import MODEL, model_cfg
 from components.ppo.loop import Ppo, Prompt
 from conf.schema.ppo import PpoConfig
 

@@ -77,12 +77,12 @@ def test_entropy_of_uniform():
 
 def _run(out: str, iterations: int, kill_at: int = -1) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, "-m", "tests.ppo_tiny", out, str(iterations), str(kill_at)], cwd=ROOT,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tests", "ppo_tiny.py"), out, str(iterations), str(kill_at)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_tiny_ppo_learns_known_token_with_bounded_kl(tmp_path):
-    from tests.ppo_tiny import make, ppo_cfg
+    from ppo_tiny import make, ppo_cfg
 
     torch.set_num_threads(1)
     s = make(str(tmp_path), ppo_cfg(max_steps=8, lr=1e-2)).fit()
@@ -97,7 +97,7 @@ def test_tiny_ppo_learns_known_token_with_bounded_kl(tmp_path):
 
 
 def test_kl_guard_stops_before_the_update(tmp_path):
-    from tests.ppo_tiny import make, ppo_cfg
+    from ppo_tiny import make, ppo_cfg
 
     torch.set_num_threads(1)
     # Any positive KL trips a threshold this low: the run stops at the second rollout, keeping iteration 1.

@@ -25,7 +25,7 @@ def test_reward_by_k_by_hand():
 
 
 def test_sampling_keeps_the_argmax_of_a_deterministic_reward():
-    from tests.ppo_tiny import GOOD, make, ppo_cfg, prompts, reward
+    from ppo_tiny import GOOD, make, ppo_cfg, prompts, reward
 
     torch.set_num_threads(1)
     ppo = make("/tmp/unused-rs", ppo_cfg())

@@ -434,7 +434,7 @@ def _ranked(env, hf_model: str, dump: str) -> None:
 
 
 def test_two_ranks_share_the_work_and_give_one_rank_results(hf_model, tmp_path):
-    from tests.test_trainer_support import spawn
+    from test_trainer_support import spawn
 
     spawn(_ranked, 2, hf_model, str(tmp_path / "two.json"))
     _ranked(dist.init(), hf_model, str(tmp_path / "one.json"))

@@ -9,8 +9,8 @@ import os
 
 from components.safety_eval import FIXTURES
 from pipelines import run
-from tests.test_pipeline_local import TINY, corpus
-from tests.test_safety_eval import assert_every_img_decodes
+from test_pipeline_local import TINY, corpus
+from test_safety_eval import assert_every_img_decodes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL = [f"safety_eval.truthfulqa.path={FIXTURES}/truthfulqa", "safety_eval.truthfulqa.primer=false",
