@@ -78,10 +78,23 @@ def _import(url: str, cls: type, key: str) -> Any:
     return task.output
 
 
-def _step(stage: stages.Stage, cfg: Config, params: dict[str, Any], made: dict[str, Any]) -> None:
-    """Add `stage`'s step; `made` maps the stages run so far to their output artifacts."""
+def _image(stage: stages.Stage, cfg: Config) -> str:
+    return cfg.cluster.image_train if stage.training else cfg.cluster.image_cpu
+
+
+def _custom(stage: stages.Stage, cfg: Config) -> Callable[[dict[str, Any]], Any]:
+    """The steps-adding function of a stage with a `build` hook, made before the pipeline is defined (KFP defines
+    sub-pipelines only outside a pipeline's context)."""
+    module, _, name = stage.build.partition(":")
+    return getattr(importlib.import_module(module), name)(cfg, _image(stage, cfg), lambda t: k8s.schedule(t, cfg))
+
+
+def _step(stage: stages.Stage, cfg: Config, params: dict[str, Any], made: dict[str, Any],
+          custom: Callable[[dict[str, Any]], Any] | None = None) -> None:
+    """Add `stage`'s step (or, with `custom`, the steps it adds); `made` maps the stages run so far to their output
+    artifacts."""
     training = stage.training
-    image = cfg.cluster.image_train if training else cfg.cluster.image_cpu
+    image = _image(stage, cfg)
     op = importlib.import_module(f"{stage.module}.component").op(image)
     kwargs: dict[str, Any] = {"config": params[f"config_{stage.name}"]}
     for inp in stage.inputs:
@@ -92,6 +105,9 @@ def _step(stage: stages.Stage, cfg: Config, params: dict[str, Any], made: dict[s
                 "pipeline.init_checkpoint"
             made[inp.source] = _import(url, ARTIFACTS[kind], key)
         kwargs[inp.name] = made[inp.source]
+    if custom is not None:
+        made[stage.name] = custom(kwargs)
+        return
     in_pod = training and k8s.trains_in_pod(cfg)
     if training:
         # Each pipeline run trains into its own folder, named by the run (unless the config fixes run.id).
@@ -107,13 +123,14 @@ def build(cfg: Config, overrides: Sequence[str] = (), pipeline: str = "llama2") 
     names = selected(cfg, pipeline)
     defaults = parameters(cfg, names, overrides)
     order = list(defaults)
+    custom = {s.name: _custom(s, cfg) for s in STAGES if s.name in names and s.build}
 
     def llama2(*args: Any) -> None:
         params = dict(zip(order, args))
         made: dict[str, Any] = {}
         for stage in STAGES:
             if stage.name in names:
-                _step(stage, cfg, params, made)
+                _step(stage, cfg, params, made, custom.get(stage.name))
 
     # One parameter per step: the signature is made from the registry, so a new stage needs no edit here.
     llama2.__signature__ = inspect.Signature(  # type: ignore[attr-defined]

@@ -31,6 +31,11 @@ class Stage:
     inputs: tuple[Input, ...] = ()
     # A training stage runs through the shared launcher (core/launch.py) in a GPU pod or a torchx job.
     training: bool = False
+    # "module:function" for a stage that adds its steps itself (one that fans out into several, or sizes its pods)
+    # instead of the one generic step: function(cfg, image, schedule), called before the pipeline is defined (it may
+    # define sub-pipelines), returns add(kwargs) -> the stage's output artifact; kwargs are the generic step's
+    # arguments, schedule(task) applies the cluster's settings to a task.
+    build: str = ""
 
     @property
     def module(self) -> str:
@@ -47,7 +52,7 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("data_prep", "data prep", "stage: clean, tokenize and shard the corpus", reads=("data",),
-          output="dataset"),
+          output="dataset", build="components.data_prep.component:steps"),
     Stage("pretrain", "pretrain", "stage: FSDP pretraining (torchx local or Kubernetes)",
           reads=("run", "model", "pretrain", "cluster"), output="model",
           inputs=(Input("data", "data_prep", "data"),), training=True),
