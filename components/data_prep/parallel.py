@@ -73,8 +73,11 @@ class WorkerPool:
             yield pending.popleft().get()
 
     def close(self) -> None:
+        """Let the batches in flight finish, then stop. A consumer may stop reading early (the tokenizer's
+        trainer stops at its sample size); terminating a pool with tasks in flight can deadlock in
+        multiprocessing's queue locks, and there are at most `inflight` batches to wait for."""
         if self._pool is not None:
-            self._pool.terminate()
+            self._pool.close()
             self._pool.join()
             self._pool = None
 

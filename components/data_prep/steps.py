@@ -29,6 +29,7 @@ Every step can be rerun: a finished piece of work is found (its marker or its at
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import multiprocessing as mp
@@ -104,17 +105,47 @@ def _read_range(url: str, dtype: Any, start: int, stop: int) -> np.ndarray:
 
 
 def _read_rows(url: str, rows: np.ndarray, width: int) -> np.ndarray:
-    """uint32 rows (sorted row numbers) of a file of rows of `width` uint32s: a memory map locally, ranged reads of
-    runs of consecutive rows on S3."""
+    """uint32 rows (sorted row numbers) of a file of rows of `width` uint32s: one read per run of consecutive rows
+    (local reads, not a memory map: mapped pages would count as the process's memory)."""
     if not len(rows):
         return np.zeros((0, width), dtype=np.uint32)
-    if not storage.is_remote(url):
-        return np.array(np.memmap(url, dtype=np.uint32, mode="r").reshape(-1, width)[rows])
     cut = np.flatnonzero(np.diff(rows) != 1) + 1
-    runs_ = [(int(r[0]), int(r[-1]) + 1) for r in np.split(rows, cut)]
-    fs, path = storage.filesystem(url)
-    data = fs.cat_ranges([path] * len(runs_), [a * width * 4 for a, _ in runs_], [b * width * 4 for _, b in runs_])
+    spans = [(int(r[0]) * width * 4, (int(r[-1]) + 1) * width * 4) for r in np.split(rows, cut)]
+    if storage.is_remote(url):
+        fs, path = storage.filesystem(url)
+        data = fs.cat_ranges([path] * len(spans), [a for a, _ in spans], [b for _, b in spans])
+    else:
+        fd = os.open(url, os.O_RDONLY)
+        try:
+            data = [os.pread(fd, b - a, a) for a, b in spans]
+        finally:
+            os.close(fd)
     return np.frombuffer(b"".join(data), dtype=np.uint32).reshape(-1, width)
+
+
+def _copy_range(url: str, start: int, stop: int, out: Any, block: int = 1 << 20) -> None:
+    """Bytes [start, stop) of `url` appended to the open file `out`, a block at a time."""
+    if stop <= start:
+        return
+    with storage.open_file(url, "rb") as f:
+        f.seek(start)
+        left = stop - start
+        while left > 0:
+            data = f.read(min(block, left))
+            if not data:
+                raise KubellamaError(f"{url} is shorter than its layout says ({stop} bytes)")
+            out.write(data)
+            left -= len(data)
+
+
+def _blocks(path: str, dtype: np.dtype, count: int) -> Any:
+    """A file of records, `count` records at a time (plain reads: memory is one block)."""
+    with open(path, "rb") as f:
+        while True:
+            block = np.fromfile(f, dtype=dtype, count=count)
+            if not len(block):
+                return
+            yield block
 
 
 def _save_npz(url: str, **arrays: Any) -> None:
@@ -132,32 +163,35 @@ def _load_npz(url: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
-def partition_file(spool: str, dtype: np.dtype, field: str, parts: int, out: str, chunk: int = 1 << 20) -> list[int]:
+def _chunks(lengths: np.ndarray, budget: int = 1 << 20) -> list[tuple[int, int]]:
+    """[start, end) ranges of consecutive documents of about `budget` tokens each (at least one document): what a
+    step holds of a token stream at a time."""
+    if not len(lengths):
+        return []
+    ends = np.cumsum(lengths, dtype=np.int64)
+    cuts = np.unique(np.searchsorted(ends, np.arange(budget, int(ends[-1]), budget), side="right"))
+    bounds = [0, *[int(c) for c in cuts if 0 < c < len(lengths)], len(lengths)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def partition_file(spool: str, dtype: np.dtype, field: str, parts: int, out: str, chunk: int = 1 << 16) -> list[int]:
     """Rewrite a file of records ordered by the partition of `field` (stable: spool order within a partition);
     returns where each partition starts (and the end). Streams: memory is one chunk."""
-    n = os.path.getsize(spool) // dtype.itemsize
     counts = np.zeros(parts, dtype=np.int64)
-    src = np.memmap(spool, dtype=dtype, mode="r") if n else np.zeros(0, dtype=dtype)
-    for i in range(0, n, chunk):
-        counts += np.bincount(part_of(src[i:i + chunk][field], parts), minlength=parts)
+    for block in _blocks(spool, dtype, chunk):
+        counts += np.bincount(part_of(block[field], parts), minlength=parts)
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    if not n:
-        open(out, "wb").close()
-        return offsets.tolist()
-    dst = np.memmap(out, dtype=dtype, mode="w+", shape=(n,))
     cursor = offsets[:-1].copy()
-    for i in range(0, n, chunk):
-        block = np.array(src[i:i + chunk])
-        p = part_of(block[field], parts)
-        order = np.argsort(p, kind="stable")
-        block, p = block[order], p[order]
-        bounds = np.searchsorted(p, np.arange(parts + 1))
-        for q in np.flatnonzero(np.diff(bounds)):
-            a, b = bounds[q], bounds[q + 1]
-            dst[cursor[q]:cursor[q] + b - a] = block[a:b]
-            cursor[q] += b - a
-    dst.flush()
-    del dst
+    with open(out, "wb") as dst:
+        for block in _blocks(spool, dtype, chunk):
+            p = part_of(block[field], parts)
+            order = np.argsort(p, kind="stable")
+            block, p = block[order], p[order]
+            bounds = np.searchsorted(p, np.arange(parts + 1))
+            for q in np.flatnonzero(np.diff(bounds)):
+                dst.seek(int(cursor[q]) * dtype.itemsize)
+                dst.write(block[bounds[q]:bounds[q + 1]].tobytes())
+                cursor[q] += bounds[q + 1] - bounds[q]
     return offsets.tolist()
 
 
@@ -261,33 +295,43 @@ class _WorkerFiles:
             self.sig_rows += len(keys)
 
     def finish(self) -> dict:
-        """Write tokens.bin and docs.bin ordered by (group, id), exact.bin and near.bin by partition; the layout."""
+        """Write tokens.bin and docs.bin ordered by group (by id within one), exact.bin and near.bin by partition;
+        return the layout: where each group and each partition starts."""
         for f in (self.tokens, self.exact, self.near, self.sigs):
             f.close()
         plan = self.plan
         idx = np.concatenate(self.index_parts) if self.index_parts else np.zeros(0, dtype=DOC)
         groups = group_of(idx["doc"], plan["seed"], plan["groups"])
-        order = np.lexsort((idx["doc"], groups))
-        idx, groups = idx[order], groups[order]
+        # The spool is in id order (units in order, records in file order), so a stable sort by group keeps it.
+        group_tokens = np.bincount(groups, weights=idx["length"], minlength=plan["groups"]).astype(np.int64)
+        token_starts = np.concatenate([[0], np.cumsum(group_tokens)])
+        cursor = token_starts[:-1].copy()
         spool_path = os.path.join(self.tmp, "tokens.spool")
-        spool = np.memmap(spool_path, dtype=self.dtype, mode="r") if self.token_count else np.zeros(0, self.dtype)
-        with open(os.path.join(self.tmp, "tokens.bin"), "wb") as out:
-            for i in range(0, len(idx), 8192):
-                chunk = idx[i:i + 8192]
-                out.write(b"".join(spool[o:o + n].tobytes() for o, n in zip(chunk["offset"].tolist(),
-                                                                             chunk["length"].tolist())))
-        del spool
+        isz = self.dtype.itemsize
+        with open(spool_path, "rb") as src, open(os.path.join(self.tmp, "tokens.bin"), "wb") as out:
+            for i, j in _chunks(idx["length"]):
+                chunk, g = idx[i:j], groups[i:j]
+                base = int(chunk["offset"][0])
+                src.seek(base * isz)
+                buf = np.fromfile(src, dtype=self.dtype, count=int(chunk["offset"][-1] + chunk["length"][-1]) - base)
+                for q in np.unique(g):
+                    mine = chunk[g == q]
+                    out.seek(int(cursor[q]) * isz)
+                    out.write(b"".join(buf[o - base:o - base + n].tobytes() for o, n in
+                                       zip(mine["offset"].tolist(), mine["length"].tolist())))
+                    cursor[q] += int(mine["length"].sum())
         os.remove(spool_path)
+        order = np.argsort(groups, kind="stable")
+        idx, groups = idx[order], groups[order]
         idx["offset"] = np.cumsum(idx["length"], dtype=np.uint64) - idx["length"]
         with open(os.path.join(self.tmp, "docs.bin"), "wb") as f:
             f.write(idx.tobytes())
-        starts = np.searchsorted(groups, np.arange(plan["groups"] + 1))
-        token_starts = np.concatenate([[0], np.cumsum(idx["length"], dtype=np.int64)])[starts]
-        layout = {"docs": starts.tolist(), "tokens": token_starts.tolist(), "sig_rows": self.sig_rows}
+        layout = {"docs": np.searchsorted(groups, np.arange(plan["groups"] + 1)).tolist(),
+                  "tokens": token_starts.tolist(), "sig_rows": self.sig_rows}
         for name, dtype, field in (("exact", EXACT, "hash"), ("near", NEAR, "key")):
             spool_path = os.path.join(self.tmp, f"{name}.spool")
-            layout[name] = partition_file(spool_path, dtype, field, plan["partitions"], os.path.join(self.tmp,
-                                                                                                   f"{name}.bin"))
+            layout[name] = partition_file(spool_path, dtype, field, plan["partitions"],
+                                          os.path.join(self.tmp, f"{name}.bin"))
             os.remove(spool_path)
         with open(os.path.join(self.tmp, "layout.json"), "w") as f:
             json.dump(layout, f)
@@ -488,7 +532,7 @@ def pack_group(cfg: Config, work: str, plan: dict, workers: list[tuple[str, dict
         for prefix, lay in workers:
             docs = _read_range(storage.join(prefix, "docs.bin"), DOC, lay["docs"][g], lay["docs"][g + 1]).copy()
             t0, t1 = lay["tokens"][g], lay["tokens"][g + 1]
-            f.write(_read_range(storage.join(prefix, "tokens.bin"), dtype, t0, t1).tobytes())
+            _copy_range(storage.join(prefix, "tokens.bin"), t0 * dtype.itemsize, t1 * dtype.itemsize, f)
             docs["offset"] = docs["offset"] - np.uint64(t0) + np.uint64(base)
             base += t1 - t0
             parts.append(docs)
@@ -499,19 +543,24 @@ def pack_group(cfg: Config, work: str, plan: dict, workers: list[tuple[str, dict
     weights = [s["weight"] for s in plan["sources"]]
     order = pack.mix_order(docs["source"], weights, np.random.default_rng([plan["seed"], g]))
     vocab = plan["tokenizer"]["vocab_size"]
-    tokens = np.memmap(tokens_path, dtype=dtype, mode="r") if base else np.zeros(0, dtype=dtype)
     shard_dir = os.path.join(tmp, f"g{g}")
     writer = ShardWriter(shard_dir, d.seq_len, vocab, shard_rows=max(1, d.shard_tokens // d.seq_len))
     packer = pack.Packer(writer, d.seq_len)
     hist = np.zeros(vocab, dtype=np.int64)
-    for i in range(0, len(order), 4096):
-        chunk = docs[order[i:i + 4096]]
-        flat = np.concatenate([tokens[o:o + n] for o, n in zip(chunk["offset"].tolist(), chunk["length"].tolist())])
-        packer.add(flat)
-        hist += np.bincount(flat, minlength=vocab)[:vocab]
+    fd = os.open(tokens_path, os.O_RDONLY)
+    try:
+        # Random order over the group: a read per document (a memory map's pages would count as our memory).
+        mixed = docs[order]
+        for i, j in _chunks(mixed["length"]):
+            chunk = mixed[i:j]
+            flat = np.frombuffer(b"".join(os.pread(fd, n * dtype.itemsize, o * dtype.itemsize) for o, n in
+                                          zip(chunk["offset"].tolist(), chunk["length"].tolist())), dtype=dtype)
+            packer.add(flat)
+            hist += np.bincount(flat, minlength=vocab)[:vocab]
+    finally:
+        os.close(fd)
     tail = packer.close()
     manifest = writer.close()
-    del tokens
     shards = []
     for k, s in enumerate(manifest["shards"]):
         name = f"shard_g{g:05d}_{k:05d}"
@@ -519,7 +568,6 @@ def pack_group(cfg: Config, work: str, plan: dict, workers: list[tuple[str, dict
         shards.append({**s, "name": name})
     shutil.rmtree(shard_dir, ignore_errors=True)
     os.remove(tokens_path)
-    mixed = docs[order]
     per_source = {str(s): {"docs": int((mixed["source"] == s).sum()),
                            "tokens": int(mixed["length"][mixed["source"] == s].sum())} for s in range(len(weights))}
     result = {"group": g, "shards": shards, "rows": manifest["rows"], "documents": int(len(order)),
@@ -718,10 +766,22 @@ def cleanup_step(cfg: Config, work: str, index: int) -> None:
 # --- one machine -----------------------------------------------------------------------------------------------
 
 def _call(step: str, config: dict, *args: Any) -> Any:
-    """A step in a fresh process (the config travels as a plain dict)."""
+    """A step in another process (the config travels as a plain dict)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     return globals()[step](from_dict(config), *args)
+
+
+def _ready() -> None:
+    """Nothing: submitted once per process so the processes start while the plan is made."""
+
+
+def _processes(count: int) -> concurrent.futures.ProcessPoolExecutor:
+    """`count` processes forked from a server that imported the steps once: a fresh interpreter per process would
+    import them `count` times over, and a fork of this process could inherit S3 client threads."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
+    return concurrent.futures.ProcessPoolExecutor(count, mp_context=ctx)
 
 
 def run_local(cfg: Config, processes: bool = False) -> dict:
@@ -730,25 +790,26 @@ def run_local(cfg: Config, processes: bool = False) -> dict:
     d = cfg.data
     n = max(1, int(d.parallelism))
     cpus = worker_count(d.workers)
-    procs = max(1, cpus // n) if processes else cpus
-    with tempfile.TemporaryDirectory(prefix="kubellama-data-") as work:
+    pool = _processes(max(n, int(d.reducers) or n)) if processes and n > 1 else None
+    with tempfile.TemporaryDirectory(prefix="kubellama-data-") as work, contextlib.ExitStack() as stack:
+        if pool is not None:
+            stack.enter_context(pool)
+            for _ in range(n):
+                pool.submit(_ready)
         plan = plan_step(cfg, work, cpus)
+        procs = max(1, cpus // n) if pool is not None else cpus
         phases: list[tuple[str, int, Callable[[int], tuple]]] = [
             ("worker_step", n, lambda i: (work, i, procs)),
             ("dedup_step", plan["reducers"], lambda i: (work, i)),
             ("cluster_step", 1, lambda i: (work,)),
             ("pack_step", n, lambda i: (work, i)),
         ]
-        if processes and n > 1:
-            config = to_dict(cfg)
-            # One set of processes for every phase: each pays its interpreter's start once.
-            with concurrent.futures.ProcessPoolExecutor(max(n, plan["reducers"]),
-                                                        mp_context=mp.get_context("spawn")) as ex:
-                for step, tasks, args in phases:
-                    for f in [ex.submit(_call, step, config, *args(i)) for i in range(tasks)]:
-                        f.result()
-        else:
-            for step, tasks, args in phases:
+        for step, tasks, args in phases:
+            if pool is not None:
+                config = to_dict(cfg)
+                for f in [pool.submit(_call, step, config, *args(i)) for i in range(tasks)]:
+                    f.result()
+            else:
                 for i in range(tasks):
                     globals()[step](cfg, *args(i))
         return merge_step(cfg, work)
