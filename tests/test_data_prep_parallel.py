@@ -357,3 +357,33 @@ def test_sft_and_preference_records_are_cleaned(tmp_path) -> None:
     got = [json.loads(x) for x in open(os.path.join(out, "preference", "train.jsonl"))]
     assert got[0]["prompt"] == "Ip <IP_ADDRESS>?" and got[0]["rejected"] == "It is <IP_ADDRESS>."
     assert "SFT and preference cleaning" in storage.read_text(os.path.join(out, "report.md"))
+
+
+def test_pods_share_nothing_but_s3(s3_bucket, tmp_path) -> None:
+    """The fan-out's steps as separate pods would run them, with everything in between on S3 (moto)."""
+    rng = random.Random(9)
+    docs = [doc(rng, 60) for _ in range(40)]
+    storage.write_text(f"{s3_bucket}/in/a.jsonl", "\n".join(json.dumps({"text": t}) for t in docs[:25]) + "\n")
+    storage.write_text(f"{s3_bucket}/in/b.txt", "\n".join(docs[25:] + [docs[3].upper()]) + "\n")
+    base = {"data.sources": sources(("s3", f"{s3_bucket}/in", {})), "data.split_bytes": 4000,
+            "data.shard_tokens": 64 * 8}
+    cfg = load_config(overrides(f"{s3_bucket}/out", **base, **{"data.parallelism": 2}))
+    work = steps.shared_work(cfg)
+    plan = steps.plan_step(cfg, work, 1)["id"]
+    for i in range(2):
+        steps.worker_step(cfg, work, i, 1, plan)
+    assert storage.is_complete(f"{work}/w0001")
+    for i in range(2):
+        steps.dedup_step(cfg, work, i, plan)
+    steps.cluster_step(cfg, work, plan)
+    for i in range(2):
+        steps.pack_step(cfg, work, i, plan)
+    summary = steps.merge_step(cfg, work, plan)
+    for i in range(2):
+        steps.cleanup_step(cfg, work, i)
+    assert summary["dropped"] == 1 and not storage.exists(f"{work}/plan.json") and not storage.exists(f"{work}/w0000")
+    alone = str(tmp_path / "alone")
+    stage.run(load_config(overrides(alone, **base)))
+    got, want = (storage.read_json(f"{o}/pretrain/manifest.json") for o in (f"{s3_bucket}/out", alone))
+    assert [(s["name"], s["sha256"]) for s in got["shards"]] == [(s["name"], s["sha256"]) for s in want["shards"]]
+    assert ShardReader(f"{s3_bucket}/out/pretrain").total_rows == got["rows"] > 0

@@ -25,11 +25,12 @@ from typing import Any, Callable, Iterator, Sequence
 
 from components.core import runs, storage
 from components.core.cli import guarded, parser
-from components.core.config import load_config
+from components.core.config import load_config, to_dict
 from components.core.errors import KubellamaError
 from components.core.tokenizer import Tokenizer
 from components.data_prep import steps
 from components.data_prep.chat import SftPacker, encode_example, sft_writer, to_messages
+from components.data_prep.clean import RecordCleaner
 from components.data_prep.preference import to_pair
 from components.data_prep.readers import ErrorLog, list_files, read_records
 from conf.schema import Config
@@ -184,6 +185,21 @@ def build_prompts(cfg: Config, errors: ErrorLog) -> dict:
     log.info("prompts: %s", {s: counts[s] for s in SPLITS})
     return {"url": url, **{s: counts[s] for s in SPLITS}, **{f"{s}_safety": counts[f"{s}_safety"] for s in SPLITS},
             "duplicates": counts["duplicates"]}
+
+
+def build_datasets(cfg: Config, tok: Tokenizer, errors: ErrorLog) -> dict[str, Any]:
+    """The SFT, preference and prompt datasets (small: one process, the merge step's), SFT and preference records
+    cleaned as far as fits (clean.RecordCleaner; what it did goes into their report entries)."""
+    d = cfg.data
+    opts = {**to_dict(d.clean), "seed": d.seed}
+    errors.cleaners = {"sft": RecordCleaner(opts), "preference": RecordCleaner(opts)} if d.clean.records else {}
+    out = {"sft": build_sft(cfg, tok, errors) if d.sft.sources else None,
+           "preference": build_preference(cfg, errors) if d.preference.sources else None,
+           "prompts": build_prompts(cfg, errors) if d.prompts.sources else None}
+    for kind, cleaner in errors.cleaners.items():
+        if out.get(kind) is not None:
+            out[kind]["clean"] = cleaner.summary()
+    return out
 
 
 # --- entry points ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import io
 import json
 import logging
 import multiprocessing as mp
@@ -85,10 +86,26 @@ def _check_plan(plan: dict, expected: str) -> None:
                              f"started for {expected}): another run with this data config is writing the same output")
 
 
+_CLIENTS: dict[str, Any] = {}
+
+
+def _filesystem(url: str) -> tuple[Any, str]:
+    """storage.filesystem, with one S3 client per bucket and process: reducers and packers make a ranged read per
+    worker and partition or group, and a new client each time costs more than the read."""
+    if not storage.is_remote(url):
+        return storage.filesystem(url)
+    bucket = url.split("/", 3)[2]
+    key = url.split("://", 1)[0] + "://" + bucket
+    if key not in _CLIENTS:
+        _CLIENTS[key] = storage.filesystem(url)[0]
+    fs = _CLIENTS[key]
+    return fs, fs._strip_protocol(url)
+
+
 def _publish(local: str, url: str) -> None:
     """Move a finished local file to `url` (a rename when local; one upload on S3)."""
     if storage.is_remote(url):
-        fs, path = storage.filesystem(url)
+        fs, path = _filesystem(url)
         fs.put_file(local, path)
         return
     os.makedirs(os.path.dirname(os.path.abspath(url)), exist_ok=True)
@@ -100,7 +117,7 @@ def _read_range(url: str, dtype: Any, start: int, stop: int) -> np.ndarray:
     dtype = np.dtype(dtype)
     if stop <= start:
         return np.zeros(0, dtype=dtype)
-    fs, path = storage.filesystem(url)
+    fs, path = _filesystem(url)
     return np.frombuffer(fs.cat_file(path, start=start * dtype.itemsize, end=stop * dtype.itemsize), dtype=dtype)
 
 
@@ -112,7 +129,7 @@ def _read_rows(url: str, rows: np.ndarray, width: int) -> np.ndarray:
     cut = np.flatnonzero(np.diff(rows) != 1) + 1
     spans = [(int(r[0]) * width * 4, (int(r[-1]) + 1) * width * 4) for r in np.split(rows, cut)]
     if storage.is_remote(url):
-        fs, path = storage.filesystem(url)
+        fs, path = _filesystem(url)
         data = fs.cat_ranges([path] * len(spans), [a for a, _ in spans], [b for _, b in spans])
     else:
         fd = os.open(url, os.O_RDONLY)
@@ -127,7 +144,8 @@ def _copy_range(url: str, start: int, stop: int, out: Any, block: int = 1 << 20)
     """Bytes [start, stop) of `url` appended to the open file `out`, a block at a time."""
     if stop <= start:
         return
-    with storage.open_file(url, "rb") as f:
+    fs, path = _filesystem(url)
+    with fs.open(path, "rb") as f:
         f.seek(start)
         left = stop - start
         while left > 0:
@@ -149,16 +167,12 @@ def _blocks(path: str, dtype: np.dtype, count: int) -> Any:
 
 
 def _save_npz(url: str, **arrays: Any) -> None:
-    import io
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     storage.write_bytes(url, buf.getvalue())
 
 
 def _load_npz(url: str) -> dict[str, np.ndarray]:
-    import io
-
     with np.load(io.BytesIO(storage.read_bytes(url))) as z:
         return {k: z[k] for k in z.files}
 
@@ -613,10 +627,52 @@ def _spread(stats: list[dict], what: str) -> dict[str, Any]:
             "what": what}
 
 
+def _sources(plan: dict, stats: list[dict], cluster: dict, mix: dict) -> list[dict]:
+    """Per pretraining source: documents read, kept, dropped by reason (the workers' filters, then dedup)."""
+    out = []
+    for s, src in enumerate(plan["sources"]):
+        per = [w["sources"][str(s)] for w in stats if str(s) in w["sources"]]
+        deduped = cluster["dropped"][str(s)]
+        reasons: Counter[str] = Counter()
+        for p in per:
+            reasons.update(p["dropped"])
+        reasons.update({k: v for k, v in deduped.items() if v})
+        out.append({"name": src["name"], "path": src["path"], "weight": src["weight"],
+                    "docs_in": sum(p["docs_in"] for p in per), "chars_in": sum(p["chars_in"] for p in per),
+                    "docs": sum(p["kept"] for p in per) - sum(deduped.values()),
+                    "dropped": dict(sorted(reasons.items())), "docs_mixed": mix[src["name"]]["docs"]})
+    return out
+
+
+def _pretrain(cfg: Config, plan: dict, work: str, groups: list[dict], tok: Tokenizer, mix: dict) -> dict:
+    """Publish the pretraining manifest over every group's shards; what the report says about them."""
+    d = cfg.data
+    shards = [s for g in groups for s in g["shards"]]
+    hist = sum((_load_npz(storage.join(work, "pack", f"g{g['group']:05d}.npz"))["hist"] for g in groups),
+               np.zeros(tok.vocab_size, dtype=np.int64))
+    documents = sum(g["documents"] for g in groups)
+    text_tokens = sum(g["tokens"] for g in groups) - 2 * documents
+    url = storage.join(d.output, "pretrain")
+    rows = sum(s["rows"] for s in shards)
+    manifest = {"format": FORMAT, "dtype": np.dtype(plan["tokenizer"]["token_dtype"]).str, "seq_len": d.seq_len,
+                "fields": {}, "shards": shards, "rows": rows, "tokens": rows * d.seq_len, "tokenizer": tok.url,
+                "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size, "sources": mix,
+                "documents": documents, "dropped_tail_tokens": sum(g["dropped_tail"] for g in groups),
+                "groups": len(groups)}
+    storage.write_json(storage.join(url, "manifest.json"), manifest)
+    storage.mark_complete(url, {"rows": rows})
+    log.info("data prep: pretrain: %d tokens in %d rows, %d shards", manifest["tokens"], rows, len(shards))
+    return {"url": url, "rows": rows, "tokens": manifest["tokens"], "shards": len(shards), "groups": len(groups),
+            "documents": documents, "dropped_tail_tokens": manifest["dropped_tail_tokens"], "mix": mix,
+            "bytes_per_token": round(sum(g["bytes"] for g in groups) / max(text_tokens, 1), 3),
+            "vocab_used": round(float((hist > 0).mean()), 4),
+            "top_pieces": [tok.sp.id_to_piece(int(i)) for i in np.argsort(-hist, kind="stable")[:10] if hist[i] > 0]}
+
+
 def merge_step(cfg: Config, work: str, plan_id: str = "") -> dict:
     """The pretraining manifest, the small datasets and the report; the output folder is marked complete last."""
     from components.data_prep import report as reporting
-    from components.data_prep.stage import build_preference, build_prompts, build_sft, summary
+    from components.data_prep.stage import build_datasets, summary
 
     d = cfg.data
     out = d.output
@@ -633,78 +689,31 @@ def merge_step(cfg: Config, work: str, plan_id: str = "") -> dict:
         if not storage.exists(url):
             raise KubellamaError(f"data prep pack group {g} has not been written ({url} is missing)")
         groups.append(storage.read_json(url))
-    errors = input_errors(stats, d.error_samples)
-    tok_url = storage.join(out, "tokenizer.model")
-    tok = Tokenizer(tok_url)
-    rep: dict[str, Any] = {"output": out, "workers": stats[0]["processes"] if stats else 0, "seq_len": d.seq_len,
-                           "tokenizer": {**plan["tokenizer"], "url": tok_url}}
-    mix = {}
-    for s, src in enumerate(plan["sources"]):
-        mix[src["name"]] = {"weight": src["weight"], "docs": sum(g["sources"][str(s)]["docs"] for g in groups),
-                            "tokens": sum(g["sources"][str(s)]["tokens"] for g in groups)}
+    tok = Tokenizer(storage.join(out, "tokenizer.model"))
+    mix = {src["name"]: {"weight": src["weight"], "docs": sum(g["sources"][str(s)]["docs"] for g in groups),
+                         "tokens": sum(g["sources"][str(s)]["tokens"] for g in groups)}
+           for s, src in enumerate(plan["sources"])}
+    sources = _sources(plan, stats, cluster, mix)
     pii: Counter[str] = Counter()
+    dropped: Counter[str] = Counter()
     for w in stats:
         pii.update(w["pii"])
-    sources, dropped = [], Counter()
-    for s, src in enumerate(plan["sources"]):
-        per = [w["sources"][str(s)] for w in stats if str(s) in w["sources"]]
-        reasons = Counter()
-        for p in per:
-            reasons.update(p["dropped"])
-        reasons.update({k: v for k, v in cluster["dropped"][str(s)].items() if v})
-        dropped.update(reasons)
-        kept = sum(p["kept"] for p in per) - sum(cluster["dropped"][str(s)].values())
-        sources.append({"name": src["name"], "path": src["path"], "weight": src["weight"],
-                        "docs_in": sum(p["docs_in"] for p in per), "chars_in": sum(p["chars_in"] for p in per),
-                        "docs": kept, "dropped": dict(sorted(reasons.items())),
-                        "docs_mixed": mix[src["name"]]["docs"]})
+    for src in sources:
+        dropped.update(src["dropped"])
     partitions = cluster["partitions"]
-    rep["clean"] = {"pii": {k: pii.get(k, 0) for k in PII_KINDS},
-                    "dropped": {k: dropped.get(k, 0) for k in (*QUALITY, "dup_exact", "dup_near")},
-                    "dedup": {"partitions": plan["partitions"], "candidate_pairs": sum(p["candidates"]
-                                                                                        for p in partitions),
-                              "confirmed_pairs": cluster["pairs"], "largest_partition_bytes":
-                                  max([p["bytes"] for p in partitions] or [0])}}
-    rep["sources"] = sources
-    if groups:
-        shards = [s for g in groups for s in g["shards"]]
-        hist = sum((_load_npz(storage.join(work, "pack", f"g{g:05d}.npz"))["hist"] for g in range(plan["groups"])),
-                   np.zeros(tok.vocab_size, dtype=np.int64))
-        documents = sum(g["documents"] for g in groups)
-        text_tokens = sum(g["tokens"] for g in groups) - 2 * documents
-        url = storage.join(out, "pretrain")
-        rows = sum(s["rows"] for s in shards)
-        manifest = {"format": FORMAT, "dtype": np.dtype(plan["tokenizer"]["token_dtype"]).str, "seq_len": d.seq_len,
-                    "fields": {}, "shards": shards, "rows": rows, "tokens": rows * d.seq_len, "tokenizer": tok_url,
-                    "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size, "sources": mix,
-                    "documents": documents, "dropped_tail_tokens": sum(g["dropped_tail"] for g in groups),
-                    "groups": len(groups)}
-        storage.write_json(storage.join(url, "manifest.json"), manifest)
-        storage.mark_complete(url, {"rows": rows})
-        rep["pretrain"] = {
-            "url": url, "rows": rows, "tokens": manifest["tokens"], "shards": len(shards), "groups": len(groups),
-            "documents": documents, "dropped_tail_tokens": manifest["dropped_tail_tokens"], "mix": mix,
-            "bytes_per_token": round(sum(g["bytes"] for g in groups) / max(text_tokens, 1), 3),
-            "vocab_used": round(float((hist > 0).mean()), 4),
-            "top_pieces": [tok.sp.id_to_piece(int(i)) for i in np.argsort(-hist, kind="stable")[:10] if hist[i] > 0]}
-        rep["tokenizer"]["bytes_per_token"] = rep["pretrain"]["bytes_per_token"]
-        rep["tokenizer"]["vocab_used"] = rep["pretrain"]["vocab_used"]
-    else:
-        rep["pretrain"] = None
-    log.info("data prep: pretrain: %s tokens in %s rows from %d workers", (rep["pretrain"] or {}).get("tokens", 0),
-             (rep["pretrain"] or {}).get("rows", 0), len(stats))
-    errors.cleaners = {}
-    if d.clean.records:
-        from components.data_prep.clean import RecordCleaner
-
-        opts = {**to_dict(d.clean), "seed": d.seed}
-        errors.cleaners = {"sft": RecordCleaner(opts), "preference": RecordCleaner(opts)}
-    rep["sft"] = build_sft(cfg, tok, errors) if d.sft.sources else None
-    rep["preference"] = build_preference(cfg, errors) if d.preference.sources else None
-    rep["prompts"] = build_prompts(cfg, errors) if d.prompts.sources else None
-    for kind, cleaner in errors.cleaners.items():
-        if rep.get(kind) is not None:
-            rep[kind]["clean"] = cleaner.summary()
+    rep: dict[str, Any] = {
+        "output": out, "workers": stats[0]["processes"] if stats else 0, "seq_len": d.seq_len,
+        "tokenizer": {**plan["tokenizer"], "url": tok.url}, "sources": sources,
+        "clean": {"pii": {k: pii.get(k, 0) for k in PII_KINDS},
+                  "dropped": {k: dropped.get(k, 0) for k in (*QUALITY, "dup_exact", "dup_near")},
+                  "dedup": {"partitions": plan["partitions"], "confirmed_pairs": cluster["pairs"],
+                            "candidate_pairs": sum(p["candidates"] for p in partitions),
+                            "largest_partition_bytes": max([p["bytes"] for p in partitions] or [0])}},
+        "pretrain": _pretrain(cfg, plan, work, groups, tok, mix) if groups else None}
+    if rep["pretrain"]:
+        rep["tokenizer"].update({k: rep["pretrain"][k] for k in ("bytes_per_token", "vocab_used")})
+    errors = input_errors(stats, d.error_samples)
+    rep.update(build_datasets(cfg, tok, errors))
     rep["errors"] = errors.summary()
     errors.check(d.max_error_rate)
     rep["fanout"] = _fanout(plan, stats, cluster, groups, started)
