@@ -387,3 +387,10 @@ def test_pods_share_nothing_but_s3(s3_bucket, tmp_path) -> None:
     got, want = (storage.read_json(f"{o}/pretrain/manifest.json") for o in (f"{s3_bucket}/out", alone))
     assert [(s["name"], s["sha256"]) for s in got["shards"]] == [(s["name"], s["sha256"]) for s in want["shards"]]
     assert ShardReader(f"{s3_bucket}/out/pretrain").total_rows == got["rows"] > 0
+
+
+def test_report_flags_a_straggler() -> None:
+    stats = [{"index": i, "seconds": s} for i, s in enumerate([10.0, 11.0, 9.5, 31.0])]
+    spread = steps.spread(stats, "workers")
+    assert spread["stragglers"] == [3] and spread["skew"] == round(31.0 / 15.375, 3)
+    assert steps.spread(stats[:3], "workers")["stragglers"] == []

@@ -131,8 +131,7 @@ def make_plan(cfg: Config) -> dict[str, Any]:
     if d.clean.dedup_near and d.clean.minhash_perm % d.clean.minhash_bands:
         raise KubellamaError(f"data.clean.minhash_perm ({d.clean.minhash_perm}) must be a multiple of "
                              f"data.clean.minhash_bands ({d.clean.minhash_bands})")
-    shaping = {k: v for k, v in to_dict(d).items() if k not in runs.DATA_VOLATILE}
-    plan["id"] = runs.digest({"plan": plan, "data": shaping}, 16)
+    plan["id"] = runs.digest({"plan": plan, "data": runs.data_hash(cfg)}, 16)
     return plan
 
 

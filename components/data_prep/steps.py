@@ -616,7 +616,7 @@ def pack_step(cfg: Config, work: str, index: int, plan_id: str = "") -> list[dic
 
 # --- merge -----------------------------------------------------------------------------------------------------
 
-def _spread(stats: list[dict], what: str) -> dict[str, Any]:
+def spread(stats: list[dict], what: str) -> dict[str, Any]:
     """Per-task throughput, skew (slowest over mean time) and stragglers (slower than STRAGGLER x the median)."""
     secs = [s["seconds"] for s in stats]
     if not secs:
@@ -751,7 +751,7 @@ def _fanout(plan: dict, stats: list[dict], cluster: dict, groups: list[dict], me
     timing["merge_share"] = round(timing["merge"] / max(timing["total"], 1e-9), 4)
     return {"parallelism": plan["parallelism"], "units": len(plan["units"]), "partitions": plan["partitions"],
             "reducers": plan["reducers"], "groups": plan["groups"], "plan": plan["id"],
-            "workers": _spread(workers, "workers"), "timing": timing}
+            "workers": spread(workers, "workers"), "timing": timing}
 
 
 # --- cleanup ---------------------------------------------------------------------------------------------------
