@@ -38,6 +38,8 @@ demo: install
 	$(VENV)/bin/kubellama run --demo
 	@echo "--- a sample from the model the demo trained (tiny and briefly trained: expect babble):"
 	$(VENV)/bin/kubellama generate --checkpoint runs/demo/latest/pretrain/hf --prompt "The history of" --max-new-tokens 32
+	@echo "--- the side-by-side safety report: runs/demo/latest/safety_eval/report.html"
+	@echo "--- the run's page (every stage, lineage, the paper's figures, cost): runs/demo/latest/report.html"
 
 test: install-test tools
 	$(PIP) check

@@ -7,6 +7,7 @@ from __future__ import annotations
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
+from components.core.kube import SCHEDULERS
 from components.core.launch import S3_KEYS, S3_OPTIONAL_KEYS, placement
 from conf.schema import Config
 
@@ -15,10 +16,10 @@ def trains_in_pod(cfg: Config) -> bool:
     """True when the training step runs torchrun inside its own pod, with the node's GPUs.
 
     One node needs no gang scheduling: the step's pod asks for the GPUs itself, which spares a second pod and
-    Volcano. Several nodes (scheduler kubernetes, nnodes > 1) make the step a small pod that launches the torchx job
-    and streams its logs.
+    Volcano. Several nodes (scheduler kubernetes or trainjob, nnodes > 1) make the step a small pod that launches
+    the Volcano job or TrainJob and streams its logs.
     """
-    return cfg.cluster.scheduler != "kubernetes" or cfg.cluster.nnodes <= 1
+    return cfg.cluster.scheduler not in SCHEDULERS or cfg.cluster.nnodes <= 1
 
 
 def schedule(task: PipelineTask, cfg: Config, gpu: bool = False) -> PipelineTask:

@@ -1,10 +1,10 @@
 """The Llama 2 recipe as a KFP pipeline, built from a resolved config and the stage registry.
 
 The DAG follows the paper: data_prep -> pretrain -> sft -> reward (helpfulness || safety) -> rejection sampling ->
-ppo -> safety_eval, each stage one step, in the order of components/core/stages.py and switched by
-`pipeline.stages.<name>`. A step's input made by a stage that is not in the pipeline comes from the config
-(`<stage>.<key>`, or `pipeline.init_checkpoint` for a model) through an importer, so lineage in the UI still starts
-somewhere real.
+ppo -> safety_eval, each stage one step (a stage with variants one step per variant, side by side), in the order of
+components/core/stages.py and switched by `pipeline.stages.<name>`. A step's input comes from the first of its
+candidate stages in the pipeline; when none is, from the config (`<stage>.<key>`, or `pipeline.init_checkpoint` for a
+model) through an importer, so lineage in the UI still starts somewhere real.
 
 Parameters: one per step, `config_<stage>`, holding only the config sections that stage reads (JSON), plus
 `overrides` (the command line that produced the config). A step's cache key therefore changes only when what it
@@ -12,6 +12,7 @@ reads changes: a new `pretrain.lr` leaves the data prep step's inputs byte-ident
 """
 # No `from __future__ import annotations`: KFP reads the pipeline signature as real types.
 
+import copy
 import hashlib
 import importlib
 import inspect
@@ -46,14 +47,25 @@ def selected(cfg: Config, pipeline: str = "llama2") -> list[str]:
     return names
 
 
-def stage_config(cfg: Config, name: str) -> str:
-    """The sections stage `name` reads, as the JSON its step receives."""
+def variant_config(cfg: Config, name: str, variant: str) -> Config:
+    """`cfg` as the step of variant `variant` of stage `name` sees it (a copy; `cfg` itself when no variant)."""
+    if not variant:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg[name][stages.get(name).variant_key] = variant
+    return cfg
+
+
+def stage_config(cfg: Config, name: str, variant: str = "") -> str:
+    """The sections stage `name` (its step for `variant`) reads, as the JSON its step receives."""
+    cfg = variant_config(cfg, name, variant)
     return json.dumps({sec: to_dict(cfg[sec]) for sec in stages.get(name).reads}, sort_keys=True)
 
 
 def parameters(cfg: Config, names: Sequence[str], overrides: Sequence[str] = ()) -> dict[str, str]:
     """The pipeline's parameters and their values for this config: what the UI shows and `submit` sends."""
-    params = {f"config_{n}": stage_config(cfg, n) for n in names}
+    params = {f"config_{step}": stage_config(cfg, n, variant) for n in names
+              for step, variant in stages.get(n).steps()}
     params["overrides"] = json.dumps(list(overrides))
     return params
 
@@ -89,33 +101,45 @@ def _custom(stage: stages.Stage, cfg: Config) -> Callable[[dict[str, Any]], Any]
     return getattr(importlib.import_module(module), name)(cfg, _image(stage, cfg), lambda t: k8s.schedule(t, cfg))
 
 
-def _step(stage: stages.Stage, cfg: Config, params: dict[str, Any], made: dict[str, Any],
-          custom: Callable[[dict[str, Any]], Any] | None = None) -> None:
-    """Add `stage`'s step (or, with `custom`, the steps it adds); `made` maps the stages run so far to their output
-    artifacts."""
+def producer(inp: stages.Input, made: dict[str, Any]) -> str | None:
+    """The step whose output feeds `inp`: its first candidate source in the pipeline so far (None: import)."""
+    return next((s for s in inp.sources if s in made), None)
+
+
+def _step(stage: stages.Stage, step: str, variant: str, cfg: Config, params: dict[str, Any],
+          made: dict[str, Any], custom: Callable[[dict[str, Any]], Any] | None = None) -> None:
+    """Add the step `step` of `stage` (its `variant`, if any); `made` maps the steps run so far to their output
+    artifacts, and holds the importers of config URLs (under "import <url>"). With `custom` (a stage's build
+    hook), the stage adds its steps itself."""
     training = stage.training
     image = _image(stage, cfg)
     op = importlib.import_module(f"{stage.module}.component").op(image)
-    kwargs: dict[str, Any] = {"config": params[f"config_{stage.name}"]}
+    if variant:
+        # The KFP task takes its name from the component: name it after the step (reward-safety).
+        op.component_spec.name = step
+    kwargs: dict[str, Any] = {"config": params[f"config_{step}"]}
     for inp in stage.inputs:
-        if inp.source not in made:
-            kind = stages.get(inp.source).output
-            url = cfg[stage.name][inp.key] or (cfg.pipeline.init_checkpoint if kind == "model" else "")
-            key = f"{stage.name}.{inp.key}" if cfg[stage.name][inp.key] or kind != "model" else \
-                "pipeline.init_checkpoint"
-            made[inp.source] = _import(url, ARTIFACTS[kind], key)
-        kwargs[inp.name] = made[inp.source]
+        found = producer(inp, made)
+        if found is None:
+            kind = next(p.output for p in map(stages.producer, inp.sources) if p is not None)
+            given = cfg[stage.name][inp.key]
+            url = given or (cfg.pipeline.init_checkpoint if kind == "model" else "")
+            key = f"{stage.name}.{inp.key}" if given or kind != "model" else "pipeline.init_checkpoint"
+            found = f"import {url}"
+            if found not in made:  # one importer per URL, shared by the steps that read it
+                made[found] = _import(url, ARTIFACTS[kind], key)
+        kwargs[inp.name] = made[found]
     if custom is not None:
-        made[stage.name] = custom(kwargs)
+        made[step] = custom(kwargs)
         return
     in_pod = training and k8s.trains_in_pod(cfg)
     if training:
         # Each pipeline run trains into its own folder, named by the run (unless the config fixes run.id).
         kwargs.update(in_pod=in_pod, run_id=cfg.run.id or dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     task = op(**kwargs)
-    task.set_display_name(stage.title)
+    task.set_display_name(f"{stage.title} ({variant})" if variant else stage.title)
     k8s.schedule(task, cfg, gpu=in_pod)
-    made[stage.name] = task.outputs[stage.output]
+    made[step] = task.outputs[stage.output]
 
 
 def build(cfg: Config, overrides: Sequence[str] = (), pipeline: str = "llama2") -> Callable:
@@ -130,7 +154,8 @@ def build(cfg: Config, overrides: Sequence[str] = (), pipeline: str = "llama2") 
         made: dict[str, Any] = {}
         for stage in STAGES:
             if stage.name in names:
-                _step(stage, cfg, params, made, custom.get(stage.name))
+                for step, variant in stage.steps():
+                    _step(stage, step, variant, cfg, params, made, custom.get(stage.name))
 
     # One parameter per step: the signature is made from the registry, so a new stage needs no edit here.
     llama2.__signature__ = inspect.Signature(  # type: ignore[attr-defined]

@@ -1,5 +1,9 @@
 """`kubellama submit --host URL [overrides]`: upload the compiled pipeline as a new version and start a run.
 
+In multi-user Kubeflow (`--namespace`, or `pipeline.namespace`) the pipeline, its versions, the experiment and
+the run all live in that profile namespace, so repeated submits (and the Helm chart's upgrade hook) find and extend
+the same pipeline.
+
 The run's parameters carry the resolved config and the overrides that produced it, so the KFP UI shows for every run
 exactly which command line made it. `--no-run` only uploads (what the Helm chart's post-install Job does).
 """
@@ -30,16 +34,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _find_pipeline(client, name: str, namespace: str | None) -> str | None:
+    """The id of pipeline `name` in `namespace` (multi-user), or among shared pipelines (None). kfp.Client's own
+    get_pipeline_id looks among shared pipelines only, so in a profile namespace it never finds what upload_pipeline
+    put there and the next upload conflicts."""
+    by_name = json.dumps({"predicates": [{"operation": 1, "key": "display_name", "stringValue": name}]})  # EQUALS
+    found = client.list_pipelines(filter=by_name, namespace=namespace, page_size=2).pipelines or []
+    if len(found) > 1:
+        raise KubellamaError(f"{len(found)} pipelines named {name} in namespace {namespace or '(shared)'}: "
+                             "rename or delete one in the KFP UI")
+    return found[0].pipeline_id if found else None
+
+
 def _pipeline_ids(client, path: str, name: str, version: str, description: str,
                   namespace: str | None) -> tuple[str, str]:
-    """Upload `path` as version `version` of pipeline `name` (created on first use); return (pipeline, version) ids."""
-    pipeline_id = client.get_pipeline_id(name)
+    """Upload `path` as version `version` of pipeline `name` (created on first use) in `namespace`; return
+    (pipeline, version) ids."""
+    pipeline_id = _find_pipeline(client, name, namespace)
     if pipeline_id is None:
         pipeline_id = client.upload_pipeline(path, pipeline_name=name, description=description,
                                              namespace=namespace).pipeline_id
         # A new pipeline comes with its first version made from the same file; run that one.
         versions = client.list_pipeline_versions(pipeline_id, page_size=1, sort_by="created_at desc")
         return pipeline_id, versions.pipeline_versions[0].pipeline_version_id
+    # A version belongs to its pipeline, and so to the pipeline's namespace.
     uploaded = client.upload_pipeline_version(path, pipeline_version_name=version, pipeline_id=pipeline_id,
                                               description=description)
     return pipeline_id, uploaded.pipeline_version_id

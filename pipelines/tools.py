@@ -103,14 +103,20 @@ def _load_any(url: str, cfg):  # type: ignore[no-untyped-def]
 
 
 def plan_main(argv: Sequence[str] | None = None) -> int:
-    p = parser("plan", "Parameter count and per-GPU memory under FSDP (plan.world_size, plan.seq_len, ...).")
+    p = parser("plan", "Parameter count, per-GPU memory under FSDP (plan.world_size, plan.seq_len, ...) and the "
+                       "cost ledger: GPU-hours and tCO2eq for plan.tokens on plan.gpu.")
     args = p.parse_args(argv)
 
     def go() -> int:
+        from components.core.cost import estimate, format_cost
         from components.core.plan import format_plan, plan
 
         cfg = load_config(args.overrides)
-        print(format_plan(cfg.model, cfg.plan, plan(cfg.model, cfg.plan)))
+        p = cfg.plan
+        memory = plan(cfg.model, p)
+        cost = estimate(memory.params, p.tokens, p.gpu, p.mfu, p.gpu_power_w)
+        print(format_plan(cfg.model, p, memory))
+        print(format_cost(cfg.model.name, p.tokens, cost, derived_mfu=not p.mfu))
         return 0
 
     return guarded(go)

@@ -180,10 +180,10 @@ def test_sft_labels_are_ignore_exactly_off_the_answers(tmp_path) -> None:
     out = str(tmp_path / "out")
     summary = stage.run(load_config(overrides(out, **{
         "data.seq_len": 256, "data.max_error_rate": 0.5, "data.sources": sources(("t", text, {})),
-        "data.sft.sources": sources(("chat", sft, {}))})))
+        "data.sft.sources": sources(("chat", sft, {})), "data.sft.eval_fraction": 0})))
     assert summary["sft_examples"] == 3 and summary["input_errors"] == 1
     tok = Tokenizer(os.path.join(out, "tokenizer.model"))
-    reader = ShardReader(os.path.join(out, "sft"))
+    reader = ShardReader(os.path.join(out, "sft", "train"))
     rows = [reader.row(i) for i in range(reader.total_rows)]
     tokens = np.concatenate([r["tokens"] for r in rows])
     labels = np.concatenate([r["labels"] for r in rows])

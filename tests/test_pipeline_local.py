@@ -13,7 +13,8 @@ from pipelines import run
 TINY = ["data.workers=1", "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
         "model.ffn_hidden=64", "model.vocab_size=300", "model.max_seq_len=32", "pretrain.max_steps=3",
         "pretrain.warmup_steps=1", "pretrain.global_batch_tokens=64", "pretrain.micro_batch=2",
-        "pretrain.ckpt_every=2", "pretrain.log_every=1"]
+        "pretrain.ckpt_every=2", "pretrain.log_every=1", "pipeline.stages.sft=false", "pipeline.stages.gatt=false",
+        "pipeline.stages.reward=false", "pipeline.stages.rejection_sampling=false", "pipeline.stages.ppo=false"]
 
 
 def corpus(path: str, docs: int = 150) -> str:

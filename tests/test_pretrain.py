@@ -66,7 +66,8 @@ def test_stage_writes_checkpoints_metrics_report_and_hf(tmp_path, capsys):
     assert "data:image/png;base64," in (out / "report.html").read_text()
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
-    assert all(r["tokens_per_s"] > 0 and r["mfu"] is None and r["lr"] > 0 for r in records)
+    # On CPU the MFU is taken against the matmul rate measured on this machine at the model's shapes.
+    assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] and r["lr"] > 0 for r in records)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tb"))
     assert (out / "config.yaml").exists() is False  # in-process: no job, no config hand-off
 

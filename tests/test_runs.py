@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.core import checkpoint, dist, runs, stages, storage
+from components.core import checkpoint, dist, stages
 from components.core.config import load_config
 from components.core.hf import save_hf
 from components.core.model import Llama
@@ -171,11 +171,12 @@ def test_sigterm_on_the_torchx_path_saves_within_seconds_and_the_rerun_matches(t
 def test_the_registry_drives_cli_pipeline_and_reports(tmp_path):
     names = [s.name for s in stages.STAGES]
     assert names[:2] == ["data_prep", "pretrain"]
+    params = llama2.parameters(load_config(), names)
     for s in stages.STAGES:
         assert cli.COMMANDS[s.command][0] == f"components.{s.name}.stage:main"
-        assert s.name in llama2.PIPELINES and f"config_{s.name}" in llama2.parameters(load_config(), names)
+        assert s.name in llama2.PIPELINES and all(f"config_{step}" in params for step, _ in s.steps())
     cfg = local_run.resolve([f"run.root={tmp_path}", "run.id=x"])
-    assert list(local_run.local_outputs(cfg, names)) == names
+    assert list(local_run.local_outputs(cfg, names)) == [step for s in stages.STAGES for step, _ in s.steps()]
     assert list(load_config().pipeline.stages) == names
     # Each step's parameter holds just the sections the registry says it reads.
     for s in stages.STAGES:

@@ -1,52 +1,59 @@
-"""`kubellama submit` against a local HTTP server that answers the KFP v2beta1 REST calls kfp.Client makes."""
+"""`kubellama submit` against a local HTTP server that answers the KFP v2beta1 REST calls kfp.Client makes, and the
+size of what it uploads against Argo's limits."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+import os
 
+import pytest
 import yaml
 
-from pipelines import submit
+from fake_http import FakeServer
+from pipelines import llama2, submit
 
 API = "/apis/v2beta1"
 
 
-class FakeKfp:
-    """Records every request; holds pipelines, versions, experiments and runs like the KFP API server does."""
+class FakeKfp(FakeServer):
+    """Records every request; holds pipelines, versions, experiments and runs per namespace like the KFP API server
+    does: "" is the shared namespace (single-user KFP, or pipelines shared by every profile), names are unique
+    within a namespace (a second upload of a name is 409), and multi-user mode refuses namespace-less experiment
+    lists."""
 
-    def __init__(self, pipelines: dict[str, str] | None = None):
-        self.requests: list[dict] = []
-        self.pipelines = dict(pipelines or {})  # display name -> id
+    def __init__(self, pipelines: dict | None = None, multi_user: bool = False):
+        self.multi_user = multi_user
+        # (namespace, display name) -> id; a plain name key means the shared namespace.
+        self.pipelines = {(k if isinstance(k, tuple) else ("", k)): v for k, v in (pipelines or {}).items()}
         self.versions: dict[str, list[str]] = {pid: [f"{pid}-v0"] for pid in self.pipelines.values()}
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-
-    def __enter__(self):
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        self.experiments: dict[tuple[str, str], str] = {}
+        self.runs: list[dict] = []
+        super().__init__()
 
     def find(self, method: str, path: str) -> list[dict]:
         return [r for r in self.requests if r["method"] == method and r["path"] == API + path]
 
+    @staticmethod
+    def _name(q: dict) -> str:
+        return json.loads(q["filter"])["predicates"][0]["stringValue"]
+
     def answer(self, method: str, path: str, query: dict, body: bytes) -> tuple[int, dict]:
         q = {k: v[0] for k, v in query.items()}
+        ns = q.get("namespace", "")
         if method == "GET" and path == "/healthz":
-            return 200, {"multi_user": False}
+            return 200, {"multi_user": self.multi_user}
         if method == "GET" and path == "/pipelines":
-            name = json.loads(q["filter"])["predicates"][0]["stringValue"]
-            hits = [{"pipeline_id": pid, "display_name": n} for n, pid in self.pipelines.items() if n == name]
+            name = self._name(q)
+            hits = [{"pipeline_id": pid, "display_name": n, "namespace": pns}
+                    for (pns, n), pid in self.pipelines.items() if n == name and pns == ns]
             return 200, {"pipelines": hits, "total_size": len(hits)} if hits else {}
         if method == "POST" and path == "/pipelines/upload":
+            if (ns, q["name"]) in self.pipelines:
+                return 409, {"error": f"Failed to create a pipeline: name {q['name']} already exists in namespace "
+                                      f"'{ns}'", "code": 6}
             pid = f"p{len(self.pipelines) + 1}"
-            self.pipelines[q["name"]] = pid
+            self.pipelines[(ns, q["name"])] = pid
             self.versions[pid] = [f"{pid}-v0"]
-            return 200, {"pipeline_id": pid, "display_name": q["name"]}
+            return 200, {"pipeline_id": pid, "display_name": q["name"], "namespace": ns}
         if method == "POST" and path == "/pipelines/upload_version":
             pid = q["pipelineid"]
             self.versions[pid].append(f"{pid}-v{len(self.versions[pid])}")
@@ -57,36 +64,30 @@ class FakeKfp:
             newest = [{"pipeline_id": pid, "pipeline_version_id": v} for v in reversed(self.versions[pid])]
             return 200, {"pipeline_versions": newest[: int(q.get("page_size", 10))], "total_size": len(newest)}
         if method == "GET" and path == "/experiments":
-            return 200, {}
+            if self.multi_user and not ns:
+                return 400, {"error": "In multi-user mode, ListExperiment requires filtering by namespace",
+                             "code": 3}
+            name = self._name(q) if "filter" in q else None
+            hits = [{"experiment_id": eid, "display_name": n, "namespace": ens}
+                    for (ens, n), eid in self.experiments.items() if ens == ns and name in (None, n)]
+            return 200, {"experiments": hits, "total_size": len(hits)} if hits else {}
         if method == "POST" and path == "/experiments":
-            return 200, {**json.loads(body), "experiment_id": "e1"}
+            exp = json.loads(body)
+            key = (exp.get("namespace") or "", exp["display_name"])
+            if key in self.experiments:
+                return 409, {"error": f"experiment {key} already exists", "code": 6}
+            self.experiments[key] = f"e{len(self.experiments) + 1}"
+            return 200, {**exp, "experiment_id": self.experiments[key]}
         if method == "POST" and path == "/runs":
-            return 200, {**json.loads(body), "run_id": "r1", "state": "PENDING"}
+            run = json.loads(body)
+            if run["experiment_id"] not in self.experiments.values():
+                return 404, {"error": f"experiment {run['experiment_id']} not found", "code": 5}
+            self.runs.append(run)
+            return 200, {**run, "run_id": f"r{len(self.runs)}", "state": "PENDING"}
         return 404, {"error": f"no route {method} {path}", "code": 5}
 
-    def _handler(self):
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _serve(self):
-                url = urlparse(self.path)
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                fake.requests.append({"method": self.command, "path": url.path, "query": parse_qs(url.query),
-                                      "body": body})
-                status, obj = fake.answer(self.command, url.path.removeprefix(API), parse_qs(url.query), body)
-                data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = _serve
-
-            def log_message(self, *args):
-                pass
-
-        return Handler
+    def respond(self, method: str, path: str, query: dict, body: bytes, stream) -> tuple[int, dict]:
+        return self.answer(method, path.removeprefix(API), query, body)
 
 
 def _uploaded_yaml(req: dict) -> list[dict]:
@@ -155,3 +156,78 @@ def test_submit_errors_are_one_line(capsys):
     assert submit.main(["--host", url, "run.root=s3://b/r"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"kubellama: error: cannot reach the KFP API at {url}") and "\n" not in err
+
+
+def test_two_submits_in_a_profile_namespace(capsys):
+    """Multi-user Kubeflow: the pipeline is looked up, uploaded and versioned in the profile namespace, so the
+    second submit (or the chart's upgrade hook) adds a version instead of colliding with the first upload. Pipelines
+    of the same name elsewhere (shared, another profile) are not touched."""
+    shared = {"kubellama-llama2": "shared1", ("team-b", "kubellama-llama2"): "other1"}
+    with FakeKfp(shared, multi_user=True) as kfp_api:
+        for attempt in range(2):
+            rc = submit.main(["--host", kfp_api.url, "--namespace", "team-a", "--experiment", "ci",
+                              "run.root=s3://b/r"])
+            assert rc == 0, capsys.readouterr().err
+    (upload,) = kfp_api.find("POST", "/pipelines/upload")
+    assert upload["query"]["namespace"] == ["team-a"]
+    assert all(r["query"]["namespace"] == ["team-a"] for r in kfp_api.find("GET", "/pipelines"))
+    mine = kfp_api.pipelines[("team-a", "kubellama-llama2")]
+    (version,) = kfp_api.find("POST", "/pipelines/upload_version")
+    assert version["query"]["pipelineid"] == [mine]
+    assert kfp_api.versions["shared1"] == ["shared1-v0"] and kfp_api.versions["other1"] == ["other1-v0"]
+    assert kfp_api.experiments == {("team-a", "ci"): "e1"}  # created once, found the second time
+    assert [r["pipeline_version_reference"] for r in kfp_api.runs] == [
+        {"pipeline_id": mine, "pipeline_version_id": f"{mine}-v0"},
+        {"pipeline_id": mine, "pipeline_version_id": f"{mine}-v1"}]
+    out = capsys.readouterr().out
+    assert "run_id=r1" in out and "run_id=r2" in out
+
+
+def test_the_namespace_comes_from_the_config_as_the_chart_sets_it(capsys):
+    """The chart's upload Job passes `pipeline.namespace=<release namespace>` as an override, not --namespace."""
+    with FakeKfp(multi_user=True) as kfp_api:
+        for attempt in range(2):
+            assert submit.main(["--host", kfp_api.url, "--no-run", "pipeline.namespace=team-a",
+                                "run.root=s3://b/r"]) == 0, capsys.readouterr().err
+    assert list(kfp_api.pipelines) == [("team-a", "kubellama-llama2")]
+    assert len(kfp_api.find("POST", "/pipelines/upload_version")) == 1 and not kfp_api.runs
+
+
+# etcd stores no object over 1.5 MiB, and KFP v2 turns the IR into an Argo Workflow about 2.85x its size (measured
+# against kfp 2.16.1), which then grows with each node's status as the run goes on and retries. A run whose
+# Workflow outgrows etcd fails or cannot be retried, so the IR is held to a budget whose Workflow fills under a
+# third of the limit.
+ETCD_LIMIT = 1.5 * 2**20
+ARGO_EXPANSION = 2.85
+IR_BUDGET = 150_000
+# Steps of the full recipe (data prep, pretrain, SFT, two reward models, rejection sampling, PPO, safety eval and
+# their imports): the budget per step, so each stage's share is held as stages are added.
+RECIPE_STEPS = 10
+
+
+@pytest.mark.parametrize("nodes", ["1", "8"], ids=["in-pod", "launcher"])
+def test_full_recipe_ir_fits_argo(tmp_path, nodes):
+    from components.core import stages
+    from pipelines import run
+
+    assert IR_BUDGET * ARGO_EXPANSION < ETCD_LIMIT / 3
+    overrides = ["model=llama2_70b", "cluster=h100", f"cluster.nnodes={nodes}", "cluster.scheduler=trainjob",
+                 "run.root=s3://bucket/llama2-70b", "cluster.s3_secret=s3", "cluster.timeout_s=86400"]
+    cfg = run.resolve(overrides)
+    names = llama2.selected(cfg)
+    assert names == [s.name for s in stages.STAGES]  # every registered stage is on
+    path = run.compile_pipeline(cfg, overrides, str(tmp_path / "llama2.yaml"))
+    size = os.path.getsize(path)
+    assert size <= IR_BUDGET, f"IR is {size} bytes, budget {IR_BUDGET}"
+    assert size / len(names) <= IR_BUDGET / RECIPE_STEPS, f"{size / len(names):.0f} bytes per step"
+    with open(path) as f:
+        spec = next(yaml.safe_load_all(f))
+    # One program per stage: the steps of a stage with variants (the reward models) run the same component.
+    programs = [json.dumps(e["container"]["command"]) for e in spec["deploymentSpec"]["executors"].values()]
+    assert len(set(programs)) == len(names)
+    # A step's config parameter holds only the sections it reads: no step carries the whole tree.
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    whole = len(llama2.config_json(cfg))
+    for name in names:
+        for step, _ in stages.get(name).steps():
+            assert len(params[f"config_{step}"]["defaultValue"]) < whole

@@ -19,10 +19,11 @@ VOCAB = 128
 # Small enough that a step is milliseconds, shaped like the real thing (GQA, 2 blocks).
 MODEL = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=VOCAB, max_seq_len=SEQ)
 
-# The same as Hydra overrides, for the CLI and the stage.
+# The same as Hydra overrides, for the CLI and the stage. fp32 is pinned here and in train_cfg: the tests compare losses and weights exactly across runs, resumes and rank counts, which bf16
+# compute (mixed_precision=auto on CPUs with native bf16) would round differently.
 OVERRIDES = [f"model.{k}={v}" for k, v in MODEL.items()] + [
     "pretrain.warmup_steps=2", "pretrain.lr=3e-3", "pretrain.micro_batch=2", "pretrain.log_every=1",
-    f"pretrain.global_batch_tokens={4 * SEQ}",
+    f"pretrain.global_batch_tokens={4 * SEQ}", "pretrain.mixed_precision=fp32",
 ]
 
 
@@ -32,7 +33,7 @@ def model_cfg() -> ModelConfig:
 
 def train_cfg(**kw: Any) -> TrainConfig:
     base = dict(lr=3e-3, warmup_steps=2, max_steps=4, global_batch_tokens=4 * SEQ, micro_batch=2, seq_len=SEQ,
-                ckpt_every=2, keep_last=2, log_every=1)
+                ckpt_every=2, keep_last=2, log_every=1, mixed_precision="fp32")
     base.update(kw)
     return TrainConfig(**base)
 

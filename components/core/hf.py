@@ -22,7 +22,8 @@ SHARD_BYTES = 5 * 1024**3
 
 
 def to_hf_key(name: str) -> str:
-    return name if name.startswith("lm_head.") else f"model.{name}"
+    # Heads sit beside the backbone in transformers: LlamaForCausalLM's lm_head, LlamaForSequenceClassification's score.
+    return name if name.startswith(("lm_head.", "score.")) else f"model.{name}"
 
 
 def from_hf_key(name: str) -> str:
@@ -95,10 +96,11 @@ LINEAGE = "kubellama.json"
 
 def save_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, url: str, tokenizer: str | None = None,
             dtype: torch.dtype | None = None, shard_bytes: int = SHARD_BYTES,
-            lineage: dict[str, Any] | None = None) -> None:
+            lineage: dict[str, Any] | None = None, config: dict[str, Any] | None = None) -> None:
     """Write a LlamaForCausalLM directory at `url` (local or s3://): config, generation config, weights, the
     tokenizer when given, and `kubellama.json` with the lineage (config hash, data hash, parent checkpoint, step).
-    The folder gets its `_COMPLETE` marker last."""
+    `config` adds or replaces config.json keys (another architecture: a reward model's classifier head). The folder
+    gets its `_COMPLETE` marker last."""
     storage.remove(storage.join(url, storage.COMPLETE))
     # An earlier export here may have been sharded differently; its index would point readers at old weights.
     for old in storage.glob(storage.join(url, "model*.safetensors*")):
@@ -125,7 +127,7 @@ def save_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, url: str, tok
             storage.write_bytes(storage.join(url, name), st_save(shard, metadata=meta))
             index["weight_map"].update({k: name for k in shard})
         storage.write_json(storage.join(url, "model.safetensors.index.json"), index)
-    storage.write_json(storage.join(url, "config.json"), hf_config(cfg, dtype))
+    storage.write_json(storage.join(url, "config.json"), {**hf_config(cfg, dtype), **(config or {})})
     storage.write_json(storage.join(url, "generation_config.json"),
                        {"bos_token_id": 1, "eos_token_id": 2, "do_sample": True, "temperature": 0.6, "top_p": 0.9})
     if tokenizer:

@@ -1,5 +1,7 @@
 """The one launcher of every training stage: in this process, under torchrun, as a torchx `local_cwd` job
-(torchrun on this machine) or as a Volcano job on Kubernetes.
+(torchrun on this machine), or as a multi-node job on Kubernetes: a Volcano job made by torchx, or a Kubeflow
+Trainer TrainJob (components/core/trainjob.py), both run by components/core/kube.py (deterministic names, adopt on
+retry, a lease per output, deletion on SIGTERM and timeout).
 
 A training stage supplies its training body (`train(cfg) -> summary`, run by every rank) and calls `main()` from its
 `__main__` / CLI entry and `run()` from its KFP component. Everything else is here: `--dryrun`, `--config`, the run
@@ -34,7 +36,7 @@ from typing import Any, Callable, Sequence
 
 import yaml
 
-from components.core import dist, runs, storage
+from components.core import dist, kube, runs, storage
 from components.core.errors import ConfigError, KubellamaError
 from conf.schema.cluster import ClusterConfig
 
@@ -76,6 +78,15 @@ TrainFn = Callable[[Any], dict]
 
 class Preempted(KubellamaError):
     """SIGTERM arrived; the last finished step is saved and a rerun of the same run resumes from it."""
+
+
+class StageFailed(KubellamaError):
+    """The stage finished its work and its report says `failed` (e.g. safety eval's promotion gate): the message is
+    the report's `error`, and `summary` the report, so a KFP step can still publish it before failing."""
+
+    def __init__(self, summary: dict):
+        super().__init__(str(summary.get("error") or "the stage reports status failed"))
+        self.summary = summary
 
 
 def _quantity(value: str | None) -> float:
@@ -150,7 +161,7 @@ def scheduler_cfg(cluster: ClusterConfig) -> dict[str, Any]:
         return cfg
     if cluster.scheduler in ("local_cwd", "local"):
         return {}
-    raise ConfigError(f"cluster.scheduler={cluster.scheduler!r}: expected local_cwd or kubernetes")
+    raise ConfigError(f"cluster.scheduler={cluster.scheduler!r}: expected local_cwd, kubernetes or trainjob")
 
 
 def _patch_pods(resource: dict[str, Any], cluster: ClusterConfig) -> None:
@@ -299,10 +310,6 @@ def config_url(cfg: Any, stage: str) -> str:
 
 def job(cfg: Any, stage: str):
     """The torchx AppDef of `stage` for cfg.cluster."""
-    output = cfg[stage].output
-    if cfg.cluster.scheduler == "kubernetes" and not storage.is_remote(output):
-        raise ConfigError(f"{stage}.output={output} is a local path, which pods on Kubernetes cannot share: set "
-                          f"run.root to an s3:// URL")
     name = f"{cfg.run.name}-{stage}".replace("_", "-")
     return app(cfg.cluster, f"components.{stage}", ["--config", config_url(cfg, stage)], name=name)
 
@@ -311,8 +318,10 @@ def dryrun_text(cfg: Any, stage: str) -> str:
     if in_process(cfg.cluster):
         section = cfg[stage]
         data = f" on {section.data}" if "data" in section else ""
-        return (f"in process (cluster.nproc_per_node=1): {stage}{data} -> {section.output}, "
-                f"{section.max_steps} steps\n")
+        steps = f", {section.max_steps} steps" if "max_steps" in section else ""
+        return f"in process (cluster.nproc_per_node=1): {stage}{data} -> {section.output}{steps}\n"
+    if cfg.cluster.scheduler in kube.SCHEDULERS:
+        return render(kube.manifest(cfg, stage))
     _, spec = dryrun(cfg.cluster, job(cfg, stage))
     return render(spec)
 
@@ -344,12 +353,17 @@ def run(cfg: Any, stage: str, train: TrainFn) -> dict:
         report = storage.join(cfg[stage].output, "report.json")
         started = time.time()
         try:
-            submit(cfg.cluster, job(cfg, stage))
+            if cfg.cluster.scheduler in kube.SCHEDULERS:
+                kube.launch(cfg, stage, kube.manifest(cfg, stage))
+            else:
+                submit(cfg.cluster, job(cfg, stage))
         except KubellamaError:
             # A job stopped by SIGTERM may end FAILED although its ranks saved: the report says what happened.
             if not (storage.exists(report) and storage.read_json(report).get("ended", 0) >= started):
                 raise
         summary = storage.read_json(report)
+    if summary.get("status") == "failed":
+        raise StageFailed(summary)
     if summary.get("status") == "preempted":
         raise Preempted(f"{stage} was preempted at step {summary['step']}; checkpoint {summary['checkpoint']} is "
                         f"saved: rerun with run.id={cfg.run.id} to resume")
@@ -374,7 +388,7 @@ def main(stage: str, train: TrainFn, argv: Sequence[str] | None = None, descript
             return 0
         try:
             summary = run(cfg, stage, train)
-        except Preempted as exc:
+        except (Preempted, kube.Stopped) as exc:
             print(f"kubellama: {exc}", file=sys.stderr)
             return EXIT_PREEMPTED
         if not dist.under_launcher() or (dist.init().lead and LAUNCHED not in os.environ):

@@ -11,11 +11,12 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from components.core import storage
+from components.core.precision import gemm_peak
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, from NVIDIA's data sheets. Matched by substring of
 # torch.cuda.get_device_name(); the first match wins, so the more specific names come first.
@@ -28,8 +29,14 @@ PEAK_BF16: list[tuple[str, float]] = [
 ]
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """The device's bf16 peak, or None (CPU, unknown GPU): MFU is then reported as not applicable."""
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16,
+               shapes: Sequence[tuple[int, int, int]] = ((1024, 1024, 1024),)) -> float | None:
+    """The FLOP/s that MFU divides by, or None (unknown GPU: MFU is then reported as not applicable).
+
+    GPU: the data-sheet bf16 peak. CPU: no data sheet says what a (shared, throttled, virtualised) host gives, so the
+    matmul rate in the compute dtype is measured at the model's `shapes` (once per process, well under a second)."""
+    if device.type == "cpu":
+        return gemm_peak(shapes, dtype)
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -120,6 +127,8 @@ class MetricsLog:
 
 
 def format_record(r: dict[str, Any]) -> str:
+    if "loss" not in r:  # a loop of its own (PPO): its keys as they are
+        return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())
     mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "n/a"
     return (f"step {r['step']} loss {r['loss']:.4f} lr {r['lr']:.3g} grad_norm {r['grad_norm']:.3f} "
             f"tok/s {r['tokens_per_s']:.0f} ({r['tokens_per_s_per_rank']:.0f}/rank) mfu {mfu} "

@@ -15,7 +15,60 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from components.core import attention
 from conf.schema.model import ModelConfig
+
+
+# The target id that carries no loss (PyTorch's default ignore_index): prompts, padding.
+IGNORE = -100
+# Rows of fp32 logits handled at a time by the fused loss: small enough to stay in cache (and, on CPU, below
+# malloc's mmap threshold, so no fresh pages each step), big enough that a GPU launches few kernels.
+LOSS_CHUNK_BYTES = {"cpu": 8 << 20}
+LOSS_CHUNK_BYTES_DEFAULT = 256 << 20
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `h @ weight.T` against `targets`, with the gradient of the logits formed in the
+    forward pass, chunk by chunk, in place of the logits themselves.
+
+    The unfused path (logits, `.float()`, log-softmax, NLL, and their backward) makes five or six full passes over
+    fp32 tensors of tokens x vocabulary. Here the logits are written once in the compute dtype, each chunk of rows
+    is turned into softmax - one-hot in fp32 while in cache, and backward is two matrix products. Numerically it is
+    the unfused path: logits rounded to the compute dtype, softmax and loss in fp32, the logits' gradient rounded to
+    the compute dtype before the products.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int) -> torch.Tensor:
+        n = h.shape[0]
+        grad = torch.mm(h, weight.t())  # the logits, overwritten below by their gradient
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, n, rows):
+            chunk, t = grad[start:start + rows], targets[start:start + rows]
+            keep = (t != IGNORE)[:, None]
+            t = t.clamp(min=0)[:, None]
+            z = chunk.float()
+            lse = torch.logsumexp(z, dim=1, keepdim=True)
+            loss += ((lse - z.gather(1, t)) * keep).sum()
+            z.sub_(lse).exp_().scatter_add_(1, t, torch.full_like(lse, -1.0)).mul_(keep)
+            chunk.copy_(z)
+        ctx.save_for_backward(h, weight, grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        h, weight, grad = ctx.saved_tensors
+        scale = grad_loss.to(grad.dtype)
+        grad_h = torch.mm(grad, weight).mul_(scale) if ctx.needs_input_grad[0] else None
+        grad_w = torch.mm(grad.t(), h).mul_(scale) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """sum over rows of cross_entropy(h @ weight.T, targets) (IGNORE targets excluded): (N, D), (V, D), (N,)."""
+    rows = chunk_rows or LOSS_CHUNK_BYTES.get(h.device.type, LOSS_CHUNK_BYTES_DEFAULT) // (4 * weight.shape[0])
+    return LinearCrossEntropy.apply(h, weight, targets, max(1, rows))
 
 
 class RMSNorm(nn.Module):
@@ -39,9 +92,28 @@ def rope(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtyp
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+class Rotary(torch.autograd.Function):
+    """x·cos + rotate_half(x)·sin, with rotate_half(x) = [-x2, x1] (Hugging Face's layout), in three kernels and
+    no temporaries, forward and backward; backward keeps only the tables, not x. The spelled-out form costs six
+    kernels and three temporaries each way, on the largest activations of attention."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        half = x.shape[-1] // 2
+        out = x * cos
+        out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+        out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        out = grad * cos
+        out[..., :half].addcmul_(grad[..., half:], sin[..., half:])
+        out[..., half:].addcmul_(grad[..., :half], sin[..., :half], value=-1)
+        return out, None, None
 
 
 @dataclass
@@ -73,15 +145,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: attention.Mask | None,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        # RoPE on the (B, T, heads, head_dim) layout the projections produce (contiguous), then heads first for SDPA.
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        q = Rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+        k = Rotary.apply(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        cos, sin = cos[:, None], sin[:, None]
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
         if cache is not None:
             start = cache.length
             cache.k[layer, :, :, start:start + T] = k
@@ -90,7 +161,9 @@ class Attention(nn.Module):
         # Grouped-query attention inside SDPA: each KV head serves n_heads / n_kv query heads without copying K and V
         # n_heads / n_kv times (and summing their gradients back in backward).
         gqa = self.n_kv != self.n_heads
-        if mask is None:
+        if isinstance(mask, attention.BlockMask):  # packed rows on GPU: the fused document-mask kernel
+            out = attention.flex(q, k, v, mask, gqa)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -116,7 +189,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: attention.Mask | None = None,
                 cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -152,12 +225,14 @@ class Llama(nn.Module):
                 p.normal_(0.0, std, generator=generator)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
+                segments: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for `tokens` (B, T).
 
         positions: (B, T) RoPE positions; default 0..T-1 (or continuing the cache).
         cache: decode incrementally, appending to and attending over the cache.
         segments: (B, T) example ids of packed sequences; attention stays inside each example.
+        targets: (B, T) the next token at each position (IGNORE: none); the summed cross-entropy is returned
+            instead of the logits, through the fused head and loss (`LinearCrossEntropy`).
         """
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
@@ -173,15 +248,17 @@ class Llama(nn.Module):
             # cache even where they are masked (0 · NaN = NaN).
             mask = ((causal[None] & cache.valid[:, None, :start + T]) | (k_pos[None, :] == q_pos[:, None])[None])[:, None]
         elif segments is not None:
-            causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()
-            mask = (causal[None] & (segments[:, :, None] == segments[:, None, :]))[:, None]
+            mask = attention.document_mask(segments)
         h = self.embed_tokens(tokens)
         cos, sin = rope(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta, h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length = start + T
-        return self.lm_head(self.norm(h))
+        h = self.norm(h)
+        if targets is not None:
+            return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        return self.lm_head(h)
 
 
 def count_params(cfg: ModelConfig) -> int:

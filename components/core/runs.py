@@ -62,7 +62,11 @@ def stage_output(cfg: Any, stage: str) -> str:
         return given
     if not cfg.run.id:
         raise ConfigError(f"{stage}.output is empty and so is run.id: set one of them")
-    return storage.join(cfg.run.root, cfg.run.id, stage)
+    from components.core.stages import BY_NAME
+
+    # A stage with variants (both reward models of one run) writes one folder per variant.
+    folder = BY_NAME[stage].step_of(cfg[stage]) if stage in BY_NAME else stage
+    return storage.join(cfg.run.root, cfg.run.id, folder)
 
 
 def bind(cfg: Any, stage: str, run_id: str = "") -> Any:

@@ -7,16 +7,23 @@ Adding a stage touches its folder (`components/<name>/`: stage.py, component.py,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
 class Input:
-    """A step input: the artifact `name` of the component, made by stage `source`. When that stage is not in the
-    pipeline, the URL at config key `<stage>.<key>` is imported instead."""
+    """A step input: the artifact `name` of the component, made by stage `source` (or by one step of a stage with
+    variants, e.g. `reward_safety`). `source` may list candidates instead, the first one in the pipeline winning
+    (a model from gatt, else sft, else pretrain). When none is in the pipeline, the URL at config key
+    `<stage>.<key>` is imported instead."""
 
     name: str
-    source: str
+    source: str | tuple[str, ...]
     key: str
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.source,) if isinstance(self.source, str) else tuple(self.source)
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,18 @@ class Stage:
     inputs: tuple[Input, ...] = ()
     # A training stage runs through the shared launcher (core/launch.py) in a GPU pod or a torchx job.
     training: bool = False
+    # Run once per variant, side by side, with `<name>.<variant_key>=<variant>` (the reward models: helpfulness ||
+    # safety). Steps and output folders are then named `<name>_<variant>`.
+    variants: tuple[str, ...] = ()
+    variant_key: str = "kind"
+
+    def steps(self) -> tuple[tuple[str, str], ...]:
+        """(step name, variant) of each of the stage's steps."""
+        return tuple((f"{self.name}_{v}", v) for v in self.variants) or ((self.name, ""),)
+
+    def step_of(self, section: Any) -> str:
+        """The step (and output folder name) a config section of this stage runs as."""
+        return f"{self.name}_{section[self.variant_key]}" if self.variants else self.name
     # "module:function" for a stage that adds its steps itself (one that fans out into several, or sizes its pods)
     # instead of the one generic step: function(cfg, image, schedule), called before the pipeline is defined (it may
     # define sub-pipelines), returns add(kwargs) -> the stage's output artifact; kwargs are the generic step's
@@ -56,9 +75,42 @@ STAGES: tuple[Stage, ...] = (
     Stage("pretrain", "pretrain", "stage: FSDP pretraining (torchx local or Kubernetes)",
           reads=("run", "model", "pretrain", "cluster"), output="model",
           inputs=(Input("data", "data_prep", "data"),), training=True),
+    Stage("sft", "SFT", "stage: supervised fine-tuning on packed dialogs, loss on answers only",
+          reads=("run", "model", "sft", "cluster"), output="model",
+          inputs=(Input("data", "data_prep", "data"), Input("init", "pretrain", "init")), training=True),
+    Stage("gatt", "GAtt", "stage: Ghost Attention fine-tuning and the turn-by-turn instruction-adherence eval",
+          reads=("run", "model", "gatt", "cluster"), output="model",
+          inputs=(Input("data", "data_prep", "data"), Input("init", "sft", "init")), training=True),
+    Stage("reward", "reward model", "stage: helpfulness or safety reward model (reward.kind)",
+          reads=("run", "model", "reward", "cluster"), output="model",
+          inputs=(Input("data", "data_prep", "data"), Input("init", ("gatt", "sft", "pretrain"), "init")),
+          training=True, variants=("helpfulness", "safety")),
+    Stage("rejection_sampling", "rejection sampling",
+          "stage: best of K samples by the combined reward, pooled across rounds, then SFT on the pool",
+          reads=("run", "model", "rejection_sampling", "cluster"), output="model",
+          inputs=(Input("data", "data_prep", "data"), Input("init", ("gatt", "sft", "pretrain"), "init"),
+                  Input("reward_helpfulness", "reward_helpfulness", "reward_helpfulness"),
+                  Input("reward_safety", "reward_safety", "reward_safety")), training=True),
+    Stage("ppo", "PPO", "stage: PPO against the combined reward with a KL penalty to the initial policy",
+          reads=("run", "model", "ppo", "cluster"), output="model",
+          inputs=(Input("data", "data_prep", "data"),
+                  Input("init", ("rejection_sampling", "gatt", "sft", "pretrain"), "init"),
+                  Input("reward_helpfulness", "reward_helpfulness", "reward_helpfulness"),
+                  Input("reward_safety", "reward_safety", "reward_safety")), training=True),
+    # Last: evaluates the newest model of the run (and the run's other checkpoints side by side), gates promotion
+    # and writes the run's page.
+    Stage("safety_eval", "safety eval", "stage: safety benchmarks, side-by-side report, promotion gate",
+          reads=("run", "model", "safety_eval", "cluster", "plan"), output="dataset",
+          inputs=(Input("model", ("ppo", "rejection_sampling", "gatt", "sft", "pretrain"), "init"),
+                  Input("data", "data_prep", "data")), training=True),
 )
 
 BY_NAME = {s.name: s for s in STAGES}
+
+
+def producer(name: str) -> Stage | None:
+    """The stage making the output of stage or step `name` (None for a name not in the registry)."""
+    return next((s for s in STAGES if name == s.name or name in dict(s.steps())), None)
 
 
 def get(name: str) -> Stage:

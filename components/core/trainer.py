@@ -3,8 +3,8 @@
 What it does, in the order a step sees it:
 - FSDP2: `fully_shard` on each transformer block, then on the root, over a 1-D mesh of all ranks. A
   MixedPrecisionPolicy from `mixed_precision`: `auto` is bf16 compute parameters with fp32 gradient reduction on
-  GPU, plain fp32 on CPU (CPU bf16 matmuls are slow and tests want exact numbers). The sharded master copy and the
-  optimizer state stay fp32 either way.
+  GPU and on CPUs with native bf16 matmuls (AMX, AVX512-BF16), plain fp32 on other CPUs (emulated bf16 is slower).
+  The sharded master copy and the optimizer state stay fp32 either way; tests that compare exact numbers pin fp32.
 - Activation checkpointing per block: `none`, `full` (every block) or `every_k` (every `ac_every`-th block).
 - Gradient accumulation: micro-batches of `micro_batch` rows on every rank until `global_batch_tokens` is reached
   (`global_batch_tokens = micro_batch · seq_len · world_size · accumulation`). The loss is a token-level mean over the
@@ -43,7 +43,6 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -57,11 +56,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from components.core import checkpoint, dist, storage
 from components.core.errors import ConfigError, KubellamaError
 from components.core.metrics import MetricsLog, Throughput, peak_flops, peak_memory_gib
-from components.core.model import Llama, count_params, flops_per_token
+from components.core.model import IGNORE, Llama, count_params, flops_per_token
+from components.core.precision import compute_dtype, model_gemm_shapes
 from conf.schema.model import ModelConfig
 from conf.schema.train import TrainConfig
 
-IGNORE = -100
 # Above this many parameters every rank cannot afford a full fp32 copy in host memory: build on the meta device and
 # initialise the shards in place (values then depend on the world size, which only matters for from-scratch runs).
 FULL_INIT_MAX_PARAMS = 3_000_000_000
@@ -101,8 +100,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     targets = batch["labels"][:, 1:] if "labels" in batch else tokens[:, 1:]
     segments = batch["segments"][:, :-1] if "segments" in batch else None
     positions = segment_positions(segments) if segments is not None else None
-    logits = model(inputs, positions=positions, segments=segments)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    loss = model(inputs, positions=positions, segments=segments, targets=targets)
     return loss, (targets != IGNORE).sum()
 
 
@@ -116,13 +114,11 @@ def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float
 
 
 def mp_policy(mode: str, device: torch.device) -> MixedPrecisionPolicy | None:
-    if mode == "auto":
-        mode = "bf16" if device.type == "cuda" else "fp32"
-    if mode == "fp32":
+    """bf16 compute parameters over fp32 master shards, gradients reduced in fp32; None (plain fp32) where the
+    compute dtype is fp32 (components/core/precision.py decides what `auto` means on this device)."""
+    if compute_dtype(mode, device) == torch.float32:
         return None
-    if mode == "bf16":
-        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    raise ConfigError(f"mixed_precision={mode!r}: expected auto, bf16 or fp32")
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:
@@ -247,7 +243,8 @@ class Trainer:
         # A row of seq_len tokens trains seq_len - 1 positions (inputs row[:-1]): throughput and MFU count those.
         self.context = self.data.seq_len - 1
         self.flops = flops_per_token(self.model_cfg, self.context)
-        self.peak = peak_flops(env.device)
+        self.peak = peak_flops(env.device, compute_dtype(cfg.mixed_precision, env.device),
+                               model_gemm_shapes(self.model_cfg, min(cfg.micro_batch * self.context, 512), head=False))
         self.last_ckpt: str | None = None
         self._pending: checkpoint.Pending | None = None
         self._stop_requested = False
@@ -372,9 +369,12 @@ class Trainer:
         # Only a flag: every rank sees it before its next micro-batch (train_step) and they save together.
         self._stop_requested = True
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, on_step: Callable[[int], bool] | None = None) -> dict[str, Any]:
         """Train to `max_steps` (resuming if a checkpoint exists). Returns a summary; status `preempted` when a
-        SIGTERM arrived, after the checkpoint was written."""
+        SIGTERM arrived, after the checkpoint was written.
+
+        `on_step(step)` runs on every rank after each finished step (its time is not counted in throughput); it may
+        do collective work such as an evaluation, and returns True to checkpoint this step (an epoch's end)."""
         env, cfg = self.env, self.cfg
         self.resume()
         start_step = self.step
@@ -409,7 +409,10 @@ class Trainer:
                         "mfu": per_rank * self.flops / self.peak if self.peak else None,
                         "peak_mem_gib": peak_memory_gib(env.device), "tokens": self.step * r.tokens,
                     })
-                if self.step % max(1, cfg.ckpt_every) == 0 or self.step == cfg.max_steps:
+                t0 = time.perf_counter()
+                mark = on_step(self.step) if on_step is not None else False
+                meter.pause(time.perf_counter() - t0)
+                if mark or self.step % max(1, cfg.ckpt_every) == 0 or self.step == cfg.max_steps:
                     t0 = time.perf_counter()
                     # Metrics first: once the checkpoint is complete, a crash must not lose the records it covers.
                     log.flush()
@@ -443,9 +446,9 @@ class Trainer:
 
         return {**runs.lineage(self.fingerprint or {}), "parent": self.parent, "step": self.step}
 
-    def export_hf(self, url: str, tokenizer: str | None = None) -> str:
+    def export_hf(self, url: str, tokenizer: str | None = None, config: dict[str, Any] | None = None) -> str:
         """Collective: write the consolidated weights as a Hugging Face Llama folder (rank 0 writes), unless the
-        same run already exported this step there."""
+        same run already exported this step there. `config`: extra config.json keys (hf.save_hf)."""
         from components.core.hf import exported, save_hf
 
         lineage = self.lineage()
@@ -453,7 +456,7 @@ class Trainer:
             return url
         sd = self.full_state_dict()
         if self.env.lead:
-            save_hf(sd, self.model_cfg, url, tokenizer=tokenizer, lineage=lineage)
+            save_hf(sd, self.model_cfg, url, tokenizer=tokenizer, lineage=lineage, config=config)
         dist.barrier()
         return url
 

@@ -2,10 +2,15 @@
 
 Accepted records: `messages` [{role, content}] (OpenAI / Llama style), ShareGPT `conversations` [{from, value}],
 and Alpaca (`instruction`, optional `input`, `output`, optional `system` and `history` [[user, assistant], ...]).
+
+Shards carry, aligned with the tokens: `labels` (the token on assistant answers, IGNORE elsewhere), `segments` (the
+example id within the row, -1 on padding) and `turns` (how many assistant turns of the dialog follow this token's
+turn: 0 on the last turn, -1 on padding), so SFT can train every answer or only the last one without new shards.
 """
 from __future__ import annotations
 
-from typing import Any
+import random
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -46,11 +51,49 @@ def to_messages(rec: dict) -> list[dict[str, str]]:
     raise KubellamaError("missing field: expected messages, conversations, or instruction and output")
 
 
-class SftPacker:
-    """Packs (ids, labels) examples into rows of seq_len, first come first served, without splitting examples.
+def turns(messages: Sequence[dict]) -> int:
+    """Number of assistant turns in a dialog."""
+    return sum(m["role"] == "assistant" for m in messages)
 
-    A row's unused tail is filled with EOS tokens, labels IGNORE and example id -1. Examples longer than a row
-    are truncated (counted).
+
+def turns_left(ids: Sequence[int], bos_id: int) -> list[int]:
+    """Per token, how many turns of the dialog come after its own. Every turn of the Llama 2 chat format opens with
+    BOS, which text never encodes to, so BOS marks the turns."""
+    starts = np.asarray(ids) == bos_id
+    turn = np.cumsum(starts) - 1
+    return (int(starts.sum()) - 1 - turn).tolist()
+
+
+def encode_dialog(tok: Tokenizer, messages: Sequence[dict], last_turn_only: bool = False
+                  ) -> tuple[list[int], list[int], list[int]]:
+    """(ids, labels, turns left) of a finished dialog; `last_turn_only` sets IGNORE on every earlier turn."""
+    ids, labels = tok.encode_dialog(messages, last_turn_only=last_turn_only)
+    return ids, labels, turns_left(ids, tok.bos_id)
+
+
+def chain(dialogs: Iterable[Sequence[dict]], max_turns: int, seed: int) -> list[list[dict]]:
+    """Multi-turn dialogs made of consecutive single-turn ones, 2..max_turns turns each (a seeded draw); a system
+    message is kept only where it opens a chain. A last chain of one turn is dropped."""
+    rng = random.Random(seed)
+    out: list[list[dict]] = []
+    current: list[dict] = []
+    want = rng.randint(2, max_turns)
+    for msgs in dialogs:
+        body = [dict(m) for m in msgs if m["role"] != "system" or not current]
+        current += body
+        if turns(current) >= want:
+            out.append(current)
+            current, want = [], rng.randint(2, max_turns)
+    if turns(current) >= 2:
+        out.append(current)
+    return out
+
+
+class SftPacker:
+    """Packs (ids, labels, turns) examples into rows of seq_len, first come first served, without splitting examples.
+
+    A row's unused tail is filled with EOS tokens, labels IGNORE and example id and turns -1. Examples longer than a
+    row are truncated (counted).
     """
 
     def __init__(self, writer: ShardWriter, seq_len: int, pad_id: int):
@@ -58,16 +101,18 @@ class SftPacker:
         self.ids: list[int] = []
         self.labels: list[int] = []
         self.segs: list[int] = []
+        self.turns: list[int] = []
         self.examples = self.truncated = self.rows = self.trained = self.padding = 0
 
-    def add(self, ids: list[int], labels: list[int]) -> None:
+    def add(self, ids: list[int], labels: list[int], turns: list[int]) -> None:
         if len(ids) > self.seq_len:
-            ids, labels = ids[:self.seq_len], labels[:self.seq_len]
+            ids, labels, turns = ids[:self.seq_len], labels[:self.seq_len], turns[:self.seq_len]
             self.truncated += 1
         if len(self.ids) + len(ids) > self.seq_len:
             self._flush()
         self.ids += ids
         self.labels += labels
+        self.turns += turns
         self.segs += [self.examples] * len(ids)
         self.trained += sum(1 for x in labels if x != IGNORE)
         self.examples += 1
@@ -79,21 +124,20 @@ class SftPacker:
         self.padding += fill
         self.writer.add(np.array(self.ids + [self.pad] * fill),
                         labels=np.array(self.labels + [IGNORE] * fill),
-                        segments=np.array(self.segs + [-1] * fill))
-        self.ids, self.labels, self.segs = [], [], []
+                        segments=np.array(self.segs + [-1] * fill),
+                        turns=np.array(self.turns + [-1] * fill))
+        self.ids, self.labels, self.segs, self.turns = [], [], [], []
         self.rows += 1
 
-    def close(self) -> dict[str, Any]:
+    def close(self, **meta: Any) -> dict[str, Any]:
+        """Flush, publish the shard set (with `meta` in its manifest) and return the counts."""
         self._flush()
-        return {"examples": self.examples, "rows": self.rows, "truncated": self.truncated,
-                "trained_tokens": self.trained, "padding_tokens": self.padding}
+        stats = {"examples": self.examples, "rows": self.rows, "truncated": self.truncated,
+                 "trained_tokens": self.trained, "padding_tokens": self.padding}
+        self.writer.close(**meta, **stats)
+        return stats
 
 
 def sft_writer(url: str, seq_len: int, vocab_size: int, shard_rows: int) -> ShardWriter:
     return ShardWriter(url, seq_len, vocab_size, shard_rows=shard_rows,
-                               fields={"labels": "<i4", "segments": "<i4"})
-
-
-def encode_example(tok: Tokenizer, rec: dict) -> tuple[list[int], list[int]]:
-    ids, labels = tok.encode_dialog(to_messages(rec))
-    return ids, labels
+                       fields={"labels": "<i4", "segments": "<i4", "turns": "<i2"})

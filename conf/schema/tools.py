@@ -23,3 +23,10 @@ class PlanConfig:
     param_dtype: str = "bf16"
     activation_checkpointing: bool = True
     gpu_memory_gib: float = 80.0
+    # Cost ledger (components/core/cost.py): GPU-hours and tCO2eq of training on `tokens` tokens.
+    tokens: float = 2.0e12  # the paper's pretraining budget (§2.2)
+    gpu: str = "a100-80gb"  # a100-80gb | a100-40gb | h100 | h200 | l40s (Table 2: A100-80GB at 400 W)
+    # Model FLOPs utilisation; 0: the one Table 2 implies for 7B (2T tokens in 184,320 GPU-hours, about 39%).
+    mfu: float = 0.0
+    # Board power in watts; 0: the GPU's (400 W for the A100-80GB, as Table 2).
+    gpu_power_w: float = 0.0

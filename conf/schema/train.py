@@ -19,7 +19,8 @@ class TrainConfig:
     global_batch_tokens: int = 4_194_304
     micro_batch: int = 1
     seq_len: int = "${model.max_seq_len}"  # type: ignore[assignment]
-    # auto: bf16 parameters with fp32 reduction on GPU, fp32 on CPU.
+    # auto: bf16 compute with fp32 master weights and reduction on GPU and on CPUs with native bf16 (AMX,
+    # AVX512-BF16); fp32 on other CPUs. Pin fp32 where results must match exactly across runs or rank counts.
     mixed_precision: str = "auto"
     # none | full | every_k
     activation_checkpointing: str = "none"

@@ -32,8 +32,55 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- printf "s3://%s/%s" .Values.s3.bucket (trimAll "/" .Values.s3.prefix) | trimSuffix "/" -}}
 {{- end -}}
 
+{{/* The PriorityClass of training pods: the chart's own, an existing one, or empty. */}}
 {{- define "kubellama.priorityClass" -}}
+{{- if .Values.priorityClass.create -}}
 {{- printf "%s-training" (include "kubellama.fullname" .) -}}
+{{- else -}}
+{{- .Values.priorityClass.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The upload Job's own account: it needs KFP API rights (multi-user) and no Kubernetes API rights. */}}
+{{- define "kubellama.uploadServiceAccountName" -}}
+{{- printf "%s-upload" (include "kubellama.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "kubellama.runtimeName" -}}
+{{- printf "%s-torch" (include "kubellama.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* "true" when this release writes the kfp-launcher ConfigMap (see kfp.launcherConfig). */}}
+{{- define "kubellama.createLauncherConfig" -}}
+{{- $lc := toString .Values.kfp.launcherConfig -}}
+{{- if or (eq $lc "true") (and (eq $lc "auto") (not .Values.kfp.multiUser)) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The data of the kfp-launcher ConfigMap: artifact store root and the S3 provider (KFP >= 2.3 reads
+forcePathStyle; MinIO and Ceph need path-style requests). */}}
+{{- define "kubellama.launcherData" -}}
+{{- $pathStyle := toString .Values.s3.pathStyle -}}
+{{- if eq $pathStyle "auto" }}{{ $pathStyle = ternary "true" "false" (ne .Values.s3.endpoint "") }}{{ end -}}
+defaultPipelineRoot: {{ printf "%s/kfp" (include "kubellama.root" .) | quote }}
+providers: |
+  s3:
+    default:
+      {{- with .Values.s3.endpoint }}
+      endpoint: {{ . | trimPrefix "http://" | trimPrefix "https://" }}
+      disableSSL: {{ hasPrefix "http://" . }}
+      {{- end }}
+      region: {{ .Values.s3.region }}
+      forcePathStyle: {{ $pathStyle }}
+      credentials:
+        {{- with include "kubellama.s3Secret" . }}
+        fromEnv: false
+        secretRef:
+          secretName: {{ . }}
+          accessKeyKey: AWS_ACCESS_KEY_ID
+          secretKeyKey: AWS_SECRET_ACCESS_KEY
+        {{- else }}
+        fromEnv: true
+        {{- end }}
 {{- end -}}
 
 {{/* Hydra overrides of the uploaded pipeline: the chart's facts first, the user's after (theirs win). */}}
@@ -47,8 +94,15 @@ cluster.s3_secret={{ . }}
 {{- with .Values.s3.endpoint }}
 cluster.s3_endpoint={{ . }}
 {{- end }}
-{{- if .Values.priorityClass.create }}
-cluster.priority_class={{ include "kubellama.priorityClass" . }}
+{{- with include "kubellama.priorityClass" . }}
+cluster.priority_class={{ . }}
+{{- end }}
+{{- if .Values.trainingRuntime.create }}
+cluster.runtime={{ include "kubellama.runtimeName" . }}
+cluster.runtime_kind={{ ternary "ClusterTrainingRuntime" "TrainingRuntime" .Values.trainingRuntime.clusterScoped }}
+{{- end }}
+{{- if .Values.networkPolicy.enabled }}
+cluster.network_policy=true
 {{- end }}
 {{- with .Values.imagePullSecrets }}
 cluster.image_pull_secrets=[{{ join "," . }}]

@@ -1,0 +1,5 @@
+import sys
+
+from components.gatt.stage import main
+
+sys.exit(main())

@@ -1,0 +1,155 @@
+"""The Ghost Attention training set (paper §3.3).
+
+For each dialog, an instruction of one family (round robin over `gatt.families`) is appended to every user turn;
+the answers are the dialog's own (made to comply where the family can do that) or sampled by the current model with
+the instruction in every turn. The training example then keeps the instruction in the first user turn only, and
+every token of the earlier turns, assistant answers included, gets label IGNORE: only the last answer is trained.
+
+A dialog longer than a row loses its middle turns (the first, which holds the instruction, and the last, which is
+trained, stay); the adherence eval fits its prompts the same way.
+
+Written under `<gatt.output>/set/`: train/ and eval/ (SFT shards, as data prep writes them), train.jsonl and
+eval.jsonl (the examples as messages, with family and instruction), stats.json, `_COMPLETE` last.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from components.core import storage
+from components.core.errors import KubellamaError
+from components.core.tokenizer import Tokenizer
+from components.data_prep.chat import SftPacker, encode_dialog, sft_writer
+from components.data_prep.stage import jsonl_splits
+from components.gatt.families import Instruction, make
+
+SPLITS = ("train", "eval")
+
+
+@dataclass
+class Dialog:
+    system: str | None
+    users: list[str]
+    answers: list[str]
+    instruction: Instruction | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def cut(text: str, chars: int) -> str:
+    """`text` cut to at most `chars` characters at a word boundary (0: unchanged)."""
+    if chars <= 0 or len(text) <= chars:
+        return text
+    head = text[:chars]
+    return (head.rsplit(None, 1)[0] if " " in head.strip() else head).rstrip()
+
+
+def to_dialog(messages: Sequence[dict], chars: int = 0) -> Dialog:
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    rest = list(messages[1:] if system is not None else messages)
+    users = [cut(m["content"], chars) for m in rest if m["role"] == "user"]
+    answers = [cut(m["content"], chars) for m in rest if m["role"] == "assistant"]
+    return Dialog(system, users, answers)
+
+
+def to_messages(system: str | None, users: Sequence[str], answers: Sequence[str]) -> list[dict]:
+    """A dialog as messages; one user turn more than answers makes a prompt for generation."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    for i, u in enumerate(users):
+        msgs.append({"role": "user", "content": u})
+        if i < len(answers):
+            msgs.append({"role": "assistant", "content": answers[i]})
+    return msgs
+
+
+def read_dialogs(url: str, min_turns: int = 1, limit: int = 0, chars: int = 0) -> list[Dialog]:
+    """Dialogs of data prep's sft/dialogs/<split>.jsonl with at least `min_turns` turns (at most `limit`)."""
+    import json
+
+    if not storage.exists(url):
+        raise KubellamaError(f"{url} does not exist: run data prep with data.sft.sources (it writes the dialogs)")
+    out = []
+    for n, line in enumerate(storage.read_text(url).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            d = to_dialog(json.loads(line)["messages"], chars)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise KubellamaError(f"{url}:{n}: not a dialog record ({exc})") from None
+        if len(d.answers) >= min_turns and len(d.users) == len(d.answers):
+            out.append(d)
+            if limit and len(out) >= limit:
+                break
+    return out
+
+
+def fit_turns(turns: int, length: Callable[[list[int]], int], limit: int) -> list[int] | None:
+    """Indices of the turns to keep so that `length(kept)` <= `limit`: the middle ones go first (the first holds the
+    instruction, the last is the one that counts); None when first and last alone are too long."""
+    kept = list(range(turns))
+    while length(kept) > limit:
+        if len(kept) <= 2:
+            return None
+        del kept[1]
+    return kept
+
+
+def assign(dialogs: list[Dialog], families: Sequence[str], words: Sequence[str], seed: int) -> list[Dialog]:
+    """Give every dialog an instruction: families in turn, their content drawn from a seeded stream."""
+    rng = random.Random(seed)
+    for i, d in enumerate(dialogs):
+        d.instruction = make(families[i % len(families)], rng, words)
+    return dialogs
+
+
+def with_instruction(users: Sequence[str], instruction: Instruction, every_turn: bool) -> list[str]:
+    """User turns with the instruction appended: to every turn (how answers are made) or the first only (how the
+    model is trained and evaluated)."""
+    return [f"{u} {instruction.text}" if (every_turn or i == 0) else u for i, u in enumerate(users)]
+
+
+def example(d: Dialog, tok: Tokenizer, seq_len: int, enforce: bool) -> tuple[list[dict], tuple] | None:
+    """The GAtt training example of dialog `d`: (messages, (ids, labels, turns left)), or None if it cannot fit."""
+    inst = d.instruction
+    assert inst is not None
+    answers = [inst.enforce(a) if enforce and inst.enforce else a for a in d.answers]
+    users = with_instruction(d.users, inst, every_turn=False)
+
+    def encoded(kept: list[int]) -> tuple:
+        msgs = to_messages(d.system, [users[i] for i in kept], [answers[i] for i in kept])
+        return msgs, encode_dialog(tok, msgs, last_turn_only=True)
+
+    kept = fit_turns(len(users), lambda k: len(encoded(k)[1][0]), seq_len)
+    return None if kept is None else encoded(kept)
+
+
+def build(url: str, splits: dict[str, list[Dialog]], tok: Tokenizer, seq_len: int, enforce: bool) -> dict[str, Any]:
+    """Write the GAtt set of each split (dialogs with their instructions assigned); returns its counts."""
+    storage.remove(storage.join(url, storage.COMPLETE))
+    counts: Counter[str] = Counter()
+    stats: dict[str, Any] = {}
+    with jsonl_splits(url, SPLITS, counts) as write:
+        for split in SPLITS:
+            packer = SftPacker(sft_writer(storage.join(url, split), seq_len, tok.vocab_size, 65536), seq_len,
+                               tok.eos_id)
+            families: Counter[str] = Counter()
+            skipped = 0
+            for d in splits.get(split, []):
+                made = example(d, tok, seq_len, enforce)
+                if made is None:
+                    skipped += 1
+                    continue
+                msgs, encoded = made
+                packer.add(*encoded)
+                families[d.instruction.family] += 1  # type: ignore[union-attr]
+                write(split, {"family": d.instruction.family, "instruction": d.instruction.text,  # type: ignore
+                              "messages": msgs, **d.meta})
+            stats[split] = {**packer.close(tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size),
+                            "too_long": skipped, "families": dict(families)}
+            if split == "train" and not stats[split]["examples"]:
+                # Raised inside: the set is then never marked complete.
+                raise KubellamaError(f"{url}: no GAtt training example (no dialog of enough turns fits a row of "
+                                     f"{seq_len} tokens; lower gatt.min_turns or set gatt.message_chars)")
+        storage.write_json(storage.join(url, "stats.json"), stats)
+    return stats

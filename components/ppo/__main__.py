@@ -1,0 +1,5 @@
+import sys
+
+from components.ppo.stage import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""PPO's math, on padded (B, T) tensors of response tokens with a 0/1 `mask` (1 = a response token).
+
+- KL to the reference, per token: the k1 estimator log π(a_t) − log π_ref(a_t) on the sampled token. Its
+  expectation over π's samples is KL(π‖π_ref) per token; it can be negative on one sample, never in expectation.
+  The sequence KL is its sum over the response.
+- Per-token reward: −β·kl_t on every token, plus the sequence's (whitened) reward on its last token (§3.2.3:
+  R = R̃_c − β·KL).
+- GAE: δ_t = r_t + γ V_{t+1} − V_t, A_t = δ_t + γλ A_{t+1}, with V = 0 after the last token; returns A + V.
+- Advantages are whitened over the batch's response tokens.
+- Clipped policy loss (PPO-clip), clipped value loss (max of clipped and unclipped squared errors), entropy.
+Losses are sums over tokens; callers divide by the token count of the whole minibatch, so micro-batches add up
+to exactly the minibatch's mean.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def kl_tokens(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k1 estimate of KL(π‖π_ref) per response token (0 off the response)."""
+    return (logp - ref_logp) * mask
+
+
+def token_rewards(score: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """r_t = −β·kl_t, plus `score` (B,) on each row's last response token."""
+    r = -beta * kl * mask
+    last = (mask.cumsum(-1) * mask).argmax(-1)  # index of the last 1 in each row
+    r[torch.arange(r.shape[0]), last] += score.to(r.dtype) * (mask.sum(-1) > 0)
+    return r
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns), both 0 off the response. Rows are right-padded: the response is a prefix of the mask
+    after its first 1, so the value after a row's last token is 0."""
+    values = values * mask
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        nxt = values[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * nxt - values[:, t]
+        running = (delta + gamma * lam * running) * mask[:, t]
+        adv[:, t] = running
+    return adv, (adv + values) * mask
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(x − mean) / std over the masked entries (population std), 0 off the mask."""
+    n = mask.sum().clamp(min=1)
+    mean = (x * mask).sum() / n
+    var = (((x - mean) * mask) ** 2).sum() / n
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss sum, clipped-token count, approx-KL sum): −min(ρA, clip(ρ, 1±ε)A) per token, ρ = π/π_old. The
+    approximate KL to the rollout policy is the k3 estimator (ρ − 1) − log ρ."""
+    log_ratio = (logp - old_logp) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * adv
+    loss = (-torch.minimum(unclipped, clipped) * mask).sum()
+    clipped_n = (((ratio - 1.0).abs() > clip).float() * mask).sum()
+    approx_kl = (((ratio - 1.0) - log_ratio) * mask).sum()
+    return loss, clipped_n.detach(), approx_kl.detach()
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float) -> torch.Tensor:
+    """Sum over tokens of ½·max((V − R)², (clip(V, V_old ± c) − R)²)."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    err = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return 0.5 * (err * mask).sum()
+
+
+def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over response tokens of the policy's entropy at that position."""
+    logp = torch.log_softmax(logits.float(), -1)
+    return (-(logp.exp() * logp).sum(-1) * mask).sum()

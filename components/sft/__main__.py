@@ -1,0 +1,5 @@
+import sys
+
+from components.sft.stage import main
+
+sys.exit(main())

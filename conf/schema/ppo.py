@@ -1,0 +1,71 @@
+from dataclasses import dataclass, field
+
+from conf.schema.reward import CombinedRewardConfig
+from conf.schema.train import VOLATILE as TRAIN_VOLATILE
+from conf.schema.train import TrainConfig
+
+ROLLOUT = ("gathered", "copy")
+
+
+@dataclass
+class PpoConfig(TrainConfig):
+    """PPO against the combined reward (paper §3.2.3): AdamW (0.9, 0.95, 1e-5), weight decay 0.1, grad clip 1.0,
+    constant LR 1e-6, 512 prompts per batch, minibatch 64 with one gradient step each, clip 0.2, 200-400
+    iterations with early stopping on held-out prompts. `max_steps` counts PPO iterations."""
+
+    lr: float = 1e-6
+    # Constant LR: no warmup, the cosine "decays" to 100% of the peak.
+    warmup_steps: int = 0
+    min_lr_ratio: float = 1.0
+    max_steps: int = 200
+    # KL penalty to the starting policy: 0.01 for 7B/13B, 0.005 for 34B/70B (§3.2.3).
+    beta: float = 0.01
+    prompts_per_batch: int = 512
+    minibatch: int = 64
+    # Rows per forward inside a minibatch (gradients accumulate over them).
+    micro_batch: int = 8
+    clip: float = 0.2
+    # Value loss clipping around the rollout's values (PPO2 style) and its weight.
+    value_clip: float = 0.2
+    value_coef: float = 0.1
+    # Entropy bonus weight (0: reported only).
+    entropy_coef: float = 0.0
+    # GAE; the paper does not publish them. γ = 1 (episodic, the reward comes at the last token), λ = 0.95 (the
+    # common choice of InstructGPT-style PPO implementations).
+    gamma: float = 1.0
+    lam: float = 0.95
+    # Rollouts: response length and sampling are not published either.
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # How rollouts see the policy: "gathered" consolidates the full weights into an unsharded model once per
+    # rollout phase and frees them after; "copy" keeps that unsharded copy between phases, refreshed after each
+    # update. Neither generates through per-layer FSDP all-gathers (the paper's 20x).
+    rollout: str = "gathered"
+    # Guards. Stop when the mean per-sequence KL to the reference exceeds kl_max (nats).
+    kl_max: float = 20.0
+    # Reward hacking: stop when the mean response length falls below this fraction of the first iteration's.
+    min_length_ratio: float = 0.2
+    # Early stopping on held-out prompts (greedy answers, unwhitened reward): evaluate every eval_every
+    # iterations; stop after `patience` evaluations without a new best (0: never).
+    heldout_prompts: int = 64
+    eval_every: int = 10
+    patience: int = 3
+    # The reward models (stage outputs, checkpoints or HF exports) and the value model's init (empty: the
+    # helpfulness RM, as the paper's critic starts from the reward model).
+    reward_helpfulness: str = ""
+    reward_safety: str = ""
+    value_init: str = ""
+    # Preference data prep output whose prompts PPO samples (preference/{train,eval}.jsonl); empty: this config's.
+    data: str = ""
+    # Empty: <run.root>/<run.id>/ppo.
+    output: str = ""
+    # The policy to start from (RS, GAtt or SFT output); the frozen reference is this same model.
+    init: str = ""
+    ckpt_every: int = 10
+    log_every: int = 1
+    combined: CombinedRewardConfig = field(default_factory=CombinedRewardConfig)
+
+
+# Keys that do not change the weights PPO ends with.
+PPO_VOLATILE = (*TRAIN_VOLATILE, "eval_every", "rollout")

@@ -1,0 +1,31 @@
+from dataclasses import dataclass, field
+
+from conf.schema.reward import CombinedRewardConfig
+from conf.schema.sft import SFT_VOLATILE, SftTrainConfig
+
+
+@dataclass
+class RejectionSamplingConfig(SftTrainConfig):
+    """Rejection sampling (paper §3.2.3): K samples per prompt, the best by the combined reward kept, the model
+    fine-tuned on the best samples of this and every earlier round (the pool), with the SFT body."""
+
+    # K answers per prompt; Figure 7 goes up to 100.
+    samples: int = 10
+    # §3.2.3: 1.2-1.3 was best for 10-100 samples (Figure 8).
+    temperature: float = 1.2
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    # Prompts of this round (0: every training prompt of the preference data).
+    prompts: int = 0
+    # The pool of best samples, persisting across rounds (runs): one JSONL per round. Empty: <run.root>/rs_pool.
+    pool: str = ""
+    # Share of the pool's prompts held out for the SFT body's held-out loss (by a stable hash of the prompt).
+    eval_fraction: float = 0.1
+    reward_helpfulness: str = ""
+    reward_safety: str = ""
+    # Scoring batch.
+    score_batch: int = 16
+    combined: CombinedRewardConfig = field(default_factory=CombinedRewardConfig)
+
+
+RS_VOLATILE = (*SFT_VOLATILE, "score_batch")

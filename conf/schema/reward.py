@@ -1,0 +1,66 @@
+from dataclasses import dataclass, field
+from typing import Optional
+
+from conf.schema.train import VOLATILE as TRAIN_VOLATILE
+from conf.schema.train import TrainConfig
+
+KINDS = ("helpfulness", "safety")
+WHITEN = ("batch", "running")
+
+
+@dataclass
+class CombinedRewardConfig:
+    """How PPO turns the two RM scores into one reward (paper §3.2.3), written once in
+    components/core/combined_reward.py: R_c = R_s if the prompt is safety-tagged or R_s < threshold, else R_h;
+    then whiten(logit(R_c))."""
+
+    # §3.2.3: 0.15 gives precision 0.89 and recall 0.55 on the paper's safety test set.
+    safety_threshold: float = 0.15
+    # Whitening statistics: "batch" (mean and std of the current batch, over all ranks) or "running" (every score
+    # seen so far, kept in the PPO checkpoint). The paper does not say which.
+    whiten: str = "batch"
+    # Probabilities are clipped to [eps, 1 - eps] before the logit; eps also keeps the std away from 0.
+    eps: float = 1e-6
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    """A reward model (paper §3.2.2): helpfulness or safety, a Llama with a scalar head on the binary ranking loss
+    with a rating margin. `kind` picks which; the pipeline trains both side by side."""
+
+    kind: str = "helpfulness"
+    # The data prep output (preference/{train,eval}.jsonl and tokenizer.model); empty: this config's.
+    data: str = ""
+    # Empty: <run.root>/<run.id>/reward_<kind>.
+    output: str = ""
+    # The model to start from (§3.2.2: the chat model): an HF Llama directory or any stage output or checkpoint.
+    # The LM head is dropped and a new scalar head added. Empty: random weights (tests only).
+    init: str = ""
+    # §3.2.2: max LR 1e-5 (5e-6 for 70B), cosine to 10%, warmup 3% of the steps (at least 5), one epoch.
+    lr: float = 1e-5
+    # -1: warmup_fraction of the steps, at least warmup_min.
+    warmup_steps: int = -1
+    warmup_fraction: float = 0.03
+    warmup_min: int = 5
+    # 0: one epoch over the training mix.
+    max_steps: int = 0
+    # §3.2.2: 512 pairs per batch. `micro_batch` counts pairs too; `global_batch_tokens` is not used (the batch is
+    # pairs_per_batch · seq_len tokens at most).
+    pairs_per_batch: int = 512
+    micro_batch: int = 4
+    # Table 27: rating margins m(r) in the loss: none, small (1, 2/3, 1/3, 0) or large (3, 2, 1, 0).
+    margin: str = "small"
+    # The share of the training mix taken from the other kind's pairs (§3.2.2). None: the paper's, 0.5 for
+    # helpfulness (all helpfulness data plus an equal amount of safety data) and 0.1 for safety (90/10).
+    other_fraction: Optional[float] = None
+    # Table 29: weight of the safety auxiliary loss, a binary cross-entropy on each response's safety label
+    # (sigmoid(score) > 0.5 means safe). Safety RM only; 0 turns it off.
+    aux_loss_weight: float = 0.0
+    # Evaluation on preference/eval.jsonl after training: pairs per forward, calibration plot bins.
+    eval_batch: int = 16
+    calibration_bins: int = 10
+    combined: CombinedRewardConfig = field(default_factory=CombinedRewardConfig)
+
+
+# Keys that change what is reported, not what is trained (components/core/runs.py fingerprint).
+VOLATILE = (*TRAIN_VOLATILE, "eval_batch", "calibration_bins", "combined")

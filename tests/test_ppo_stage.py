@@ -1,0 +1,50 @@
+"""Stage ppo end to end through the CLI on a tiny model: two reward models (the same separable RM twice) through
+the combined reward, the report's fields, the HF export, and a rerun of a finished run that resumes and redoes
+nothing."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from pipelines.cli import main as cli
+from test_reward_support import MODEL, RM, separable_data
+
+PPO = [f"model.{k}={v}" for k, v in MODEL.items()] + [
+    "ppo.lr=1e-3", "ppo.prompts_per_batch=8", "ppo.minibatch=4", "ppo.micro_batch=4", "ppo.max_new_tokens=8",
+    "ppo.max_steps=3", "ppo.heldout_prompts=4", "ppo.eval_every=1", "ppo.mixed_precision=fp32", "ppo.ckpt_every=2",
+    "ppo.patience=0"]
+
+
+@pytest.fixture(scope="module")
+def rm(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("ppo_rm")
+    data = separable_data(str(root))
+    assert cli(["reward", *RM, "reward.max_steps=10", f"run.root={root}", "run.id=t", f"reward.data={data}"]) == 0
+    return data, os.path.join(str(root), "t", "reward_helpfulness")
+
+
+def test_ppo_stage_reports_the_issue_fields_and_exports(tmp_path, rm):
+    data, url = rm
+    args = ["ppo", *PPO, f"run.root={tmp_path}", "run.id=p", f"ppo.data={data}", f"ppo.reward_helpfulness={url}",
+            f"ppo.reward_safety={url}"]
+    assert cli(args) == 0
+    out = os.path.join(str(tmp_path), "p", "ppo")
+    report = json.load(open(os.path.join(out, "report.json")))
+    for key in ("reward_first", "reward_last", "kl_last", "iterations", "stopped_early", "stop_reason", "lineage"):
+        assert key in report, key
+    assert report["iterations"] == 3 and report["status"] == "completed"
+    assert report["heldout_prompts"] == 4 and len(report["heldout"]) == 4  # start + every iteration
+    assert os.path.exists(os.path.join(out, "hf", "config.json"))
+    assert os.path.exists(os.path.join(out, "reward.png")) and os.path.exists(os.path.join(out, "kl.png"))
+    # The same run again: it resumes at its last iteration and ends there.
+    assert cli(args) == 0
+    assert json.load(open(os.path.join(out, "report.json")))["start_iteration"] == 3
+
+
+def test_bad_rollout_mode_is_one_line(tmp_path, rm, capsys):
+    data, url = rm
+    assert cli(["ppo", *PPO, f"run.root={tmp_path}", f"ppo.data={data}", f"ppo.reward_helpfulness={url}",
+                f"ppo.reward_safety={url}", "ppo.rollout=sharded"]) == 2
+    assert "ppo.rollout='sharded'" in capsys.readouterr().err

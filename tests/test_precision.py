@@ -1,0 +1,63 @@
+"""mixed_precision: what `auto` picks from the CPU's flags, bf16 compute over fp32 masters, the measured CPU peak."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from components.core import dist
+from components.core.errors import ConfigError
+from components.core.precision import compute_dtype, cpu_flags, gemm_peak, native_bf16_cpu
+from components.core.shards import ShardReader
+from components.core.trainer import Trainer, mp_policy
+from test_trainer_support import model_cfg, train_cfg, write_shards
+
+
+def test_cpu_flags_decide_native_bf16(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 amx_tile\n\nprocessor\t: 1\n")
+    flags = cpu_flags(str(info))
+    assert {"avx512f", "avx512_bf16"} <= flags
+    assert native_bf16_cpu(flags)
+    assert native_bf16_cpu(frozenset({"avx2", "amx_bf16"}))
+    assert not native_bf16_cpu(frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_modes_and_policy():
+    cpu = torch.device("cpu")
+    assert compute_dtype("fp32", cpu) == torch.float32 and mp_policy("fp32", cpu) is None
+    assert compute_dtype("bf16", cpu) == torch.bfloat16
+    policy = mp_policy("bf16", cpu)
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+    assert compute_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert compute_dtype("auto", cpu) == (torch.bfloat16 if native_bf16_cpu() else torch.float32)
+    with pytest.raises(ConfigError, match="mixed_precision='fp16': expected auto, bf16 or fp32"):
+        compute_dtype("fp16", cpu)
+
+
+def test_bf16_trains_close_to_fp32_with_fp32_masters(tmp_path):
+    data = write_shards(str(tmp_path / "data"))
+    seen = {}
+
+    def run(mode: str) -> Trainer:
+        t = Trainer(train_cfg(mixed_precision=mode, max_steps=3), model_cfg(), str(tmp_path / mode), ShardReader(data),
+                    env=dist.init())
+        t.model.layers[0].mlp.up_proj.register_forward_hook(lambda m, i, o: seen.__setitem__(mode, o.dtype))
+        t.fit()
+        return t
+
+    fp32, bf16 = run("fp32"), run("bf16")
+    assert seen == {"fp32": torch.float32, "bf16": torch.bfloat16}
+    # Master weights (what the optimizer updates and checkpoints hold) stay fp32.
+    a, b = fp32.full_state_dict(), bf16.full_state_dict()
+    assert all(v.dtype == torch.float32 for v in b.values())
+    assert all(torch.allclose(a[k], b[k], atol=2e-2) for k in a)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert bf16.peak > 0 and bf16.peak != fp32.peak  # each measured in its own dtype
+
+
+def test_gemm_peak_is_measured_once_per_process():
+    shapes = [(64, 128, 96)]
+    first = gemm_peak(shapes, torch.float32)
+    assert first > 1e8  # any CPU multiplies faster than 0.1 GFLOP/s
+    assert gemm_peak(shapes, torch.float32) == first

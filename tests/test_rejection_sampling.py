@@ -1,0 +1,79 @@
+"""Rejection sampling: the argmax sample is kept (deterministic reward), reward statistics by K by hand, the pool
+keeps each prompt's best over rounds, and the stage end to end through the CLI in two rounds sharing a pool."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from components.core import dist
+from components.rejection_sampling.stage import best_of, pool_best, reward_by_k, sample_round
+from pipelines.cli import main as cli
+from test_reward_support import MODEL, RM, separable_data
+
+
+def test_reward_by_k_by_hand():
+    r = torch.tensor([[1.0, 3.0, 2.0, 0.0], [4.0, 0.0, 0.0, 8.0]])
+    by_k = {x["k"]: x for x in reward_by_k(r)}
+    assert sorted(by_k) == [1, 2, 4]
+    assert by_k[1]["max"] == 2.5 and by_k[1]["gap"] == 0.0
+    assert by_k[2]["max"] == (3 + 4) / 2 and by_k[2]["median"] == (2 + 2) / 2
+    assert by_k[4]["max"] == (3 + 8) / 2 and by_k[4]["median"] == (1.5 + 2) / 2
+    assert by_k[4]["gap"] == pytest.approx(by_k[4]["max"] - by_k[4]["median"])
+
+
+def test_sampling_keeps_the_argmax_of_a_deterministic_reward():
+    from tests.ppo_tiny import GOOD, make, ppo_cfg, prompts, reward
+
+    torch.set_num_threads(1)
+    ppo = make("/tmp/unused-rs", ppo_cfg())
+    gen = ppo.generator_model()
+    ps = prompts(3, 2)
+    found = sample_round(gen, ps, 6, ppo_cfg(temperature=1.5), -1, reward, dist.init(), (1, 2))
+    for f in found:
+        assert len(f["answers"]) == 6
+        k = int(best_of(torch.tensor([f["rewards"]]))[0])
+        scores = [sum(t == GOOD for t in a) / len(a) for a in f["answers"]]
+        assert f["rewards"][k] == max(scores) and k == scores.index(max(scores))
+    # Seeded: the same round again samples the same answers.
+    again = sample_round(gen, ps, 6, ppo_cfg(temperature=1.5), -1, reward, dist.init(), (1, 2))
+    assert again == found
+
+
+def test_pool_keeps_each_prompts_best_over_rounds(tmp_path):
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    (pool / "r1.jsonl").write_text(json.dumps({"key": "a", "reward": 1.0, "round": "r1"}) + "\n" +
+                                   json.dumps({"key": "b", "reward": 5.0, "round": "r1"}) + "\n")
+    (pool / "r2.jsonl").write_text(json.dumps({"key": "a", "reward": 2.0, "round": "r2"}) + "\n" +
+                                   json.dumps({"key": "b", "reward": 4.0, "round": "r2"}) + "\n")
+    best = pool_best(str(pool))
+    assert best["a"]["round"] == "r2" and best["b"]["round"] == "r1"
+
+
+RS = [f"model.{k}={v}" for k, v in MODEL.items()] + [
+    "rejection_sampling.samples=4", "rejection_sampling.max_new_tokens=8", "rejection_sampling.prompts=6",
+    "rejection_sampling.global_batch_tokens=128", "rejection_sampling.micro_batch=2", "rejection_sampling.epochs=1",
+    "rejection_sampling.lr=1e-3", "rejection_sampling.mixed_precision=fp32", "rejection_sampling.eval_fraction=0.3"]
+
+
+def test_two_rounds_share_the_pool(tmp_path):
+    data = separable_data(str(tmp_path / "d"))
+    assert cli(["reward", *RM, "reward.max_steps=5", f"run.root={tmp_path}", "run.id=t", f"reward.data={data}"]) == 0
+    rm = os.path.join(str(tmp_path), "t", "reward_helpfulness")
+    pool = str(tmp_path / "pool")
+    common = [*RS, f"run.root={tmp_path}", f"rejection_sampling.data={data}", f"rejection_sampling.pool={pool}",
+              f"rejection_sampling.reward_helpfulness={rm}", f"rejection_sampling.reward_safety={rm}"]
+    assert cli(["rejection-sampling", *common, "run.id=r1"]) == 0
+    r1 = json.load(open(os.path.join(str(tmp_path), "r1", "rejection_sampling", "report.json")))
+    assert [x["k"] for x in r1["reward_by_k"]] == [1, 2, 4] and r1["prompts"] == 6
+    assert all(x["max"] >= x["median"] for x in r1["reward_by_k"])
+    assert r1["status"] == "completed" and os.path.exists(os.path.join(str(tmp_path), "r1", "rejection_sampling",
+                                                                       "hf", "config.json"))
+    # Round 2 over other prompts: its SFT set draws from both rounds.
+    assert cli(["rejection-sampling", *common, "run.id=r2", "rejection_sampling.prompts=9"]) == 0
+    r2 = json.load(open(os.path.join(str(tmp_path), "r2", "rejection_sampling", "report.json")))
+    assert sorted(os.listdir(pool)) == ["r1.jsonl", "r2.jsonl"]
+    assert r2["pool_examples"] == len(pool_best(pool)) == 9
