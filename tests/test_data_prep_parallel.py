@@ -1,6 +1,7 @@
 """Data prep beyond one machine: global dedup recall, the same output for 1 and 4 workers, the fan-out pipeline."""
 from __future__ import annotations
 
+import glob
 import gzip
 import json
 import os
@@ -347,12 +348,13 @@ def test_sft_and_preference_records_are_cleaned(tmp_path) -> None:
         "data.seq_len": 128, "data.preference.eval_fraction": 0.0, "data.sources": sources(("t", text, {})),
         "data.sft.sources": sources(("chat", sft, {})), "data.preference.sources": sources(("p", pref, {}))})))
     rep = storage.read_json(os.path.join(out, "report.json"))
-    assert rep["sft"]["examples"] == 2 and rep["sft"]["clean"]["dropped"] == {"dup_exact": 1}
+    assert rep["sft"]["sources"] == {"chat": 2} and rep["sft"]["clean"]["dropped"] == {"dup_exact": 1}
     assert rep["sft"]["clean"]["pii"] == {"email": 1, "phone": 1, "ip": 0, "card": 0}
     assert rep["preference"]["train"] == 2 and rep["preference"]["clean"]["pii"]["ip"] == 2
     tok = Tokenizer(os.path.join(out, "tokenizer.model"))
-    reader = ShardReader(os.path.join(out, "sft"))
-    sft_text = tok.decode(np.concatenate([reader.row(i)["tokens"] for i in range(reader.total_rows)]))
+    manifests = glob.glob(os.path.join(out, "sft", "**", "manifest.json"), recursive=True)
+    readers = [ShardReader(os.path.dirname(m)) for m in manifests if storage.read_json(m)["rows"]]
+    sft_text = tok.decode(np.concatenate([r.row(i)["tokens"] for r in readers for i in range(r.total_rows)]))
     assert "<EMAIL>" in sft_text and "<PHONE>" in sft_text and "example.org" not in sft_text
     got = [json.loads(x) for x in open(os.path.join(out, "preference", "train.jsonl"))]
     assert got[0]["prompt"] == "Ip <IP_ADDRESS>?" and got[0]["rejected"] == "It is <IP_ADDRESS>."

@@ -795,18 +795,20 @@ def _processes(count: int) -> concurrent.futures.ProcessPoolExecutor:
 
 def run_local(cfg: Config, processes: bool = False) -> dict:
     """Every step on this machine, in a local work folder: tasks one after another in this process, or (with
-    `processes`) each phase's tasks in parallel processes, the machine's CPUs shared among them."""
+    `processes`) each phase's tasks in parallel processes, as many at a time as there are CPUs (more would only
+    take turns on them), the CPUs shared among them."""
     d = cfg.data
     n = max(1, int(d.parallelism))
     cpus = worker_count(d.workers)
-    pool = _processes(max(n, int(d.reducers) or n)) if processes and n > 1 else None
+    at_once = min(max(n, int(d.reducers) or n), cpus)
+    pool = _processes(at_once) if processes and n > 1 and at_once > 1 else None
     with tempfile.TemporaryDirectory(prefix="kubellama-data-") as work, contextlib.ExitStack() as stack:
         if pool is not None:
             stack.enter_context(pool)
-            for _ in range(n):
+            for _ in range(at_once):
                 pool.submit(_ready)
         plan = plan_step(cfg, work, cpus)
-        procs = max(1, cpus // n) if pool is not None else cpus
+        procs = max(1, cpus // at_once) if pool is not None else cpus
         phases: list[tuple[str, int, Callable[[int], tuple]]] = [
             ("worker_step", n, lambda i: (work, i, procs)),
             ("dedup_step", plan["reducers"], lambda i: (work, i)),
