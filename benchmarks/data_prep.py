@@ -11,9 +11,16 @@ memory as the corpus grows.
    10 MB and 100 MB corpus, each in its own process; peak RSS of the stage process and of its largest worker.
    Target: the 100 MB peak within 20% of the 10 MB one.
 
+3. `--parallelism N` (instead of 1 and 2): the whole stage on the pretraining samples of `kubellama data
+   fetch-samples` (or a generated corpus of --mb MB with --generated) with N workers as local processes
+   (`--workers-as-processes`, the split a pipeline runs as pods) against one worker, on the same cores,
+   alternating, best of --repeats each; the tokenizer is trained once beforehand and given to both. Prints each
+   run's phases and the merge step's share of the total; the ratio is N's throughput over one worker's, target >=
+   0.8 (the fan-out costs little on one machine; on a cluster each worker has its own pod).
+
 The last line is the throughput ratio. Other processes on the machine slow both sides; the load average is printed.
 
-Usage: python benchmarks/data_prep.py [--mb 30] [--sizes 10,100] [--vocab 8000] [--repeats 3]
+Usage: python benchmarks/data_prep.py [--mb 30] [--sizes 10,100] [--vocab 8000] [--repeats 3] [--parallelism N]
 """
 from __future__ import annotations
 
@@ -152,6 +159,61 @@ def memory(path: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def fanout(n: int, repeats: int, generated: str | None, vocab: int) -> None:
+    """Mode 3: N workers as processes against one, same cores, same output (checked)."""
+    from components.core.config import load_config
+    from components.data_prep import samples
+    from components.data_prep.pack import train_tokenizer
+    from components.data_prep.stage import run
+
+    if generated:
+        srcs, paths = f"data.sources=[{{name:gen,path:'{generated}'}}]", [generated]
+    else:
+        srcs = samples.demo_overrides()[0]  # the pretraining sources: Wikipedia and C4 samples
+        paths = [os.path.join(samples.DEFAULT_DEST, "llamafactory", f) for f in ("wiki_demo.txt", "c4_demo.jsonl")]
+        if not all(os.path.exists(f) for f in paths):
+            raise SystemExit("sample data missing: run `kubellama data fetch-samples` first")
+    mb = sum(os.path.getsize(f) for f in paths) / 1e6
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = os.path.join(tmp, "tokenizer.model")
+        with open(model, "wb") as f:
+            texts = [line for path in paths for line in open(path, encoding="utf-8")][:2000]
+            f.write(train_tokenizer(texts, vocab_size=vocab, seed_chars=2_000_000))
+        base = [srcs, f"data.tokenizer.model={model}", f"model.vocab_size={vocab}",
+                f"data.split_bytes={max(1, int(mb * 1e6 / (2 * n)))}", "data.seq_len=256"]
+        best: dict[int, dict] = {}
+        for r in range(repeats):
+            for k in (1, n):
+                out = os.path.join(tmp, f"out{k}-{r}")
+                t0 = time.perf_counter()
+                run(load_config([*base, f"data.output={out}", f"data.parallelism={k}"]), processes=k > 1)
+                seconds = time.perf_counter() - t0
+                with open(os.path.join(out, "report.json")) as f:
+                    rep = json.load(f)
+                if k not in best or seconds < best[k]["seconds"]:
+                    best[k] = {"seconds": seconds, "timing": rep["fanout"]["timing"],
+                               "tokens": rep["pretrain"]["tokens"], "shards": [s["sha256"] for s in rep_manifest(out)]}
+    assert best[1]["shards"] == best[n]["shards"], "N workers wrote other shards than one"
+    print(f"data prep, {mb:.1f} MB ({'generated' if generated else 'samples: wiki, c4'}), {os.cpu_count()} cores, "
+          f"best of {repeats}, load average before: {load:.2f}:")
+    for k in (1, n):
+        b = best[k]
+        t = b["timing"]
+        print(f"  N={k}{' (processes)' if k > 1 else ''}: {b['seconds']:.2f} s  {mb / b['seconds']:.3f} MB/s  "
+              f"{b['tokens']:,} tokens  (plan {t['plan']}, workers {t['workers']}, dedup {t['dedup']}, pack "
+              f"{t['pack']}, merge {t['merge']} s)")
+    t = best[n]["timing"]
+    print(f"  merge step: {t['merge_share']:.1%} of N={n}'s total; dedup + merge: "
+          f"{(t['dedup'] + t['merge']) / max(t['total'], 1e-9):.1%} (other load on the machine lowers the ratio)")
+    print(f"ratio {best[1]['seconds'] / best[n]['seconds']:.2f} (target >= 0.8)")
+
+
+def rep_manifest(out: str) -> list[dict]:
+    with open(os.path.join(out, "pretrain", "manifest.json")) as f:
+        return json.load(f)["shards"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mb", type=int, default=30, help="corpus size for the throughput comparison")
@@ -159,12 +221,18 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--repeats", type=int, default=3, help="throughput runs of each side (the median counts)")
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "kubellama-bench"))
+    p.add_argument("--parallelism", type=int, default=0, help="mode 3: N workers against 1 (data prep fan-out)")
+    p.add_argument("--generated", action="store_true", help="mode 3 on a generated corpus of --mb MB")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child_memory(*args.child)
         return
     os.makedirs(args.cache, exist_ok=True)
+    if args.parallelism:
+        gen = corpus(os.path.join(args.cache, f"corpus_{args.mb}mb.jsonl"), args.mb) if args.generated else None
+        fanout(args.parallelism, args.repeats, gen, args.vocab)
+        return
     workers = os.cpu_count() or 1
     load = os.getloadavg()[0]
     sizes = [int(s) for s in args.sizes.split(",") if s]

@@ -90,17 +90,29 @@ def _import(url: str, cls: type, key: str) -> Any:
     return task.output
 
 
+def _image(stage: stages.Stage, cfg: Config) -> str:
+    return cfg.cluster.image_train if stage.training else cfg.cluster.image_cpu
+
+
+def _custom(stage: stages.Stage, cfg: Config) -> Callable[[dict[str, Any]], Any]:
+    """The steps-adding function of a stage with a `build` hook, made before the pipeline is defined (KFP defines
+    sub-pipelines only outside a pipeline's context)."""
+    module, _, name = stage.build.partition(":")
+    return getattr(importlib.import_module(module), name)(cfg, _image(stage, cfg), lambda t: k8s.schedule(t, cfg))
+
+
 def producer(inp: stages.Input, made: dict[str, Any]) -> str | None:
     """The step whose output feeds `inp`: its first candidate source in the pipeline so far (None: import)."""
     return next((s for s in inp.sources if s in made), None)
 
 
 def _step(stage: stages.Stage, step: str, variant: str, cfg: Config, params: dict[str, Any],
-          made: dict[str, Any]) -> None:
+          made: dict[str, Any], custom: Callable[[dict[str, Any]], Any] | None = None) -> None:
     """Add the step `step` of `stage` (its `variant`, if any); `made` maps the steps run so far to their output
-    artifacts, and holds the importers of config URLs (under "import <url>")."""
+    artifacts, and holds the importers of config URLs (under "import <url>"). With `custom` (a stage's build
+    hook), the stage adds its steps itself."""
     training = stage.training
-    image = cfg.cluster.image_train if training else cfg.cluster.image_cpu
+    image = _image(stage, cfg)
     op = importlib.import_module(f"{stage.module}.component").op(image)
     if variant:
         # The KFP task takes its name from the component: name it after the step (reward-safety).
@@ -117,6 +129,9 @@ def _step(stage: stages.Stage, step: str, variant: str, cfg: Config, params: dic
             if found not in made:  # one importer per URL, shared by the steps that read it
                 made[found] = _import(url, ARTIFACTS[kind], key)
         kwargs[inp.name] = made[found]
+    if custom is not None:
+        made[step] = custom(kwargs)
+        return
     in_pod = training and k8s.trains_in_pod(cfg)
     if training:
         # Each pipeline run trains into its own folder, named by the run (unless the config fixes run.id).
@@ -132,6 +147,7 @@ def build(cfg: Config, overrides: Sequence[str] = (), pipeline: str = "llama2") 
     names = selected(cfg, pipeline)
     defaults = parameters(cfg, names, overrides)
     order = list(defaults)
+    custom = {s.name: _custom(s, cfg) for s in STAGES if s.name in names and s.build}
 
     def llama2(*args: Any) -> None:
         params = dict(zip(order, args))
@@ -139,7 +155,7 @@ def build(cfg: Config, overrides: Sequence[str] = (), pipeline: str = "llama2") 
         for stage in STAGES:
             if stage.name in names:
                 for step, variant in stage.steps():
-                    _step(stage, step, variant, cfg, params, made)
+                    _step(stage, step, variant, cfg, params, made, custom.get(stage.name))
 
     # One parameter per step: the signature is made from the registry, so a new stage needs no edit here.
     llama2.__signature__ = inspect.Signature(  # type: ignore[attr-defined]

@@ -6,8 +6,10 @@ Both build the same pipeline from the same resolved config; `run` executes each 
 from __future__ import annotations
 
 import argparse
+import builtins
 import contextlib
 import glob
+import json
 import os
 import re
 import sys
@@ -113,7 +115,8 @@ def dag_text(cfg: Config, overrides: Sequence[str], pipeline: str = "llama2") ->
         executor = comp.get("executorLabel", "")
         container = spec["deploymentSpec"]["executors"].get(executor, {})
         importer = container.get("importer", {}).get("artifactUri", {})
-        image = container.get("container", {}).get("image") or f"import {importer.get('constant', '')}"
+        image = container.get("container", {}).get("image") or (
+            _looped(task, _subdag(spec, comp)) if "dag" in comp else f"import {importer.get('constant', '')}")
         res = container.get("container", {}).get("resources", {}).get("accelerator", {})
         gpus = f" gpus={res.get('resourceCount', res.get('count'))} ({res.get('resourceType', res.get('type'))})" \
             if res else ""
@@ -126,6 +129,20 @@ def dag_text(cfg: Config, overrides: Sequence[str], pipeline: str = "llama2") ->
             extra += f" launches a {engine} of {c.nnodes} x {c.gpus_per_node} GPUs"
         lines.append(f"  {name:<28} after: {after:<20} {image}{gpus}{extra}")
     return "\n".join(lines)
+
+
+def _looped(task: dict, text: str) -> str:
+    items = task.get("parameterIterator", {}).get("items", {}).get("raw")
+    return f"ParallelFor of {len(json.loads(items))}: {text}" if items else text
+
+
+def _subdag(spec: dict, comp: dict) -> str:
+    """A sub-DAG's tasks as text, a loop as `ParallelFor of N: <its tasks>`."""
+    parts = []
+    for name, task in comp["dag"]["tasks"].items():
+        inner = spec["components"][task["componentRef"]["name"]]
+        parts.append(_looped(task, _subdag(spec, inner) if "dag" in inner else name))
+    return ", ".join(parts)
 
 
 def _stage_reports(cfg: Config, names: Sequence[str]) -> list[dict]:
@@ -184,6 +201,9 @@ def _quiet(log_path: str) -> Iterator[IO[str]]:
     input, hundreds of JSON lines. Yields the console, which gets the progress lines instead."""
     sys.stdout.flush()
     sys.stderr.flush()
+    # kfp.local indents its steps' prints by swapping builtins.print; loop iterations running in threads can leave
+    # the swapped one behind.
+    printer = builtins.print
     saved = os.dup(1), os.dup(2)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     console = os.fdopen(os.dup(saved[0]), "w", buffering=1)
@@ -197,6 +217,7 @@ def _quiet(log_path: str) -> Iterator[IO[str]]:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+        builtins.print = printer
         stop.set()
         tail.join(timeout=5)
         os.dup2(saved[0], 1)

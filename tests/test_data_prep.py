@@ -16,7 +16,7 @@ from components.core.config import load_config
 from components.core.errors import KubellamaError
 from components.core.shards import ShardReader
 from components.core.tokenizer import IGNORE, Tokenizer
-from components.data_prep import stage
+from components.data_prep import pack, stage
 from components.data_prep.clean import luhn
 
 VOCAB = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "we", "zu", "bra", "cle")
@@ -41,7 +41,7 @@ def write_jsonl(path: str, records: list) -> str:
 
 
 def overrides(out: str, **extra: object) -> list[str]:
-    base = {"data.output": out, "data.workers": 1, "data.seq_len": 64, "data.tokenizer.vocab_size": 320,
+    base = {"data.output": out, "data.workers": 1, "data.seq_len": 64, "data.tokenizer.vocab_size": 400,
             "data.max_error_rate": 0.0}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
@@ -308,7 +308,8 @@ def test_stage_reads_and_writes_s3(s3_bucket, tmp_path) -> None:
     tok = Tokenizer(f"{out}/tokenizer.model")
     reader = ShardReader(f"{out}/pretrain")
     stream = np.array([t for d in docs for t in tok.encode(d, bos=True, eos=True)])
-    whole = np.frombuffer(storage.read_bytes(f"{out}/pretrain/shard_00000.bin"), dtype=reader.dtype)
+    first = reader.manifest["shards"][0]["name"]
+    whole = np.frombuffer(storage.read_bytes(f"{out}/pretrain/{first}.bin"), dtype=reader.dtype)
     assert np.array_equal(whole, stream[:len(whole)]) and 0 <= len(stream) - len(whole) < 64
     # The reader's ranged reads on S3 (a few rows: each is one request).
     last = reader.total_rows - 1
@@ -323,17 +324,17 @@ def test_missing_source_is_a_clear_error(tmp_path) -> None:
         stage.run(cfg)
 
 
-def test_mix_repeats_sources_by_weight(tmp_path) -> None:
-    sources = []
-    for name, n, weight in (("a", 7, 2.5), ("b", 10, 0.3), ("c", 5, 0.0), ("d", 3, 1.0)):
-        spill = str(tmp_path / f"{name}.jsonl")
-        write_jsonl(spill, [json.dumps(f"{name}{i}") for i in range(n)])
-        sources.append({"name": name, "spill": spill, "docs": n, "weight": weight})
-    mixed = list(stage.mixed_docs(sources, seed=0))
-    got = {name: [t for s, t in mixed if s == name] for name in "abcd"}
-    assert sorted(got["a"]) == sorted([f"a{i}" for i in range(7)] * 2 + ["a1", "a3", "a5"])
+def test_mix_repeats_sources_by_weight() -> None:
+    names, source = [], []
+    for s, (name, n) in enumerate((("a", 7), ("b", 10), ("c", 5), ("d", 3))):
+        names += [f"{name}{i}" for i in range(n)]
+        source += [s] * n
+    order = pack.mix_order(np.array(source), [2.5, 0.3, 0.0, 1.0], np.random.default_rng(0))
+    mixed = [names[i] for i in order]
+    got = {name: [t for t in mixed if t[0] == name] for name in "abcd"}
+    # Each source in its own order: full passes, then the evenly spread fraction.
+    assert got["a"] == [f"a{i}" for i in range(7)] * 2 + ["a1", "a3", "a5"]
     assert got["b"] == ["b3", "b6", "b9"] and got["c"] == [] and got["d"] == ["d0", "d1", "d2"]
-    assert [s["docs_mixed"] for s in sources] == [17, 3, 0, 3]
-    # Interleaved, not one source after the other.
-    order = [s for s, _ in mixed]
-    assert order.index("b") < max(i for i, s in enumerate(order) if s == "a")
+    # Interleaved, not one source after the other; the same seed gives the same order.
+    assert mixed.index("b3") < max(i for i, t in enumerate(mixed) if t[0] == "a")
+    assert np.array_equal(order, pack.mix_order(np.array(source), [2.5, 0.3, 0.0, 1.0], np.random.default_rng(0)))

@@ -162,8 +162,9 @@ def test_h100_preset_trains_in_the_step_pod(tmp_path, capsys):
     assert k8s[train]["emptyDirMounts"][0]["sizeLimit"] == cluster.shm_size
     task = spec["root"]["dag"]["tasks"]["pretrain"]
     assert task["inputs"]["parameters"]["in_pod"] == {"runtimeValue": {"constant": True}}
-    # The CPU step does not inherit the training node's size.
-    assert "resources" not in spec["deploymentSpec"]["executors"][prep]["container"]
+    # The CPU step does not inherit the training node's size: it gets data prep's own (data.cpu, data.memory).
+    prep_res = spec["deploymentSpec"]["executors"][prep]["container"]["resources"]
+    assert "accelerator" not in prep_res and prep_res["resourceCpuLimit"] == load_config([]).data.cpu != cluster.cpu
     config = json.loads(spec["root"]["inputDefinitions"]["parameters"]["config_pretrain"]["defaultValue"])
     assert config["model"]["dim"] == 4096 and config["cluster"]["name"] == "h100"
 

@@ -20,8 +20,9 @@ from omegaconf import OmegaConf
 from components.core import storage
 from components.core.errors import ConfigError
 
-# Data keys that change how fast, not what, data prep writes.
-DATA_VOLATILE = ("output", "workers", "error_samples")
+# Data keys that change how fast, not what, data prep writes (N pods give what one pod gives: data_prep/steps.py).
+DATA_VOLATILE = ("output", "workers", "error_samples", "parallelism", "reducers", "split_bytes", "partition_bytes",
+                 "cpu", "memory")
 
 
 def digest(data: Any, n: int = 12) -> str:
@@ -41,12 +42,16 @@ def new_id(cfg: Any) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{config_hash(cfg)[:6]}"
 
 
+def data_hash(cfg: Any) -> str:
+    """The identity of a data config: the hash of the keys that shape data prep's output."""
+    return digest({k: v for k, v in _plain(cfg.data).items() if k not in DATA_VOLATILE})
+
+
 def data_output(cfg: Any) -> str:
     """The data prep output of this config: `data.output`, or content-addressed under `<run.root>/data/`."""
     if cfg.data.output:
         return cfg.data.output
-    shaping = {k: v for k, v in _plain(cfg.data).items() if k not in DATA_VOLATILE}
-    return storage.join(cfg.run.root, "data", digest(shaping))
+    return storage.join(cfg.run.root, "data", data_hash(cfg))
 
 
 def stage_output(cfg: Any, stage: str) -> str:

@@ -50,6 +50,11 @@ class Stage:
     def step_of(self, section: Any) -> str:
         """The step (and output folder name) a config section of this stage runs as."""
         return f"{self.name}_{section[self.variant_key]}" if self.variants else self.name
+    # "module:function" for a stage that adds its steps itself (one that fans out into several, or sizes its pods)
+    # instead of the one generic step: function(cfg, image, schedule), called before the pipeline is defined (it may
+    # define sub-pipelines), returns add(kwargs) -> the stage's output artifact; kwargs are the generic step's
+    # arguments, schedule(task) applies the cluster's settings to a task.
+    build: str = ""
 
     @property
     def module(self) -> str:
@@ -66,7 +71,7 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("data_prep", "data prep", "stage: clean, tokenize and shard the corpus", reads=("data",),
-          output="dataset"),
+          output="dataset", build="components.data_prep.component:steps"),
     Stage("pretrain", "pretrain", "stage: FSDP pretraining (torchx local or Kubernetes)",
           reads=("run", "model", "pretrain", "cluster"), output="model",
           inputs=(Input("data", "data_prep", "data"),), training=True),

@@ -1,12 +1,23 @@
 """Document cleaning: Unicode normalisation, PII scrubbing, quality filters, exact and near-duplicate removal.
 
-`clean_batch` is the per-document work and runs in worker processes; `Deduper` keeps the corpus-wide state
-(document hashes, MinHash LSH buckets) in the main process. That state is compact on purpose (numpy hash tables,
-signatures spilled to a local file) so memory stays nearly flat as the corpus grows.
+`clean_batch` is the per-document work and runs in worker processes. Deduplication is global and partitioned, the
+way datatrove's MinHash pipeline does it (components/data_prep/steps.py runs the steps):
+- every kept document gets a 64-bit text hash and a MinHash signature; each of the signature's bands gets its own
+  64-bit bucket key (`band_keys`), so bands never share a table and unrelated documents practically never share a
+  bucket (one 32-bit table for all bands collides for about a third of lookups at 10^8 documents);
+- hashes and band keys are written out partitioned by key range (`part_of`); one reducer per partition sorts its
+  records: `exact_duplicates` keeps the first document (lowest id) of each hash, `candidate_pairs` pairs every
+  document of a bucket with the bucket's first and with its predecessor (every document stays in its bucket),
+  `similar` confirms a pair when the full signatures agree on at least the threshold share of rows;
+- `components` joins the confirmed pairs into clusters (union-find); each cluster keeps its first document.
+Memory is bounded by a partition, not by the corpus: everything else streams through files.
+
+`RecordCleaner` applies the parts that fit to whole records (SFT dialogs, preference pairs).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import unicodedata
 import zlib
@@ -88,6 +99,12 @@ def _perms(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return _PERMS[(n, seed)]
 
 
+def uniq(x: np.ndarray) -> np.ndarray:
+    """Sorted distinct values. np.unique hashes plain integer arrays, several times slower than sorting (numpy 2.4)."""
+    s = np.sort(x, axis=None)
+    return s[np.concatenate(([True], s[1:] != s[:-1]))] if len(s) else s
+
+
 def minhash(text: str, perm: int, shingle: int, seed: int) -> np.ndarray | None:
     """MinHash signature (uint32[perm]) over lower-cased word n-grams; None for a text without words.
 
@@ -103,7 +120,7 @@ def minhash(text: str, perm: int, shingle: int, seed: int) -> np.ndarray | None:
     h = np.zeros(n, dtype=np.uint64)
     for j in range(k):
         h = h * _SHINGLE_MUL + wh[j:j + n]
-    h = np.unique(h)
+    h = uniq(h)
     a, b = _perms(perm, seed)
     sig = np.full(perm, np.iinfo(np.uint32).max, dtype=np.uint64)
     for start in range(0, len(h), 2048):  # bounded (perm x 2048) temporaries for long documents
@@ -144,105 +161,151 @@ def clean_batch(texts: list[str], o: dict[str, Any]) -> dict[str, Any]:
             "has_sig": has_sig}
 
 
-class IntTable:
-    """Open-addressing hash table of non-zero integer keys to int32 values in two numpy arrays (~12 B a slot)."""
+# --- keys, partitions, global dedup --------------------------------------------------------------------------
 
-    def __init__(self, capacity: int = 1 << 14, key_dtype: Any = np.uint64):
-        self.keys = np.zeros(capacity, dtype=key_dtype)
-        self.vals = np.full(capacity, -1, dtype=np.int32)
-        self.bits = np.iinfo(key_dtype).bits
-        self.size = 0
+_M1, _M2, _GOLD = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+EXACT = np.dtype([("hash", "<u8"), ("doc", "<u8")])
+# `ref` locates the document's signature: worker << 40 | row in that worker's signature file.
+NEAR = np.dtype([("key", "<u8"), ("doc", "<u8"), ("ref", "<u8"), ("band", "<u2")])
 
-    def _slot(self, key: int) -> int:
-        mask = len(self.keys) - 1
-        i = ((key * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) >> 24 & mask
-        keys = self.keys
+
+def mix64(x: Any) -> np.ndarray:
+    """splitmix64's finaliser: a bijection of uint64 that spreads every input bit over the whole output."""
+    x = np.asarray(x, dtype=np.uint64)
+    with np.errstate(over="ignore"):  # wrapping multiplication is the point
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def band_keys(sigs: np.ndarray, bands: int) -> np.ndarray:
+    """uint64[n, bands]: one bucket key per band of each MinHash signature (uint32[n, perm]), salted by the band."""
+    n, perm = sigs.shape
+    rows = sigs.reshape(n, bands, perm // bands).astype(np.uint64)
+    h = np.repeat(mix64(np.arange(1, bands + 1, dtype=np.uint64) * _GOLD)[None, :], n, axis=0)
+    for j in range(rows.shape[2]):
+        h = mix64(h * _GOLD + rows[:, :, j])
+    return h
+
+
+def part_of(keys: np.ndarray, parts: int) -> np.ndarray:
+    """The partition (0..parts-1) of uniformly spread 64-bit keys: equal key ranges."""
+    return ((np.asarray(keys, dtype=np.uint64) >> np.uint64(32)) * np.uint64(parts) >> np.uint64(32)).astype(np.int64)
+
+
+def group_of(docs: np.ndarray, seed: int, groups: int) -> np.ndarray:
+    """The pack group of each document id: a pseudo-random function of the id and the seed, nothing else."""
+    salt = mix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF))
+    return (mix64(np.asarray(docs, dtype=np.uint64) ^ salt) % np.uint64(max(1, groups))).astype(np.int64)
+
+
+def exact_duplicates(recs: np.ndarray) -> np.ndarray:
+    """Sorted ids of the documents (EXACT records) whose hash a document with a lower id has too."""
+    order = np.lexsort((recs["doc"], recs["hash"]))
+    h, d = recs["hash"][order], recs["doc"][order]
+    return np.sort(d[1:][h[1:] == h[:-1]])
+
+
+def candidate_pairs(recs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(a, b, ref_a, ref_b): the distinct document pairs (a < b) worth comparing among NEAR records.
+
+    Records sharing (band, key) form a bucket, and every document stays in it; each document is paired with the
+    bucket's first (lowest id) and with its predecessor, so a bucket of k costs 2k comparisons, not k^2, and
+    union-find over confirmed pairs still joins chains of near duplicates.
+    """
+    empty = np.zeros(0, dtype=np.uint64)
+    if len(recs) < 2:
+        return empty, empty, empty, empty
+    s = recs[np.lexsort((recs["doc"], recs["key"], recs["band"]))]
+    n = len(s)
+    start = np.ones(n, dtype=bool)
+    start[1:] = (s["band"][1:] != s["band"][:-1]) | (s["key"][1:] != s["key"][:-1])
+    first = np.maximum.accumulate(np.where(start, np.arange(n), 0))
+    j = np.flatnonzero(~start)
+    chain = j[j - 1 != first[j]]
+    pairs = np.zeros(len(j) + len(chain), dtype=[("a", "<u8"), ("b", "<u8")])
+    pairs["a"] = np.concatenate([s["doc"][first[j]], s["doc"][chain - 1]])
+    pairs["b"] = np.concatenate([s["doc"][j], s["doc"][chain]])
+    pairs = np.unique(pairs)
+    docs, at = np.unique(s["doc"], return_index=True)
+    refs = s["ref"][at]
+    return (pairs["a"], pairs["b"], refs[np.searchsorted(docs, pairs["a"])],
+            refs[np.searchsorted(docs, pairs["b"])])
+
+
+def similar(sig_a: np.ndarray, sig_b: np.ndarray, threshold: float) -> np.ndarray:
+    """Per row pair: do the signatures agree on at least `threshold` of their rows (estimated Jaccard)?"""
+    return (sig_a == sig_b).mean(axis=1) >= threshold
+
+
+def components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Union-find over the edges (a[i], b[i]): (nodes, root) with every node's cluster named by its lowest id."""
+    nodes, inv = np.unique(np.concatenate([a, b]).astype(np.uint64), return_inverse=True)
+    ia, ib = inv[:len(a)], inv[len(a):]
+    parent = np.arange(len(nodes))
+    while True:
+        ra, rb = parent[ia], parent[ib]
+        if np.array_equal(ra, rb):
+            return nodes, nodes[parent]
+        lo = np.minimum(ra, rb)
+        # parent[x] <= x throughout, so each cluster's root ends up its lowest member.
+        np.minimum.at(parent, ra, lo)
+        np.minimum.at(parent, rb, lo)
         while True:
-            k = int(keys[i])
-            if k == 0 or k == key:
-                return i
-            i = (i + 1) & mask
-
-    def _key(self, key: int) -> int:
-        return (key & ((1 << self.bits) - 1)) or 1
-
-    def get(self, key: int) -> int:
-        """The value stored for `key`, or -1."""
-        key = self._key(key)
-        i = self._slot(key)
-        return int(self.vals[i]) if int(self.keys[i]) == key else -1
-
-    def get_or_put(self, key: int, value: int) -> int:
-        """The value stored for `key`, or -1 after storing `value` for it."""
-        key = self._key(key)
-        i = self._slot(key)
-        if int(self.keys[i]) == key:
-            return int(self.vals[i])
-        self.keys[i], self.vals[i] = key, value
-        self.size += 1
-        if self.size * 2 > len(self.keys):
-            self._grow()
-        return -1
-
-    def _grow(self) -> None:
-        keys, vals = self.keys[self.keys != 0], self.vals[self.keys != 0]
-        self.keys = np.zeros(len(self.keys) * 2, dtype=self.keys.dtype)
-        self.vals = np.full(len(self.keys), -1, dtype=np.int32)
-        for k, v in zip(keys.tolist(), vals.tolist()):
-            i = self._slot(k)
-            self.keys[i], self.vals[i] = k, v
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.vals.nbytes
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
 
 
-class Deduper:
-    """Corpus-wide exact and near-duplicate detection (MinHash LSH with candidate verification).
+# --- whole records ---------------------------------------------------------------------------------------------
 
-    Bands of `perm / bands` signature rows index 32-bit bucket keys; a document sharing a bucket with an earlier
-    one is a candidate, confirmed when the signatures agree on at least `threshold` of their rows (the estimated
-    Jaccard similarity). Signatures go to a local file and are read back only for candidates.
+class RecordCleaner:
+    """Pretraining's cleaning where it fits whole records (SFT dialogs, preference pairs).
+
+    Applied: every string value is normalised (data.clean.normalize), stripped of control characters and scrubbed of
+    PII; a record identical to an earlier one after that is dropped (`dup_exact`). Not applied: quality filters (a
+    two-word answer is a good answer) and near dedup (dialogs sharing a long system prompt, or templated safety
+    refusals to different prompts, would collapse into one).
     """
 
-    def __init__(self, sig_path: str, perm: int, bands: int, threshold: float, exact: bool, near: bool):
-        if near and perm % bands:
-            raise ValueError(f"minhash_perm ({perm}) must be a multiple of minhash_bands ({bands})")
-        self.exact, self.near = exact, near
-        self.perm, self.bands, self.threshold = perm, bands, threshold
-        self.seen = IntTable()
-        self.buckets = IntTable(key_dtype=np.uint32)
-        self.sig_file = open(sig_path, "w+b")
-        self.n = 0
-        rows = perm // bands if near else 1
-        self._mix = (np.uint64(0x9E3779B97F4A7C15) ** np.arange(rows, dtype=np.uint64)).astype(np.uint64)
+    APPLIED = ("normalize", "pii", "dedup_exact")
 
-    def check(self, doc_hash: int, sig: np.ndarray | None) -> str | None:
-        """'dup_exact', 'dup_near' or None (the document is new and is remembered)."""
-        if self.exact and self.seen.get_or_put(int(doc_hash), 1) != -1:
-            return "dup_exact"
-        if not self.near or sig is None:
-            return None
-        keys = (sig.reshape(self.bands, -1).astype(np.uint64) * self._mix).sum(axis=1)
-        keys = keys ^ (np.arange(self.bands, dtype=np.uint64) * np.uint64(0xD6E8FEB86659FD93))
-        keys = (keys ^ (keys >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
-        keys = keys.tolist()
-        candidates = {c for c in (self.buckets.get(k) for k in keys) if c != -1}
-        for other in sorted(candidates):
-            self.sig_file.seek(other * self.perm * 4)
-            prev = np.frombuffer(self.sig_file.read(self.perm * 4), dtype=np.uint32)
-            if np.mean(prev == sig) >= self.threshold:
-                return "dup_near"
-        for key in keys:
-            self.buckets.get_or_put(key, self.n)
-        self.sig_file.seek(0, 2)
-        self.sig_file.write(sig.astype(np.uint32).tobytes())
-        self.n += 1
-        return None
+    def __init__(self, o: dict[str, Any]):
+        self.o = o
+        self.pii: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self.kept = 0
+        self._seen: set[bytes] = set()
 
-    def close(self) -> None:
-        self.sig_file.close()
+    def _clean(self, value: Any, pii: Counter[str]) -> Any:
+        if isinstance(value, str):
+            if self.o["normalize"]:
+                value = unicodedata.normalize(self.o["normalize"], value)
+            value = _CONTROL.sub("", value)
+            return scrub_pii(value, pii) if self.o["pii"] else value
+        if isinstance(value, dict):
+            return {k: self._clean(v, pii) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._clean(v, pii) for v in value]
+        return value
 
-    @property
-    def nbytes(self) -> int:
-        return self.seen.nbytes + self.buckets.nbytes
+    def __call__(self, rec: dict) -> dict | None:
+        """The cleaned record, or None when it is dropped."""
+        pii: Counter[str] = Counter()
+        rec = self._clean(rec, pii)
+        if self.o["dedup_exact"]:
+            key = hashlib.blake2b(json.dumps(rec, sort_keys=True, ensure_ascii=False, default=str).encode(),
+                                  digest_size=16).digest()
+            if key in self._seen:
+                self.dropped["dup_exact"] += 1
+                return None
+            self._seen.add(key)
+        self.kept += 1
+        self.pii.update(pii)  # what the kept records had
+        return rec
+
+    def summary(self) -> dict[str, Any]:
+        applied = [a for a in self.APPLIED if self.o[a]]
+        return {"applied": applied, "kept": self.kept, "dropped": dict(self.dropped),
+                "pii": {k: self.pii.get(k, 0) for k in ("email", "phone", "ip", "card")}}

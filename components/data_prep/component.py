@@ -1,10 +1,24 @@
-"""KFP wrapper of the data prep stage: the `data` config section in, the shard folder URL and the report out.
+"""KFP wrappers of the data prep stage: the `data` config section in, the shard folder URL and the report out.
+
+With `data.parallelism` 1 the stage is one step (`data_prep`). With N > 1, `steps` (the registry's build hook,
+components/core/stages.py) adds the fan-out of components/data_prep/steps.py instead:
+
+    plan -> workers (ParallelFor of N) -> dedup (ParallelFor of the reducers) -> cluster -> pack (ParallelFor of N)
+         -> merge (the Dataset, Metrics, Markdown and HTML of the stage) -> cleanup (ParallelFor of N)
+
+Each ParallelFor sits in a small sub-pipeline so that the next step can wait for the whole loop, also under
+kfp.local, which runs a DAG's plain tasks before its loops; the cleanup loop, which nothing waits for, stays at the
+top, where it also makes kfp.local pick the orchestrator that runs loops at all. The steps share nothing but
+storage (`<data.output>/_work`); each passes on the plan's id so KFP's cache keys follow the plan. Every step gets
+data.cpu / data.memory as its CPU and memory requests and limits.
 
 No `from __future__ import annotations` here: KFP reads the parameter annotations as real types.
 """
+from typing import Any, Callable
+
 from kfp import dsl
-from kfp.dsl.python_component import PythonComponent
 from kfp.dsl import HTML, Dataset, Markdown, Metrics, Output
+from kfp.dsl.python_component import PythonComponent
 
 
 def data_prep(config: str, dataset: Output[Dataset], metrics: Output[Metrics], report: Output[Markdown],
@@ -18,6 +32,134 @@ def data_prep(config: str, dataset: Output[Dataset], metrics: Output[Metrics], r
     return publish(run(cfg), cfg.data.output, dataset, metrics, report, html)
 
 
+def data_prep_plan(config: str) -> str:
+    """The plan and the tokenizer; returns the plan's id ("reused" when the output is already complete)."""
+    from components.core.runs import step_config
+    from components.data_prep import steps
+    from components.data_prep.parallel import worker_count
+
+    cfg = step_config(config, "data_prep")
+    if steps.reusable(cfg):
+        return "reused"
+    return steps.plan_step(cfg, steps.shared_work(cfg), worker_count(cfg.data.workers))["id"]
+
+
+def data_prep_worker(config: str, plan: str, index: int, metrics: Output[Metrics]):
+    """Worker `index`: clean, sign and tokenize its share; its counts as Metrics."""
+    from components.core.runs import step_config
+    from components.data_prep import steps
+    from components.data_prep.parallel import worker_count
+
+    cfg = step_config(config, "data_prep")
+    stats = steps.worker_step(cfg, steps.shared_work(cfg), int(index), worker_count(cfg.data.workers),
+                              "" if plan == "reused" else plan)
+    for key, value in steps.worker_metrics(stats).items():
+        metrics.log_metric(key, value)
+
+
+def data_prep_dedup(config: str, plan: str, index: int):
+    """Dedup reducer `index`: exact duplicates and confirmed near-duplicate pairs of its partitions."""
+    from components.core.runs import step_config
+    from components.data_prep import steps
+
+    cfg = step_config(config, "data_prep")
+    steps.dedup_step(cfg, steps.shared_work(cfg), int(index), "" if plan == "reused" else plan)
+
+
+def data_prep_cluster(config: str, plan: str):
+    """Union-find over the reducers' pairs: which documents are dropped."""
+    from components.core.runs import step_config
+    from components.data_prep import steps
+
+    cfg = step_config(config, "data_prep")
+    steps.cluster_step(cfg, steps.shared_work(cfg), "" if plan == "reused" else plan)
+
+
+def data_prep_pack(config: str, plan: str, index: int):
+    """Packer `index`: its groups' kept documents, mixed and packed into token shards."""
+    from components.core.runs import step_config
+    from components.data_prep import steps
+
+    cfg = step_config(config, "data_prep")
+    steps.pack_step(cfg, steps.shared_work(cfg), int(index), "" if plan == "reused" else plan)
+
+
+def data_prep_merge(config: str, plan: str, dataset: Output[Dataset], metrics: Output[Metrics],
+                    report: Output[Markdown], html: Output[HTML]) -> str:
+    """The manifest over every worker's shards, the small datasets and the report: the stage's outputs."""
+    from components.core.publish import publish
+    from components.core.runs import step_config
+    from components.data_prep import steps
+
+    cfg = step_config(config, "data_prep")
+    summary = steps.merge_step(cfg, steps.shared_work(cfg), "" if plan == "reused" else plan)
+    return publish(summary, cfg.data.output, dataset, metrics, report, html)
+
+
+def data_prep_cleanup(config: str, index: int):
+    """Remove worker `index`'s intermediate files (0: the shared ones too) once the output is complete."""
+    from components.core.runs import step_config
+    from components.data_prep import steps
+
+    cfg = step_config(config, "data_prep")
+    steps.cleanup_step(cfg, steps.shared_work(cfg), int(index))
+
+
+def _component(fn: Callable, image: str) -> PythonComponent:
+    return dsl.component(base_image=image, install_kfp_package=False)(fn)
+
+
 def op(image: str) -> PythonComponent:
     """The component on `image` (the project package and kfp are installed there, so nothing is pip-installed)."""
-    return dsl.component(base_image=image, install_kfp_package=False)(data_prep)
+    return _component(data_prep, image)
+
+
+def steps(cfg: Any, image: str, schedule: Callable[[Any], Any]) -> Callable[[dict], Any]:
+    """The registry's build hook: the sub-pipelines of the fan-out, then add(kwargs) adding data prep's step(s)
+    to the pipeline being defined and returning its Dataset."""
+    d = cfg.data
+    n = max(1, int(d.parallelism))
+    reducers = int(d.reducers) or n
+
+    def task(fn: Callable, name: str, **args: Any) -> Any:
+        t = _component(fn, image)(**args)
+        t.set_display_name(name)
+        schedule(t)
+        if d.cpu:
+            t.set_cpu_request(str(d.cpu)).set_cpu_limit(str(d.cpu))
+        if d.memory:
+            t.set_memory_request(str(d.memory)).set_memory_limit(str(d.memory))
+        return t
+
+    def fan_out(fn: Callable, name: str, count: int, group: str) -> Any:
+        """A sub-pipeline running `count` tasks of `fn` (index 0..count-1) through one ParallelFor."""
+        def loop(config: str, plan: str) -> None:
+            with dsl.ParallelFor(items=list(range(count)), parallelism=count) as i:
+                task(fn, name, config=config, plan=plan, index=i)
+
+        loop.__name__ = group
+        return dsl.pipeline(name=group.replace("_", "-"))(loop)
+
+    if n > 1:
+        workers = fan_out(data_prep_worker, "data prep: worker", n, "data_prep_workers")
+        dedup = fan_out(data_prep_dedup, "data prep: dedup reducer", reducers, "data_prep_reducers")
+        packers = fan_out(data_prep_pack, "data prep: packer", n, "data_prep_packers")
+
+    def add(kwargs: dict) -> Any:
+        if n == 1:
+            return task(data_prep, "data prep", **kwargs).outputs["dataset"]
+        config = kwargs["config"]
+        plan = task(data_prep_plan, "data prep: plan", config=config).output
+        w = workers(config=config, plan=plan)
+        w.set_display_name(f"data prep: {n} workers")
+        r = dedup(config=config, plan=plan).after(w)
+        r.set_display_name(f"data prep: {reducers} dedup reducers")
+        c = task(data_prep_cluster, "data prep: dedup clusters", config=config, plan=plan).after(r)
+        p = packers(config=config, plan=plan).after(c)
+        p.set_display_name(f"data prep: {n} packers")
+        merge = task(data_prep_merge, "data prep", config=config, plan=plan).after(p)
+        with dsl.ParallelFor(items=list(range(n)), parallelism=n) as i:
+            task(data_prep_cleanup, "data prep: cleanup", config=config, index=i).after(merge)
+        return merge.outputs["dataset"]
+
+    return add

@@ -103,6 +103,28 @@ class Packer:
         return self.buffered
 
 
+def mix_order(source: np.ndarray, weights: list[float], rng: np.random.Generator) -> np.ndarray:
+    """Training order of documents given in id order with their source index: indices into them, every source
+    repeated by its weight and interleaved at random in proportion.
+
+    weight 2.5 = every document twice plus an evenly spread half once more; weight 0 leaves a source out. Each
+    source keeps its own order; the interleaving is a uniformly random merge of the sources' streams (what drawing
+    the next source in proportion to what each has left gives), made in one permutation.
+    """
+    streams = []
+    for s, w in enumerate(weights):
+        idx = np.flatnonzero(source == s)
+        full, frac = int(w), w - int(w)
+        j = np.arange(len(idx), dtype=np.float64)
+        extra = idx[np.floor((j + 1) * frac) > np.floor(j * frac)]  # at j = n - 1: floor(n * frac) picks in all
+        streams.append(np.concatenate([np.tile(idx, full), extra]))
+    labels = rng.permutation(np.repeat(np.arange(len(streams)), [len(x) for x in streams]))
+    out = np.empty(len(labels), dtype=np.int64)
+    for s, stream in enumerate(streams):
+        out[labels == s] = stream
+    return out
+
+
 def batched(texts: Iterable[Any], max_chars: int = 1 << 18) -> Iterator[list[Any]]:
     """Groups of items of about `max_chars` characters (items are strings or (tag, string) pairs)."""
     batch: list[Any] = []

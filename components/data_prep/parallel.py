@@ -8,13 +8,45 @@ start-up cost (a fresh interpreter per worker) is paid once.
 from __future__ import annotations
 
 import collections
+import math
 import multiprocessing as mp
 import os
 from typing import Any, Callable, Iterable, Iterator
 
+CGROUP = "/sys/fs/cgroup"
 
-def worker_count(configured: int) -> int:
-    return configured if configured > 0 else (os.cpu_count() or 1)
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def cpu_limit(root: str = CGROUP) -> int | None:
+    """CPUs this container may use by its cgroup quota (v2 `cpu.max`, else v1 `cpu.cfs_quota_us`), rounded up;
+    None without a quota. A pod with `limits.cpu: 4` on a 96-core node sees all 96 in os.cpu_count()."""
+    v2 = _read(os.path.join(root, "cpu.max"))
+    if v2 is not None:
+        quota, _, period = v2.partition(" ")
+        if quota != "max" and quota.isdigit() and period.isdigit() and int(period) > 0:
+            return max(1, math.ceil(int(quota) / int(period)))
+        return None
+    quota, period = (_read(os.path.join(root, "cpu", f"cpu.cfs_{k}_us")) for k in ("quota", "period"))
+    if quota and period and quota.lstrip("-").isdigit() and period.isdigit() and int(quota) > 0 < int(period):
+        return max(1, math.ceil(int(quota) / int(period)))
+    return None
+
+
+def worker_count(configured: int, root: str = CGROUP) -> int:
+    """`configured` processes, or (0) as many as the CPUs this process may use: its cgroup quota, its CPU
+    affinity, the machine's cores, whichever is smallest."""
+    if configured > 0:
+        return configured
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cpu_limit(root)
+    return max(1, min(cores, limit) if limit else cores)
 
 
 class WorkerPool:
@@ -41,8 +73,11 @@ class WorkerPool:
             yield pending.popleft().get()
 
     def close(self) -> None:
+        """Let the batches in flight finish, then stop. A consumer may stop reading early (the tokenizer's
+        trainer stops at its sample size); terminating a pool with tasks in flight can deadlock in
+        multiprocessing's queue locks, and there are at most `inflight` batches to wait for."""
         if self._pool is not None:
-            self._pool.terminate()
+            self._pool.close()
             self._pool.join()
             self._pool = None
 

@@ -16,8 +16,22 @@ def sections(rep: dict[str, Any]) -> list[Section]:
               ", ".join(f"{k} {v}" for k, v in sorted(s["dropped"].items())) or "-",
               mix.get(s["name"], {}).get("tokens", 0)] for s in rep["sources"]])]))
     c = rep["clean"]
-    out.append(Section("Cleaning", tables=[Table(["dropped because", "documents"], list(c["dropped"].items())),
-                                           Table(["PII scrubbed", "occurrences"], list(c["pii"].items()))]))
+    dedup = c.get("dedup")
+    out.append(Section("Cleaning", text=(
+        f"Global dedup over {dedup['partitions']} partitions: {dedup['candidate_pairs']} candidate pairs from shared "
+        f"LSH buckets, {dedup['confirmed_pairs']} confirmed; largest partition {dedup['largest_partition_bytes']:,} "
+        f"bytes of keys.") if dedup else "",
+        tables=[Table(["dropped because", "documents"], list(c["dropped"].items())),
+                Table(["PII scrubbed", "occurrences"], list(c["pii"].items()))]))
+    cleaned = [(k, rep[k]["clean"]) for k in ("sft", "preference") if rep.get(k) and rep[k].get("clean")]
+    if cleaned:
+        out.append(Section("SFT and preference cleaning", text=(
+            "Applied to every string of each record: " + ", ".join(cleaned[0][1]["applied"]) + ". Not applied: "
+            "quality filters (short answers are good answers) and near dedup (a shared system prompt or a templated "
+            "refusal would merge distinct examples)."), tables=[Table(
+                ["dataset", "kept", "dropped (exact duplicates)", "PII scrubbed"],
+                [[k, v["kept"], v["dropped"].get("dup_exact", 0),
+                  ", ".join(f"{p} {n}" for p, n in v["pii"].items() if n) or "-"] for k, v in cleaned])]))
     t = rep["tokenizer"]
     out.append(Section("Tokenizer", tables=[Table(["", ""], [
         ["origin", "trained (SentencePiece BPE)" if t["trained"] else f"given: {t['from']}"],
@@ -45,6 +59,21 @@ def sections(rep: dict[str, Any]) -> list[Section]:
                      s["url"]])
     if rows:
         out.append(Section("Datasets", tables=[Table(["dataset", "size", "url"], rows)]))
+    f = rep.get("fanout")
+    if f:
+        w = f["workers"]
+        t = f["timing"]
+        slow = ", ".join(str(i) for i in w["stragglers"])
+        out.append(Section("Workers", text=(
+            f"{f['units']} work units over {f['parallelism']} workers, {f['reducers']} dedup reducers, "
+            f"{f['groups']} pack groups. Skew (slowest worker over the mean): {w['skew']:.2f}"
+            + (f"; straggler: worker {slow}" if slow else "") + ". Time (s): " +
+            ", ".join(f"{k} {t[k]}" for k in ("plan", "workers", "dedup", "pack", "merge", "total")) +
+            f"; the merge is {t['merge_share']:.1%} of it."),
+            tables=[Table(["worker", "units", "MB", "docs in", "kept", "tokens", "errors", "seconds", "docs/s",
+                           "MB/s"],
+                          [[x["index"], x["units"], x["mb"], x["docs_in"], x["kept"], x["tokens"], x["errors"],
+                            x["seconds"], x["docs_per_s"], x["mb_per_s"]] for x in w["tasks"]])]))
     e = rep["errors"]
     out.append(Section("Input errors", text=f"{e['errors']} of {e['records']} records malformed ({e['rate']:.2%}).",
                        tables=[Table(["reason", "records"], list(e["by_reason"].items()))] if e["by_reason"] else [],

@@ -1,11 +1,12 @@
 """Stage `data_prep`: clean the corpus, train (or take) the tokenizer, write token shards and alignment datasets.
 
-Passes over the pretraining sources, all streaming:
-1. read -> normalise, scrub PII, filter (worker processes) -> exact / near dedup (here) -> cleaned text spilled to a
-   local temporary folder, one file per source;
-2. train the SentencePiece BPE tokenizer on a bounded sample of the cleaned text (or take data.tokenizer.model);
-3. mix the sources by weight (up-sampling repeats a source) -> tokenize (worker processes) -> pack into shards.
-Then SFT dialogs, preference pairs and prompt sets, which are small, are prepared in this process.
+The pretraining corpus goes through the steps of components/data_prep/steps.py: a plan (work units, the
+tokenizer trained on a sample across all inputs), workers that clean, scrub PII, filter, sign (MinHash) and
+tokenize their share in one streaming pass, global exact and near dedup by partitioned reducers and union-find,
+packers that mix the kept documents by source weight into token shards, and a merge. `data.parallelism=N` spreads
+them over N pods in a pipeline; here they run in this process, or with `--workers-as-processes` in N local
+processes: the same split, the same output. SFT dialogs, preference pairs and prompt sets, which are small, are
+prepared by the merge in one process, SFT and preference records cleaned as far as fits (clean.RecordCleaner).
 
 Output under data.output (local or s3://): tokenizer.model, tokenizer.sha256, pretrain/ and sft/{train,eval}/ (token
 shard sets), sft/dialogs/{train,eval}.jsonl, preference/{train,eval}.jsonl, prompts/{rs,ppo,eval}.jsonl,
@@ -18,27 +19,19 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
-import os
-import tempfile
-import time
 import unicodedata
 from collections import Counter
 from contextlib import ExitStack
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
-
 from components.core import runs, storage
-from components.core.cli import stage_main
-from components.core.config import to_dict
+from components.core.cli import guarded, parser
+from components.core.config import load_config, to_dict
 from components.core.errors import KubellamaError
-from components.core.shards import ShardWriter
 from components.core.tokenizer import Tokenizer
-from components.data_prep import pack, report as reporting
+from components.data_prep import steps
 from components.data_prep.chat import SftPacker, chain, encode_dialog, sft_writer, to_messages, turns
-from components.data_prep.clean import Deduper, clean_batch
-from components.data_prep.parallel import WorkerPool, worker_count
+from components.data_prep.clean import RecordCleaner
 from components.data_prep.preference import prompt_key, synthetic_safety_pair, to_pair
 from components.data_prep.readers import ErrorLog, list_files, read_records
 from conf.schema import Config
@@ -49,26 +42,19 @@ SPLITS = ("rs", "ppo", "eval")
 SFT_SPLITS = ("train", "eval")
 
 
-def _records(src: Any, errors: ErrorLog) -> Iterator[tuple[dict, str]]:
+def _records(src: Any, errors: ErrorLog, clean: str = "") -> Iterator[tuple[dict, str]]:
+    """(record, where) of a source, at most `src.limit` of them; `clean` names the record cleaning the run set up
+    on `errors` for this kind of record (clean.RecordCleaner: PII scrubbing, exact dedup), whose drops are left out."""
+    cleaner = errors.cleaners.get(clean) if clean else None
     n = 0
     for f in list_files(src.path, src.name):
         for rec, where in read_records(f, errors, src.format, src.text_field, src.text_split):
-            yield rec, where
             n += 1
+            cleaned = cleaner(rec) if cleaner is not None else rec
+            if cleaned is not None:
+                yield cleaned, where
             if src.limit and n >= src.limit:
                 return
-
-
-def _source_texts(src: Any, errors: ErrorLog, stats: dict[str, Any]) -> Iterator[str]:
-    for rec, where in _records(src, errors):
-        text = rec.get(src.text_field)
-        if not isinstance(text, str):
-            errors.bad(where, f"missing or non-string field '{src.text_field}'")
-            continue
-        errors.ok()
-        stats["docs_in"] += 1
-        stats["chars_in"] += len(text)
-        yield text
 
 
 def _unit(key: str, seed: int) -> float:
@@ -77,157 +63,7 @@ def _unit(key: str, seed: int) -> float:
     return int.from_bytes(h, "little") / 2**64
 
 
-def _read_spill(path: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
-
-
-# --- pass 1: clean and dedup ---------------------------------------------------------------------------------
-
-def clean_sources(cfg: Config, tmp: str, errors: ErrorLog, pool: WorkerPool) -> tuple[list[dict], dict]:
-    d = cfg.data
-    opts = {**to_dict(d.clean), "seed": d.seed}
-    dedup = Deduper(os.path.join(tmp, "signatures.bin"), d.clean.minhash_perm, d.clean.minhash_bands,
-                    d.clean.near_threshold, d.clean.dedup_exact, d.clean.dedup_near)
-    pii: Counter[str] = Counter()
-    dropped: Counter[str] = Counter()
-    sources = []
-    try:
-        for i, src in enumerate(d.sources):
-            name = src.name or f"source{i}"
-            if any(s["name"] == name for s in sources):
-                raise KubellamaError(f"data.sources: two sources are named '{name}'")
-            stats: dict[str, Any] = {"name": name, "path": src.path, "weight": float(src.weight), "docs_in": 0,
-                                     "chars_in": 0, "docs": 0, "chars": 0, "dropped": Counter(),
-                                     "spill": os.path.join(tmp, f"clean_{i}.jsonl")}
-            started, next_log = time.time(), 50_000
-            with open(stats["spill"], "w", encoding="utf-8") as spill:
-                batches = pack.batched(_source_texts(src, errors, stats))
-                for res in pool.map(clean_batch, batches, args=(opts,)):
-                    pii.update(res["pii"])
-                    for j, text in enumerate(res["texts"]):
-                        reason = res["reasons"][j] or dedup.check(
-                            int(res["hashes"][j]), res["sigs"][j] if res["has_sig"][j] else None)
-                        if reason:
-                            stats["dropped"][reason] += 1
-                            continue
-                        spill.write(json.dumps(text, ensure_ascii=False) + "\n")
-                        stats["docs"] += 1
-                        stats["chars"] += len(text)
-                    if stats["docs_in"] >= next_log:
-                        next_log += 50_000
-                        log.info("source %s: %d documents read, %d kept", name, stats["docs_in"], stats["docs"])
-            dropped.update(stats["dropped"])
-            log.info("source %s: %d documents in, %d kept (%s), %.1fs", name, stats["docs_in"], stats["docs"],
-                     dict(stats["dropped"]) or "none dropped", time.time() - started)
-            sources.append(stats)
-    finally:
-        dedup.close()
-    clean = {"pii": {k: pii.get(k, 0) for k in ("email", "phone", "ip", "card")},
-             "dropped": {k: dropped.get(k, 0) for k in
-                         ("too_short", "too_long", "low_alpha", "repetitive", "dup_exact", "dup_near")},
-             "dedup_index_bytes": dedup.nbytes}
-    for s in sources:
-        s["dropped"] = dict(s["dropped"])
-    return sources, clean
-
-
-def mixed_docs(sources: list[dict], seed: int) -> Iterator[tuple[str, str]]:
-    """(source name, text) of every source repeated by its weight, interleaved at random in proportion.
-
-    weight 2.5 = every document twice plus an evenly spread half once more; weight 0 leaves a source out.
-    """
-    def stream(s: dict) -> Iterator[str]:
-        full, frac = int(s["weight"]), s["weight"] - int(s["weight"])
-        for _ in range(full):
-            yield from _read_spill(s["spill"])
-        for j, text in enumerate(_read_spill(s["spill"])):
-            if math.floor((j + 1) * frac) > math.floor(j * frac):  # at j = n - 1: floor(n * frac)
-                yield text
-
-    # The same float expression as in stream(), so the planned count is exactly what it yields.
-    remaining = np.array([int(s["weight"]) * s["docs"] + math.floor(s["docs"] * (s["weight"] - int(s["weight"])))
-                          for s in sources], dtype=np.float64)
-    for s, n in zip(sources, remaining):
-        s["docs_mixed"] = int(n)
-    streams = [stream(s) for s in sources]
-    rng = np.random.default_rng(seed)
-    while remaining.sum() > 0:
-        i = int(np.searchsorted(np.cumsum(remaining), rng.random() * remaining.sum(), side="right"))
-        i = min(i, len(sources) - 1)
-        if remaining[i] <= 0:
-            continue
-        remaining[i] -= 1
-        yield sources[i]["name"], next(streams[i])
-
-
-def _training_texts(sources: list[dict], cfg: Config) -> Iterator[str]:
-    """Cleaned pretraining text, round robin over sources; then SFT dialog text if there is room."""
-    streams = [_read_spill(s["spill"]) for s in sources]
-    while streams:
-        for st in list(streams):
-            text = next(st, None)
-            if text is None:
-                streams.remove(st)
-            else:
-                yield text
-    for src in cfg.data.sft.sources:
-        for rec, _ in _records(src, ErrorLog(0)):
-            try:
-                yield "\n".join(m["content"] for m in to_messages(rec))
-            except KubellamaError:
-                continue
-
-
-# --- tokenizer -------------------------------------------------------------------------------------------------
-
-def make_tokenizer(cfg: Config, sources: list[dict], workers: int) -> tuple[bytes, dict]:
-    t = cfg.data.tokenizer
-    started = time.time()
-    if t.model:
-        data = storage.read_bytes(t.model)
-        info = {"trained": False, "from": t.model}
-    else:
-        data = pack.train_tokenizer(_training_texts(sources, cfg), t.vocab_size, t.character_coverage,
-                                    t.hard_vocab_limit, workers, t.train_chars)
-        info = {"trained": True, "train_chars_limit": t.train_chars}
-    flags = pack.model_flags(data)
-    if flags["vocab_size"] > cfg.model.vocab_size:
-        raise KubellamaError(f"tokenizer vocabulary ({flags['vocab_size']}) is larger than model.vocab_size "
-                             f"({cfg.model.vocab_size})")
-    info.update(flags, sha256=hashlib.sha256(data).hexdigest(), seconds=round(time.time() - started, 2))
-    log.info("tokenizer: %s, vocabulary %d, %.1fs", "trained" if info["trained"] else f"from {t.model}",
-             flags["vocab_size"], info["seconds"])
-    return data, info
-
-
 # --- datasets --------------------------------------------------------------------------------------------------
-
-def build_pretrain(cfg: Config, sources: list[dict], tok: Tokenizer, tok_url: str, model_path: str,
-                   pool: WorkerPool) -> dict:
-    d = cfg.data
-    url = storage.join(d.output, "pretrain")
-    writer = ShardWriter(url, d.seq_len, tok.vocab_size,
-                                      shard_rows=max(1, d.shard_tokens // d.seq_len))
-    started = time.time()
-    res = pack.tokenize_and_pack(mixed_docs(sources, d.seed), model_path, writer, d.seq_len, pool, tok.vocab_size)
-    mix = {s["name"]: {"weight": s["weight"], "docs": s["docs_mixed"], "tokens": res["per_tag"].get(s["name"], 0)}
-           for s in sources}
-    manifest = writer.close(tokenizer=tok_url, tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size,
-                            sources=mix, documents=res["docs"], dropped_tail_tokens=res["dropped_tail"])
-    seconds = time.time() - started
-    hist = res["histogram"]
-    text_tokens = res["tokens"] - 2 * res["docs"]
-    log.info("pretrain: %d tokens in %d rows, %.0f tokens/s", manifest["tokens"], manifest["rows"],
-             res["tokens"] / max(seconds, 1e-9))
-    return {"url": url, "rows": manifest["rows"], "tokens": manifest["tokens"], "shards": len(manifest["shards"]),
-            "documents": res["docs"], "dropped_tail_tokens": res["dropped_tail"], "mix": mix,
-            "tokens_per_second": round(res["tokens"] / max(seconds, 1e-9)),
-            "bytes_per_token": round(res["bytes"] / max(text_tokens, 1), 3),
-            "vocab_used": round(float((hist > 0).mean()), 4),
-            "top_pieces": [tok.sp.id_to_piece(int(i)) for i in np.argsort(-hist)[:10] if hist[i] > 0]}
-
 
 def build_sft(cfg: Config, tok: Tokenizer, errors: ErrorLog) -> dict:
     """sft/train and sft/eval (packed shards, split per dialog by a stable hash of its id) and sft/dialogs/
@@ -248,7 +84,7 @@ def build_sft(cfg: Config, tok: Tokenizer, errors: ErrorLog) -> dict:
         for i, src in enumerate(d.sft.sources):
             name = src.name or f"sft{i}"
             per_source[name] = 0
-            for n, (rec, where) in enumerate(_records(src, errors)):
+            for n, (rec, where) in enumerate(_records(src, errors, clean="sft")):
                 try:
                     msgs = to_messages(rec)
                     encoded = encode_dialog(tok, msgs)
@@ -317,7 +153,7 @@ def build_preference(cfg: Config, errors: ErrorLog) -> dict:
 
         for i, src in enumerate(p.sources):
             name = src.name or f"preference{i}"
-            for n, (rec, where) in enumerate(_records(src, errors)):
+            for n, (rec, where) in enumerate(_records(src, errors, clean="preference")):
                 try:
                     pair = to_pair(rec, src.rating or p.default_rating, src.safety)
                 except KubellamaError as exc:
@@ -404,51 +240,33 @@ def build_prompts(cfg: Config, errors: ErrorLog) -> dict:
             "duplicates": counts["duplicates"]}
 
 
+def build_datasets(cfg: Config, tok: Tokenizer, errors: ErrorLog) -> dict[str, Any]:
+    """The SFT, preference and prompt datasets (small: one process, the merge step's), SFT and preference records
+    cleaned as far as fits (clean.RecordCleaner; what it did goes into their report entries)."""
+    d = cfg.data
+    opts = {**to_dict(d.clean), "seed": d.seed}
+    errors.cleaners = {"sft": RecordCleaner(opts), "preference": RecordCleaner(opts)} if d.clean.records else {}
+    out = {"sft": build_sft(cfg, tok, errors) if d.sft.sources else None,
+           "preference": build_preference(cfg, errors) if d.preference.sources or d.preference.synthetic_safety
+           else None,
+           "prompts": build_prompts(cfg, errors) if d.prompts.sources else None}
+    for kind, cleaner in errors.cleaners.items():
+        if out.get(kind) is not None:
+            out[kind]["clean"] = cleaner.summary()
+    return out
+
+
 # --- entry points ----------------------------------------------------------------------------------------------
 
-def run(cfg: Config) -> dict:
-    addressed = not cfg.data.output
+def run(cfg: Config, processes: bool = False) -> dict:
+    """The whole stage on this machine: the steps in this process, or each phase's tasks in `data.parallelism`
+    processes (`processes`). A content-addressed output that is already complete is reused."""
     cfg = runs.bind(cfg, "data_prep")
-    d = cfg.data
-    out = d.output
-    if addressed and storage.is_complete(out) and storage.exists(storage.join(out, "report.json")):
+    if steps.reusable(cfg):
         # Content-addressed: this folder is the output of exactly this data config, already finished.
-        log.info("data prep: %s already holds the output of this data config; nothing to do", out)
-        return {**summary(storage.read_json(storage.join(out, "report.json"))), "reused": True}
-    workers = worker_count(d.workers)
-    started = time.time()
-    storage.remove(storage.join(out, storage.COMPLETE))
-    storage.makedirs(out)
-    errors = ErrorLog(d.error_samples)
-    rep: dict[str, Any] = {"output": out, "workers": workers, "seq_len": d.seq_len}
-    with tempfile.TemporaryDirectory(prefix="kubellama-data-") as tmp, WorkerPool(workers) as pool:
-        sources, rep["clean"] = clean_sources(cfg, tmp, errors, pool)
-        errors.check(d.max_error_rate)
-        model_bytes, rep["tokenizer"] = make_tokenizer(cfg, sources, workers)
-        tok_url = storage.join(out, "tokenizer.model")
-        storage.write_bytes(tok_url, model_bytes)
-        storage.write_text(storage.join(out, "tokenizer.sha256"), f"{rep['tokenizer']['sha256']}  tokenizer.model\n")
-        model_path = os.path.join(tmp, "tokenizer.model")
-        with open(model_path, "wb") as f:
-            f.write(model_bytes)
-        tok = Tokenizer(model_bytes=model_bytes)
-        rep["tokenizer"]["url"] = tok_url
-        rep["pretrain"] = build_pretrain(cfg, sources, tok, tok_url, model_path, pool) if sources else None
-        if rep["pretrain"]:
-            rep["tokenizer"]["bytes_per_token"] = rep["pretrain"]["bytes_per_token"]
-            rep["tokenizer"]["vocab_used"] = rep["pretrain"]["vocab_used"]
-    rep["sources"] = [{k: v for k, v in s.items() if k != "spill"} for s in sources]
-    rep["sft"] = build_sft(cfg, tok, errors) if d.sft.sources else None
-    rep["preference"] = build_preference(cfg, errors) if d.preference.sources or d.preference.synthetic_safety \
-        else None
-    rep["prompts"] = build_prompts(cfg, errors) if d.prompts.sources else None
-    rep["errors"] = errors.summary()
-    rep["seconds"] = round(time.time() - started, 2)
-    errors.check(d.max_error_rate)
-    reporting.write(rep)
-    storage.mark_complete(out, {"tokenizer_sha256": rep["tokenizer"]["sha256"]})
-    log.info("data prep done in %.1fs: %s", rep["seconds"], out)
-    return summary(rep)
+        log.info("data prep: %s already holds the output of this data config; nothing to do", cfg.data.output)
+        return {**summary(storage.read_json(storage.join(cfg.data.output, "report.json"))), "reused": True}
+    return steps.run_local(cfg, processes)
 
 
 def summary(rep: dict) -> dict:
@@ -477,5 +295,14 @@ def summary(rep: dict) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return stage_main("data-prep", "Clean the corpus, train the tokenizer, write token shards and datasets.", run,
-                      argv)
+    p = parser("data-prep", "Clean the corpus, train the tokenizer, write token shards and datasets.")
+    p.add_argument("--workers-as-processes", action="store_true",
+                   help="run data.parallelism workers (and packers, reducers) as parallel local processes: the "
+                        "split a pipeline runs as pods, on this machine")
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        run(load_config(args.overrides), args.workers_as_processes)
+        return 0
+
+    return guarded(go)

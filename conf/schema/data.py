@@ -41,6 +41,9 @@ class CleanConfig:
     # Candidate pairs from LSH are confirmed when their estimated Jaccard similarity reaches this.
     near_threshold: float = 0.8
     pii: bool = True
+    # SFT dialogs and preference pairs get the cleaning that fits whole records: normalisation, PII scrubbing and
+    # exact dedup (not the quality filters or near dedup: clean.RecordCleaner says why).
+    records: bool = True
     min_chars: int = 32
     max_chars: int = 1_000_000
     min_alpha_ratio: float = 0.5
@@ -113,8 +116,24 @@ class DataConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     seq_len: int = "${model.max_seq_len}"  # type: ignore[assignment]
     shard_tokens: int = 100_000_000
-    # 0 means every CPU core.
+    # Processes per step; 0 means every CPU the step may use (its cgroup CPU limit, else the machine's cores).
     workers: int = 0
+    # --- beyond one machine (components/data_prep/steps.py) ---
+    # Worker pods: N > 1 makes data prep a plan step, N workers and N packers (dsl.ParallelFor), dedup reducers, a
+    # cluster step and a merge step. The output is the same for every N, so N is not part of the data hash.
+    parallelism: int = 1
+    # Dedup reducer pods; 0: as many as workers.
+    reducers: int = 0
+    # A work unit: a byte range of an uncompressed line file, or row groups of a Parquet file, of about this size.
+    split_bytes: int = 256_000_000
+    # Input bytes per dedup partition: bounds a reducer's memory (~1/6 of it in keys), not the result.
+    partition_bytes: int = 2_000_000_000
+    # Input bytes per pack group. Documents are spread over groups by a hash of their id; each group is mixed and
+    # packed on its own (shaping: it decides which documents share rows).
+    group_bytes: int = 2_000_000_000
+    # CPU and memory requests (= limits) of every data prep step on Kubernetes; `workers=0` then uses that CPU.
+    cpu: str = "4"
+    memory: str = "16Gi"
     # The stage fails when more than this fraction of input records is malformed.
     max_error_rate: float = 0.01
     # How many malformed records the report quotes (file:line and reason).
