@@ -57,7 +57,9 @@ DEMO = ["pretrain.max_steps=40", "pretrain.warmup_steps=4", "pretrain.global_bat
         "rejection_sampling.micro_batch=2", "rejection_sampling.epochs=1", "rejection_sampling.log_every=1",
         "ppo.prompts_per_batch=16", "ppo.minibatch=8", "ppo.micro_batch=8", "ppo.max_new_tokens=24",
         "ppo.max_steps=8", "ppo.lr=2e-4", "ppo.heldout_prompts=8", "ppo.eval_every=4", "ppo.patience=0",
-        "ppo.ckpt_every=4"]
+        "ppo.ckpt_every=4",
+        # The samples are a few MB: split files at 256 KB so `data.parallelism=N` gives every worker a share.
+        "data.split_bytes=262144"]
 
 
 def resolve(overrides: Sequence[str]) -> Config:
