@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from components.ppo import algo
+from test_trainer_support import spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,6 +48,20 @@ def test_whiten_over_mask_only():
     expect = (vals - vals.mean()) / vals.std(unbiased=False)
     assert torch.allclose(w[mask.bool()], expect)
     assert (w[~mask.bool()] == 0).all()
+
+
+def _whiten_halves(env, x: torch.Tensor, mask: torch.Tensor, out: str) -> None:
+    half = x.shape[0] // 2
+    rows = slice(env.rank * half, (env.rank + 1) * half)
+    torch.save(algo.whiten(x[rows], mask[rows], eps=0.0), f"{out}.{env.rank}")
+
+
+def test_whiten_uses_the_statistics_of_every_rank(tmp_path):
+    x = torch.tensor([[1.0, 3.0], [2.0, 5.0], [10.0, 11.0], [-4.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    spawn(_whiten_halves, 2, x, mask, str(tmp_path / "w"))
+    got = torch.cat([torch.load(tmp_path / f"w.{r}") for r in range(2)])
+    assert torch.allclose(got, algo.whiten(x, mask, eps=0.0))
 
 
 def test_clipped_policy_loss_by_hand():

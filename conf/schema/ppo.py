@@ -42,6 +42,9 @@ class PpoConfig(TrainConfig):
     # rollout phase and frees them after; "copy" keeps that unsharded copy between phases, refreshed after each
     # update. Neither generates through per-layer FSDP all-gathers (the paper's 20x).
     rollout: str = "gathered"
+    # How the frozen models (reference, both reward models) are held: "bf16" shards (half of fp32 masters),
+    # "offload" (bf16 shards in CPU memory between forwards, on GPU), or "fp32". Under fp32 compute they stay fp32.
+    frozen: str = "bf16"
     # Guards. Stop when the mean per-sequence KL to the reference exceeds kl_max (nats).
     kl_max: float = 20.0
     # Reward hacking: stop when the mean response length falls below this fraction of the first iteration's.
