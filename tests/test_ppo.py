@@ -121,6 +121,24 @@ def test_kl_guard_stops_before_the_update(tmp_path):
     assert s["checkpoint"].endswith(f"step_{s['iterations']:07d}") and s["checkpoint"] in s["stop_message"]
 
 
+def test_reward_collapse_guard_names_the_last_good_checkpoint(tmp_path):
+    from components.ppo.loop import Ppo
+    from ppo_tiny import ppo_cfg, prompts
+    from test_trainer_support import model_cfg
+
+    torch.set_num_threads(1)
+    calls = []
+
+    def falling(prompt_ids, responses, safety):  # 0, then -1, -2, ...: the third rollout is 2 below the best
+        calls.append(1)
+        return torch.full((len(responses),), -float(len(calls) - 1), dtype=torch.float64)
+
+    s = Ppo(ppo_cfg(max_steps=6, max_reward_drop=1.5), model_cfg(), str(tmp_path), prompts(48, 0), [], falling,
+            eos_id=-1, seed=5).fit()
+    assert s["stop_reason"] == "reward_collapse" and s["iterations"] == 2
+    assert s["checkpoint"].endswith("step_0000002") and s["checkpoint"] in s["stop_message"]
+
+
 def test_sigkill_mid_ppo_then_rerun_matches_uninterrupted(tmp_path):
     whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
     assert _run(whole, 4).returncode == 0

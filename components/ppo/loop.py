@@ -298,6 +298,9 @@ class Ppo:
         first = self.tracker["first_length"]
         if first and roll["length"] < self.cfg.min_length_ratio * first:
             return "length_collapse"
+        best = self.tracker.get("best_reward")
+        if best is not None and roll["reward"] < best - self.cfg.max_reward_drop:
+            return "reward_collapse"
         return None
 
     def _evaluate(self, log: list[dict[str, Any]]) -> str | None:
@@ -351,6 +354,8 @@ class Ppo:
                     reason = "non_finite"
                     break
                 self.iteration += 1
+                best = self.tracker.get("best_reward")
+                self.tracker["best_reward"] = roll["reward"] if best is None else max(best, roll["reward"])
                 log.log({"step": self.iteration, "reward": roll["reward"],
                          "reward_whitened": roll["reward_whitened"], "kl": roll["kl"],
                          "response_length": roll["length"], **stats, "lr": self.opt_policy.param_groups[0]["lr"]})

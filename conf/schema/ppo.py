@@ -49,6 +49,8 @@ class PpoConfig(TrainConfig):
     kl_max: float = 20.0
     # Reward hacking: stop when the mean response length falls below this fraction of the first iteration's.
     min_length_ratio: float = 0.2
+    # Reward collapse: stop when the mean reward (logit R_c) falls this far below the best iteration's.
+    max_reward_drop: float = 4.0
     # Early stopping on held-out prompts (greedy answers, unwhitened reward): evaluate every eval_every
     # iterations; stop after `patience` evaluations without a new best (0: never).
     heldout_prompts: int = 64
