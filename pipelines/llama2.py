@@ -84,7 +84,9 @@ def pipeline_name(cfg: Config, pipeline: str = "llama2") -> str:
 
 def _import(url: str, cls: type, key: str) -> Any:
     if not url:
-        raise ConfigError(f"config key '{key}' is empty but a skipped stage needs it as input")
+        made_by = stages.producer(key.split(".")[-1]) if "." in key else None
+        why = f" (stage '{made_by.name}' is not in the pipeline)" if made_by else ""
+        raise ConfigError(f"config key '{key}' is empty, and no step in the pipeline makes it{why}: give its URL")
     task = dsl.importer(artifact_uri=url, artifact_class=cls, reimport=False, metadata={"url": url})
     task.set_display_name(f"import {key}")
     return task.output
@@ -123,8 +125,11 @@ def _step(stage: stages.Stage, step: str, variant: str, cfg: Config, params: dic
         if found is None:
             kind = next(p.output for p in map(stages.producer, inp.sources) if p is not None)
             given = cfg[stage.name][inp.key]
-            url = given or (cfg.pipeline.init_checkpoint if kind == "model" else "")
-            key = f"{stage.name}.{inp.key}" if given or kind != "model" else "pipeline.init_checkpoint"
+            # Only the model a stage starts from falls back to pipeline.init_checkpoint: a policy checkpoint is no
+            # stand-in for a reward model, so a skipped reward stage needs its URL given.
+            fallback = kind == "model" and inp.key == "init" and not given
+            url = cfg.pipeline.init_checkpoint if fallback else given
+            key = "pipeline.init_checkpoint" if fallback else f"{stage.name}.{inp.key}"
             found = f"import {url}"
             if found not in made:  # one importer per URL, shared by the steps that read it
                 made[found] = _import(url, ARTIFACTS[kind], key)

@@ -109,13 +109,14 @@ def plan_main(argv: Sequence[str] | None = None) -> int:
 
     def go() -> int:
         from components.core.cost import estimate, format_cost
-        from components.core.plan import format_plan, plan
+        from components.core.plan import format_plan, format_ppo_plan, plan, ppo_plan
 
         cfg = load_config(args.overrides)
         p = cfg.plan
         memory = plan(cfg.model, p)
         cost = estimate(memory.params, p.tokens, p.gpu, p.mfu, p.gpu_power_w)
         print(format_plan(cfg.model, p, memory))
+        print(format_ppo_plan(p, cfg.ppo, ppo_plan(cfg.model, p, cfg.ppo)))
         print(format_cost(cfg.model.name, p.tokens, cost, derived_mfu=not p.mfu))
         return 0
 

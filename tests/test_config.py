@@ -70,6 +70,28 @@ def test_plan_memory_shrinks_with_more_gpus_and_checkpointing():
     assert p8.weights + p8.grads + p8.optimizer == pytest.approx(6_738_415_616 * 16 / 8)
 
 
+def test_ppo_plan_counts_five_models_and_the_rollout():
+    from components.core.plan import ppo_plan
+
+    def plan_for(*extra: str):
+        cfg = load_config(["model=llama2_7b", "plan.seq_len=1024", *extra])
+        return ppo_plan(cfg.model, cfg.plan, cfg.ppo)
+
+    n, scalar = 6_738_415_616, 6_738_415_616 - 32000 * 4096 + 4096
+    bf16, fp32, off = plan_for(), plan_for("ppo.frozen=fp32"), plan_for("ppo.frozen=offload")
+    assert bf16.trained == pytest.approx((n + scalar) * 16 / 8)
+    assert bf16.frozen == pytest.approx((n + 2 * scalar) * 2 / 8) == pytest.approx(fp32.frozen / 2)
+    assert off.frozen == 0 and off.total < bf16.total < fp32.total
+    assert bf16.rollout_model == pytest.approx(n * 2)
+    # 512 prompts over 8 GPUs: 64 rows per rank, K and V of 32 layers x 4096 dims in bf16.
+    assert bf16.kv_cache == pytest.approx(2 * 32 * 64 * 1024 * 4096 * 2)
+    copy = plan_for("ppo.rollout=copy")
+    assert copy.update_phase == pytest.approx(bf16.update_phase + n * 2)
+    out = kubellama("plan", "model=llama2_7b", "plan.seq_len=1024", "ppo.frozen=offload")
+    assert out.returncode == 0, out.stderr
+    assert "PPO (ppo.*) over 8 GPUs" in out.stdout and "reference + 2 reward models (offload)" in out.stdout
+
+
 def test_unknown_command_is_an_error():
     out = kubellama("nosuch")
     assert out.returncode == 2 and "unknown command" in out.stderr

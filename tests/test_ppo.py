@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from components.ppo import algo
+from test_trainer_support import spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,6 +48,20 @@ def test_whiten_over_mask_only():
     expect = (vals - vals.mean()) / vals.std(unbiased=False)
     assert torch.allclose(w[mask.bool()], expect)
     assert (w[~mask.bool()] == 0).all()
+
+
+def _whiten_halves(env, x: torch.Tensor, mask: torch.Tensor, out: str) -> None:
+    half = x.shape[0] // 2
+    rows = slice(env.rank * half, (env.rank + 1) * half)
+    torch.save(algo.whiten(x[rows], mask[rows], eps=0.0), f"{out}.{env.rank}")
+
+
+def test_whiten_uses_the_statistics_of_every_rank(tmp_path):
+    x = torch.tensor([[1.0, 3.0], [2.0, 5.0], [10.0, 11.0], [-4.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    spawn(_whiten_halves, 2, x, mask, str(tmp_path / "w"))
+    got = torch.cat([torch.load(tmp_path / f"w.{r}") for r in range(2)])
+    assert torch.allclose(got, algo.whiten(x, mask, eps=0.0))
 
 
 def test_clipped_policy_loss_by_hand():
@@ -104,6 +119,24 @@ def test_kl_guard_stops_before_the_update(tmp_path):
     s = make(str(tmp_path), ppo_cfg(max_steps=6, lr=1e-2, kl_max=1e-9)).fit()
     assert s["status"] == "stopped" and s["stop_reason"] == "kl_explosion" and s["stopped_early"]
     assert s["checkpoint"].endswith(f"step_{s['iterations']:07d}") and s["checkpoint"] in s["stop_message"]
+
+
+def test_reward_collapse_guard_names_the_last_good_checkpoint(tmp_path):
+    from components.ppo.loop import Ppo
+    from ppo_tiny import ppo_cfg, prompts
+    from test_trainer_support import model_cfg
+
+    torch.set_num_threads(1)
+    calls = []
+
+    def falling(prompt_ids, responses, safety):  # 0, then -1, -2, ...: the third rollout is 2 below the best
+        calls.append(1)
+        return torch.full((len(responses),), -float(len(calls) - 1), dtype=torch.float64)
+
+    s = Ppo(ppo_cfg(max_steps=6, max_reward_drop=1.5), model_cfg(), str(tmp_path), prompts(48, 0), [], falling,
+            eos_id=-1, seed=5).fit()
+    assert s["stop_reason"] == "reward_collapse" and s["iterations"] == 2
+    assert s["checkpoint"].endswith("step_0000002") and s["checkpoint"] in s["stop_message"]
 
 
 def test_sigkill_mid_ppo_then_rerun_matches_uninterrupted(tmp_path):

@@ -48,3 +48,17 @@ def test_bad_rollout_mode_is_one_line(tmp_path, rm, capsys):
     assert cli(["ppo", *PPO, f"run.root={tmp_path}", f"ppo.data={data}", f"ppo.reward_helpfulness={url}",
                 f"ppo.reward_safety={url}", "ppo.rollout=sharded"]) == 2
     assert "ppo.rollout='sharded'" in capsys.readouterr().err
+
+
+def test_empty_reward_model_urls_are_refused_by_name():
+    from components.core.config import load_config
+    from components.core.errors import ConfigError
+    from components.ppo.stage import load_reward
+
+    cfg = load_config([])
+    for section in ("ppo", "rejection_sampling"):
+        with pytest.raises(ConfigError, match=rf"{section}\.reward_helpfulness is empty"):
+            load_reward(cfg[section], None, "", None, 1)  # type: ignore[arg-type]
+    cfg = load_config(["ppo.reward_helpfulness=/rm/h"])
+    with pytest.raises(ConfigError, match=r"ppo\.reward_safety is empty"):
+        load_reward(cfg.ppo, None, "", None, 1)  # type: ignore[arg-type]

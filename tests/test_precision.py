@@ -9,7 +9,7 @@ from components.core.errors import ConfigError
 from components.core.precision import compute_dtype, cpu_flags, gemm_peak, native_bf16_cpu
 from components.core.shards import ShardReader
 from components.core.trainer import Trainer, mp_policy
-from test_trainer_support import model_cfg, train_cfg, write_shards
+from test_trainer_support import model_cfg, spawn, train_cfg, write_shards
 
 
 def test_cpu_flags_decide_native_bf16(tmp_path):
@@ -61,3 +61,32 @@ def test_gemm_peak_is_measured_once_per_process():
     first = gemm_peak(shapes, torch.float32)
     assert first > 1e8  # any CPU multiplies faster than 0.1 GFLOP/s
     assert gemm_peak(shapes, torch.float32) == first
+
+
+def _frozen_vs_trained(env, out: str) -> None:
+    from components.core.trainer import build_llama, shard, shard_frozen
+
+    torch.manual_seed(0)
+    tokens = torch.randint(0, model_cfg().vocab_size, (2, 16))
+    cfg = train_cfg(mixed_precision="bf16")
+    trained = shard(build_llama(model_cfg(), 3), cfg, env)
+    got = {}
+    for mode in ("bf16", "fp32", "offload"):
+        frozen = shard_frozen(build_llama(model_cfg(), 3), cfg, env, mode)
+        dtypes = {p.to_local().dtype for p in frozen.parameters()}
+        with torch.no_grad():
+            got[mode] = (dtypes, frozen(tokens), any(p.requires_grad for p in frozen.parameters()))
+    with torch.no_grad():
+        ref = trained(tokens)
+    torch.save({"ref": ref, "got": got}, f"{out}.{env.rank}")
+
+
+def test_frozen_models_hold_bf16_shards_with_unchanged_outputs(tmp_path):
+    # Two ranks: the shards of a frozen model are bf16, half of fp32 masters, and its forward equals that of the
+    # same model sharded for training (whose compute copies are the same bf16 casts).
+    spawn(_frozen_vs_trained, 2, str(tmp_path / "f"))
+    for rank in range(2):
+        r = torch.load(tmp_path / f"f.{rank}")
+        assert r["got"]["bf16"][0] == {torch.bfloat16} and r["got"]["fp32"][0] == {torch.float32}
+        for mode in ("bf16", "fp32", "offload"):
+            assert torch.equal(r["got"][mode][1], r["ref"]) and r["got"][mode][2] is False

@@ -57,6 +57,18 @@ def test_skipped_pretraining_starts_the_reward_models_from_config(tmp_path):
         compile_docs(tmp_path, ["pipeline.stages.pretrain=false", *NO_SFT])
 
 
+def test_skipped_reward_stage_needs_the_reward_models_given(tmp_path):
+    # A policy checkpoint (pipeline.init_checkpoint) is no stand-in for a reward model.
+    base = ["pipeline.stages.pretrain=false", "pipeline.stages.reward=false", "pipeline.init_checkpoint=s3://b/sft",
+            "pipeline.stages.sft=false", "pipeline.stages.gatt=false", "pipeline.stages.ppo=false",
+            "pipeline.stages.safety_eval=false"]
+    with pytest.raises(ConfigError, match="'rejection_sampling.reward_helpfulness' is empty.*reward"):
+        run.dag_text(run.resolve(base), base)
+    given = [*base, "rejection_sampling.reward_helpfulness=s3://b/rm-h", "rejection_sampling.reward_safety=s3://b/rm-s"]
+    text = run.dag_text(run.resolve(given), given)
+    assert "import s3://b/rm-h" in text and "import s3://b/rm-s" in text and "import s3://b/sft" in text
+
+
 def test_each_reward_model_writes_its_own_folder():
     cfg = run.resolve(["run.id=r", "run.root=/x"])
     found = run.local_outputs(cfg, ["pretrain", "reward"])

@@ -79,3 +79,76 @@ def format_plan(cfg: ModelConfig, p: PlanConfig, result: Plan) -> str:
     verdict = "fits" if result.total <= p.gpu_memory_gib * GIB * 0.9 else "does NOT fit"
     lines.append(f"{verdict} in {p.gpu_memory_gib:g} GiB (keeping 10% for the allocator and NCCL buffers)")
     return "\n".join(lines)
+
+
+@dataclass
+class PpoPlan:
+    """PPO's memory per GPU (ppo.*): two trained models (policy, value), three frozen ones (reference, two reward
+    models), and the rollout's unsharded policy and KV cache. Rollouts and updates do not overlap, so the peak is the
+    larger of the two phases over what persists."""
+    trained: float  # policy and value: fp32 weights, gradients and AdamW moments, sharded
+    frozen: float  # reference and both RMs, sharded, in ppo.frozen's dtype (0 on the GPU when offloaded)
+    gathered: float  # compute copies of two blocks of the largest model at a time
+    rollout_model: float  # the unsharded bf16 policy generation runs on
+    kv_cache: float
+    activations: float  # policy and value micro-batches in the update, checkpointed or not
+    rollout_persists: bool  # ppo.rollout=copy keeps the unsharded policy between phases
+
+    @property
+    def rollout_phase(self) -> float:
+        return self.trained + self.frozen + self.gathered + self.rollout_model + self.kv_cache
+
+    @property
+    def update_phase(self) -> float:
+        return (self.trained + self.frozen + self.gathered + self.activations
+                + (self.rollout_model if self.rollout_persists else 0.0))
+
+    @property
+    def total(self) -> float:
+        return max(self.rollout_phase, self.update_phase)
+
+
+def ppo_plan(cfg: ModelConfig, p: PlanConfig, ppo: "PpoConfig") -> PpoPlan:  # noqa: F821
+    """Rows of `p.seq_len` tokens (prompt + response); reward and value models have the policy's shape with a
+    scalar head instead of the LM head (Llama 2's RMs start from the chat model)."""
+    n = count_params(cfg)
+    scalar = n - cfg.vocab_size * cfg.dim + cfg.dim
+    w = p.world_size
+    nbytes = DTYPE_BYTES[p.param_dtype]
+    frozen_bytes = {"bf16": nbytes, "offload": 0, "fp32": 4}.get(ppo.frozen)
+    if frozen_bytes is None:
+        raise ValueError(f"ppo.frozen must be one of bf16, offload, fp32, not {ppo.frozen!r}")
+    kv_dim = (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads)
+    rows = max(ppo.prompts_per_batch // w, 1)  # each rank generates its share of the batch at once
+    value_acts = activation_bytes(cfg, p.seq_len, ppo.micro_batch, nbytes, p.activation_checkpointing) \
+        - p.seq_len * ppo.micro_batch * cfg.vocab_size * 8
+    return PpoPlan(
+        trained=(n + scalar) * 16 / w,
+        frozen=(n + 2 * scalar) * frozen_bytes / w,
+        gathered=2 * (n - 2 * cfg.vocab_size * cfg.dim) / max(cfg.n_layers, 1) * nbytes,
+        rollout_model=n * nbytes,
+        kv_cache=2 * cfg.n_layers * rows * p.seq_len * kv_dim * nbytes,
+        activations=activation_bytes(cfg, p.seq_len, ppo.micro_batch, nbytes, p.activation_checkpointing)
+        + value_acts,
+        rollout_persists=ppo.rollout == "copy",
+    )
+
+
+def format_ppo_plan(p: PlanConfig, ppo: "PpoConfig", result: PpoPlan) -> str:  # noqa: F821
+    rows = [
+        ("policy + value: fp32 weights, grads, AdamW", result.trained),
+        (f"reference + 2 reward models ({ppo.frozen})", result.frozen),
+        (f"gathered blocks ({p.param_dtype})", result.gathered),
+        (f"rollout: unsharded policy ({p.param_dtype}, ppo.rollout={ppo.rollout})", result.rollout_model),
+        (f"rollout: KV cache ({max(ppo.prompts_per_batch // p.world_size, 1)} rows x {p.seq_len})", result.kv_cache),
+        (f"update: activations (micro-batch {ppo.micro_batch}, policy + value)", result.activations),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"PPO (ppo.*) over {p.world_size} GPUs, per GPU:"]
+    lines += [f"  {name.ljust(width)}  {value / GIB:9.2f} GiB" for name, value in rows]
+    lines.append(f"  {'peak: rollout phase'.ljust(width)}  {result.rollout_phase / GIB:9.2f} GiB")
+    lines.append(f"  {'peak: update phase'.ljust(width)}  {result.update_phase / GIB:9.2f} GiB")
+    verdict = "fits" if result.total <= p.gpu_memory_gib * GIB * 0.9 else "does NOT fit"
+    hint = "" if verdict == "fits" else " (try ppo.frozen=offload, fewer ppo.prompts_per_batch, or more GPUs)"
+    lines.append(f"PPO {verdict} in {p.gpu_memory_gib:g} GiB{hint}")
+    return "\n".join(lines)

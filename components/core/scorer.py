@@ -25,7 +25,7 @@ from components.core import checkpoint, dist, storage
 from components.core.errors import KubellamaError
 from components.core.model import Llama, count_params
 from components.core.tokenizer import Tokenizer
-from components.core.trainer import FULL_INIT_MAX_PARAMS, shard
+from components.core.trainer import FULL_INIT_MAX_PARAMS, shard_frozen
 from conf.schema.model import ModelConfig
 from conf.schema.train import TrainConfig
 
@@ -120,14 +120,15 @@ class Scorer:
     @classmethod
     def load(cls, url: str, *, tokenizer: str | None = None, model_cfg: ModelConfig | None = None,
              train_cfg: TrainConfig | None = None, env: dist.Env | None = None, batch_size: int = 16,
-             max_len: int | None = None) -> "Scorer":
+             max_len: int | None = None, frozen: str = "fp32") -> "Scorer":
         """Collective: the reward model at `url` (an RM stage output, one of its checkpoints, or its HF export),
         sharded over all ranks like training (`train_cfg` gives mixed precision and activation checkpointing), each
-        rank reading only its own slices. The tokenizer defaults to the one shipped in the export."""
+        rank reading only its own slices, held as `frozen` says (trainer.shard_frozen; "fp32": exactly as trained).
+        The tokenizer defaults to the one shipped in the export."""
         env = env or dist.init()
         model = build(model_cfg or model_config(url), seed=0)
         meta = any(p.is_meta for p in model.parameters())
-        model = shard(model, train_cfg or TrainConfig(), env)  # type: ignore[assignment]
+        model = shard_frozen(model, train_cfg or TrainConfig(), env, frozen)  # type: ignore[assignment]
         if meta:
             model.to_empty(device=env.device)
         checkpoint.load_weights(model, url)

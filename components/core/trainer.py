@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from components.core import checkpoint, dist, storage
 from components.core.errors import ConfigError, KubellamaError
@@ -162,6 +162,37 @@ def shard(model: nn.Module, cfg: TrainConfig, env: dist.Env) -> nn.Module:
         fully_shard(layer, reshard_after_forward=env.world_size > 1 and i < len(layers) - 1, **kw)
     fully_shard(model, **kw)
     return model
+
+
+FROZEN = ("bf16", "offload", "fp32")
+
+
+def shard_frozen(model: nn.Module, cfg: TrainConfig, env: dist.Env, frozen: str) -> nn.Module:
+    """Shard a model that is only run forward (PPO's reference, reward models), held as `frozen` says:
+    - "bf16": the shards themselves in the compute dtype, half of fp32 masters: nothing trains them, and the
+      compute copies a trained model would gather are bf16 anyway (so its outputs are unchanged);
+    - "offload": as bf16, with the shards in CPU memory between forwards (FSDP2's CPUOffloadPolicy copies each
+      block's shard in for its all-gather);
+    - "fp32": like a trained model.
+    Where training computes in fp32 (no mixed precision), the shards stay fp32 in every mode: a bf16 reference
+    against an fp32 policy would add rounding noise to the KL. No activation checkpointing: there is no backward.
+    """
+    if frozen not in FROZEN:
+        raise ConfigError(f"frozen={frozen!r}: expected one of {', '.join(FROZEN)}")
+    model.requires_grad_(False)
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    kw: dict[str, Any] = {"mesh": mesh}
+    policy = mp_policy(cfg.mixed_precision, env.device)
+    if policy is not None:
+        kw["mp_policy"] = policy
+        if frozen != "fp32":
+            model.to(torch.bfloat16)
+    if frozen == "offload" and env.device.type == "cuda":  # on a CPU device the shards are in CPU memory already
+        kw["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
+    for layer in blocks(model):
+        fully_shard(layer, reshard_after_forward=env.world_size > 1, **kw)
+    fully_shard(model, **kw)
+    return model.eval()
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:

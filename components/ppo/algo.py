@@ -6,7 +6,7 @@
 - Per-token reward: −β·kl_t on every token, plus the sequence's (whitened) reward on its last token (§3.2.3:
   R = R̃_c − β·KL).
 - GAE: δ_t = r_t + γ V_{t+1} − V_t, A_t = δ_t + γλ A_{t+1}, with V = 0 after the last token; returns A + V.
-- Advantages are whitened over the batch's response tokens.
+- Advantages are whitened over the batch's response tokens (of all ranks).
 - Clipped policy loss (PPO-clip), clipped value loss (max of clipped and unclipped squared errors), entropy.
 Losses are sums over tokens; callers divide by the token count of the whole minibatch, so micro-batches add up
 to exactly the minibatch's mean.
@@ -14,6 +14,8 @@ to exactly the minibatch's mean.
 from __future__ import annotations
 
 import torch
+
+from components.core.dist import all_sum
 
 
 def kl_tokens(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -45,11 +47,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x − mean) / std over the masked entries (population std), 0 off the mask."""
-    n = mask.sum().clamp(min=1)
-    mean = (x * mask).sum() / n
-    var = (((x - mean) * mask) ** 2).sum() / n
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+    """(x − mean) / std over the masked entries (population std), 0 off the mask. Under torch.distributed the
+    statistics are those of every rank's entries together (collective): each rank holds a slice of one batch, and
+    per-rank statistics would scale one rank's advantages against another's."""
+    n, total = all_sum([float(mask.sum()), float((x * mask).sum())], x.device)
+    mean = total / max(n, 1.0)
+    (sq,) = all_sum([float((((x - mean) * mask) ** 2).sum())], x.device)
+    return (x - mean) * torch.rsqrt(torch.tensor(sq / max(n, 1.0) + eps, dtype=x.dtype, device=x.device)) * mask
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,

@@ -33,7 +33,7 @@ from components.core.errors import ConfigError, KubellamaError
 from components.core.metrics import MetricsLog
 from components.core.model import Llama
 from components.core.scorer import PAD, RewardModel
-from components.core.trainer import build_llama, lr_factor, mp_policy, param_groups, shard
+from components.core.trainer import build_llama, lr_factor, mp_policy, param_groups, shard, shard_frozen
 from components.ppo import algo
 from conf.schema.model import ModelConfig
 from conf.schema.ppo import ROLLOUT, PpoConfig
@@ -119,7 +119,7 @@ class Ppo:
             raise ConfigError("ppo: no training prompts")
         dist.groups()
         self.policy = shard(build_llama(self.model_cfg, self.seed), cfg, env)
-        self.ref = shard(build_llama(self.model_cfg, self.seed), cfg, env)
+        self.ref = shard_frozen(build_llama(self.model_cfg, self.seed), cfg, env, cfg.frozen)
         torch.manual_seed(self.seed + 1)
         self.value = shard(ValueModel(self.model_cfg), cfg, env)
         self.parent = None
@@ -128,8 +128,6 @@ class Ppo:
             checkpoint.load_weights(self.ref, self.init)
         if self.value_init:
             checkpoint.load_weights(self.value, self.value_init, ("score.",))
-        self.ref.requires_grad_(False)
-        self.ref.eval()
         self.opt_policy = self._adamw(self.policy)
         self.opt_value = self._adamw(self.value)
         self.whitener = Whitener(cfg.combined.whiten, cfg.combined.eps)
@@ -300,6 +298,9 @@ class Ppo:
         first = self.tracker["first_length"]
         if first and roll["length"] < self.cfg.min_length_ratio * first:
             return "length_collapse"
+        best = self.tracker.get("best_reward")
+        if best is not None and roll["reward"] < best - self.cfg.max_reward_drop:
+            return "reward_collapse"
         return None
 
     def _evaluate(self, log: list[dict[str, Any]]) -> str | None:
@@ -353,6 +354,8 @@ class Ppo:
                     reason = "non_finite"
                     break
                 self.iteration += 1
+                best = self.tracker.get("best_reward")
+                self.tracker["best_reward"] = roll["reward"] if best is None else max(best, roll["reward"])
                 log.log({"step": self.iteration, "reward": roll["reward"],
                          "reward_whitened": roll["reward_whitened"], "kl": roll["kl"],
                          "response_length": roll["length"], **stats, "lr": self.opt_policy.param_groups[0]["lr"]})

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from components.core import dist, launch, runs, storage
+from components.core.errors import ConfigError
 from components.core.combined_reward import choose, logit
 from components.core.report import Section, Table, line_png, write_report
 from components.core.scorer import Scorer, probability
@@ -66,9 +67,13 @@ def combined_reward(helpful: Scorer, safe: Scorer, eos_id: int, threshold: float
 def load_reward(section: Any, tok: Tokenizer, tok_url: str, env: dist.Env, batch_size: int) -> RewardFn:
     """Collective: the combined reward of the section's two reward models (`reward_helpfulness`, `reward_safety`),
     sharded like the section's training."""
-    helpful = Scorer.load(section.reward_helpfulness, tokenizer=tok_url, train_cfg=section, env=env,
-                          batch_size=batch_size)
-    safe = Scorer.load(section.reward_safety, tokenizer=tok_url, train_cfg=section, env=env, batch_size=batch_size)
+    name = section._key() if hasattr(section, "_key") else "ppo"
+    for key in ("reward_helpfulness", "reward_safety"):
+        if not section[key]:
+            raise ConfigError(f"{name}.{key} is empty: give the URL of a reward stage's output (run with "
+                              f"pipeline.stages.reward=true, or `kubellama reward reward={key.split('_')[1]}`)")
+    helpful, safe = (Scorer.load(section[key], tokenizer=tok_url, train_cfg=section, env=env, batch_size=batch_size,
+                                 frozen=section.frozen) for key in ("reward_helpfulness", "reward_safety"))
     return combined_reward(helpful, safe, tok.eos_id, section.combined.safety_threshold, section.combined.eps)
 
 

@@ -42,10 +42,15 @@ class PpoConfig(TrainConfig):
     # rollout phase and frees them after; "copy" keeps that unsharded copy between phases, refreshed after each
     # update. Neither generates through per-layer FSDP all-gathers (the paper's 20x).
     rollout: str = "gathered"
+    # How the frozen models (reference, both reward models) are held: "bf16" shards (half of fp32 masters),
+    # "offload" (bf16 shards in CPU memory between forwards, on GPU), or "fp32". Under fp32 compute they stay fp32.
+    frozen: str = "bf16"
     # Guards. Stop when the mean per-sequence KL to the reference exceeds kl_max (nats).
     kl_max: float = 20.0
     # Reward hacking: stop when the mean response length falls below this fraction of the first iteration's.
     min_length_ratio: float = 0.2
+    # Reward collapse: stop when the mean reward (logit R_c) falls this far below the best iteration's.
+    max_reward_drop: float = 4.0
     # Early stopping on held-out prompts (greedy answers, unwhitened reward): evaluate every eval_every
     # iterations; stop after `patience` evaluations without a new best (0: never).
     heldout_prompts: int = 64

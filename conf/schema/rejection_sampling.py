@@ -25,6 +25,9 @@ class RejectionSamplingConfig(SftTrainConfig):
     reward_safety: str = ""
     # Scoring batch.
     score_batch: int = 16
+    # How the two reward models are held: "bf16" shards, "offload" (bf16, CPU memory between forwards) or "fp32"
+    # (see ppo.frozen).
+    frozen: str = "bf16"
     combined: CombinedRewardConfig = field(default_factory=CombinedRewardConfig)
 
 
