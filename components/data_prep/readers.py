@@ -15,6 +15,7 @@ end whether the error rate is acceptable.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import posixpath
@@ -174,7 +175,9 @@ def read_positioned(url: str, errors: ErrorLog, fmt: str = "auto", text_field: s
 def _lines(url: str, errors: ErrorLog, start: int = 0, end: int | None = None) -> Iterator[tuple[str, str, int]]:
     """(line, where, byte offset) of the lines starting in [start, end); `where` is file:line from the file's start,
     file:byte N inside it (counting lines would mean reading everything before)."""
-    with storage.open_file(url, "rb", compression="infer") as raw:
+    with storage.open_file(url, "rb", compression="infer") as f:
+        # zstandard's reader has no readline: buffer it (gzip's and bz2's have one).
+        raw = f if isinstance(f, io.IOBase) else io.BufferedReader(f)
         pos = 0
         if start > 0:
             raw.seek(start - 1)
