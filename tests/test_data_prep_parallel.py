@@ -23,7 +23,7 @@ from components.data_prep.clean import NEAR, band_keys, components, uniq
 from components.data_prep.parallel import worker_count
 from components.data_prep.readers import ErrorLog, read_positioned
 from pipelines import run as pipeline_run
-from tests.test_data_prep import doc, overrides, sources, write_jsonl
+from test_data_prep import doc, overrides, sources, write_jsonl
 
 PERM, BANDS = 128, 16
 
