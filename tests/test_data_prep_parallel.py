@@ -250,7 +250,7 @@ def run_text(overrides: list[str]) -> str:
 
 
 def test_kfp_local_fan_out_writes_what_one_process_writes(tmp_path, capsys) -> None:
-    from tests.test_pipeline_local import TINY, corpus as make_corpus, outputs
+    from test_pipeline_local import TINY, corpus as make_corpus, outputs
 
     src = make_corpus(str(tmp_path / "corpus.jsonl"), docs=120)
     common = [f"data.sources=[{{name:t,path:'{src}'}}]", *TINY, "data.split_bytes=10000"]
