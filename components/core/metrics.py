@@ -30,13 +30,13 @@ PEAK_BF16: list[tuple[str, float]] = [
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16,
-               shapes: Sequence[tuple[int, int, int]] = ((1024, 1024, 1024),)) -> float | None:
+               shapes: Sequence[tuple[int, int, int]] = ((1024, 1024, 1024),), remeasure: bool = False) -> float | None:
     """The FLOP/s that MFU divides by, or None (unknown GPU: MFU is then reported as not applicable).
 
     GPU: the data-sheet bf16 peak. CPU: no data sheet says what a (shared, throttled, virtualised) host gives, so the
     matmul rate in the compute dtype is measured at the model's `shapes` (once per process, well under a second)."""
     if device.type == "cpu":
-        return gemm_peak(shapes, dtype)
+        return gemm_peak(shapes, dtype, remeasure)
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)

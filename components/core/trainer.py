@@ -274,11 +274,16 @@ class Trainer:
         # A row of seq_len tokens trains seq_len - 1 positions (inputs row[:-1]): throughput and MFU count those.
         self.context = self.data.seq_len - 1
         self.flops = flops_per_token(self.model_cfg, self.context)
-        self.peak = peak_flops(env.device, compute_dtype(cfg.mixed_precision, env.device),
-                               model_gemm_shapes(self.model_cfg, min(cfg.micro_batch * self.context, 512), head=False))
+        self.peak = self._peak()
         self.last_ckpt: str | None = None
         self._pending: checkpoint.Pending | None = None
         self._stop_requested = False
+
+    def _peak(self, remeasure: bool = False) -> float | None:
+        """The FLOP/s MFU divides by (measured on CPU at the model's matmul shapes)."""
+        return peak_flops(self.env.device, compute_dtype(self.cfg.mixed_precision, self.env.device),
+                          model_gemm_shapes(self.model_cfg, min(self.cfg.micro_batch * self.context, 512), head=False),
+                          remeasure)
 
     # --- checkpoints -------------------------------------------------------------------------------------------
 
@@ -434,6 +439,8 @@ class Trainer:
                 if self.step % max(1, cfg.log_every) == 0 or self.step in (start_step + 1, cfg.max_steps):
                     rate = meter.take()
                     per_rank = rate / env.world_size
+                    if self.peak and per_rank * self.flops > self.peak and env.device.type == "cpu":
+                        self.peak = self._peak(remeasure=True)  # measured while the host was busy
                     log.log({
                         "step": self.step, "loss": r.loss, "lr": self.scheduler.get_last_lr()[0],
                         "grad_norm": r.grad_norm, "tokens_per_s": rate, "tokens_per_s_per_rank": per_rank,
