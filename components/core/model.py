@@ -225,7 +225,8 @@ class Llama(nn.Module):
                 p.normal_(0.0, std, generator=generator)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                segments: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+                segments: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                last: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for `tokens` (B, T).
 
         positions: (B, T) RoPE positions; default 0..T-1 (or continuing the cache).
@@ -233,6 +234,8 @@ class Llama(nn.Module):
         segments: (B, T) example ids of packed sequences; attention stays inside each example.
         targets: (B, T) the next token at each position (IGNORE: none); the summed cross-entropy is returned
             instead of the logits, through the fused head and loss (`LinearCrossEntropy`).
+        last: only the last position's logits (B, 1, vocab), all a prefill samples from: the head over the whole
+            prompt would cost T times as much.
         """
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
@@ -255,6 +258,8 @@ class Llama(nn.Module):
             h = layer(h, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length = start + T
+        if last:
+            h = h[:, -1:]
         h = self.norm(h)
         if targets is not None:
             return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())
