@@ -56,6 +56,41 @@ def uniforms(seeds: Sequence[int], steps: int, device: torch.device) -> torch.Te
     return (((bits >> 8) + 1).float() * 2.0 ** -24).to(device)
 
 
+# Probabilities in fixed point for the nucleus search and the CDF: integer sums are exact in any order, so every
+# device (CUDA's scatter-add sums in any order), batch and kernel agrees on them. 2**36 keeps a CDF times a 24-bit
+# uniform below 2**63; a token below 2**-36 (1.5e-11) is never drawn.
+FIXED_BITS, U_BITS = 36, 24
+# Digits of the nucleus search (`nucleus_floor`): the 31 bits of a non-negative fp32, high to low.
+DIGITS = ((20, 11), (10, 10), (0, 10))
+
+
+def nucleus_floor(probs: torch.Tensor, mass: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Per row of `probs` (B, V) fp32 with `mass` their fixed-point values (int64), the smallest probability in the
+    top-p nucleus: the smallest prefix of the probabilities sorted high to low whose mass reaches top_p of the row's
+    (ties at its edge all kept). (B, 1).
+
+    A radix select, not a sort: a non-negative float's bits order like its value, so the floor is found a digit at a
+    time, high to low, from the mass per digit value of the probabilities that share the digits found so far: three
+    scatter-adds over the vocabulary instead of a full sort, the most expensive step of sampling.
+    """
+    bits = probs.view(torch.int32).long()
+    B, device = probs.shape[0], probs.device
+    need = (mass.sum(-1, keepdim=True).double() * top_p).ceil().long()
+    prefix = torch.zeros(B, 1, dtype=torch.long, device=device)
+    above = torch.zeros(B, 1, dtype=torch.long, device=device)  # mass certainly in the nucleus
+    for shift, width in DIGITS:
+        n = 1 << width
+        # Slot 0: below the prefix; 1..n: the digit's values; n + 1: above the prefix (counted in `above`).
+        slot = ((bits >> shift) - (prefix << width)).clamp_(-1, n).add_(1)
+        per = torch.zeros(B, n + 2, dtype=torch.long, device=device).scatter_add_(1, slot, mass)[:, 1:n + 1]
+        # Mass from each digit value up: the floor's digit is the highest whose tail reaches what is needed.
+        tail = per.flip(-1).cumsum(-1).flip(-1) + above
+        digit = ((tail >= need).sum(-1, keepdim=True) - 1).clamp_(min=0)
+        above = torch.where(digit < n - 1, tail.gather(1, (digit + 1).clamp_(max=n - 1)), above)
+        prefix = (prefix << width) | digit
+    return prefix.int().view(torch.float32)
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float,
            u: torch.Tensor | torch.Generator | None = None) -> torch.Tensor:
     """Next token per row of `logits` (B, vocab): argmax at temperature 0, else inverse-CDF sampling of
@@ -65,20 +100,15 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float,
         return logits.argmax(-1)
     if not isinstance(u, torch.Tensor):
         u = 1.0 - torch.rand(logits.shape[0], generator=u, device=logits.device if u is None else u.device)
-    u = u.to(logits.device)[:, None]
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    # The first index whose CDF reaches u * mass, with 0 < u * mass <= mass: always a token of positive
-    # probability inside the mass sampled from (a zero-probability token is a flat step the search skips).
-    if top_p >= 1.0:
-        cdf = probs.cumsum(-1)
-        return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1)
-    # Stable: tied probabilities keep vocabulary order, so the CDF a row sees does not depend on the sort kernel.
-    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
-    cdf = sorted_p.cumsum(-1)
-    # The nucleus: the smallest prefix whose mass reaches top_p (the first token always).
-    kept = ((cdf - sorted_p) < top_p).sum(-1, keepdim=True)
-    pick = torch.searchsorted(cdf, u * cdf.gather(-1, kept - 1))
-    return order.gather(-1, pick).squeeze(-1)
+    mass = (probs * 2.0 ** FIXED_BITS).long()
+    if top_p < 1.0:
+        mass = mass * (probs >= nucleus_floor(probs, mass, top_p))
+    cdf = mass.cumsum(-1)
+    # The first index whose CDF reaches ceil(u * total), in 1..total: always a token of positive mass (a token
+    # outside the nucleus is a flat step of the CDF the search skips).
+    scaled = (u.to(cdf.device)[:, None] * 2.0 ** U_BITS).long().clamp_(1, 1 << U_BITS)
+    return torch.searchsorted(cdf, (scaled * cdf[:, -1:] + (1 << U_BITS) - 1) >> U_BITS).squeeze(-1)
 
 
 def _distributed() -> bool:
@@ -172,7 +202,9 @@ def generate(model: Llama, prompts: list[list[int]], max_new_tokens: int, temper
         valid[i, L - len(p):] = True
     tokens, valid = tokens.to(device), valid.to(device)
     positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
-    cache = KVCache.empty(model.cfg, B, L + steps, device, dtype)
+    # On CPU the cache is fp32 whatever the weights: its attention products are small and bandwidth-light, and
+    # CPU SDPA runs them several times faster in fp32 than in bf16.
+    cache = KVCache.empty(model.cfg, B, L + steps, device, torch.float32 if device.type == "cpu" else dtype)
     cache.valid[:, :L] = valid
     u = uniforms(rows, max_new_tokens, device) if temperature > 0 else None
     logits = model(tokens, positions=positions, cache=cache, last=True)[:, -1]

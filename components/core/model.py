@@ -158,6 +158,12 @@ class Attention(nn.Module):
             cache.k[layer, :, :, start:start + T] = k
             cache.v[layer, :, :, start:start + T] = v
             k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+            q = q.to(k.dtype)  # the cache may be wider than the weights (fp32 on CPU: generate.py)
+            if T == 1:
+                # Decoding: the query heads that share a KV head become that head's query rows (transformers'
+                # trick), so SDPA runs one small product per KV head with no GQA expansion. `mask` is (B, 1, 1, S).
+                out = F.scaled_dot_product_attention(q.view(B, self.n_kv, -1, self.head_dim), k, v, attn_mask=mask)
+                return self.o_proj(out.reshape(B, 1, -1).to(x.dtype))
         # Grouped-query attention inside SDPA: each KV head serves n_heads / n_kv query heads without copying K and V
         # n_heads / n_kv times (and summing their gradients back in backward).
         gqa = self.n_kv != self.n_heads
@@ -167,7 +173,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
 
 
 class FeedForward(nn.Module):
@@ -243,7 +249,10 @@ class Llama(nn.Module):
             # One row that broadcasts over the batch: RoPE tables are then computed once, not B times.
             positions = torch.arange(start, start + T, device=tokens.device)[None]
         mask = None
-        if cache is not None:
+        if cache is not None and T == 1:
+            # One new token per row sees every real token so far (itself included).
+            mask = cache.valid[:, None, None, :start + 1]
+        elif cache is not None:
             q_pos = torch.arange(start, start + T, device=tokens.device)
             k_pos = torch.arange(start + T, device=tokens.device)
             causal = k_pos[None, :] <= q_pos[:, None]
