@@ -10,7 +10,7 @@ AVX512-BF16): ours from the bf16 copy PPO's rollouts generate from (`consolidate
 to that dtype. Neither is compiled.
 
 Each side runs in its own child process, and rounds alternate, so load from other processes hits every side alike;
-tokens/s is taken from the median call over all rounds.
+tokens/s is taken from the median call over all rounds. OpenMP threads wait passively on both sides (see main).
 
 With `--fsdp N` the comparison is our rollout path under a real N-rank FSDP2 policy (gloo on CPU, NCCL on GPUs),
 against the same unsharded model generating the whole batch in one process. Each rank generates its share of the
@@ -224,6 +224,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(SIDES[args.child](p)))
         return
+    # On a shared CPU box an OpenMP thread that spins waiting for a core another job holds stalls every small op
+    # of the step; sleeping instead keeps both sides' figures stable (set OMP_WAIT_POLICY to override).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sides = ["ours", "gathered", "copy"] if args.fsdp > 1 else ["ours", "hf"]
     load = os.getloadavg()[0]
     runs: dict[str, list[dict]] = {s: [] for s in sides}

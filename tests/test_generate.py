@@ -154,3 +154,17 @@ def test_top_p_never_leaves_the_nucleus_and_renormalises_inside_it():
     tok = sample(rows, 1.0, 0.5, u)
     above = (probs > probs.gather(-1, tok[:, None])).float() * probs
     assert (above.sum(-1) < 0.5).all()
+
+
+def test_fused_projections_give_the_same_logits_and_follow_load_state_dict():
+    model, fused = tiny(), tiny().fuse_projections()
+    x = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(fused(x), model(x), atol=1e-5)
+    assert fused.state_dict().keys() == model.state_dict().keys()
+    torch.manual_seed(1)
+    other = Llama(model.cfg).eval()
+    fused.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(fused(x), other(x), atol=1e-5)
+    assert generate(fused, [[1, 5, 9]], 6, eos_id=None) == generate(other, [[1, 5, 9]], 6, eos_id=None)

@@ -144,15 +144,24 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        # q, k and v weights as rows of one tensor (`Llama.fuse_projections`), or None.
+        self.qkv: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: attention.Mask | None,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         # RoPE on the (B, T, heads, head_dim) layout the projections produce (contiguous), then heads first for SDPA.
         cos, sin = cos[:, :, None], sin[:, :, None]
-        q = Rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = Rotary.apply(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv is not None:
+            # One product for q, k and v, and one rotation for the q and k heads together.
+            qkv = F.linear(x, self.qkv).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+            qk = Rotary.apply(qkv[:, :, :self.n_heads + self.n_kv], cos, sin)
+            q, k = qk[:, :, :self.n_heads].transpose(1, 2), qk[:, :, self.n_heads:].transpose(1, 2)
+            v = qkv[:, :, self.n_heads + self.n_kv:].transpose(1, 2)
+        else:
+            q = Rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+            k = Rotary.apply(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin).transpose(1, 2)
+            v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             start = cache.length
             cache.k[layer, :, :, start:start + T] = k
@@ -182,8 +191,13 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        # gate and up weights as rows of one tensor (`Llama.fuse_projections`), or None.
+        self.gate_up: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -229,6 +243,22 @@ class Llama(nn.Module):
                 p.normal_(0.0, out_std, generator=generator)
             else:
                 p.normal_(0.0, std, generator=generator)
+
+    @torch.no_grad()
+    def fuse_projections(self) -> "Llama":
+        """For inference: the q, k, v weights of each block become views into one tensor, and so do gate and up,
+        so each group is one matrix product (decoding on CPU spends much of each small product on fixed costs).
+        No memory is added, parameter names and `state_dict` are unchanged, and `load_state_dict` copies into the
+        views, so the fused tensors follow. Not for training or FSDP (parameters that are views)."""
+        for block in self.layers:
+            for owner, names, attr in ((block.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv"),
+                                       (block.mlp, ("gate_proj", "up_proj"), "gate_up")):
+                linears = [getattr(owner, n) for n in names]
+                fused = torch.cat([m.weight for m in linears])
+                for m, w in zip(linears, fused.split([m.weight.shape[0] for m in linears])):
+                    m.weight = nn.Parameter(w, requires_grad=False)
+                setattr(owner, attr, fused)
+        return self
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
                 segments: torch.Tensor | None = None, targets: torch.Tensor | None = None,

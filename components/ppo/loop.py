@@ -424,13 +424,14 @@ def consolidated(model: nn.Module, model_cfg: ModelConfig, mixed_precision: str,
                  into: Llama | None = None) -> Llama:
     """Collective: the weights of FSDP-sharded `model` in an unsharded Llama (`into`, or a new one) for generation:
     one consolidation (an all-gather of every parameter at once) per rollout phase instead of per-layer gathers at
-    every decoding step, the paper's 20x. bf16 when training runs mixed precision."""
+    every decoding step, the paper's 20x. bf16 when training runs mixed precision; projections fused for decoding
+    (`Llama.fuse_projections`)."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     if into is None:
         with torch.device("meta"):
             into = Llama(model_cfg)
         dtype = torch.float32 if mp_policy(mixed_precision, device) is None else torch.bfloat16
-        into = into.to_empty(device=device).to(dtype).eval()
+        into = into.to_empty(device=device).to(dtype).eval().fuse_projections()
     into.load_state_dict(sd)
     return into
 
