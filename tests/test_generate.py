@@ -14,6 +14,7 @@ from components.core.errors import KubellamaError
 from components.core.generate import generate, sample, uniforms
 from components.core.model import Llama
 from components.core.trainer import shard
+from components.ppo.loop import consolidated
 from test_trainer_support import _entry, model_cfg, train_cfg
 
 MAX_NEW = 8
@@ -42,6 +43,9 @@ def ranked(env: dist.Env, eos: int, dump: str) -> None:
         generate(model, too_long, MAX_NEW)
     except KubellamaError as exc:
         result["refused"] = str(exc)
+    # The rollout's consolidation (group by group, through activation checkpointing's wrappers): the full weights.
+    wrapped = shard(tiny(), train_cfg(activation_checkpointing="full", ac_every=1), env)
+    result["consolidated"] = consolidated(wrapped, model_cfg(), "fp32", env.device).state_dict()
     torch.save(result, f"{dump}.{env.rank}")
 
 
@@ -77,6 +81,9 @@ def test_ranks_finishing_at_different_steps_all_complete_and_match_one_process(t
     assert got[0]["long"] == [free[0][0][:2]]
     assert all(len(o) == MAX_NEW for o in got[1]["long"])
     assert "max_seq_len=17" in got[1]["refused"] and "another rank" in got[0]["refused"]
+    for r in PROMPTS:
+        assert got[r]["consolidated"].keys() == ref.state_dict().keys()
+        assert all(torch.equal(v, ref.state_dict()[k]) for k, v in got[r]["consolidated"].items())
 
 
 def test_length_past_max_seq_len_is_refused_in_one_line():
