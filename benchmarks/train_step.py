@@ -199,10 +199,10 @@ def peak(p: dict) -> dict:
 SIDES = {"peak": peak, "ours": ours, "hf": hf}
 
 
-def child(side: str, flags: list[str]) -> dict | None:
-    """One side's run in a fresh process; None (its error printed) when it failed, so the other sides still report
-    (a device run is too scarce to lose to one side's failure)."""
-    out = subprocess.run([sys.executable, __file__, "--child", side, *flags], cwd=ROOT,
+def child(side: str, flags: list[str], script: str = __file__) -> dict | None:
+    """One side's run of `script` in a fresh process; None (its error printed) when it failed, so the other sides
+    still report (a device run is too scarce to lose to one side's failure)."""
+    out = subprocess.run([sys.executable, script, "--child", side, *flags], cwd=ROOT,
                          capture_output=True, text=True)
     if out.returncode:
         print(f"{side} failed:\n{out.stderr[-3000:]}", file=sys.stderr, flush=True)

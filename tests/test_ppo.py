@@ -111,6 +111,26 @@ def test_tiny_ppo_learns_known_token_with_bounded_kl(tmp_path):
     assert report_keys <= set(s)
 
 
+def test_rollouts_sample_the_same_answers_on_one_rank_and_on_two(tmp_path):
+    from dataclasses import replace
+
+    from ppo_tiny import make, ppo_cfg
+
+    torch.set_num_threads(1)
+    ppo = make(str(tmp_path), ppo_cfg(temperature=1.0, top_p=0.9))
+    one = ppo.env
+    whole = ppo.sample(1)
+    # Each of two ranks samples its round-robin share, batched differently: together they are the one-rank batch.
+    shares = []
+    for rank in range(2):
+        ppo.env = replace(one, rank=rank, world_size=2)
+        shares.append(ppo.sample(1))
+    ppo.env = one
+    assert [p.ids for p in whole[0]] == [p.ids for i in range(8) for p in (shares[0][0][i], shares[1][0][i])]
+    assert whole[1] == [r for i in range(8) for r in (shares[0][1][i], shares[1][1][i])]
+    assert len(set(map(tuple, whole[1]))) > 1
+
+
 def test_kl_guard_stops_before_the_update(tmp_path):
     from ppo_tiny import make, ppo_cfg
 

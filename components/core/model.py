@@ -144,20 +144,35 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, self.n_kv * self.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=False)
+        # q, k and v weights as rows of one tensor (`Llama.fuse_projections`), or None.
+        self.qkv: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: attention.Mask | None,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, _ = x.shape
         # RoPE on the (B, T, heads, head_dim) layout the projections produce (contiguous), then heads first for SDPA.
         cos, sin = cos[:, :, None], sin[:, :, None]
-        q = Rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = Rotary.apply(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qkv is not None:
+            # One product for q, k and v, and one rotation for the q and k heads together.
+            qkv = F.linear(x, self.qkv).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+            qk = Rotary.apply(qkv[:, :, :self.n_heads + self.n_kv], cos, sin)
+            q, k = qk[:, :, :self.n_heads].transpose(1, 2), qk[:, :, self.n_heads:].transpose(1, 2)
+            v = qkv[:, :, self.n_heads + self.n_kv:].transpose(1, 2)
+        else:
+            q = Rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+            k = Rotary.apply(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin).transpose(1, 2)
+            v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             start = cache.length
             cache.k[layer, :, :, start:start + T] = k
             cache.v[layer, :, :, start:start + T] = v
             k, v = cache.k[layer, :, :, :start + T], cache.v[layer, :, :, :start + T]
+            q = q.to(k.dtype)  # the cache may be wider than the weights (fp32 on CPU: generate.py)
+            if T == 1:
+                # Decoding: the query heads that share a KV head become that head's query rows (transformers'
+                # trick), so SDPA runs one small product per KV head with no GQA expansion. `mask` is (B, 1, 1, S).
+                out = F.scaled_dot_product_attention(q.view(B, self.n_kv, -1, self.head_dim), k, v, attn_mask=mask)
+                return self.o_proj(out.reshape(B, 1, -1).to(x.dtype))
         # Grouped-query attention inside SDPA: each KV head serves n_heads / n_kv query heads without copying K and V
         # n_heads / n_kv times (and summing their gradients back in backward).
         gqa = self.n_kv != self.n_heads
@@ -167,7 +182,7 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1).to(x.dtype))
 
 
 class FeedForward(nn.Module):
@@ -176,8 +191,13 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+        # gate and up weights as rows of one tensor (`Llama.fuse_projections`), or None.
+        self.gate_up: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -224,8 +244,25 @@ class Llama(nn.Module):
             else:
                 p.normal_(0.0, std, generator=generator)
 
+    @torch.no_grad()
+    def fuse_projections(self) -> "Llama":
+        """For inference: the q, k, v weights of each block become views into one tensor, and so do gate and up,
+        so each group is one matrix product (decoding on CPU spends much of each small product on fixed costs).
+        No memory is added, parameter names and `state_dict` are unchanged, and `load_state_dict` copies into the
+        views, so the fused tensors follow. Not for training or FSDP (parameters that are views)."""
+        for block in self.layers:
+            for owner, names, attr in ((block.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv"),
+                                       (block.mlp, ("gate_proj", "up_proj"), "gate_up")):
+                linears = [getattr(owner, n) for n in names]
+                fused = torch.cat([m.weight for m in linears])
+                for m, w in zip(linears, fused.split([m.weight.shape[0] for m in linears])):
+                    m.weight = nn.Parameter(w, requires_grad=False)
+                setattr(owner, attr, fused)
+        return self
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None,
-                segments: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+                segments: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                last: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) for `tokens` (B, T).
 
         positions: (B, T) RoPE positions; default 0..T-1 (or continuing the cache).
@@ -233,6 +270,8 @@ class Llama(nn.Module):
         segments: (B, T) example ids of packed sequences; attention stays inside each example.
         targets: (B, T) the next token at each position (IGNORE: none); the summed cross-entropy is returned
             instead of the logits, through the fused head and loss (`LinearCrossEntropy`).
+        last: only the last position's logits (B, 1, vocab), all a prefill samples from: the head over the whole
+            prompt would cost T times as much.
         """
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
@@ -240,7 +279,10 @@ class Llama(nn.Module):
             # One row that broadcasts over the batch: RoPE tables are then computed once, not B times.
             positions = torch.arange(start, start + T, device=tokens.device)[None]
         mask = None
-        if cache is not None:
+        if cache is not None and T == 1:
+            # One new token per row sees every real token so far (itself included).
+            mask = cache.valid[:, None, None, :start + 1]
+        elif cache is not None:
             q_pos = torch.arange(start, start + T, device=tokens.device)
             k_pos = torch.arange(start + T, device=tokens.device)
             causal = k_pos[None, :] <= q_pos[:, None]
@@ -255,6 +297,8 @@ class Llama(nn.Module):
             h = layer(h, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length = start + T
+        if last:
+            h = h[:, -1:]
         h = self.norm(h)
         if targets is not None:
             return linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten())

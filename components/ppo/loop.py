@@ -8,13 +8,15 @@ function (the stage passes the two RMs through the combined reward).
 
 One iteration: rollout (sample a batch of prompts, generate on consolidated weights, score), then one pass of
 minibatches with one gradient step each. Guards on the rollout's statistics run before its update, so a stop
-leaves the weights of the last good iteration. Everything random is a function of (seed, iteration, rank), and a
-checkpoint holds policy, value, both optimizers, the whitening statistics, the held-out tracker and the prompt
+leaves the weights of the last good iteration. Everything random is a function of (seed, iteration, rank), except
+sampling, seeded per prompt by (seed, iteration, the prompt's slot in the batch) so that any number of ranks samples
+the same answers; a checkpoint holds policy, value, both optimizers, the whitening statistics, the held-out tracker and the prompt
 position: a resumed run takes exactly the steps an uninterrupted one takes.
 """
 from __future__ import annotations
 
 import math
+import re
 import signal
 import sys
 import time
@@ -24,12 +26,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
 from components.core import checkpoint, dist, runs, storage
 from components.core.combined_reward import Whitener
 from components.core.errors import ConfigError, KubellamaError
+from components.core.generate import derive_seed, generate
 from components.core.metrics import MetricsLog
 from components.core.model import Llama
 from components.core.scorer import PAD, RewardModel
@@ -84,7 +89,7 @@ def token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _rng(seed: int, *salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, *salt]).generate_state(1)[0]))
+    return torch.Generator().manual_seed(derive_seed(seed, *salt))
 
 
 @dataclass
@@ -184,15 +189,21 @@ class Ppo:
         self.gen = consolidated(self.policy, self.model_cfg, self.cfg.mixed_precision, self.env.device, self.gen)
         return self.gen
 
+    def batch_slots(self, iteration: int) -> list[int]:
+        """The run-wide slots (k-th prompt drawn) of this rank's share of `iteration`'s batch, dealt round-robin."""
+        per = self.cfg.prompts_per_batch
+        return list(range(iteration * per, (iteration + 1) * per))[self.env.rank::self.env.world_size]
+
     def batch_prompts(self, iteration: int) -> list[Prompt]:
-        """This rank's prompts of `iteration`: a seeded order per pass over the prompts, dealt round-robin."""
-        n, per = len(self.prompts), self.cfg.prompts_per_batch
+        """This rank's prompts of `iteration`: a seeded order per pass over the prompts."""
+        n, orders = len(self.prompts), {}
         out = []
-        for k in range(iteration * per, (iteration + 1) * per):
+        for k in self.batch_slots(iteration):
             epoch, pos = divmod(k, n)
-            order = torch.randperm(n, generator=_rng(self.seed, 1, epoch))
-            out.append(self.prompts[int(order[pos])])
-        return out[self.env.rank::self.env.world_size]
+            if epoch not in orders:
+                orders[epoch] = torch.randperm(n, generator=_rng(self.seed, 1, epoch))
+            out.append(self.prompts[int(orders[epoch][pos])])
+        return out
 
     @torch.no_grad()
     def _forward_all(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -205,13 +216,19 @@ class Ppo:
             out[2].append(self.value(t)[:, :-1])
         return tuple(torch.cat(x) for x in out)  # type: ignore[return-value]
 
-    def rollout(self, iteration: int) -> dict[str, Any]:
-        cfg, env = self.cfg, self.env
+    def sample(self, iteration: int) -> tuple[list[Prompt], list[list[int]]]:
+        """Collective: this rank's prompts of `iteration` and the policy's sampled answers to them."""
         batch = self.batch_prompts(iteration)
         gen = self.generator_model()
-        responses = _generate(gen, [p.ids for p in batch], cfg, self.eos_id, (self.seed, 2, iteration, env.rank))
-        if cfg.rollout == "gathered":
+        seeds = [derive_seed(self.seed, 2, iteration, k) for k in self.batch_slots(iteration)]
+        responses = _generate(gen, [p.ids for p in batch], self.cfg, self.eos_id, seeds)
+        if self.cfg.rollout == "gathered":
             self.gen = None  # free the consolidated copy until the next rollout
+        return batch, responses
+
+    def rollout(self, iteration: int) -> dict[str, Any]:
+        cfg, env = self.cfg, self.env
+        batch, responses = self.sample(iteration)
         raw = self.reward_fn([p.ids for p in batch], responses, [p.safety for p in batch]).double()
         score = self.whitener(raw).float().to(env.device)
         tokens, mask = batch_tensors([p.ids for p in batch], responses, env.device)
@@ -274,12 +291,14 @@ class Ppo:
 
     def heldout_reward(self) -> float | None:
         """Mean unwhitened reward of greedy answers to this rank's share of the held-out prompts (all ranks)."""
-        mine = self.heldout[self.env.rank::self.env.world_size]
+        index = list(range(len(self.heldout)))[self.env.rank::self.env.world_size]
+        mine = [self.heldout[i] for i in index]
         if not self.heldout:
             return None
         gen = self.generator_model()
         ids = [p.ids for p in mine] or [self.heldout[0].ids]
-        responses = _generate(gen, ids, self.cfg, self.eos_id, (self.seed, 4), temperature=0.0)
+        seeds = [derive_seed(self.seed, 4, self.iteration, i) for i in index or [0]]
+        responses = _generate(gen, ids, self.cfg, self.eos_id, seeds, temperature=0.0)
         if self.cfg.rollout == "gathered":
             self.gen = None
         raw = self.reward_fn(ids, responses, [p.safety for p in mine] or [False]).double()
@@ -410,24 +429,40 @@ class Ppo:
 def consolidated(model: nn.Module, model_cfg: ModelConfig, mixed_precision: str, device: torch.device,
                  into: Llama | None = None) -> Llama:
     """Collective: the weights of FSDP-sharded `model` in an unsharded Llama (`into`, or a new one) for generation:
-    one consolidation (an all-gather of every parameter at once) per rollout phase instead of per-layer gathers at
-    every decoding step, the paper's 20x. bf16 when training runs mixed precision."""
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    one consolidation per rollout phase instead of per-layer gathers at every decoding step, the paper's 20x.
+    bf16 when training runs mixed precision; projections fused for decoding (`Llama.fuse_projections`).
+
+    FSDP's own unshard, group by group (one all-gather each, in the compute dtype, one block's worth of memory at a
+    time), copied into place: a full state dict would gather fp32 tensors one parameter at a time."""
     if into is None:
         with torch.device("meta"):
             into = Llama(model_cfg)
         dtype = torch.float32 if mp_policy(mixed_precision, device) is None else torch.bfloat16
-        into = into.to_empty(device=device).to(dtype).eval()
-    into.load_state_dict(sd)
+        into = into.to_empty(device=device).to(dtype).eval().fuse_projections()
+    groups = [(name, m) for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+    if not groups:
+        into.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
+        return into
+    target = dict(into.named_parameters())
+    with torch.no_grad():
+        for prefix, group in groups:
+            group.unshard()
+            for name, p in group.named_parameters(prefix=prefix):
+                if not isinstance(p, DTensor):  # a DTensor is a nested group's shard: copied with its group
+                    target[_WRAPPERS.sub("", name)].copy_(p)
+            group.reshard()
     return into
 
 
-def _generate(model: Llama, prompts: list[list[int]], cfg: PpoConfig, eos_id: int, salt: tuple[int, ...],
-              temperature: float | None = None) -> list[list[int]]:
-    from components.core.generate import generate
+# Module names activation checkpointing and torch.compile insert (not in the Llama's own parameter names).
+_WRAPPERS = re.compile(r"(_checkpoint_wrapped_module|_orig_mod)\.")
 
-    seed = int(np.random.SeedSequence(list(salt)).generate_state(1)[0])
+
+def _generate(model: Llama, prompts: list[list[int]], cfg: PpoConfig, eos_id: int, seeds: Sequence[int],
+              temperature: float | None = None) -> list[list[int]]:
+    """Sampled answers at the config's temperature and top-p, one seed per prompt (`derive_seed` of what
+    identifies the prompt in the run, never the rank)."""
     limit = model.cfg.max_seq_len - max(len(p) for p in prompts)
     temperature = cfg.temperature if temperature is None else temperature
     return generate(model, prompts, max(1, min(cfg.max_new_tokens, limit)), temperature=temperature,
-                    top_p=cfg.top_p, eos_id=eos_id, seed=seed)
+                    top_p=cfg.top_p, eos_id=eos_id, seeds=seeds)

@@ -1,8 +1,8 @@
 """Stage `rejection_sampling` (paper §3.2.3): one round of rejection sampling.
 
 1. K answers per training prompt of the preference data from `rejection_sampling.init` (consolidated weights,
-   `temperature` from config), each prompt seeded on its own (seed, round, prompt), so its samples do not depend
-   on how prompts are dealt to ranks.
+   `temperature` from config), each sample seeded on its own (seed, round, prompt, sample), so its samples do not
+   depend on how prompts are dealt to ranks.
 2. Scored with the combined reward of the two reward models (logit R_c: whitening would not change the argmax);
    the best answer per prompt is kept.
 3. The round's best samples join the pool at `rejection_sampling.pool` (one JSONL per round, atomic writes); this
@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from components.core import checkpoint, dist, launch, runs, storage
+from components.core.generate import derive_seed
 from components.core.report import Section, Table, line_png, write_report
 from components.core.tokenizer import Tokenizer
 from components.core.trainer import build_llama, shard
@@ -69,7 +70,9 @@ def sample_round(gen: torch.nn.Module, prompts: list[Prompt], samples: int, cfg:
         i = mine[n] if n < len(mine) else None
         pr = prompts[i if i is not None else 0]
         seqs = [pr.ids] * samples
-        answers = _generate(gen, seqs, cfg, eos_id, (*salt, i if i is not None else 0))
+        # Sample j of prompt i: its own seed, whichever rank draws it and whatever it is batched with.
+        seeds = [derive_seed(*salt, i if i is not None else 0, j) for j in range(samples)]
+        answers = _generate(gen, seqs, cfg, eos_id, seeds)
         scores = reward_fn(seqs, answers, [pr.safety] * samples)
         if i is not None:
             out[i] = {"answers": answers, "rewards": [float(x) for x in scores]}
