@@ -293,8 +293,6 @@ def summary(rep: dict) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     p = parser("data-prep", "Clean the corpus, train the tokenizer, write token shards and datasets.")
     p.add_argument("--workers-as-processes", action="store_true",
                    help="run data.parallelism workers (and packers, reducers) as parallel local processes: the "
@@ -305,4 +303,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(load_config(args.overrides), args.workers_as_processes)
         return 0
 
-    return guarded(go)
+    # Progress to stderr for this call only: a handler left on the root logger would outlive the stream it holds
+    # (the CLI can run in-process, under a caller that swaps sys.stderr).
+    root = logging.getLogger()
+    handler = None
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        level, root.level = root.level, logging.INFO
+    try:
+        return guarded(go)
+    finally:
+        if handler is not None:
+            root.removeHandler(handler)
+            root.setLevel(level)

@@ -96,7 +96,8 @@ def train(cfg: Config) -> dict[str, Any]:
     tok_url = storage.join(p.data, "tokenizer.model")
     tok = Tokenizer(tok_url)
     room = cfg.model.max_seq_len - min(p.max_new_tokens, cfg.model.max_seq_len // 2)
-    train_prompts, digest, dropped = prompts_of(storage.join(p.data, "preference", "train.jsonl"), tok, room)
+    train_prompts, digest, dropped = prompts_of(storage.join(p.data, "preference", "train.jsonl"), tok, room,
+                                                p.prompts)
     heldout, _, _ = prompts_of(storage.join(p.data, "preference", "eval.jsonl"), tok, room, p.heldout_prompts)
     fp = runs.fingerprint(cfg, NAME, PPO_VOLATILE, **{"data.manifest": digest, "data.tokenizer": tok.sha256,
                                                       "init": p.init or None})

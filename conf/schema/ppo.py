@@ -21,6 +21,8 @@ class PpoConfig(TrainConfig):
     # KL penalty to the starting policy: 0.01 for 7B/13B, 0.005 for 34B/70B (§3.2.3).
     beta: float = 0.01
     prompts_per_batch: int = 512
+    # Training prompts: the first N distinct prompts of the preference data (0: all of them).
+    prompts: int = 0
     minibatch: int = 64
     # Rows per forward inside a minibatch (gradients accumulate over them).
     micro_batch: int = 8
