@@ -15,7 +15,6 @@ import yaml
 
 from components.core import runs, storage
 from components.core.config import load_config
-from components.core.errors import KubellamaError
 from components.core.shards import ShardReader
 from components.core.tokenizer import Tokenizer
 from components.data_prep import plan as planning, stage, steps
