@@ -104,7 +104,7 @@ def ours(p: dict) -> dict:
     from components.core.dist import device_for
     from components.core.precision import compute_dtype
     from components.core.trainer import build_llama
-    from components.ppo.loop import consolidated
+    from components.core.trainer import consolidated
 
     device = device_for(0)
     cfg = _model_cfg(p)
@@ -157,7 +157,7 @@ def _rank(rank: int, world: int, init: str, p: dict, mode: str, dump: str) -> No
     import torch
 
     from components.core import dist
-    from components.ppo.loop import consolidated
+    from components.core.trainer import consolidated
     from components.core.trainer import build_llama, shard
     from conf.schema.ppo import PpoConfig
 

@@ -14,7 +14,7 @@ from components.core.errors import KubellamaError
 from components.core.generate import generate, sample, uniforms
 from components.core.model import Llama
 from components.core.trainer import shard
-from components.ppo.loop import consolidated
+from components.core.trainer import consolidated
 from test_trainer_support import _entry, model_cfg, train_cfg
 
 MAX_NEW = 8

@@ -16,7 +16,6 @@ position: a resumed run takes exactly the steps an uninterrupted one takes.
 from __future__ import annotations
 
 import math
-import re
 import signal
 import sys
 import time
@@ -26,8 +25,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
@@ -38,7 +35,7 @@ from components.core.generate import derive_seed, generate
 from components.core.metrics import MetricsLog
 from components.core.model import Llama
 from components.core.scorer import PAD, RewardModel
-from components.core.trainer import build_llama, lr_factor, mp_policy, param_groups, shard, shard_frozen
+from components.core.trainer import build_llama, consolidated, lr_factor, param_groups, shard, shard_frozen
 from components.ppo import algo
 from conf.schema.model import ModelConfig
 from conf.schema.ppo import ROLLOUT, PpoConfig
@@ -426,36 +423,6 @@ class Ppo:
         return {k: v.detach().clone() for k, v in sd.items()} if self.env.lead else {}
 
 
-def consolidated(model: nn.Module, model_cfg: ModelConfig, mixed_precision: str, device: torch.device,
-                 into: Llama | None = None) -> Llama:
-    """Collective: the weights of FSDP-sharded `model` in an unsharded Llama (`into`, or a new one) for generation:
-    one consolidation per rollout phase instead of per-layer gathers at every decoding step, the paper's 20x.
-    bf16 when training runs mixed precision; projections fused for decoding (`Llama.fuse_projections`).
-
-    FSDP's own unshard, group by group (one all-gather each, in the compute dtype, one block's worth of memory at a
-    time), copied into place: a full state dict would gather fp32 tensors one parameter at a time."""
-    if into is None:
-        with torch.device("meta"):
-            into = Llama(model_cfg)
-        dtype = torch.float32 if mp_policy(mixed_precision, device) is None else torch.bfloat16
-        into = into.to_empty(device=device).to(dtype).eval().fuse_projections()
-    groups = [(name, m) for name, m in model.named_modules() if isinstance(m, FSDPModule)]
-    if not groups:
-        into.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
-        return into
-    target = dict(into.named_parameters())
-    with torch.no_grad():
-        for prefix, group in groups:
-            group.unshard()
-            for name, p in group.named_parameters(prefix=prefix):
-                if not isinstance(p, DTensor):  # a DTensor is a nested group's shard: copied with its group
-                    target[_WRAPPERS.sub("", name)].copy_(p)
-            group.reshard()
-    return into
-
-
-# Module names activation checkpointing and torch.compile insert (not in the Llama's own parameter names).
-_WRAPPERS = re.compile(r"(_checkpoint_wrapped_module|_orig_mod)\.")
 
 
 def _generate(model: Llama, prompts: list[list[int]], cfg: PpoConfig, eos_id: int, seeds: Sequence[int],

@@ -26,9 +26,9 @@ from components.core import checkpoint, dist, launch, runs, storage
 from components.core.generate import derive_seed
 from components.core.report import Section, Table, line_png, write_report
 from components.core.tokenizer import Tokenizer
-from components.core.trainer import build_llama, shard
+from components.core.trainer import build_llama, consolidated, shard
 from components.data_prep.chat import SftPacker, encode_dialog, sft_writer
-from components.ppo.loop import Prompt, _generate, consolidated
+from components.ppo.loop import Prompt, _generate
 from components.ppo.stage import load_reward, prompts_of
 from components.sft import body
 from conf.schema import Config
