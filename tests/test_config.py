@@ -85,6 +85,7 @@ def test_ppo_plan_counts_five_models_and_the_rollout():
     assert bf16.rollout_model == pytest.approx(n * 2)
     # 512 prompts over 8 GPUs: 64 rows per rank, K and V of 32 layers x 4096 dims in bf16.
     assert bf16.kv_cache == pytest.approx(2 * 32 * 64 * 1024 * 4096 * 2)
+    assert plan_for("ppo.rollout_batch=8").kv_cache == pytest.approx(bf16.kv_cache / 8)
     copy = plan_for("ppo.rollout=copy")
     assert copy.update_phase == pytest.approx(bf16.update_phase + n * 2)
     out = kubellama("plan", "model=llama2_7b", "plan.seq_len=1024", "ppo.frozen=offload")

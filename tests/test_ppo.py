@@ -131,6 +131,16 @@ def test_rollouts_sample_the_same_answers_on_one_rank_and_on_two(tmp_path):
     assert len(set(map(tuple, whole[1]))) > 1
 
 
+def test_rollouts_in_chunks_sample_the_same_answers(tmp_path):
+    from ppo_tiny import make, ppo_cfg
+
+    torch.set_num_threads(1)
+    whole = make(str(tmp_path / "a"), ppo_cfg()).sample(0)
+    chunked = make(str(tmp_path / "b"), ppo_cfg(rollout_batch=3)).sample(0)  # 16 prompts: 3+3+3+3+3+1
+    assert [p.ids for p in whole[0]] == [p.ids for p in chunked[0]]
+    assert whole[1] == chunked[1] and len(whole[1]) == 16
+
+
 def test_kl_guard_stops_before_the_update(tmp_path):
     from ppo_tiny import make, ppo_cfg
 

@@ -108,6 +108,12 @@ class PpoPlan:
         return max(self.rollout_phase, self.update_phase)
 
 
+def _rows(p: PlanConfig, ppo: "PpoConfig") -> int:  # noqa: F821
+    """Rows a rank generates at once: its share of the iteration's prompts, `ppo.rollout_batch` at a time."""
+    rows = max(ppo.prompts_per_batch // p.world_size, 1)
+    return min(rows, ppo.rollout_batch) if ppo.rollout_batch > 0 else rows
+
+
 def ppo_plan(cfg: ModelConfig, p: PlanConfig, ppo: "PpoConfig") -> PpoPlan:  # noqa: F821
     """Rows of `p.seq_len` tokens (prompt + response); reward and value models have the policy's shape with a
     scalar head instead of the LM head (Llama 2's RMs start from the chat model)."""
@@ -119,7 +125,7 @@ def ppo_plan(cfg: ModelConfig, p: PlanConfig, ppo: "PpoConfig") -> PpoPlan:  # n
     if frozen_bytes is None:
         raise ValueError(f"ppo.frozen must be one of bf16, offload, fp32, not {ppo.frozen!r}")
     kv_dim = (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads)
-    rows = max(ppo.prompts_per_batch // w, 1)  # each rank generates its share of the batch at once
+    rows = _rows(p, ppo)
     value_acts = activation_bytes(cfg, p.seq_len, ppo.micro_batch, nbytes, p.activation_checkpointing) \
         - p.seq_len * ppo.micro_batch * cfg.vocab_size * 8
     return PpoPlan(
@@ -140,7 +146,7 @@ def format_ppo_plan(p: PlanConfig, ppo: "PpoConfig", result: PpoPlan) -> str:  #
         (f"reference + 2 reward models ({ppo.frozen})", result.frozen),
         (f"gathered blocks ({p.param_dtype})", result.gathered),
         (f"rollout: unsharded policy ({p.param_dtype}, ppo.rollout={ppo.rollout})", result.rollout_model),
-        (f"rollout: KV cache ({max(ppo.prompts_per_batch // p.world_size, 1)} rows x {p.seq_len})", result.kv_cache),
+        (f"rollout: KV cache ({_rows(p, ppo)} rows x {p.seq_len})", result.kv_cache),
         (f"update: activations (micro-batch {ppo.micro_batch}, policy + value)", result.activations),
     ]
     width = max(len(r[0]) for r in rows)
@@ -149,6 +155,6 @@ def format_ppo_plan(p: PlanConfig, ppo: "PpoConfig", result: PpoPlan) -> str:  #
     lines.append(f"  {'peak: rollout phase'.ljust(width)}  {result.rollout_phase / GIB:9.2f} GiB")
     lines.append(f"  {'peak: update phase'.ljust(width)}  {result.update_phase / GIB:9.2f} GiB")
     verdict = "fits" if result.total <= p.gpu_memory_gib * GIB * 0.9 else "does NOT fit"
-    hint = "" if verdict == "fits" else " (try ppo.frozen=offload, fewer ppo.prompts_per_batch, or more GPUs)"
+    hint = "" if verdict == "fits" else " (try ppo.frozen=offload, ppo.rollout_batch, or more GPUs)"
     lines.append(f"PPO {verdict} in {p.gpu_memory_gib:g} GiB{hint}")
     return "\n".join(lines)

@@ -218,7 +218,9 @@ class Ppo:
         batch = self.batch_prompts(iteration)
         gen = self.generator_model()
         seeds = [derive_seed(self.seed, 2, iteration, k) for k in self.batch_slots(iteration)]
-        responses = _generate(gen, [p.ids for p in batch], self.cfg, self.eos_id, seeds)
+        # Every rank holds prompts_per_batch / world_size prompts, so all make the same number of chunked calls.
+        responses = _generate(gen, [p.ids for p in batch], self.cfg, self.eos_id, seeds,
+                              chunk=self.cfg.rollout_batch)
         if self.cfg.rollout == "gathered":
             self.gen = None  # free the consolidated copy until the next rollout
         return batch, responses
@@ -426,10 +428,16 @@ class Ppo:
 
 
 def _generate(model: Llama, prompts: list[list[int]], cfg: PpoConfig, eos_id: int, seeds: Sequence[int],
-              temperature: float | None = None) -> list[list[int]]:
+              temperature: float | None = None, chunk: int = 0) -> list[list[int]]:
     """Sampled answers at the config's temperature and top-p, one seed per prompt (`derive_seed` of what
-    identifies the prompt in the run, never the rank)."""
+    identifies the prompt in the run, never the rank). `chunk` > 0 generates that many prompts at a time, which
+    bounds the KV cache; with seeds per prompt the answers are the same. Under torch.distributed every rank must
+    make the same number of calls (each agrees its step count with the others)."""
     limit = model.cfg.max_seq_len - max(len(p) for p in prompts)
     temperature = cfg.temperature if temperature is None else temperature
-    return generate(model, prompts, max(1, min(cfg.max_new_tokens, limit)), temperature=temperature,
-                    top_p=cfg.top_p, eos_id=eos_id, seeds=seeds)
+    size = chunk if chunk > 0 else len(prompts)
+    out: list[list[int]] = []
+    for i in range(0, len(prompts), size):
+        out += generate(model, prompts[i:i + size], max(1, min(cfg.max_new_tokens, limit)), temperature=temperature,
+                        top_p=cfg.top_p, eos_id=eos_id, seeds=seeds[i:i + size])
+    return out

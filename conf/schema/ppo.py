@@ -44,6 +44,9 @@ class PpoConfig(TrainConfig):
     # rollout phase and frees them after; "copy" keeps that unsharded copy between phases, refreshed after each
     # update. Neither generates through per-layer FSDP all-gathers (the paper's 20x).
     rollout: str = "gathered"
+    # Prompts a rank generates at once (0: all of its share of the iteration). Bounds the rollout's KV cache
+    # (`kubellama plan`); answers do not change, since sampling is seeded per prompt.
+    rollout_batch: int = 0
     # How the frozen models (reference, both reward models) are held: "bf16" shards (half of fp32 masters),
     # "offload" (bf16 shards in CPU memory between forwards, on GPU), or "fp32". Under fp32 compute they stay fp32.
     frozen: str = "bf16"
@@ -75,4 +78,4 @@ class PpoConfig(TrainConfig):
 
 
 # Keys that do not change the weights PPO ends with.
-PPO_VOLATILE = (*TRAIN_VOLATILE, "eval_every", "rollout")
+PPO_VOLATILE = (*TRAIN_VOLATILE, "eval_every", "rollout", "rollout_batch")
