@@ -100,11 +100,7 @@ class Rotary(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(cos, sin)
-        half = x.shape[-1] // 2
-        out = x * cos
-        out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
-        out[..., half:].addcmul_(x[..., :half], sin[..., half:])
-        return out
+        return _rotate(x, cos, sin)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -114,6 +110,22 @@ class Rotary(torch.autograd.Function):
         out[..., :half].addcmul_(grad[..., half:], sin[..., half:])
         out[..., half:].addcmul_(grad[..., :half], sin[..., :half], value=-1)
         return out, None, None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on x: through the autograd Function when a backward will follow, else the bare kernels (decoding
+    calls this per layer and token, where the Function's bookkeeping is a visible share)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return Rotary.apply(x, cos, sin)
+    return _rotate(x, cos, sin)
 
 
 @dataclass
@@ -155,12 +167,12 @@ class Attention(nn.Module):
         if self.qkv is not None:
             # One product for q, k and v, and one rotation for the q and k heads together.
             qkv = F.linear(x, self.qkv).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
-            qk = Rotary.apply(qkv[:, :, :self.n_heads + self.n_kv], cos, sin)
+            qk = rotary(qkv[:, :, :self.n_heads + self.n_kv], cos, sin)
             q, k = qk[:, :, :self.n_heads].transpose(1, 2), qk[:, :, self.n_heads:].transpose(1, 2)
             v = qkv[:, :, self.n_heads + self.n_kv:].transpose(1, 2)
         else:
-            q = Rotary.apply(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-            k = Rotary.apply(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin).transpose(1, 2)
+            q = rotary(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
+            k = rotary(self.k_proj(x).view(B, T, self.n_kv, self.head_dim), cos, sin).transpose(1, 2)
             v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:
             start = cache.length
