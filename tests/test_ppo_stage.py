@@ -58,7 +58,7 @@ def test_empty_reward_model_urls_are_refused_by_name():
     cfg = load_config([])
     for section in ("ppo", "rejection_sampling"):
         with pytest.raises(ConfigError, match=rf"{section}\.reward_helpfulness is empty"):
-            load_reward(cfg[section], None, "", None, 1)  # type: ignore[arg-type]
+            load_reward(cfg[section], None, "", None, 1, section)  # type: ignore[arg-type]
     cfg = load_config(["ppo.reward_helpfulness=/rm/h"])
     with pytest.raises(ConfigError, match=r"ppo\.reward_safety is empty"):
         load_reward(cfg.ppo, None, "", None, 1)  # type: ignore[arg-type]

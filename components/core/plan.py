@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from components.core.model import count_params
 from conf.schema.model import ModelConfig
+from conf.schema.ppo import PpoConfig
 from conf.schema.tools import PlanConfig
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -108,13 +109,13 @@ class PpoPlan:
         return max(self.rollout_phase, self.update_phase)
 
 
-def _rows(p: PlanConfig, ppo: "PpoConfig") -> int:  # noqa: F821
+def _rows(p: PlanConfig, ppo: PpoConfig) -> int:
     """Rows a rank generates at once: its share of the iteration's prompts, `ppo.rollout_batch` at a time."""
     rows = max(ppo.prompts_per_batch // p.world_size, 1)
     return min(rows, ppo.rollout_batch) if ppo.rollout_batch > 0 else rows
 
 
-def ppo_plan(cfg: ModelConfig, p: PlanConfig, ppo: "PpoConfig") -> PpoPlan:  # noqa: F821
+def ppo_plan(cfg: ModelConfig, p: PlanConfig, ppo: PpoConfig) -> PpoPlan:
     """Rows of `p.seq_len` tokens (prompt + response); reward and value models have the policy's shape with a
     scalar head instead of the LM head (Llama 2's RMs start from the chat model)."""
     n = count_params(cfg)
@@ -140,7 +141,7 @@ def ppo_plan(cfg: ModelConfig, p: PlanConfig, ppo: "PpoConfig") -> PpoPlan:  # n
     )
 
 
-def format_ppo_plan(p: PlanConfig, ppo: "PpoConfig", result: PpoPlan) -> str:  # noqa: F821
+def format_ppo_plan(p: PlanConfig, ppo: PpoConfig, result: PpoPlan) -> str:
     rows = [
         ("policy + value: fp32 weights, grads, AdamW", result.trained),
         (f"reference + 2 reward models ({ppo.frozen})", result.frozen),

@@ -145,6 +145,15 @@ def apply_activation_checkpointing(layers: nn.ModuleList, mode: str, every: int)
             layers[i] = checkpoint_wrapper(layers[i], preserve_rng_state=False)
 
 
+def _fsdp_kwargs(cfg: TrainConfig, env: dist.Env) -> dict[str, Any]:
+    """fully_shard's mesh (all ranks) and mixed-precision policy (none where compute is fp32)."""
+    kw: dict[str, Any] = {"mesh": init_device_mesh(env.device.type, (env.world_size,))}
+    policy = mp_policy(cfg.mixed_precision, env.device)
+    if policy is not None:
+        kw["mp_policy"] = policy
+    return kw
+
+
 def shard(model: nn.Module, cfg: TrainConfig, env: dist.Env) -> nn.Module:
     layers = blocks(model)
     apply_activation_checkpointing(layers, cfg.activation_checkpointing, cfg.ac_every)
@@ -153,11 +162,7 @@ def shard(model: nn.Module, cfg: TrainConfig, env: dist.Env) -> nn.Module:
             # Per block, not the whole model: one compiled graph reused by every layer, and FSDP's hooks stay
             # outside the graphs.
             layers[i] = torch.compile(layers[i], fullgraph=True)
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
-    kw: dict[str, Any] = {"mesh": mesh}
-    policy = mp_policy(cfg.mixed_precision, env.device)
-    if policy is not None:
-        kw["mp_policy"] = policy
+    kw = _fsdp_kwargs(cfg, env)
     for i, layer in enumerate(layers):
         # The last block's parameters are needed again first in backward: keep them gathered after forward. On one
         # rank there is nothing to free by resharding, only a gather to repeat in backward.
@@ -182,13 +187,9 @@ def shard_frozen(model: nn.Module, cfg: TrainConfig, env: dist.Env, frozen: str)
     if frozen not in FROZEN:
         raise ConfigError(f"frozen={frozen!r}: expected one of {', '.join(FROZEN)}")
     model.requires_grad_(False)
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
-    kw: dict[str, Any] = {"mesh": mesh}
-    policy = mp_policy(cfg.mixed_precision, env.device)
-    if policy is not None:
-        kw["mp_policy"] = policy
-        if frozen != "fp32":
-            model.to(torch.bfloat16)
+    kw = _fsdp_kwargs(cfg, env)
+    if "mp_policy" in kw and frozen != "fp32":
+        model.to(torch.bfloat16)
     if frozen == "offload" and env.device.type == "cuda":  # on a CPU device the shards are in CPU memory already
         kw["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
     for layer in blocks(model):

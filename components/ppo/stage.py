@@ -64,10 +64,10 @@ def combined_reward(helpful: Scorer, safe: Scorer, eos_id: int, threshold: float
     return reward
 
 
-def load_reward(section: Any, tok: Tokenizer, tok_url: str, env: dist.Env, batch_size: int) -> RewardFn:
+def load_reward(section: Any, tok: Tokenizer, tok_url: str, env: dist.Env, batch_size: int,
+                name: str = NAME) -> RewardFn:
     """Collective: the combined reward of the section's two reward models (`reward_helpfulness`, `reward_safety`),
-    sharded like the section's training."""
-    name = section._key() if hasattr(section, "_key") else "ppo"
+    sharded like the section's training. `name` is the section's config key, for errors."""
     for key in ("reward_helpfulness", "reward_safety"):
         if not section[key]:
             raise ConfigError(f"{name}.{key} is empty: give the URL of a reward stage's output (run with "

@@ -123,7 +123,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if not storage.exists(detail_url):
         room = cfg.model.max_seq_len - min(p.max_new_tokens, cfg.model.max_seq_len // 2)
         prompts, _, _ = prompts_of(storage.join(p.data, "preference", "train.jsonl"), tok, room, p.prompts)
-        reward = load_reward(p, tok, tok_url, env, p.score_batch)
+        reward = load_reward(p, tok, tok_url, env, p.score_batch, NAME)
         policy = shard(build_llama(cfg.model, cfg.run.seed), p, env)
         if p.init:
             checkpoint.load_weights(policy, p.init)
