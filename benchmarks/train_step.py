@@ -39,7 +39,9 @@ def preset_model(name: str, **change) -> dict:
     import yaml
 
     with open(os.path.join(ROOT, "conf", "model", f"{name}.yaml")) as f:
-        model = {k: v for k, v in yaml.safe_load(f).items() if k != "name"}
+        preset = yaml.safe_load(f)
+    # A preset that also sets recipe values (`# @package _global_`, llama2_70b) nests its shape under `model`.
+    model = {k: v for k, v in preset.get("model", preset).items() if k != "name"}
     model.update(change)
     model["max_seq_len"] += 1
     return model

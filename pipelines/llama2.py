@@ -117,7 +117,8 @@ def _step(stage: stages.Stage, step: str, variant: str, cfg: Config, params: dic
     image = _image(stage, cfg)
     op = importlib.import_module(f"{stage.module}.component").op(image)
     if variant:
-        # The KFP task takes its name from the component: name it after the step (reward-safety).
+        # The KFP task takes its name from the component: name it after the step (reward-safety). The IR carries the
+        # stage's program once per variant either way: KFP 2.16 compiles one component and executor per task.
         op.component_spec.name = step
     kwargs: dict[str, Any] = {"config": params[f"config_{step}"]}
     for inp in stage.inputs:

@@ -220,12 +220,16 @@ def _quiet(log_path: str) -> Iterator[IO[str]]:
     tail = threading.Thread(target=_follow, args=(log_path, console, stop), daemon=True)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    # Python-level writers too: a host (pytest, a notebook) may have pointed sys.stdout at something other than fd 1.
+    streams = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = log = os.fdopen(os.dup(fd), "w", buffering=1)
     tail.start()
     try:
         yield console
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        log.flush()
+        sys.stdout, sys.stderr = streams
+        log.close()
         builtins.print = printer
         root.handlers[:] = handlers
         root.setLevel(level)

@@ -2,7 +2,10 @@
 custom objects (Volcano Jobs, TrainJobs), pods listed by label, pod logs (followed), NetworkPolicies.
 
 It records every request and keeps objects like the API server: 409 on a second create, 404 after a delete,
-merge-patch on PATCH, uids, and the garbage collector's part that matters here: deleting a job deletes its pods.
+merge-patch on PATCH, uids, and the garbage collector's part that matters here: deleting a job deletes its pods at
+once, and its other dependents (ownerReferences to its uid, e.g. its NetworkPolicy) when the test calls `collect`,
+as the collector does in the background. Given a CRD's schema for a plural (`schemas`), a create drops the fields
+the schema does not declare, or with fieldValidation=Strict is refused naming them, as the API server does.
 A test plays the controller: `start_pods` when a job appears, `log`, `finish`.
 """
 from __future__ import annotations
@@ -22,9 +25,31 @@ def _stamp() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e9):09d}".rstrip("0") + "Z"
 
 
+def unknown_fields(value, node: dict, path: str = "", drop: bool = False) -> list[str]:
+    """Paths of the fields of `value` that the structural schema `node` does not declare (removed with `drop`)."""
+    found: list[str] = []
+    if isinstance(value, dict) and not node.get("x-kubernetes-preserve-unknown-fields"):
+        props, extra = node.get("properties"), node.get("additionalProperties")
+        for key in list(value):
+            child = (props or {}).get(key) or (extra if isinstance(extra, dict) else None)
+            here = f"{path}.{key}" if path else key
+            if child is not None:
+                found += unknown_fields(value[key], child, here, drop)
+            elif props is not None:  # an object without properties (metadata) takes anything
+                found.append(here)
+                if drop:
+                    del value[key]
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found += unknown_fields(item, node.get("items") or {}, f"{path}[{i}]", drop)
+    return found
+
+
 class FakeKube(FakeServer):
-    def __init__(self, on_create=None):
+    def __init__(self, on_create=None, schemas: dict[str, dict] | None = None):
         self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace, name) -> object
+        self.schemas = schemas or {}  # plural -> the CRD's openAPIV3Schema
+        self.deleted: set[str] = set()  # uids of deleted objects whose dependents `collect` deletes
         self.pods: dict[tuple[str, str], dict] = {}  # (namespace, name) -> pod
         self.logs: dict[tuple[str, str], list[str]] = {}
         self.lock = threading.Lock()
@@ -89,6 +114,18 @@ class FakeKube(FakeServer):
         with self.lock:
             return self.objects.get((plural, ns, name))
 
+    def owned_by(self, plural: str, uid: str) -> list[dict]:
+        with self.lock:
+            return [o for (p, _, _), o in self.objects.items() if p == plural and
+                    uid in [r.get("uid") for r in o["metadata"].get("ownerReferences") or []]]
+
+    def collect(self) -> None:
+        """The garbage collector's pass: delete what a deleted object owned."""
+        with self.lock:
+            for key, obj in list(self.objects.items()):
+                if {r.get("uid") for r in obj["metadata"].get("ownerReferences") or []} & self.deleted:
+                    del self.objects[key]
+
     # --- the API -----------------------------------------------------------------------------------------------
 
     def respond(self, method: str, path: str, query: dict, body: bytes, stream) -> tuple[int, dict] | None:
@@ -113,15 +150,23 @@ class FakeKube(FakeServer):
                 self._stream_log(ns, parts[5], q.get("follow") == "true", stream(200))
                 return None
         if parts[0] == "apis" and len(parts) >= 6 and parts[3] == "namespaces":
-            return self._custom(method, parts, body)
+            return self._custom(method, parts, body, q)
         return 404, {"kind": "Status", "status": "Failure", "message": f"no route {method} {path}", "code": 404}
 
-    def _custom(self, method: str, parts: list[str], body: bytes) -> tuple[int, dict]:
+    def _custom(self, method: str, parts: list[str], body: bytes, q: dict) -> tuple[int, dict]:
         ns, plural = parts[4], parts[5]
         key = (plural, ns, parts[6] if len(parts) > 6 else "")
         if method == "POST" and len(parts) == 6:
             obj = json.loads(body)
             key = (plural, ns, obj["metadata"]["name"])
+            if plural in self.schemas:
+                strict = q.get("fieldValidation") == "Strict"
+                unknown = unknown_fields(obj, self.schemas[plural], drop=not strict)
+                if strict and unknown:
+                    fields = ", ".join(f'unknown field "{u}"' for u in unknown)
+                    return 400, {"kind": "Status", "status": "Failure", "reason": "BadRequest", "code": 400,
+                                 "message": f"{obj['kind']} in version \"{parts[2]}\" cannot be handled as a "
+                                            f"{obj['kind']}: strict decoding error: {fields}"}
             with self.lock:
                 if key in self.objects:
                     return 409, {"kind": "Status", "status": "Failure", "reason": "AlreadyExists",
@@ -141,6 +186,7 @@ class FakeKube(FakeServer):
                 obj["metadata"].update(json.loads(body).get("metadata", {}))
             elif method == "DELETE":
                 del self.objects[key]
+                self.deleted.add(obj["metadata"].get("uid", ""))
                 for pod_key, pod in list(self.pods.items()):  # the garbage collector, at once
                     if pod_key[0] == ns and pod["metadata"]["labels"].get(JOB_LABEL) == key[2]:
                         del self.pods[pod_key]

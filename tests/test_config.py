@@ -20,6 +20,37 @@ def test_presets_carry_the_paper_shapes_and_hyperparameters():
     assert cfg.pretrain.global_batch_tokens == 4 * 1024 * 1024
 
 
+def test_sft_and_gatt_defaults_are_the_papers():
+    """§3.1: cosine from 2e-5 (no warmup named), weight decay 0.1, 64 rows of 4096 tokens, 2 epochs; GAtt fine-tunes
+    with the same body and numbers, and its adherence eval reads turns 1, 2, 4, 8 and 20 (Table 30's spirit)."""
+    from components.core.trainer import lr_factor
+
+    cfg = load_config(["model=llama2_7b"])
+    for p in (cfg.sft, cfg.gatt):
+        assert (p.lr, p.weight_decay, p.epochs, p.warmup_steps, p.max_steps) == (2e-5, 0.1, 2, 0, 0)
+        assert p.seq_len == 4096 and p.global_batch_tokens == 64 * p.seq_len
+    # The schedule: the peak at the first step, then a cosine down to min_lr_ratio at the last.
+    s = cfg.sft
+    assert lr_factor(0, s.warmup_steps, 100, s.min_lr_ratio) == 1.0
+    assert lr_factor(50, s.warmup_steps, 100, s.min_lr_ratio) == pytest.approx((1 + s.min_lr_ratio) / 2)
+    assert lr_factor(100, s.warmup_steps, 100, s.min_lr_ratio) == pytest.approx(s.min_lr_ratio)
+    assert cfg.gatt.eval_turns == [1, 2, 4, 8, 20]
+
+
+def test_reward_model_defaults_are_the_papers():
+    """§3.2.2: one epoch, max LR 1e-5, cosine to 10%, warmup 3% of the steps (at least 5), 512 pairs per batch."""
+    from components.reward.stage import schedule
+
+    cfg = load_config(["model=llama2_7b"])
+    p = cfg.reward
+    assert (p.lr, p.min_lr_ratio, p.pairs_per_batch, p.max_steps) == (1e-5, 0.1, 512, 0)
+    assert (p.warmup_steps, p.warmup_fraction, p.warmup_min) == (-1, 0.03, 5)
+    # What the trainer runs: one epoch of 512-pair batches; 3% warmup, 5 steps where 3% is fewer.
+    long, short = schedule(p, 512 * 1000, 8), schedule(p, 512 * 100, 8)
+    assert (long.max_steps, long.warmup_steps) == (1000, 30) and (short.max_steps, short.warmup_steps) == (100, 5)
+    assert long.global_batch_tokens == 512 * 4096
+
+
 def test_overrides_are_typed_and_interpolations_resolve():
     cfg = load_config(["model.dim=512", "run.root=s3://bucket/x", "pretrain.lr=1e-4"])
     assert cfg.model.dim == 512 and isinstance(cfg.pretrain.lr, float)
@@ -109,3 +140,13 @@ def test_resolved_config_file_takes_dotted_overrides_only(tmp_path):
         load_resolved(str(path), ["cluster=h100"])
     with pytest.raises(ConfigError, match="'pretrain.lrr'"):
         load_resolved(str(path), ["pretrain.lrr=1"])
+
+
+def test_the_70b_preset_carries_the_papers_per_size_recipe_values():
+    """Paper §2.2, §3.2.2, §3.2.3: 70B pretrains at 1.5e-4, trains its reward models at 5e-6 and uses KL β 0.005;
+    the smaller presets keep 3e-4, 1e-5 and 0.01. The command line still wins."""
+    big, small = load_config(["model=llama2_70b"]), load_config(["model=llama2_7b"])
+    assert (big.pretrain.lr, big.reward.lr, big.ppo.beta) == (1.5e-4, 5e-6, 0.005)
+    assert (small.pretrain.lr, small.reward.lr, small.ppo.beta) == (3e-4, 1e-5, 0.01)
+    assert big.model.n_layers == 80 and big.model.n_kv_heads == 8
+    assert load_config(["model=llama2_70b", "reward.lr=2e-6"]).reward.lr == 2e-6

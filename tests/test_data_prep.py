@@ -18,6 +18,7 @@ from components.core.shards import ShardReader
 from components.core.tokenizer import IGNORE, Tokenizer
 from components.data_prep import pack, stage
 from components.data_prep.clean import luhn
+from components.data_prep.readers import ErrorLog
 
 VOCAB = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "we", "zu", "bra", "cle")
          for b in ("n", "ro", "tis", "mek", "la", "dor", "ve", "xu", "pa", "ng")] + ["the", "and", "über", "café"]
@@ -88,10 +89,11 @@ def planted(tmp_path_factory):
     with open(wiki_path, "w", encoding="utf-8") as f:
         f.write("\n".join(wiki) + "\n")
     out = str(tmp / "out")
-    cfg = load_config(overrides(out, **{"data.max_error_rate": 0.05, "data.sources": sources(
-        ("web", web_path, {}), ("wiki", wiki_path, {"weight": 2.0}))}))
+    over = overrides(out, **{"data.max_error_rate": 0.05, "data.sources": sources(
+        ("web", web_path, {}), ("wiki", wiki_path, {"weight": 2.0}))})
+    cfg = load_config(over)
     summary = stage.run(cfg)
-    return {"out": out, "summary": summary, "web": web_path, "docs": docs, "wiki": wiki,
+    return {"out": out, "summary": summary, "web": web_path, "docs": docs, "wiki": wiki, "overrides": over,
             "report": storage.read_json(os.path.join(out, "report.json"))}
 
 
@@ -124,6 +126,17 @@ def test_bad_lines_are_reported_with_file_and_line(planted) -> None:
     assert any(s.startswith(f"{planted['web']}:11: malformed JSON") for s in errors["samples"])
     assert any(s.startswith(f"{planted['web']}:21: missing") for s in errors["samples"])
     assert "web.jsonl:11" in storage.read_text(os.path.join(planted["out"], "report.md"))
+
+
+def test_report_carries_the_lineage_of_a_training_stage(planted) -> None:
+    from components.core import runs
+    from components.core.config import load_config as load
+
+    lineage = planted["report"]["lineage"]
+    manifest = storage.read_json(os.path.join(planted["out"], "pretrain", "manifest.json"))
+    assert lineage["data_hash"] == runs.manifest_hash(manifest) and lineage["parent"] is None
+    assert lineage["config_hash"] == runs.data_hash(load(planted["overrides"]))
+    assert lineage["data_hash"] in storage.read_text(os.path.join(planted["out"], "report.md"))
 
 
 def test_weights_upsample_and_everything_is_published(planted) -> None:
@@ -263,6 +276,25 @@ def _tiny_model(tmp_path) -> str:
     with open(path, "wb") as f:
         f.write(train_tokenizer([doc(rng, 60) for _ in range(50)], vocab_size=300))
     return path
+
+
+def test_prompt_safety_flags_are_parsed_strictly(tmp_path) -> None:
+    # preference.flag, as for preference pairs: bool("false") would be True; a value that is no boolean is a bad
+    # record, not the source's default.
+    values = ["false", "true", "yes", "No", 0, 1, False, None, "maybe", 2]
+    recs = [{"prompt": f"Ask {i}", **({} if v is None else {"safety": v})} for i, v in enumerate(values)]
+    path = write_jsonl(str(tmp_path / "p.jsonl"), recs)
+    cfg = load_config(overrides(str(tmp_path / "out"), **{
+        "data.prompts.sources": sources(("s", path, {"safety": "true", "split": "eval"}))}))
+    errors = ErrorLog()
+    stage.build_prompts(cfg, errors)
+    got = {r["prompt"]: r["safety"] for r in map(json.loads, open(tmp_path / "out" / "prompts" / "eval.jsonl"))}
+    # Absent (Ask 7): the source's safety=true.
+    assert got == {"Ask 0": False, "Ask 1": True, "Ask 2": True, "Ask 3": False, "Ask 4": False, "Ask 5": True,
+                   "Ask 6": False, "Ask 7": True}
+    assert (errors.records, errors.errors, dict(errors.by_reason)) == (10, 2, {"invalid prompt record": 2})
+    assert "p.jsonl:9" in errors.samples[0] and "'maybe', not a boolean" in errors.samples[0]
+    assert "p.jsonl:10" in errors.samples[1] and "is 2, not a boolean" in errors.samples[1]
 
 
 def test_error_rate_above_limit_fails_naming_file_and_line(tmp_path, capsys) -> None:

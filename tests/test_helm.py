@@ -134,6 +134,14 @@ def test_multi_user_profile_namespace(helm, tmp_path):
     objs = objects(rendered)
     # The profile controller owns kfp-launcher in a profile namespace: installing one would fail or fight it.
     assert ("ConfigMap", "kfp-launcher") not in objs
+    # Its kfp-launcher names no credentials, so KFP's launcher reads the default store's Secret (hard-coded
+    # mlpipeline-minio-artifact) through the API as the run's account; the chart's S3 keys stay readable for a
+    # kfp-launcher patched to name them.
+    assert rule(objs[("Role", SA)], "", "secrets")["resourceNames"] == ["kl-kubellama-s3", "mlpipeline-minio-artifact"]
+    irsa = objects(template(helm, "-f", IRSA_VALUES, "--set", "kfp.multiUser=true"))
+    assert rule(irsa[("Role", SA)], "", "secrets")["resourceNames"] == ["mlpipeline-minio-artifact"]
+    irsa = objects(template(helm, "-f", IRSA_VALUES, "--set", "kfp.multiUser=true", "--set", "kfp.artifactSecret="))
+    assert rule(irsa[("Role", SA)], "", "secrets") is None
     binding = objs[("RoleBinding", "kl-kubellama-upload-kfp")]
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                                   "name": "kubeflow-pipelines-edit"}
@@ -177,6 +185,8 @@ def test_launcher_config_where_the_chart_owns_it(helm):
     s3 = yaml.safe_load(objs[("ConfigMap", "kfp-launcher")]["data"]["providers"])["s3"]["default"]
     assert s3["endpoint"] == "minio.minio.svc.cluster.local:9000" and s3["disableSSL"] is True
     assert s3["forcePathStyle"] is True
+    # The chart's kfp-launcher names the chart's Secret: KFP's default one is not read, so not granted.
+    assert rule(objs[("Role", SA)], "", "secrets")["resourceNames"] == ["kl-kubellama-s3"]
     objs = objects(template(helm, "--set", "s3.endpoint=https://ceph.example", "--set", "s3.pathStyle=false"))
     s3 = yaml.safe_load(objs[("ConfigMap", "kfp-launcher")]["data"]["providers"])["s3"]["default"]
     assert s3["forcePathStyle"] is False and s3["disableSSL"] is False
@@ -258,6 +268,7 @@ def test_irsa_values_use_the_role_not_keys(helm):
     (["--set-json", "networkPolicy.apiServer.cidrs=[]"], "networkPolicy.apiServer.cidrs"),
     (["--set-json", "networkPolicy.apiServer.cidrs=[\"10.0.0.1\"]"], "networkPolicy.apiServer.cidrs.0"),
     (["--set", "kfp.launcherConfig=sometimes"], "kfp.launcherConfig"),
+    (["--set", "kfp.artifactSecret=Minio_Creds"], "kfp.artifactSecret"),
     (["--set", "trainingRuntime.gang=kueue"], "trainingRuntime.gang"),
 ])
 def test_bad_values_are_refused(helm, bad, message):

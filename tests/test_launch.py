@@ -98,3 +98,23 @@ def test_mig_profile_is_requested_as_its_own_resource(capsys):
     assert limits["nvidia.com/mig-1g.10gb"] == "1" and "nvidia.com/gpu" not in limits
     kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": pod["spec"]},
                                  "1.30.0", strict=True)
+
+
+def test_a_preempted_kfp_step_exits_143_in_one_line(tmp_path, monkeypatch, capsys):
+    """Inside a KFP step (step_config marks it) a stage stopped by SIGTERM after saving ends with exit 143 and one
+    line, not the executor's traceback and exit 1; outside a step the CLI gets the Preempted error to report."""
+    from pipelines import llama2
+
+    monkeypatch.setenv(runs.STEP_ENV, "")  # so that teardown removes what step_config sets
+    monkeypatch.delenv(runs.STEP_ENV)
+    cfg = runs.bind(load_config([f"run.root={tmp_path}", "run.id=r"]), "pretrain")
+    stopped = {"status": "preempted", "step": 3, "checkpoint": "ckpt/step_0000003"}
+    with pytest.raises(launch.Preempted):
+        launch.run(cfg, "pretrain", lambda c: stopped)
+    step_cfg = runs.step_config(llama2.stage_config(cfg, "pretrain"), "pretrain", "run-1")
+    assert os.environ[runs.STEP_ENV] == "pretrain"
+    with pytest.raises(SystemExit) as exc:
+        launch.run(step_cfg, "pretrain", lambda c: stopped)
+    assert exc.value.code == 143
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("kubellama: pretrain was preempted at step 3") and "run.id=r " in line

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from collections import Counter
 
 import pytest
 import yaml
@@ -9,7 +11,7 @@ from kfp import components
 
 from components.core.config import load_config
 from components.core.errors import ConfigError
-from pipelines import run
+from pipelines import llama2, run
 
 GPU = ["cluster.gpus_per_node=8", "cluster.gpu_product=NVIDIA-H100-80GB-HBM3", "cluster.shm_size=32Gi",
        "cluster.nproc_per_node=8", "run.root=s3://bucket/runs"]
@@ -272,3 +274,49 @@ def test_publish_records_urls_metrics_and_report(tmp_path):
     (out / "report.md").unlink()  # a stage without a Markdown report: the summary stands in
     publish({"step": 1}, str(out), art, metrics, report, html)
     assert '"step": 1' in (tmp_path / "report").read_text()
+
+
+# etcd stores no object over 1.5 MiB, and KFP v2 turns the IR into an Argo Workflow about 2.85x its size (measured
+# against kfp 2.16.1), which then grows with each node's status as the run goes on and retries. A run whose
+# Workflow outgrows etcd fails or cannot be retried, so the IR's Workflow must fill under a third of the limit, and
+# the IR is held to a budget (with one per step, so each stage's share is held as stages are added).
+ETCD_LIMIT = 1.5 * 2**20
+ARGO_EXPANSION = 2.85
+IR_BUDGET = 150_000
+# Steps the budget is sized for: the full recipe's nine (data prep, pretrain, SFT, GAtt, two reward models,
+# rejection sampling, PPO, safety eval) and one to spare.
+RECIPE_STEPS = 10
+
+
+@pytest.mark.parametrize("nodes", ["1", "8"], ids=["in-pod", "launcher"])
+def test_full_recipe_ir_fits_argo(tmp_path, nodes):
+    from components.core import stages
+
+    overrides = ["model=llama2_70b", "cluster=h100", f"cluster.nnodes={nodes}", "cluster.scheduler=trainjob",
+                 "run.root=s3://bucket/llama2-70b", "cluster.s3_secret=s3", "cluster.timeout_s=86400"]
+    cfg = run.resolve(overrides)
+    names = llama2.selected(cfg)
+    assert names == [s.name for s in stages.STAGES]  # every registered stage is on
+    path = run.compile_pipeline(cfg, overrides, str(tmp_path / "llama2.yaml"))
+    size = os.path.getsize(path)
+    assert size * ARGO_EXPANSION < ETCD_LIMIT / 3, f"IR is {size} bytes: its Workflow would fill a third of etcd's"
+    assert size <= IR_BUDGET, f"IR is {size} bytes, budget {IR_BUDGET}"
+    assert size / len(names) <= IR_BUDGET / RECIPE_STEPS, f"{size / len(names):.0f} bytes per step"
+    with open(path) as f:
+        spec = next(yaml.safe_load_all(f))
+    # One program per stage, different for every stage. KFP 2.16 compiles one component and one executor per task,
+    # so a stage with variants (the reward models) carries its program once per variant, and nothing else repeats.
+    execs = spec["deploymentSpec"]["executors"]
+    program = {step: json.dumps(execs[executor(spec, step.replace("_", "-"))]["container"]["command"])
+               for name in names for step, _ in stages.get(name).steps()}
+    by_stage = {name: {program[step] for step, _ in stages.get(name).steps()} for name in names}
+    assert all(len(p) == 1 for p in by_stage.values()) and len(set(program.values())) == len(names)
+    counts = Counter(json.dumps(e["container"]["command"]) for e in execs.values())
+    assert sorted(counts.values()) == sorted(len(stages.get(name).steps()) for name in names)
+    assert sum(n - 1 for n in counts.values()) == 1  # the second reward model's copy, and only it
+    # A step's config parameter holds only the sections it reads: no step carries the whole tree.
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    whole = len(llama2.config_json(cfg))
+    for name in names:
+        for step, _ in stages.get(name).steps():
+            assert len(params[f"config_{step}"]["defaultValue"]) < whole

@@ -5,6 +5,7 @@ import glob
 import json
 import math
 import os
+import re
 import random
 
 from components.core import storage
@@ -33,11 +34,21 @@ def executor_output(kfp_root: str, task: str) -> dict:
         return json.load(f)
 
 
-def test_run_data_prep_and_pretrain_through_kfp_local(tmp_path, capsys):
+def test_run_data_prep_and_pretrain_through_kfp_local(tmp_path, capfd):
     root = str(tmp_path / "run")
     src = corpus(str(tmp_path / "corpus.jsonl"))
     assert run.run_main([f"run.root={root}", f"data.sources=[{{name:t,path:'{src}'}}]", *TINY]) == 0
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
+
+    # The console is for people: each step's start, end and duration, and progress; kfp.local's executor-input
+    # dumps go to the run's log file instead.
+    for step in ("data-prep", "pretrain"):
+        assert f"  {step}: running\n" in out
+        assert re.search(rf"^  {step}: success in \d+ s$", out, re.M), out
+    assert re.search(r"^    step \d+ loss ", out, re.M), out
+    assert "Got executor_input" not in out and '"parameterValues"' not in out
+    (log,) = [f for f in os.listdir(os.path.join(root, "kfp")) if f.startswith("run-") and f.endswith(".log")]
+    assert '"parameterValues"' in open(os.path.join(root, "kfp", log)).read()
 
     # The stages wrote their real outputs where the config says: data content-addressed, training per run.
     data = outputs(out)["data_prep"]
@@ -75,7 +86,7 @@ def test_run_data_prep_and_pretrain_through_kfp_local(tmp_path, capsys):
     # pretraining starts from step 0 in its own folder.
     assert run.run_main([f"run.root={root}", f"data.sources=[{{name:t,path:'{src}'}}]", *TINY,
                          "pretrain.lr=1e-3"]) == 0
-    again = outputs(capsys.readouterr().out)
+    again = outputs(capfd.readouterr().out)
     assert again["data_prep"] == data and again["pretrain"] != train_out
     assert json.loads(open(os.path.join(again["pretrain"], "report.json")).read())["start_step"] == 0
 

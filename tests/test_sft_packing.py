@@ -103,17 +103,38 @@ def test_loss_on_the_last_turn_only():
     assert int(n_all) - int(n_last) == int((labels[1:8] != IGNORE).sum()) > 0
 
 
-def test_gpu_path_builds_a_block_mask_not_a_dense_one():
-    segments = torch.tensor([[0] * 20 + [1] * 30 + [2] * 14])
-    assert attention.use_block_mask(torch.device("cuda")) and not attention.use_block_mask(torch.device("cpu"))
-    mask = attention.document_mask(segments, mode="block")
-    assert isinstance(mask, BlockMask) and not isinstance(mask, torch.Tensor)
-    assert tuple(mask.shape) == (1, 1, 64, 64)
+class OnCuda(torch.Tensor):
+    """CPU segments that report a CUDA device: what `document_mask` is handed on a GPU, without one."""
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return torch.device("cuda")
+
+
+def test_gpu_path_builds_a_block_mask_not_a_dense_one(monkeypatch):
+    # 512 tokens of three examples: 4 × 4 blocks of 128 tokens.
+    segments = torch.tensor([[0] * 200 + [1] * 250 + [2] * 62])
+    T = segments.shape[1]
+    # What a CUDA batch gets by default: the block-mask builder, never the dense one (CPU: the dense one).
+    monkeypatch.delenv(attention.MODE_ENV, raising=False)
+    built: list[str] = []
+    with monkeypatch.context() as m:
+        m.setattr(attention, "block_mask", lambda s: built.append("block"))
+        m.setattr(attention, "dense_mask", lambda s: built.append("dense"))
+        attention.document_mask(segments.as_subclass(OnCuda))
+        assert built == ["block"]
+        attention.document_mask(segments)
+        assert built == ["block", "dense"]
+    # What that builder returns: a BlockMask holding per-block indices only, no T × T tensor, that skips the blocks
+    # no example's diagonal touches (a causal mask alone would compute blocks (2, 0) and (3, 0)).
+    mask = attention.block_mask(segments)
+    assert isinstance(mask, BlockMask) and tuple(mask.shape) == (1, 1, T, T) and mask.BLOCK_SIZE == (128, 128)
+    assert all(t.numel() < T * T for t in mask.as_tuple() if isinstance(t, torch.Tensor))
+    assert mask.to_dense()[0, 0].tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1]]
     # Its rule, evaluated token by token, is the dense mask's.
     from torch.nn.attention.flex_attention import create_mask
 
-    assert torch.equal(create_mask(mask.mask_mod, 1, 1, 64, 64, device="cpu"), attention.dense_mask(segments))
-    assert isinstance(attention.document_mask(segments), torch.Tensor)  # CPU default: dense
+    assert torch.equal(create_mask(mask.mask_mod, 1, 1, T, T, device="cpu"), attention.dense_mask(segments))
     with pytest.raises(ValueError, match="KUBELLAMA_DOC_MASK"):
         attention.use_block_mask(torch.device("cpu"), "sparse")
 

@@ -3,13 +3,11 @@ size of what it uploads against Argo's limits."""
 from __future__ import annotations
 
 import json
-import os
 
-import pytest
 import yaml
 
 from fake_http import FakeServer
-from pipelines import llama2, submit
+from pipelines import submit
 
 API = "/apis/v2beta1"
 
@@ -191,43 +189,3 @@ def test_the_namespace_comes_from_the_config_as_the_chart_sets_it(capsys):
                                 "run.root=s3://b/r"]) == 0, capsys.readouterr().err
     assert list(kfp_api.pipelines) == [("team-a", "kubellama-llama2")]
     assert len(kfp_api.find("POST", "/pipelines/upload_version")) == 1 and not kfp_api.runs
-
-
-# etcd stores no object over 1.5 MiB, and KFP v2 turns the IR into an Argo Workflow about 2.85x its size (measured
-# against kfp 2.16.1), which then grows with each node's status as the run goes on and retries. A run whose
-# Workflow outgrows etcd fails or cannot be retried, so the IR is held to a budget whose Workflow fills under a
-# third of the limit.
-ETCD_LIMIT = 1.5 * 2**20
-ARGO_EXPANSION = 2.85
-IR_BUDGET = 150_000
-# Steps of the full recipe (data prep, pretrain, SFT, two reward models, rejection sampling, PPO, safety eval and
-# their imports): the budget per step, so each stage's share is held as stages are added.
-RECIPE_STEPS = 10
-
-
-@pytest.mark.parametrize("nodes", ["1", "8"], ids=["in-pod", "launcher"])
-def test_full_recipe_ir_fits_argo(tmp_path, nodes):
-    from components.core import stages
-    from pipelines import run
-
-    assert IR_BUDGET * ARGO_EXPANSION < ETCD_LIMIT / 3
-    overrides = ["model=llama2_70b", "cluster=h100", f"cluster.nnodes={nodes}", "cluster.scheduler=trainjob",
-                 "run.root=s3://bucket/llama2-70b", "cluster.s3_secret=s3", "cluster.timeout_s=86400"]
-    cfg = run.resolve(overrides)
-    names = llama2.selected(cfg)
-    assert names == [s.name for s in stages.STAGES]  # every registered stage is on
-    path = run.compile_pipeline(cfg, overrides, str(tmp_path / "llama2.yaml"))
-    size = os.path.getsize(path)
-    assert size <= IR_BUDGET, f"IR is {size} bytes, budget {IR_BUDGET}"
-    assert size / len(names) <= IR_BUDGET / RECIPE_STEPS, f"{size / len(names):.0f} bytes per step"
-    with open(path) as f:
-        spec = next(yaml.safe_load_all(f))
-    # One program per stage: the steps of a stage with variants (the reward models) run the same component.
-    programs = [json.dumps(e["container"]["command"]) for e in spec["deploymentSpec"]["executors"].values()]
-    assert len(set(programs)) == len(names)
-    # A step's config parameter holds only the sections it reads: no step carries the whole tree.
-    params = spec["root"]["inputDefinitions"]["parameters"]
-    whole = len(llama2.config_json(cfg))
-    for name in names:
-        for step, _ in stages.get(name).steps():
-            assert len(params[f"config_{step}"]["defaultValue"]) < whole

@@ -184,3 +184,55 @@ def test_side_arrays_reach_the_loss_for_sft_style_shards(tmp_path):
     assert seen[0]["tokens"] == seen[0]["labels"] == seen[0]["segments"] == (torch.int64, (2, SEQ))
     # Targets are labels[1:]: SEQ - 1 positions per row, of which those before SEQ // 2 are masked.
     assert all(s["count"] == 2 * (SEQ - SEQ // 2) for s in seen)
+
+
+def test_sigterm_mid_step_drops_the_step_and_saves_the_last_finished_one(tmp_path):
+    """8 micro-batches per step; SIGTERM arrives during micro-batch 4 of step 3. The run stops before micro-batch 5,
+    saves step 2 with the data position where step 2 ended, and its weights are step 2's."""
+    import signal
+
+    data = write_shards(str(tmp_path / "data"), rows=64)
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 2 * 8 + 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return causal_lm_loss(model, batch)
+
+    big = dict(max_steps=4, ckpt_every=100, micro_batch=1, global_batch_tokens=8 * SEQ)
+    t = trainer(data, str(tmp_path / "cut"), loss_fn=loss_fn, **big)
+    summary = t.fit()
+    assert summary["status"] == "preempted" and t.step == 2 and calls["n"] == 2 * 8 + 4
+    ckpt = checkpoint.folder(str(tmp_path / "cut" / "checkpoints"), 2)
+    assert storage.is_complete(ckpt)
+    assert checkpoint.meta(ckpt)["data"] == ShardReader(data).state_dict() | {"position": 2 * 8}
+    ref = trainer(data, str(tmp_path / "ref"), **{**big, "max_steps": 2})
+    ref.fit()
+    got, want = t.full_state_dict(), ref.full_state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_periodic_saves_are_written_in_the_background_and_marked_last(tmp_path, monkeypatch):
+    """Saves inside the run go through DCP's async_save; `_COMPLETE` is written only once its writes have finished."""
+    real_save, real_mark = checkpoint.dcp.async_save, checkpoint.storage.mark_complete
+    futures, marked = [], []
+
+    def spy_save(state, **kw):
+        futures.append(real_save(state, **kw))
+        return futures[-1]
+
+    def spy_mark(url, info=None):
+        marked.append((os.path.basename(url), all(f.done() for f in futures)))
+        return real_mark(url, info)
+
+    monkeypatch.setattr(checkpoint.dcp, "async_save", spy_save)
+    monkeypatch.setattr(checkpoint.storage, "mark_complete", spy_mark)
+    data = write_shards(str(tmp_path / "data"))
+    out = str(tmp_path / "run")
+    trainer(data, out, max_steps=4, ckpt_every=1, keep_last=5).fit()
+    # Steps 1-3 in the background; the final step 4 is saved in the foreground before the run returns.
+    assert len(futures) == 3
+    steps = [(m, done) for m, done in marked if m.startswith("step_")]
+    assert [m for m, _ in steps] == [f"step_000000{i}" for i in range(1, 5)] and all(done for _, done in steps)
+    assert checkpoint.steps(os.path.join(out, "checkpoints")) == ([1, 2, 3, 4], [])

@@ -1,6 +1,6 @@
 """Multi-node jobs on Kubernetes: the TrainJob (dry run, checked against the Trainer v2.3.0 CRD) and the launcher
-against a fake Kubernetes API: one job per run and stage, adopted on retry, deleted on SIGTERM and timeout, one
-writer per output."""
+against a fake Kubernetes API, for TrainJobs and Volcano Jobs alike: one job per run and stage, adopted on retry,
+deleted on SIGTERM and timeout, one writer per output."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +8,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 import yaml
@@ -38,7 +40,7 @@ def test_dryrun_prints_a_trainjob_valid_against_the_crd(capsys, schema):
     job = dryrun(capsys, *TRAINJOB, "run.root=s3://bucket/p")
     assert crd.validate(job, schema) == []
     assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
-    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "default"
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]  # no queue named, no Kueue label
     spec = job["spec"]
     assert spec["runtimeRef"] == {"name": "torch-distributed", "apiGroup": "trainer.kubeflow.org",
                                   "kind": "ClusterTrainingRuntime"}
@@ -148,18 +150,46 @@ def test_volcano_job_gets_the_deterministic_name_everywhere(capsys):
 # --- the launcher against a fake API ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Engine:
+    """A multi-node engine as the launcher drives it: its overrides, the job's plural and kind, and how a failed
+    job of it looks and is reported."""
+    overrides: tuple[str, ...]
+    plural: str
+    kind: str
+    failed: dict
+    failure: str
+
+
+ENGINES = {
+    "trainjob": Engine(tuple(TRAINJOB), trainjob.PLURAL, trainjob.KIND,
+                       {"conditions": [{"type": "Failed", "status": "True", "reason": "x", "message": "y"}]},
+                       "failed: BackoffLimitExceeded: node 1 exited 1"),
+    "volcano": Engine(("cluster=h100", "cluster.nnodes=2", "cluster.scheduler=kubernetes"), "jobs", "Job",
+                      {"state": {"phase": "Failed"}}, "failed: Failed"),
+}
+
+
+@pytest.fixture(params=list(ENGINES))
+def engine(request) -> Engine:
+    return ENGINES[request.param]
+
+
 @pytest.fixture
-def api(tmp_path, monkeypatch):
+def api(tmp_path, monkeypatch, schema):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setattr(kube, "POLL_S", 0.05)
     monkeypatch.setattr(kube, "LEASE_SETTLE_S", 0.05)
-    with FakeKube() as fake:
+    # TrainJobs are checked against the Trainer v2.3.0 CRD as the API server would (fields it lacks are dropped,
+    # or refused under fieldValidation=Strict).
+    with FakeKube(schemas={trainjob.PLURAL: schema}) as fake:
         monkeypatch.setenv("KUBECONFIG", fake.kubeconfig(str(tmp_path / "kubeconfig")))
         yield fake
 
 
-def bound(root: str, *extra: str):
-    return runs.bind(load_config([*TRAINJOB, f"run.root={root}", "cluster.namespace=ml", *extra]), "pretrain")
+def bound(root: str, *extra: str, engine: Engine = ENGINES["trainjob"]):
+    return runs.bind(load_config([*engine.overrides, f"run.root={root}", "cluster.namespace=ml", *extra]),
+                     "pretrain")
 
 
 def finish_with_report(cfg, ok: bool = True):
@@ -173,76 +203,113 @@ def finish_with_report(cfg, ok: bool = True):
                 fake.log("ml", p, f"hello from {p}")
             storage.write_json(storage.join(cfg.pretrain.output, "report.json"),
                                {"status": "done", "ended": time.time(), "step": 3})
-            fake.finish("trainjobs", "ml", job["metadata"]["name"], ok)
-
-        import threading
+            fake.finish(kube.kind_of(job).plural, "ml", job["metadata"]["name"], ok)
 
         threading.Thread(target=later, daemon=True).start()
 
     return on_create
 
 
-def test_launch_creates_owns_streams_and_cleans_up(api, s3_bucket, monkeypatch, capsys):
-    cfg = bound(f"{s3_bucket}/runs", "run.id=k1", "cluster.network_policy=true")
+def test_launch_creates_owns_streams_and_cleans_up(api, engine, s3_bucket, monkeypatch, capsys):
+    cfg = bound(f"{s3_bucket}/runs", "run.id=k1", "cluster.network_policy=true", engine=engine)
     monkeypatch.setenv("KFP_POD_NAME", "step-pod")
     monkeypatch.setenv("KFP_POD_UID", "uid-1")
     monkeypatch.setenv("NAMESPACE", "ml")
     api.on_create = finish_with_report(cfg)
     summary = launch.run(cfg, "pretrain", train=None)
     assert summary["status"] == "done"
-    (create,) = api.find("POST", "/trainjobs")
+    (create,) = api.find("POST", f"/{engine.plural}")
+    # Strict for TrainJobs only: an older Trainer refuses rather than drop runtimePatches.
+    assert create["query"].get("fieldValidation") == (["Strict"] if engine.plural == trainjob.PLURAL else None)
     job = yaml.safe_load(create["body"])
     name = kube.job_name(cfg, "pretrain")
-    assert job["metadata"]["name"] == name
+    assert job["metadata"]["name"] == name and job["kind"] == engine.kind
     assert job["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "name": "step-pod",
                                                    "uid": "uid-1"}]
     (policy,) = api.find("POST", "/networkpolicies")
     body = yaml.safe_load(policy["body"])
     assert body["spec"]["podSelector"] == {"matchLabels": {kube.JOB_LABEL: name}}
     assert body["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": {kube.JOB_LABEL: name}}}]}]
-    assert body["metadata"]["ownerReferences"][0]["kind"] == "TrainJob"
+    (owner,) = body["metadata"]["ownerReferences"]
+    assert owner["kind"] == engine.kind and owner["name"] == name
+    assert body["metadata"]["name"] == f"{name}-{owner['uid'].split('-')[0]}"
     out = capsys.readouterr().out
-    assert "hello from" in out and f"submitted trainjobs ml/{name}" in out
-    assert api.find("DELETE", f"/trainjobs/{name}") and api.get("trainjobs", "ml", name) is None
+    assert "hello from" in out and f"submitted {engine.plural} ml/{name}" in out
+    assert api.find("DELETE", f"/{engine.plural}/{name}") and api.get(engine.plural, "ml", name) is None
     assert not storage.exists(storage.join(cfg.pretrain.output, kube.LEASE))
     # Every pod request was a list by the job's label; logs were read per pod (what the Role allows: list, log).
     assert all(r["query"].get("labelSelector") == [f"{kube.JOB_LABEL}={name}"]
                for r in api.find("GET", "/pods") if not r["path"].endswith("/log"))
 
 
-def test_a_retried_step_attaches_to_its_running_job(api, s3_bucket, monkeypatch, capsys):
-    cfg = bound(f"{s3_bucket}/runs", "run.id=k2")
+def test_a_retried_step_attaches_to_its_running_job(api, engine, s3_bucket, monkeypatch, capsys):
+    cfg = bound(f"{s3_bucket}/runs", "run.id=k2", engine=engine)
     job = kube.manifest(cfg, "pretrain")
     name = job["metadata"]["name"]
-    api.put("trainjobs", copy.deepcopy(job))  # the first attempt's job, still running
+    api.put(engine.plural, copy.deepcopy(job))  # the first attempt's job, still running
+    config = launch.config_url(cfg, "pretrain")
+    storage.write_text(config, "the first attempt's config")
     finish_with_report(cfg)(api, job)
     monkeypatch.setenv("KFP_POD_NAME", "step-pod-retry")
     monkeypatch.setenv("KFP_POD_UID", "uid-2")
     monkeypatch.setenv("NAMESPACE", "ml")
     assert launch.run(cfg, "pretrain", train=None)["status"] == "done"
-    assert not api.find("POST", "/trainjobs")  # no second job
-    (patch,) = api.find("PATCH", f"/trainjobs/{name}")
+    assert not api.find("POST", f"/{engine.plural}")  # no second job
+    (patch,) = api.find("PATCH", f"/{engine.plural}/{name}")
     assert yaml.safe_load(patch["body"])["metadata"]["ownerReferences"][0]["uid"] == "uid-2"
-    assert f"attached to trainjobs ml/{name}" in capsys.readouterr().out
+    assert f"attached to {engine.plural} ml/{name}" in capsys.readouterr().out
+    assert storage.read_text(config) == "the first attempt's config"  # what the running job read stays
 
 
-def test_existing_jobs_are_refused_or_replaced(api, s3_bucket):
-    cfg = bound(f"{s3_bucket}/runs", "run.id=k3")
+def test_existing_jobs_are_refused_or_replaced(api, engine, s3_bucket):
+    cfg = bound(f"{s3_bucket}/runs", "run.id=k3", engine=engine)
     job = kube.manifest(cfg, "pretrain")
     name = job["metadata"]["name"]
     other = copy.deepcopy(job)
     other["metadata"]["annotations"][kube.SPEC_HASH] = "0000"
-    api.put("trainjobs", other)
-    with pytest.raises(KubellamaError, match="already exists with another spec"):
-        kube.launch(cfg, "pretrain", copy.deepcopy(job))
-    assert api.get("trainjobs", "ml", name) is not None and not api.find("DELETE")  # not ours: left alone
+    api.put(engine.plural, other)
+    with pytest.raises(kube.Refused, match="already exists with another spec"):
+        kube.launch(cfg, "pretrain", copy.deepcopy(job), start=lambda: pytest.fail("started a refused job"))
+    assert api.get(engine.plural, "ml", name) is not None and not api.find("DELETE")  # not ours: left alone
     # A failed earlier attempt is deleted and started again.
     failed = copy.deepcopy(job)
-    failed["status"] = {"conditions": [{"type": "Failed", "status": "True", "reason": "x", "message": "y"}]}
-    api.put("trainjobs", failed)
+    failed["status"] = engine.failed
+    api.put(engine.plural, failed)
     api.on_create = finish_with_report(cfg)
+    started = []
+    assert kube.launch(cfg, "pretrain", copy.deepcopy(job), start=lambda: started.append(1)) == "succeeded"
+    assert started == [1]
+    assert len(api.find("DELETE", f"/{engine.plural}/{name}")) == 2 and len(api.find("POST", f"/{engine.plural}")) == 1
+
+
+def test_a_replaced_job_gets_its_own_network_policy(api, engine, s3_bucket):
+    """The policy of a failed job lives on until the garbage collector deletes it with that job, after the job that
+    replaces it (same name) has started: the new job's pods must have a policy of their own."""
+    cfg = bound(f"{s3_bucket}/runs", "run.id=k8", "cluster.network_policy=true", engine=engine)
+    job = kube.manifest(cfg, "pretrain")
+    failed = api.put(engine.plural, {**copy.deepcopy(job), "status": engine.failed})
+    meta = failed["metadata"]
+    api.put("networkpolicies", {"metadata": {"name": kube.policy_name(failed), "namespace": "ml", "ownerReferences": [
+        {"apiVersion": job["apiVersion"], "kind": job["kind"], "name": meta["name"], "uid": meta["uid"]}]}})
+    finish = finish_with_report(cfg)
+    policies: list[dict] = []
+
+    def on_create(fake: FakeKube, obj: dict) -> None:
+        def later():
+            deadline = time.monotonic() + 10
+            while not fake.owned_by("networkpolicies", obj["metadata"]["uid"]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            fake.collect()  # the failed job's dependents go now, while the new job runs
+            policies.extend(fake.owned_by("networkpolicies", obj["metadata"]["uid"]))
+            finish(fake, obj)
+
+        threading.Thread(target=later, daemon=True).start()
+
+    api.on_create = on_create
     assert kube.launch(cfg, "pretrain", copy.deepcopy(job)) == "succeeded"
-    assert len(api.find("DELETE", f"/trainjobs/{name}")) == 2 and len(api.find("POST", "/trainjobs")) == 1
+    (policy,) = policies
+    assert policy["spec"]["podSelector"] == {"matchLabels": {kube.JOB_LABEL: meta["name"]}}
+    assert api.get("networkpolicies", "ml", kube.policy_name(failed)) is None  # collected with the failed job
 
 
 def test_an_api_outage_does_not_cost_the_job(api, s3_bucket, capsys):
@@ -258,26 +325,67 @@ def test_an_api_outage_does_not_cost_the_job(api, s3_bucket, capsys):
     assert len(api.find("DELETE", "/trainjobs")) == 1 and "retrying after" in capsys.readouterr().err
 
 
-def test_failure_and_timeout_delete_the_job(api, s3_bucket):
-    cfg = bound(f"{s3_bucket}/runs", "run.id=k4")
+def test_failure_and_timeout_delete_the_job(api, engine, s3_bucket):
+    cfg = bound(f"{s3_bucket}/runs", "run.id=k4", engine=engine)
     api.on_create = finish_with_report(cfg, ok=False)
-    with pytest.raises(KubellamaError, match="failed: BackoffLimitExceeded: node 1 exited 1"):
+    with pytest.raises(KubellamaError, match=engine.failure):
         kube.launch(cfg, "pretrain", kube.manifest(cfg, "pretrain"))
-    cfg = bound(f"{s3_bucket}/runs", "run.id=k5", "cluster.timeout_s=1", "cluster.grace_period_s=1")
+    cfg = bound(f"{s3_bucket}/runs", "run.id=k5", "cluster.timeout_s=1", "cluster.grace_period_s=1", engine=engine)
     api.on_create = lambda fake, job: fake.start_pods(job, 1)  # never ends
     started = time.monotonic()
     with pytest.raises(kube.Stopped, match="cluster.timeout_s=1 passed"):
         kube.launch(cfg, "pretrain", kube.manifest(cfg, "pretrain"))
     assert time.monotonic() - started < 10
-    assert api.get("trainjobs", "ml", kube.job_name(cfg, "pretrain")) is None
+    assert api.get(engine.plural, "ml", kube.job_name(cfg, "pretrain")) is None
     assert not storage.exists(storage.join(cfg.pretrain.output, kube.LEASE))
 
 
-def test_sigterm_deletes_the_job_and_the_lease_refuses_a_second_writer(api, s3_bucket, tmp_path, monkeypatch):
-    """A launcher process (the KFP step) is killed with SIGTERM: its TrainJob is deleted and it exits 143. While
-    it runs, a launcher of another run pointed at the same output is refused, naming the job."""
+def test_an_older_trainer_refuses_the_trainjob(api, schema, s3_bucket):
+    """Trainer before 2.2 has no runtimePatches: without strict field validation its API server would drop them and
+    run the job without its GPU node selector, /dev/shm and S3 keys."""
+    older = copy.deepcopy(schema)
+    del older["properties"]["spec"]["properties"]["runtimePatches"]
+    api.schemas[trainjob.PLURAL] = older
+    cfg = bound(f"{s3_bucket}/runs", "run.id=k9", "cluster.timeout_s=2", "cluster.grace_period_s=1")
+    with pytest.raises(KubellamaError, match='unknown field "spec.runtimePatches".*older than the release') as exc:
+        kube.launch(cfg, "pretrain", kube.manifest(cfg, "pretrain"))
+    assert "\n" not in str(exc.value) and api.get(trainjob.PLURAL, "ml", kube.job_name(cfg, "pretrain")) is None
+
+
+def test_a_refused_launcher_leaves_the_holders_config_and_report(api, engine, s3_bucket):
+    """A second launcher for an output another job is writing is refused in one line before it writes there, and
+    does not take the holder's report for its own."""
     shared = f"{s3_bucket}/shared/pretrain"
-    overrides = [*TRAINJOB, f"run.root={s3_bucket}/runs", "cluster.namespace=ml", f"pretrain.output={shared}",
+    first = bound(f"{s3_bucket}/runs", f"pretrain.output={shared}", "run.id=first", engine=engine)
+    second = bound(f"{s3_bucket}/runs", f"pretrain.output={shared}", "run.id=second", engine=engine)
+    api.on_create = lambda fake, job: fake.start_pods(job, 1)  # runs until finished below
+    result: dict = {}
+    holder = threading.Thread(target=lambda: result.update(launch.run(first, "pretrain", train=None)), daemon=True)
+    holder.start()
+    deadline = time.monotonic() + 60
+    while not api.find("POST", f"/{engine.plural}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    config = launch.config_url(first, "pretrain")
+    assert config == launch.config_url(second, "pretrain") and "first" in storage.read_text(config)
+    written = storage.read_text(config)
+    # The holder's rank 0 has written its report (the job has not ended yet), later than the second launcher starts.
+    report = storage.join(shared, "report.json")
+    storage.write_json(report, {"status": "done", "ended": time.time() + 60, "step": 3})
+    with pytest.raises(kube.Refused, match=f"being written by {engine.kind} ml/{kube.job_name(first, 'pretrain')}") \
+            as refused:
+        launch.run(second, "pretrain", train=None)
+    assert "\n" not in str(refused.value)
+    assert storage.read_text(config) == written and len(api.find("POST", f"/{engine.plural}")) == 1
+    api.finish(engine.plural, "ml", kube.job_name(first, "pretrain"))
+    holder.join(timeout=30)
+    assert result["status"] == "done"
+
+
+def test_sigterm_deletes_the_job_and_the_lease_refuses_a_second_writer(api, engine, s3_bucket, tmp_path):
+    """A launcher process (the KFP step) is killed with SIGTERM: its job is deleted and it exits 143. While it runs,
+    a launcher of another run pointed at the same output is refused, naming the job."""
+    shared = f"{s3_bucket}/shared/pretrain"
+    overrides = [*engine.overrides, f"run.root={s3_bucket}/runs", "cluster.namespace=ml", f"pretrain.output={shared}",
                  "cluster.grace_period_s=2"]
     api.on_create = lambda fake, job: fake.start_pods(job, 2)  # runs until deleted
     env = {**os.environ, "PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1"}
@@ -285,17 +393,18 @@ def test_sigterm_deletes_the_job_and_the_lease_refuses_a_second_writer(api, s3_b
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while not api.find("POST", "/trainjobs") and proc.poll() is None and time.monotonic() < deadline:
+        while not api.find("POST", f"/{engine.plural}") and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert api.find("POST", "/trainjobs"), proc.communicate(timeout=5)
-        first = kube.job_name(bound(f"{s3_bucket}/runs", f"pretrain.output={shared}", "run.id=first"), "pretrain")
-        assert api.get("trainjobs", "ml", first) is not None
+        assert api.find("POST", f"/{engine.plural}"), proc.communicate(timeout=5)
+        first = kube.job_name(bound(f"{s3_bucket}/runs", f"pretrain.output={shared}", "run.id=first", engine=engine),
+                              "pretrain")
+        assert api.get(engine.plural, "ml", first) is not None
 
-        second = bound(f"{s3_bucket}/runs", f"pretrain.output={shared}", "run.id=second")
-        with pytest.raises(KubellamaError, match=f"being written by TrainJob ml/{first}") as refused:
+        second = bound(f"{s3_bucket}/runs", f"pretrain.output={shared}", "run.id=second", engine=engine)
+        with pytest.raises(kube.Refused, match=f"being written by {engine.kind} ml/{first}") as refused:
             kube.launch(second, "pretrain", kube.manifest(second, "pretrain"))
         assert "one writer per output" in str(refused.value) and "\n" not in str(refused.value)
-        assert len(api.find("POST", "/trainjobs")) == 1
+        assert len(api.find("POST", f"/{engine.plural}")) == 1
 
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
@@ -303,8 +412,8 @@ def test_sigterm_deletes_the_job_and_the_lease_refuses_a_second_writer(api, s3_b
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, out + err
-    assert api.find("DELETE", f"/trainjobs/{first}") and api.get("trainjobs", "ml", first) is None
-    assert "SIGTERM: deleted trainjobs" in out
+    assert api.find("DELETE", f"/{engine.plural}/{first}") and api.get(engine.plural, "ml", first) is None
+    assert f"SIGTERM: deleted {engine.plural}" in out
     assert not storage.exists(storage.join(shared, kube.LEASE))
 
 
@@ -333,3 +442,13 @@ def test_a_multi_node_trainjob_step_is_a_small_launcher_pod():
     line = next(line for line in run.dag_text(run.resolve(one), one).splitlines()
                 if line.strip().startswith("pretrain"))
     assert "gpus=8" in line and "launches" not in line  # one node: torchrun in the step's own pod
+
+
+def test_a_retry_attaches_only_to_a_job_of_the_same_config(engine, s3_bucket):
+    """Same run and stage, another config: same job name, another spec hash, so the launcher refuses to attach."""
+    a = kube.manifest(bound(f"{s3_bucket}/runs", "run.id=k9", engine=engine), "pretrain")
+    b = kube.manifest(bound(f"{s3_bucket}/runs", "run.id=k9", "pretrain.lr=1e-4", engine=engine), "pretrain")
+    again = kube.manifest(bound(f"{s3_bucket}/runs", "run.id=k9", engine=engine), "pretrain")
+    assert a["metadata"]["name"] == b["metadata"]["name"]
+    assert a["metadata"]["annotations"][kube.SPEC_HASH] != b["metadata"]["annotations"][kube.SPEC_HASH]
+    assert a["metadata"]["annotations"][kube.SPEC_HASH] == again["metadata"]["annotations"][kube.SPEC_HASH]

@@ -21,7 +21,7 @@ from components.core.shards import ShardReader
 from components.core.trainer import Trainer, causal_lm_loss
 from components.data_prep import samples
 from pipelines.cli import main as cli
-from test_trainer_support import MODEL, model_cfg, train_cfg, write_shards
+from test_trainer_support import MODEL, OVERRIDES, model_cfg, train_cfg, write_shards
 
 MODEL_OVERRIDES = [f"model.{k}={v}" for k, v in MODEL.items()]
 
@@ -102,7 +102,7 @@ def test_planted_metadata_pickle_is_refused_on_resume_init_export_and_generate(r
     msg = str(exc.value)
     assert "\n" not in msg and msg.startswith(os.path.join(ckpt, ".metadata")) and "builtins.exec" in msg
     # (c) what a stage's `init` loads
-    with pytest.raises(trust.Refused, match=r"\.metadata: refused to unpickle builtins\.exec"):
+    with pytest.raises(trust.Refused, match=r"\.metadata: refused to unpickle 'builtins\.exec'"):
         checkpoint.load_model(ckpt, model_cfg())
     # (b) the CLI: one line, exit 2, no output folder
     hf_out = str(tmp_path / "hf")
@@ -114,6 +114,25 @@ def test_planted_metadata_pickle_is_refused_on_resume_init_export_and_generate(r
 
     assert not os.path.exists(marker)
     assert files(out) == before
+
+
+def test_planted_metadata_pickle_is_refused_as_a_stage_init(run, tmp_path, capsys):
+    """`<stage>.init` pointing at a poisoned checkpoint: the trainer and the stage's CLI refuse it in one line."""
+    data, out, ckpt = run
+    marker = str(tmp_path / "pwned")
+    with open(os.path.join(ckpt, ".metadata"), "wb") as f:
+        f.write(payload(marker))
+    with pytest.raises(trust.Refused, match=r"\.metadata: refused to unpickle 'builtins\.exec'"):
+        Trainer(train_cfg(max_steps=1), model_cfg(), str(tmp_path / "t"), ShardReader(data), loss_fn=causal_lm_loss,
+                env=dist.init(), init=ckpt)
+    root, shards = tmp_path / "root", tmp_path / "d"
+    write_shards(str(shards / "pretrain"))
+    code = cli(["pretrain", *OVERRIDES, f"run.root={root}", "run.id=t", f"data.output={shards}",
+                f"pretrain.data={shards}", f"pretrain.init={ckpt}", "pretrain.max_steps=1"])
+    assert "builtins.exec" in one_line_refusal(capsys, code)
+    assert not os.path.exists(marker)
+    assert not os.path.exists(root / "t" / "pretrain" / "checkpoints")
+    assert not os.path.exists(root / "t" / "pretrain" / "hf")
 
 
 def _rewrite_metadata(ckpt: str, edit) -> None:
@@ -172,6 +191,11 @@ def test_tampered_rng_and_trainer_state_are_refused(run):
     storage.write_text(os.path.join(ckpt, "trainer.json"), "{not json")
     with pytest.raises(KubellamaError, match=r"trainer\.json: not valid JSON"):
         trainer(data, out, 4).fit()
+    for bad, error in (([1, 2], "a list, not an object"), ({"world_size": 1}, "no step"),
+                       ({"step": 2, "scheduler": "x"}, "'scheduler' is not an object")):
+        storage.write_json(os.path.join(ckpt, "trainer.json"), bad)
+        with pytest.raises(trust.Refused, match=rf"trainer\.json: not a trainer state \({error}\)"):
+            trainer(data, out, 4).fit()
     assert not os.path.exists(os.path.join(out, "pwned"))
 
 
@@ -182,7 +206,7 @@ def test_planted_metadata_is_refused_on_s3(run, tmp_path, s3_bucket):
         f.write(payload(marker))
     remote = f"{s3_bucket}/ckpt"
     storage.put_dir(ckpt, remote)
-    with pytest.raises(trust.Refused, match=rf"^{remote}/\.metadata: refused to unpickle builtins\.exec"):
+    with pytest.raises(trust.Refused, match=rf"^{remote}/\.metadata: refused to unpickle 'builtins\.exec'"):
         checkpoint.load_model(remote, model_cfg())
     assert not os.path.exists(marker)
 
@@ -224,23 +248,62 @@ def _sharded_hf(folder: str) -> str:
     return folder
 
 
-@pytest.mark.parametrize("name", BAD_NAMES)
-def test_hf_index_names_outside_the_folder_are_refused(tmp_path, name):
-    folder = _sharded_hf(str(tmp_path / "hf"))
+def _poisoned_index(folder: str, name: str) -> str:
+    """A sharded HF directory whose index sends lm_head.weight to file `name`; returns the index URL."""
+    _sharded_hf(folder)
     index_url = os.path.join(folder, "model.safetensors.index.json")
     index = storage.read_json(index_url)
     index["weight_map"]["lm_head.weight"] = name
     storage.write_json(index_url, index)
+    return index_url
+
+
+def _empty_model() -> Llama:
+    with torch.device("meta"):
+        model = Llama(model_cfg())
+    return model.to_empty(device="cpu")
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_hf_index_names_outside_the_folder_are_refused(tmp_path, name):
+    """Both readers of an HF directory: the whole-file one (export-hf, generate) and the sharded `<stage>.init` one,
+    which reads only this rank's rows through the index."""
+    folder = str(tmp_path / "hf")
+    index_url = _poisoned_index(folder, name)
     with pytest.raises(trust.Refused, match=f"^{index_url}: refused file name"):
         hf.load_model(folder)
+    with pytest.raises(trust.Refused, match=f"^{index_url}: refused file name"):
+        checkpoint.load_weights(_empty_model(), folder)
+
+
+@pytest.mark.parametrize("edit,error", [
+    (lambda h: h["model.norm.weight"].update(data_offsets=[0, 10 ** 12]), "do not fit its shape or the file"),
+    (lambda h: h["model.norm.weight"].update(dtype="OBJ"), "unknown dtype 'OBJ'"),
+    (lambda h: h["model.norm.weight"].update(shape="x"), "bad shape or data_offsets"),
+])
+def test_safetensors_headers_that_point_past_the_data_are_refused(tmp_path, edit, error):
+    """Sharded reads trust the header's offsets: they must fit the tensor and the file."""
+    import struct
+
+    cfg = model_cfg()
+    folder = str(tmp_path / "hf")
+    hf.save_hf(Llama(cfg).state_dict(), cfg, folder)
+    path = os.path.join(folder, "model.safetensors")
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + raw[8 + n:])
+    with pytest.raises(trust.Refused, match=f"^{path}: not a safetensors file .*{error}"):
+        checkpoint.load_weights(_empty_model(), folder)
 
 
 def test_hf_index_refusal_from_the_cli(tmp_path, capsys):
-    folder = _sharded_hf(str(tmp_path / "hf"))
-    index_url = os.path.join(folder, "model.safetensors.index.json")
-    index = storage.read_json(index_url)
-    index["weight_map"]["lm_head.weight"] = "/etc/passwd"
-    storage.write_json(index_url, index)
+    folder = str(tmp_path / "hf")
+    _poisoned_index(folder, "/etc/passwd")
     out = str(tmp_path / "out")
     assert "refused file name '/etc/passwd'" in one_line_refusal(
         capsys, cli(["export-hf", "--checkpoint", folder, "--out", out]))
@@ -364,3 +427,20 @@ def test_links_inside_the_archive_are_fine_and_never_followed(tmp_path):
     assert [os.path.relpath(w, tmp_path) for w in written] == [os.path.join("dest", "p", "ok.json")]
     assert json.loads(open(written[0]).read()) == {}
     assert not any(os.path.islink(w) for w in written)
+
+
+def test_a_manifest_cannot_pull_an_outside_file_into_the_export(tmp_path, capsys):
+    """The manifest's `tokenizer` URL is not followed: its bytes would be copied into this run's HF export."""
+    secret = tmp_path / "elsewhere" / "secret.model"
+    secret.parent.mkdir()
+    secret.write_bytes(b"not for this run")
+    shards = tmp_path / "d"
+    write_shards(str(shards / "pretrain"))
+    manifest_url = str(shards / "pretrain" / "manifest.json")
+    storage.write_json(manifest_url, {**storage.read_json(manifest_url), "tokenizer": str(secret)})
+    root = tmp_path / "root"
+    assert cli(["pretrain", *OVERRIDES, f"run.root={root}", "run.id=t", f"data.output={shards}",
+                f"pretrain.data={shards}", "pretrain.max_steps=1"]) == 0
+    hf_dir = root / "t" / "pretrain" / "hf"
+    assert (hf_dir / "model.safetensors").exists()
+    assert not (hf_dir / "tokenizer.model").exists()

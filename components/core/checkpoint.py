@@ -123,8 +123,20 @@ def save(root: str, step: int, tensors: dict[str, Any], meta: dict[str, Any], en
 
 
 def meta(url: str) -> dict[str, Any]:
-    """trainer.json of checkpoint `url`: step, world size, fingerprint, scheduler and data position."""
-    return storage.read_json(storage.join(url, "trainer.json"))
+    """trainer.json of checkpoint `url`: step, world size, fingerprint, scheduler and data position. Its shape is
+    checked here, once, so a hand-edited or foreign file is one line, not a KeyError deep in a resume."""
+    where = storage.join(url, "trainer.json")
+    info = storage.read_json(where)
+    if not isinstance(info, dict):
+        raise trust.Refused(f"{where}: not a trainer state (a {type(info).__name__}, not an object)")
+    for key, kind in (("step", int), ("world_size", int), ("fingerprint", dict), ("scheduler", dict),
+                      ("data", dict)):
+        if key in info and info[key] is not None and not isinstance(info[key], kind):
+            what = "an int" if kind is int else "an object"
+            raise trust.Refused(f"{where}: not a trainer state ({key!r} is not {what})")
+    if not isinstance(info.get("step"), int) or info["step"] < 0:
+        raise trust.Refused(f"{where}: not a trainer state (no step)")
+    return info
 
 
 def prune(root: str, keep: int) -> None:
@@ -142,11 +154,10 @@ def prune(root: str, keep: int) -> None:
 def load(url: str, tensors: dict[str, Any], env: dist.Env) -> dict[str, Any]:
     """Collective: fill `tensors` in place from checkpoint `url`; restore RNG; return trainer.json."""
     trust.load(tensors, url)
-    meta_url = storage.join(url, "trainer.json")
     info = meta(url)
-    saved = info.get("world_size", 1) if isinstance(info, dict) else None
+    saved = info.get("world_size", 1)
     if not isinstance(saved, int) or saved < 1:
-        raise trust.Refused(f"{meta_url}: not a trainer state (world_size {saved!r})")
+        raise trust.Refused(f"{storage.join(url, 'trainer.json')}: not a trainer state (world_size {saved!r})")
     # RNG streams are per rank; on a different world size rank r continues rank (r mod saved world size)'s stream.
     rng_url = storage.join(url, f"rng_{env.rank % saved}.pt")
     try:

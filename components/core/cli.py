@@ -6,7 +6,7 @@ import sys
 from typing import Callable, Sequence
 
 from components.core.config import load_config
-from components.core.errors import KubellamaError
+from components.core.errors import PREFIX, KubellamaError
 from conf.schema import Config
 
 
@@ -17,7 +17,7 @@ def parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def fail(message: str) -> int:
-    print(f"kubellama: error: {message}", file=sys.stderr)
+    print(f"{PREFIX}{message}", file=sys.stderr)
     return 2
 
 

@@ -4,9 +4,11 @@
     reward = whiten(logit(R_c))
 
 R_h and R_s are the helpfulness and safety RMs' rewards in (0, 1): sigmoid of their raw scores
-(components/core/scorer.py `probability`). Whitening uses the statistics of the batch (all ranks together) or a
-running estimate over every score seen so far (state saved with the PPO checkpoint), per
-`reward.combined.whiten`. The KL penalty of the final PPO reward is PPO's business, not this file's.
+(components/core/scorer.py `probability`). `combine` is logit(R_c); `Whitener` whitens it with the statistics of
+the batch (all ranks together) or a running estimate over every score seen so far (state saved with the PPO
+checkpoint), per `reward.combined.whiten`. They stay two pieces because PPO needs both the whitened reward (to
+train) and the unwhitened one (to report), and rejection sampling only the latter. The KL penalty of the final PPO
+reward is PPO's business, not this file's.
 """
 from __future__ import annotations
 
@@ -29,6 +31,13 @@ def logit(p: torch.Tensor, eps: float) -> torch.Tensor:
     """log(p / (1 - p)), with p clipped to [eps, 1 - eps] so a saturated RM gives a large finite value."""
     p = p.double().clamp(eps, 1.0 - eps)
     return torch.log(p) - torch.log1p(-p)
+
+
+def combine(r_h: torch.Tensor, r_s: torch.Tensor, is_safety: torch.Tensor, cfg: CombinedRewardConfig) -> torch.Tensor:
+    """logit(R_c) in fp64: the combined reward before whitening, what PPO and rejection sampling score answers with
+    (components/ppo/stage.py). PPO whitens it per rollout with a `Whitener` (components/ppo/loop.py) and reports it
+    unwhitened too; rejection sampling keeps it as is, since whitening would not change the argmax."""
+    return logit(choose(r_h, r_s, is_safety, cfg.safety_threshold), cfg.eps)
 
 
 def _all_sum(t: torch.Tensor) -> torch.Tensor:
@@ -75,24 +84,6 @@ class Whitener:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.count, self.mean, self.m2 = float(state["count"]), float(state["mean"]), float(state["m2"])
-
-
-class CombinedReward:
-    """reward(R_h, R_s, is_safety) = whiten(logit(R_c)) for one batch; keeps the running statistics if configured."""
-
-    def __init__(self, cfg: CombinedRewardConfig):
-        self.cfg = cfg
-        self.whitener = Whitener(cfg.whiten, cfg.eps)
-
-    def __call__(self, r_h: torch.Tensor, r_s: torch.Tensor, is_safety: torch.Tensor) -> torch.Tensor:
-        r_c = choose(r_h, r_s, is_safety, self.cfg.safety_threshold)
-        return self.whitener(logit(r_c, self.cfg.eps)).to(r_h.dtype)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.whitener.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.whitener.load_state_dict(state)
 
 
 def detection(r_s: torch.Tensor, unsafe: torch.Tensor, threshold: float) -> dict[str, Any]:

@@ -7,6 +7,7 @@ transformers' `save_pretrained` writes (one safetensors file or a sharded index)
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import torch
@@ -144,7 +145,8 @@ def exported(url: str, lineage: dict[str, Any]) -> bool:
     return storage.is_complete(url) and storage.exists(path) and storage.read_json(path) == lineage
 
 
-def _read_tensors(url: str) -> dict[str, torch.Tensor]:
+def _files(url: str) -> list[str]:
+    """The safetensors file names of HF directory `url`, each checked to be a plain name inside it."""
     index_url = storage.join(url, "model.safetensors.index.json")
     if storage.exists(index_url):
         index = storage.read_json(index_url)
@@ -152,11 +154,14 @@ def _read_tensors(url: str) -> dict[str, torch.Tensor]:
         if not isinstance(weight_map, dict) or not weight_map:
             raise trust.Refused(f"{index_url}: no weight_map of tensor names to file names")
         # File names come from the index: `../x` or `s3://other/x` would read weights from somewhere else.
-        files = sorted({trust.safe_name(name, index_url) for name in weight_map.values()})
-    elif storage.exists(storage.join(url, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise KubellamaError(f"{url}: no model.safetensors or model.safetensors.index.json (not an HF checkpoint)")
+        return sorted({trust.safe_name(name, index_url) for name in weight_map.values()})
+    if storage.exists(storage.join(url, "model.safetensors")):
+        return ["model.safetensors"]
+    raise KubellamaError(f"{url}: no model.safetensors or model.safetensors.index.json (not an HF checkpoint)")
+
+
+def _read_tensors(url: str) -> dict[str, torch.Tensor]:
+    files = _files(url)
     out: dict[str, torch.Tensor] = {}
     for name in files:
         try:
@@ -169,17 +174,22 @@ def _read_tensors(url: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_model(url: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
-               ) -> tuple[Llama, ModelConfig, str | None]:
-    """Load an HF Llama directory (ours or transformers'): model, its config, and the tokenizer URL if present."""
+def read_config(url: str) -> tuple[dict[str, Any], ModelConfig]:
+    """config.json of HF directory `url`, and our model config from it; anything else is one line."""
     config_url = storage.join(url, "config.json")
     if not storage.exists(config_url):
         raise KubellamaError(f"{url}: no config.json (not a checkpoint directory)")
-    hf = storage.read_json(config_url)
     try:
-        cfg = model_config_from_hf(hf)
+        hf = storage.read_json(config_url)
+        return hf, model_config_from_hf(hf)
     except (AttributeError, KeyError, TypeError, ValueError) as exc:
         raise KubellamaError(f"{config_url}: not a Llama config ({trust.one_line(exc)})") from None
+
+
+def load_model(url: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+               ) -> tuple[Llama, ModelConfig, str | None]:
+    """Load an HF Llama directory (ours or transformers'): model, its config, and the tokenizer URL if present."""
+    hf, cfg = read_config(url)
     tensors = {from_hf_key(k): v for k, v in _read_tensors(url).items()}
     if "lm_head.weight" not in tensors and hf.get("tie_word_embeddings"):
         tensors["lm_head.weight"] = tensors["embed_tokens.weight"]
@@ -209,22 +219,41 @@ def _headers(url: str) -> dict[str, tuple[str, dict[str, Any], int]]:
     """HF key -> (file URL, safetensors entry, offset of the file's data section), reading headers only."""
     import struct
 
-    index_url = storage.join(url, "model.safetensors.index.json")
-    if storage.exists(index_url):
-        files = sorted(set(storage.read_json(index_url)["weight_map"].values()))
-    elif storage.exists(storage.join(url, "model.safetensors")):
-        files = ["model.safetensors"]
-    else:
-        raise KubellamaError(f"{url}: no model.safetensors or model.safetensors.index.json (not an HF checkpoint)")
+    files = _files(url)
     out: dict[str, tuple[str, dict[str, Any], int]] = {}
     for name in files:
         path = storage.join(url, name)
         fs, p = storage.filesystem(path)
-        (n,) = struct.unpack("<Q", fs.cat_file(p, start=0, end=8))
-        header = json.loads(fs.cat_file(p, start=8, end=8 + n))
-        header.pop("__metadata__", None)
+        try:
+            size = fs.size(p)
+            (n,) = struct.unpack("<Q", fs.cat_file(p, start=0, end=8))
+            if n > min(size - 8, 100 << 20):
+                raise ValueError(f"header length {n} past the file's {size} bytes")
+            header = json.loads(fs.cat_file(p, start=8, end=8 + n))
+            header.pop("__metadata__", None)
+            for key, info in header.items():
+                _check_entry(key, info, size - 8 - n)
+        except FileNotFoundError:
+            raise KubellamaError(f"{path}: missing") from None
+        except (struct.error, ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise trust.Refused(f"{path}: not a safetensors file ({trust.one_line(exc)})") from None
         out.update({k: (path, v, 8 + n) for k, v in header.items()})
     return out
+
+
+def _check_entry(key: str, info: Any, data_size: int) -> None:
+    """A header entry must describe a tensor of a known dtype whose bytes lie inside the file's data section:
+    ranged reads trust these numbers."""
+    if not isinstance(info, dict) or info.get("dtype") not in _ST_DTYPES:
+        raise ValueError(f"tensor {key!r}: unknown dtype {info.get('dtype') if isinstance(info, dict) else info!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        raise ValueError(f"tensor {key!r}: bad shape or data_offsets")
+    width = torch.empty((), dtype=_ST_DTYPES[info["dtype"]]).element_size()
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size or end - begin != math.prod(shape) * width:
+        raise ValueError(f"tensor {key!r}: data_offsets {offsets} do not fit its shape or the file")
 
 
 def read_into(url: str, state: dict[str, torch.Tensor]) -> list[str]:

@@ -6,15 +6,17 @@ made by torchx) or a Kubeflow Trainer TrainJob (`trainjob`, components/core/trai
   same output. A job of that name with another spec (another config under the same run id) is refused; a failed one
   is deleted and started again.
 - Lease: `<output>/_LEASE.json` names the job writing there. A launcher of another job (another run pointed at the
-  same output) is refused while the lease is fresh or its job still exists; the holder renews it while it waits and
-  removes it at the end.
+  same output) is refused (Refused) while the lease is fresh or its job still exists, before it writes anything
+  there (the config comes after the lease); the holder renews it while it waits and removes it at the end.
 - Cleanup: the job carries an ownerReference to the launching step's pod (KFP puts the pod's name and uid in
   KFP_POD_NAME / KFP_POD_UID), so deleting the step, its run or its workflow deletes the job. SIGTERM (KFP
   "Terminate", eviction, the step's deadline), `cluster.timeout_s` and the end of the job delete it as well; its
   pods then get their own grace period (`cluster.grace_period_s`) to save.
 - Logs: the job's pods, found by the label `kubellama.io/job=<name>`, stream into the step's log.
-- With `cluster.network_policy`, a NetworkPolicy owned by the job lets its pods, and only them, reach each other
-  (the Helm chart denies all other ingress to kubellama pods).
+- With `cluster.network_policy`, a NetworkPolicy owned by the job (named by its uid, so a replaced job's policy
+  cannot stand in for it) lets its pods, and only them, reach each other (the Helm chart denies all other ingress
+  to kubellama pods).
+- A TrainJob is created with fieldValidation=Strict: a Trainer whose CRD lacks a field we set refuses the job.
 
 The service account needs: create/get/patch/delete on the job kind, list on pods, get on pods/log, create on
 networkpolicies (with cluster.network_policy); helm/kubellama/templates/rbac.yaml grants exactly that.
@@ -36,7 +38,7 @@ from typing import Any, Callable
 from urllib3.exceptions import HTTPError
 
 from components.core import runs, storage
-from components.core.errors import ConfigError, KubellamaError
+from components.core.errors import ConfigError, KubellamaError, rank_error
 
 SCHEDULERS = ("kubernetes", "trainjob")
 PART_OF = "app.kubernetes.io/part-of"
@@ -57,12 +59,19 @@ class Stopped(KubellamaError):
     """The launcher was told to stop (SIGTERM) or ran out of time, and deleted its job."""
 
 
+class Refused(KubellamaError):
+    """Another writer holds the output, or the job's name under another spec: this launcher started and wrote
+    nothing, and what is in the output (config, report) belongs to that other writer."""
+
+
 @dataclass(frozen=True)
 class Kind:
     group: str
     version: str
     plural: str
     state: Callable[[dict], tuple[str, str]]
+    # Create with fieldValidation=Strict: an API server whose CRD lacks a field refuses instead of dropping it.
+    strict: bool = False
 
     @property
     def api_version(self) -> str:
@@ -86,7 +95,10 @@ def _trainjob_state(job: dict) -> tuple[str, str]:
 
 KINDS = {
     "batch.volcano.sh/v1alpha1/Job": Kind("batch.volcano.sh", "v1alpha1", "jobs", _volcano_state),
-    "trainer.kubeflow.org/v1alpha1/TrainJob": Kind("trainer.kubeflow.org", "v1alpha1", "trainjobs", _trainjob_state),
+    # Strict: a Trainer older than the one trainjob.py targets (no runtimePatches before 2.2) would silently drop our
+    # pod settings (GPU node selector, /dev/shm, S3 keys) and run the job without them.
+    "trainer.kubeflow.org/v1alpha1/TrainJob": Kind("trainer.kubeflow.org", "v1alpha1", "trainjobs", _trainjob_state,
+                                                   strict=True),
 }
 
 
@@ -131,7 +143,10 @@ def manifest(cfg: Any, stage: str) -> dict[str, Any]:
         job["metadata"].setdefault("labels", {}).update(tags)
         for task in job["spec"]["tasks"]:
             task["template"]["metadata"].setdefault("labels", {}).update(tags)
-    job["metadata"].setdefault("annotations", {})[SPEC_HASH] = runs.digest(job, 16)
+    # The config too: a retried step attaches to its job only when it would have started the same job with the same
+    # config (the job reads config.yaml, which only the lease holder writes).
+    spec = runs.digest({"job": job, "config": runs.config_hash(cfg)}, 16)
+    job["metadata"].setdefault("annotations", {})[SPEC_HASH] = spec
     return job
 
 
@@ -244,9 +259,9 @@ class Lease:
         self.renewed = time.time()
         storage.write_json(self.url, {**self.record, "renewed": self.renewed})
 
-    def _refuse(self, other: dict) -> KubellamaError:
+    def _refuse(self, other: dict) -> Refused:
         age = int(time.time() - float(other.get("renewed", 0)))
-        return KubellamaError(
+        return Refused(
             f"{self.output} is being written by {other.get('kind')} {other.get('namespace')}/{other.get('job')} "
             f"(lease {self.url}, renewed {age}s ago by {other.get('holder')}): one writer per output; wait for it to "
             f"end, or delete that job, or write elsewhere (another run.id or {self.stage}.output)")
@@ -277,8 +292,9 @@ class Lease:
 # --- the launcher ------------------------------------------------------------------------------------------------
 
 
-def _create_or_adopt(api: _Api, kind: Kind, job: dict) -> dict:
-    """Create `job`, or attach to the live job of that name an earlier attempt started (same spec hash)."""
+def _create_or_adopt(api: _Api, kind: Kind, job: dict, start: Callable[[], None] | None = None) -> dict:
+    """Create `job`, or attach to the live job of that name an earlier attempt started (same spec hash). `start`
+    runs just before a create (not on adopt: the running job reads what its own launcher wrote)."""
     from kubernetes.client.exceptions import ApiException
 
     meta = job["metadata"]
@@ -288,7 +304,7 @@ def _create_or_adopt(api: _Api, kind: Kind, job: dict) -> dict:
         if existing is not None:
             theirs = ((existing.get("metadata") or {}).get("annotations") or {}).get(SPEC_HASH)
             if theirs != meta["annotations"][SPEC_HASH]:
-                raise KubellamaError(
+                raise Refused(
                     f"{kind.plural}.{kind.group} {ns}/{name} already exists with another spec (spec hash {theirs}, "
                     f"this launcher's {meta['annotations'][SPEC_HASH]}): the same run and stage under another "
                     f"config; delete it (kubectl -n {ns} delete {kind.plural}.{kind.group} {name}) or start a new run")
@@ -306,11 +322,18 @@ def _create_or_adopt(api: _Api, kind: Kind, job: dict) -> dict:
                   f"again", flush=True)
             api.delete(kind, ns, name)
             _wait_gone(api, kind, ns, name)
+        if start is not None:
+            start()
+            start = None
         try:
-            created = api.objects.create_namespaced_custom_object(kind.group, kind.version, ns, kind.plural, job)
+            created = api.objects.create_namespaced_custom_object(
+                kind.group, kind.version, ns, kind.plural, job, field_validation="Strict" if kind.strict else None)
             print(f"kubellama: submitted {kind.plural} {ns}/{name}", flush=True)
             return created
         except ApiException as exc:
+            if exc.status == 400 and kind.strict:
+                raise KubellamaError(f"{_api_error(exc, f'create {kind.plural} {ns}/{name}')} (is the cluster's "
+                                     f"{kind.group} older than the release this launcher targets?)") from None
             if exc.status != 409:  # 409: another launcher of this run and stage created it just now; adopt it
                 raise _api_error(exc, f"create {kind.plural} {ns}/{name}") from None
     raise KubellamaError(f"{kind.plural} {ns}/{name} keeps reappearing; another launcher is fighting over it")
@@ -324,6 +347,13 @@ def _wait_gone(api: _Api, kind: Kind, ns: str, name: str, timeout: float = 120.0
         time.sleep(POLL_S)
 
 
+def policy_name(job: dict) -> str:
+    """The NetworkPolicy of this job object, named by its uid too: a replaced (failed) job's policy lives on until the
+    garbage collector deletes it with that job; under the job's name alone it would stand in for the new job's."""
+    meta = job["metadata"]
+    return f"{meta['name']}-{meta['uid'].split('-')[0]}"
+
+
 def _network_policy(api: _Api, job: dict) -> None:
     """Ingress from and egress to this job's pods only, owned by the job (deleted with it)."""
     from kubernetes.client.exceptions import ApiException
@@ -332,7 +362,7 @@ def _network_policy(api: _Api, job: dict) -> None:
     pods = {"podSelector": {"matchLabels": {JOB_LABEL: meta["name"]}}}
     body = {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": meta["name"], "namespace": meta["namespace"],
+        "metadata": {"name": policy_name(job), "namespace": meta["namespace"],
                      "labels": {PART_OF: "kubellama", JOB_LABEL: meta["name"]},
                      "ownerReferences": [{"apiVersion": job["apiVersion"], "kind": job["kind"], "name": meta["name"],
                                           "uid": meta["uid"]}]},
@@ -343,7 +373,7 @@ def _network_policy(api: _Api, job: dict) -> None:
         api.net.create_namespaced_network_policy(meta["namespace"], body)
     except ApiException as exc:
         if exc.status != 409:  # an adopted job has its policy already
-            raise _api_error(exc, f"create networkpolicies {meta['namespace']}/{meta['name']}") from None
+            raise _api_error(exc, f"create networkpolicies {meta['namespace']}/{policy_name(job)}") from None
 
 
 def _stamp_key(stamp: str) -> str:
@@ -362,6 +392,7 @@ class _Logs:
         self.phases: dict[str, str] = {}
         self.threads: dict[str, threading.Thread] = {}
         self.done = threading.Event()
+        self.causes: list[str] = []  # the ranks' own one-line errors, in the order seen
 
     def scan(self) -> int:
         """Start following new pods; returns how many pods the job has now."""
@@ -400,6 +431,8 @@ class _Logs:
                         continue
                     last = key
                     print(f"[{tag}] {text}", flush=True)
+                    if (cause := rank_error(text)) is not None:
+                        self.causes.append(cause)
             except ApiException as exc:
                 if exc.status == 404:
                     return  # the pod is gone
@@ -458,10 +491,11 @@ def _watch(api: _Api, kind: Kind, ns: str, name: str, logs: _Logs, lease: Lease,
         time.sleep(POLL_S)
 
 
-def launch(cfg: Any, stage: str, job: dict) -> str:
+def launch(cfg: Any, stage: str, job: dict, start: Callable[[], None] | None = None) -> str:
     """Run `job` (from `manifest`) for training stage `stage` until it ends: create or adopt it, hold the output's
-    lease, stream its logs, delete it at the end. Returns "succeeded"; raises KubellamaError when it failed and
-    Stopped on SIGTERM or cluster.timeout_s."""
+    lease, stream its logs, delete it at the end. `start` (writing what the job reads) runs once this launcher holds
+    the lease, just before it creates the job. Returns "succeeded"; raises Refused when another writer holds the
+    output, KubellamaError when the job failed and Stopped on SIGTERM or cluster.timeout_s."""
     cluster = cfg.cluster
     kind = kind_of(job)
     ns, name = job["metadata"]["namespace"], job["metadata"]["name"]
@@ -483,7 +517,7 @@ def launch(cfg: Any, stage: str, job: dict) -> str:
     logs = _Logs(api, ns, name)
     obj = None
     try:
-        obj = _create_or_adopt(api, kind, _owned(job))
+        obj = _create_or_adopt(api, kind, _owned(job), start)
         if cluster.network_policy:
             _network_policy(api, obj)
         state, message = _watch(api, kind, ns, name, logs, lease, stop, int(cluster.timeout_s))
@@ -506,6 +540,8 @@ def launch(cfg: Any, stage: str, job: dict) -> str:
                 time.sleep(POLL_S)
             raise Stopped(f"{stage}: {why}: deleted {kind.plural} {ns}/{name}")
         if state == "failed":
+            if logs.causes:
+                raise KubellamaError(f"{logs.causes[0]} ({kind.plural} {ns}/{name} failed)")
             raise KubellamaError(f"{kind.plural} {ns}/{name} failed{': ' + message if message else ''}")
         return state
     except BaseException:

@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import yaml
 
 from components.core import dist, kube, runs, storage
-from components.core.errors import ConfigError, KubellamaError
+from components.core.errors import ConfigError, KubellamaError, rank_error
 from conf.schema.cluster import ClusterConfig
 
 GPU = "nvidia.com/gpu"
@@ -153,7 +153,8 @@ def resource(cluster: ClusterConfig):
 
 def scheduler_cfg(cluster: ClusterConfig) -> dict[str, Any]:
     if cluster.scheduler == "kubernetes":
-        cfg: dict[str, Any] = {"queue": cluster.queue, "namespace": cluster.namespace}
+        # torchx's Volcano scheduler needs a queue: Volcano's own default one unless another is named.
+        cfg: dict[str, Any] = {"queue": cluster.queue or "default", "namespace": cluster.namespace}
         if cluster.service_account:
             cfg["service_account"] = cluster.service_account
         if cluster.priority_class:
@@ -252,11 +253,11 @@ def submit(cluster: ClusterConfig, appdef, stream: bool = True) -> str:
         # After schedule(): torchx's local scheduler installs its own handler (a 10 s kill) when it is created.
         previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is \
             threading.main_thread() else None
-        threads = []
+        threads, causes = [], []
         if stream:
             role = appdef.roles[0]
             for k in range(role.num_replicas):
-                t = threading.Thread(target=_follow, args=(runner, handle, role.name, k), daemon=True)
+                t = threading.Thread(target=_follow, args=(runner, handle, role.name, k, causes), daemon=True)
                 t.start()
                 threads.append(t)
         try:
@@ -283,15 +284,19 @@ def submit(cluster: ClusterConfig, appdef, stream: bool = True) -> str:
             t.join(timeout=5)
     state = status.state if status else AppState.UNKNOWN
     if state != AppState.SUCCEEDED:
+        if causes:  # a rank's own one-line error (a refused resume names the key) says more than FAILED
+            raise KubellamaError(f"{causes[0]} (job {handle} ended {AppState(state).name})")
         detail = f": {status.msg}" if status is not None and status.msg else ""
         raise KubellamaError(f"job {handle} ended {AppState(state).name}{detail}")
     return AppState(state).name
 
 
-def _follow(runner, handle: str, role: str, k: int) -> None:
+def _follow(runner, handle: str, role: str, k: int, causes: list[str]) -> None:
     try:
         for line in runner.log_lines(handle, role, k, should_tail=True):
             print(f"[{role}/{k}] {line}", end="" if line.endswith("\n") else "\n", flush=True)
+            if (cause := rank_error(line)) is not None:
+                causes.append(cause)
     except Exception as exc:  # log streaming is best effort; the job's state decides success
         print(f"kubellama: log stream of {role}/{k} ended: {exc}", file=sys.stderr)
 
@@ -338,7 +343,20 @@ def _record_pid() -> None:
 
 def run(cfg: Any, stage: str, train: TrainFn) -> dict:
     """Run training stage `stage` wherever cfg.cluster says and return its summary (output URLs, final metrics,
-    report). `cfg` is bound (runs.bind). Raises Preempted when SIGTERM stopped it after the save."""
+    report). `cfg` is bound (runs.bind). Raises Preempted when SIGTERM stopped it after the save; inside a KFP step
+    it exits 143 instead."""
+    try:
+        return _run(cfg, stage, train)
+    except (Preempted, kube.Stopped) as exc:
+        if runs.STEP_ENV not in os.environ or dist.under_launcher():
+            raise
+        # KFP's executor would print a traceback and exit 1, which reads as a crash; 143 says the stage was stopped
+        # by SIGTERM after saving, and a retry (or a rerun under the same run id) resumes it.
+        print(f"kubellama: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_PREEMPTED) from None
+
+
+def _run(cfg: Any, stage: str, train: TrainFn) -> dict:
     if dist.under_launcher():
         # A torchrun worker: a preempted run still exits 0 here so torchrun does not tear the other ranks down
         # mid-save; the launcher reads the report and decides.
@@ -349,14 +367,20 @@ def run(cfg: Any, stage: str, train: TrainFn) -> dict:
     else:
         from components.core.config import to_yaml
 
-        storage.write_text(config_url(cfg, stage), to_yaml(cfg))
+        def write_config() -> None:
+            storage.write_text(config_url(cfg, stage), to_yaml(cfg))
+
         report = storage.join(cfg[stage].output, "report.json")
         started = time.time()
         try:
             if cfg.cluster.scheduler in kube.SCHEDULERS:
-                kube.launch(cfg, stage, kube.manifest(cfg, stage))
+                # The config is written once this launcher holds the output's lease: a refused one leaves it alone.
+                kube.launch(cfg, stage, kube.manifest(cfg, stage), write_config)
             else:
+                write_config()
                 submit(cfg.cluster, job(cfg, stage))
+        except kube.Refused:
+            raise  # another writer's output: its report is not ours
         except KubellamaError:
             # A job stopped by SIGTERM may end FAILED although its ranks saved: the report says what happened.
             if not (storage.exists(report) and storage.read_json(report).get("ended", 0) >= started):

@@ -70,8 +70,8 @@ class MetricsLog:
         if not lead:
             return
         if resume_step and storage.exists(self.url):
-            lines = storage.read_text(self.url).splitlines()
-            self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= resume_step]
+            self.records = [r for r in storage.read_jsonl(self.url, ("step",))
+                            if isinstance(r["step"], int) and r["step"] <= resume_step]
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is a dependency; a stripped image still trains

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import posixpath
+import re
+import secrets
 import time
 from typing import Any, Mapping
 
@@ -23,6 +27,11 @@ from components.core.errors import ConfigError
 # Data keys that change how fast, not what, data prep writes (N pods give what one pod gives: data_prep/steps.py).
 DATA_VOLATILE = ("output", "workers", "error_samples", "parallelism", "reducers", "split_bytes", "partition_bytes",
                  "cpu", "memory")
+
+
+# Set inside a KFP step (step_config): the launcher then ends a preempted stage with exit 143, not a traceback.
+STEP_ENV = "KUBELLAMA_KFP_STEP"
+_ADDRESS = re.compile(r"[0-9a-f]{12}")
 
 
 def digest(data: Any, n: int = 12) -> str:
@@ -38,8 +47,16 @@ def config_hash(cfg: Any) -> str:
 
 
 def new_id(cfg: Any) -> str:
-    """A fresh run id: UTC time stamp (sortable) plus the config's hash (what it was)."""
-    return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{config_hash(cfg)[:6]}"
+    """A fresh run id: UTC time stamp (sortable), the config's hash (what it was) and a random part (two launches of
+    one config in the same second are still two runs). Under torchrun every rank mints it, so there it comes from
+    the rendezvous id all ranks share (a uuid per `torchrun --standalone`, kept across elastic restarts)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ:
+        rdzv = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        if rdzv == "none":
+            raise ConfigError("run.id is empty under torchrun without a rendezvous id: each rank would pick its own "
+                              "run folder; pass run.id=<id> (or torchrun --rdzv-id / --standalone)")
+        return f"torchrun-{digest(rdzv, 8)}-{config_hash(cfg)[:6]}"
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{config_hash(cfg)[:6]}-{secrets.token_hex(2)}"
 
 
 def data_hash(cfg: Any) -> str:
@@ -48,10 +65,18 @@ def data_hash(cfg: Any) -> str:
 
 
 def data_output(cfg: Any) -> str:
-    """The data prep output of this config: `data.output`, or content-addressed under `<run.root>/data/`."""
-    if cfg.data.output:
-        return cfg.data.output
-    return storage.join(cfg.run.root, "data", data_hash(cfg))
+    """The data prep output of this config: `data.output`, or content-addressed under `<run.root>/data/`.
+
+    A compiled pipeline fixes the address at compile time. When a data key is edited in the KFP UI afterwards, the
+    fixed folder is another config's: the output moves to this config's address beside it, so neither config ever
+    finds the other's data."""
+    out = cfg.data.output
+    if not out:
+        return storage.join(cfg.run.root, "data", data_hash(cfg))
+    head, name = posixpath.split(out.rstrip("/"))
+    if posixpath.basename(head) == "data" and _ADDRESS.fullmatch(name) and name != data_hash(cfg):
+        return f"{head}/{data_hash(cfg)}"
+    return out
 
 
 def stage_output(cfg: Any, stage: str) -> str:
@@ -125,6 +150,7 @@ def step_config(config: str, stage: str, run_id: str = "", in_pod: bool = False,
     from components.core.config import from_dict
 
     cfg = from_dict(json.loads(config))
+    os.environ[STEP_ENV] = stage
     for key, url in inputs.items():
         cfg[stage][key] = url
     if in_pod:

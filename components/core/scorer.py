@@ -88,11 +88,11 @@ def pad(seqs: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tens
 def model_config(url: str) -> ModelConfig:
     """The shape of the reward model at `url`: an HF directory's config.json, or the model keys a training
     checkpoint's fingerprint records."""
-    from components.core.hf import model_config_from_hf
+    from components.core.hf import read_config
 
     kind, src = checkpoint.resolve(url)
     if kind == "hf":
-        return model_config_from_hf(storage.read_json(storage.join(src, "config.json")))
+        return read_config(src)[1]
     fp = checkpoint.meta(src).get("fingerprint") or {}
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     fields = {k[len("model."):]: v for k, v in fp.items() if k.startswith("model.") and k[len("model."):] in names}

@@ -167,6 +167,25 @@ def read_json(url: str) -> Any:
         raise KubellamaError(f"{url}: not valid JSON ({exc})") from None
 
 
+def read_jsonl(url: str, keys: tuple[str, ...] = ()) -> list[dict]:
+    """The records of JSONL file `url`; each must be an object holding `keys`. A bad line is one error naming the
+    file and line, not a traceback from deep in a resume."""
+    from components.core.errors import KubellamaError
+
+    out = []
+    for n, line in enumerate(read_text(url).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as exc:
+            raise KubellamaError(f"{url}:{n}: not valid JSON ({exc})") from None
+        if not isinstance(rec, dict) or any(k not in rec for k in keys):
+            raise KubellamaError(f"{url}:{n}: not a record with {', '.join(map(repr, keys)) or 'fields'}")
+        out.append(rec)
+    return out
+
+
 def mark_complete(folder: str, info: dict | None = None) -> None:
     """Publish a multi-object folder; call after every object in it is written."""
     write_json(join(folder, COMPLETE), info or {})

@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from components.core import storage
 from components.core.errors import KubellamaError
 
 META = "\u2581"
@@ -20,6 +21,13 @@ IGNORE = -100  # label of tokens that carry no loss (prompts, system text, paddi
 # Llama 2 chat markup (facebookresearch/llama, generation.py).
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+
+def beside(data: str) -> str | None:
+    """The tokenizer data prep wrote into its output folder `data`, if any. A manifest's own `tokenizer` URL is never
+    followed: whoever can write the manifest could point it at any object and have its bytes copied into an export."""
+    url = storage.join(data, "tokenizer.model")
+    return url if storage.exists(url) else None
 
 
 class Tokenizer:

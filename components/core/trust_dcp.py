@@ -46,7 +46,7 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
-        raise Refused(f"{self.where}: refused to unpickle {module}.{name} (DCP metadata holds only checkpoint "
+        raise Refused(f"{self.where}: refused to unpickle {f'{module}.{name}'!r} (DCP metadata holds only checkpoint "
                       f"metadata types; this file could run code)")
 
 

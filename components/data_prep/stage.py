@@ -32,7 +32,7 @@ from components.core.tokenizer import Tokenizer
 from components.data_prep import steps
 from components.data_prep.chat import SftPacker, chain, encode_dialog, sft_writer, to_messages, turns
 from components.data_prep.clean import RecordCleaner
-from components.data_prep.preference import prompt_key, synthetic_safety_pair, to_pair
+from components.data_prep.preference import flag, prompt_key, synthetic_safety_pair, to_pair
 from components.data_prep.readers import ErrorLog, list_files, read_records
 from conf.schema import Config
 
@@ -194,12 +194,14 @@ def prompt_text(rec: dict, field: str) -> str | None:
     return None
 
 
-def _prompt_records(cfg: Config, src: Any, errors: ErrorLog) -> Iterator[tuple[int, dict, str]]:
-    """(record number, record, prompt text normalised like data.clean.normalize) of prompt source `src`; records
-    without a prompt are reported to `errors`."""
+def _prompt_records(cfg: Config, src: Any, errors: ErrorLog) -> Iterator[tuple[int, bool, str]]:
+    """(record number, safety tag, prompt text normalised like data.clean.normalize) of prompt source `src`; records
+    without a prompt or with a safety field that is not a boolean (preference.flag: `bool("false")` is True) are
+    reported to `errors`."""
     for n, (rec, where) in enumerate(_records(src, errors)):
         try:
             text = prompt_text(rec, src.text_field)
+            safety = flag(rec.get("safety"), src.safety, "safety")
         except KubellamaError as exc:
             errors.bad(where, "invalid prompt record", str(exc))
             continue
@@ -208,7 +210,7 @@ def _prompt_records(cfg: Config, src: Any, errors: ErrorLog) -> Iterator[tuple[i
             continue
         errors.ok()
         form = cfg.data.clean.normalize
-        yield n, rec, (unicodedata.normalize(form, text) if form else text).strip()
+        yield n, safety, (unicodedata.normalize(form, text) if form else text).strip()
 
 
 def build_prompts(cfg: Config, errors: ErrorLog) -> dict:
@@ -221,7 +223,7 @@ def build_prompts(cfg: Config, errors: ErrorLog) -> dict:
             name = src.name or f"prompts{i}"
             if src.split and src.split not in SPLITS:
                 raise KubellamaError(f"prompt source '{name}': split '{src.split}' is not one of {SPLITS}")
-            for n, rec, text in _prompt_records(cfg, src, errors):
+            for n, safety, text in _prompt_records(cfg, src, errors):
                 key = " ".join(text.lower().split())
                 if key in seen:
                     counts["duplicates"] += 1
@@ -231,8 +233,6 @@ def build_prompts(cfg: Config, errors: ErrorLog) -> dict:
                 u = _unit(pid, cfg.data.seed)
                 split = src.split or ("eval" if u < p.eval_fraction else
                                       "rs" if u < p.eval_fraction + p.rs_fraction else "ppo")
-                safety = bool(rec.get("safety", src.safety)) if isinstance(rec.get("safety", False), bool) \
-                    else src.safety
                 write(split, {"id": pid, "prompt": text, "safety": safety, "source": name})
                 counts[f"{split}_safety"] += safety
     log.info("prompts: %s", {s: counts[s] for s in SPLITS})

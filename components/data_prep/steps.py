@@ -718,6 +718,10 @@ def merge_step(cfg: Config, work: str, plan_id: str = "") -> dict:
     errors.check(d.max_error_rate)
     rep["fanout"] = _fanout(plan, stats, cluster, groups, started)
     rep["seconds"] = rep["fanout"]["timing"]["total"]
+    manifest = storage.join(out, "pretrain", "manifest.json")
+    # The same lineage fields as a training stage's: what config made this, and the identity of the shards it wrote.
+    rep["lineage"] = {"config_hash": runs.data_hash(cfg), "parent": None,
+                      "data_hash": runs.manifest_hash(storage.read_json(manifest)) if storage.exists(manifest) else None}
     reporting.write(rep)
     storage.mark_complete(out, {"tokenizer_sha256": plan["tokenizer"]["sha256"]})
     log.info("data prep done in %.1fs: %s", rep["seconds"], out)

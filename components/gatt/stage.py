@@ -16,11 +16,12 @@ are reused, training continues from its checkpoint.
 from __future__ import annotations
 
 import gc
+import time
 from typing import Any, Sequence
 
 import torch
 
-from components.core import checkpoint, dist, launch, runs, storage
+from components.core import checkpoint, dist, launch, runs, storage, tokenizer
 from components.core.errors import ConfigError, KubellamaError
 from components.core.report import Section, Table, write_report
 from components.core.tokenizer import Tokenizer
@@ -85,6 +86,7 @@ def _check(cfg: Config) -> list[str]:
 
 def train(cfg: Config) -> dict[str, Any]:
     """One rank's work (every rank calls it)."""
+    started = time.perf_counter()
     env = dist.init()
     p = cfg.gatt
     names = _check(cfg)
@@ -129,14 +131,17 @@ def train(cfg: Config) -> dict[str, Any]:
             build(set_url, set_dialogs, tok, p.seq_len, enforce=p.answers == "given")
         dist.barrier()
     trainer, summary = body.fit(cfg, NAME, storage.join(set_url, "train"), storage.join(set_url, "eval"), env,
-                                tokenizer=body.tokenizer_url(p.data))
+                                tokenizer=tokenizer.beside(p.data))
     after = None
     if summary["status"] == "completed" and probes:
         after = adherence.evaluate(trainer.model, tok, probes, p.eval_turns, p.eval_max_new_tokens, env,
                                    p.eval_temperature)
     set_stats = storage.read_json(storage.join(set_url, "stats.json"))
     summary.update(
-        gatt_set=set_url, gatt_examples=set_stats["train"]["examples"], gatt_set_stats=set_stats, answers=p.answers, families=names,
+        # The run page bills the whole stage: answer sampling and both adherence evals, not only fine-tuning.
+        train_wall_s=summary.get("wall_s"), wall_s=time.perf_counter() - started,
+        gatt_set=set_url, gatt_examples=set_stats["train"]["examples"], gatt_set_stats=set_stats, answers=p.answers,
+        families=names,
         adherence_families=checkable, adherence_before=(before or {}).get("by_turn", {}),
         adherence_after=(after or {}).get("by_turn", {}), adherence_detail={"before": before, "after": after})
     if env.lead:

@@ -132,6 +132,8 @@ class Ppo:
             checkpoint.load_weights(self.value, self.value_init, ("score.",))
         self.opt_policy = self._adamw(self.policy)
         self.opt_value = self._adamw(self.value)
+        # The whiten() of the combined reward: reward_fn gives logit(R_c) (combined_reward.combine), kept unwhitened
+        # for the report and the held-out tracker.
         self.whitener = Whitener(cfg.combined.whiten, cfg.combined.eps)
         self.ckpt_root = storage.join(self.output, "checkpoints")
         self.last_ckpt: str | None = None

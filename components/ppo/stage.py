@@ -19,7 +19,7 @@ import torch
 
 from components.core import dist, launch, runs, storage
 from components.core.errors import ConfigError
-from components.core.combined_reward import choose, logit
+from components.core.combined_reward import combine
 from components.core.report import Section, Table, line_png, write_report
 from components.core.scorer import Scorer, probability
 from components.core.tokenizer import Tokenizer
@@ -27,6 +27,7 @@ from components.ppo.loop import Ppo, Prompt, RewardFn
 from components.reward.data import read_pairs
 from conf.schema import Config
 from conf.schema.ppo import PPO_VOLATILE
+from conf.schema.reward import CombinedRewardConfig
 
 NAME = "ppo"
 
@@ -51,15 +52,16 @@ def prompts_of(url: str, tok: Tokenizer, limit_tokens: int, count: int = 0) -> t
     return out, digest, dropped
 
 
-def combined_reward(helpful: Scorer, safe: Scorer, eos_id: int, threshold: float, eps: float) -> RewardFn:
-    """reward(prompts, responses, is_safety) = logit(R_c) of each dialog, both RMs read at its closing EOS."""
+def combined_reward(helpful: Scorer, safe: Scorer, eos_id: int, cfg: CombinedRewardConfig) -> RewardFn:
+    """reward(prompts, responses, is_safety) = logit(R_c) of each dialog (`combine`), both RMs read at its closing
+    EOS."""
 
     def reward(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
                safety: Sequence[bool]) -> torch.Tensor:
         seqs = [list(p) + list(r) + ([] if r and r[-1] == eos_id else [eos_id]) for p, r in zip(prompts, responses)]
         r_h = probability(helpful.score_ids([s[-helpful.max_len:] for s in seqs]))
         r_s = probability(safe.score_ids([s[-safe.max_len:] for s in seqs]))
-        return logit(choose(r_h, r_s, torch.tensor(list(safety)), threshold), eps)
+        return combine(r_h, r_s, torch.tensor(list(safety), dtype=torch.bool), cfg)
 
     return reward
 
@@ -74,7 +76,7 @@ def load_reward(section: Any, tok: Tokenizer, tok_url: str, env: dist.Env, batch
                               f"pipeline.stages.reward=true, or `kubellama reward reward={key.split('_')[1]}`)")
     helpful, safe = (Scorer.load(section[key], tokenizer=tok_url, train_cfg=section, env=env, batch_size=batch_size,
                                  frozen=section.frozen) for key in ("reward_helpfulness", "reward_safety"))
-    return combined_reward(helpful, safe, tok.eos_id, section.combined.safety_threshold, section.combined.eps)
+    return combined_reward(helpful, safe, tok.eos_id, section.combined)
 
 
 def _export(ppo: Ppo, cfg: Config, url: str, tokenizer: str) -> str:

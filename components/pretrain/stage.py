@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from components.core import dist, launch, runs, storage
+from components.core import dist, launch, runs, storage, tokenizer
 from components.core.shards import Prefetcher, ShardReader
 from components.core.report import write_report
 from components.core.trainer import Trainer
@@ -24,15 +24,6 @@ NAME = "pretrain"
 
 def data_url(cfg: Config) -> str:
     return storage.join(cfg.pretrain.data, "pretrain")
-
-
-def tokenizer_url(cfg: Config, manifest: dict[str, Any]) -> str | None:
-    """The tokenizer the shards were made with, to ship inside the HF checkpoint (None when not found)."""
-    given = manifest.get("tokenizer")
-    candidates = [given] if isinstance(given, str) and given.endswith(".model") else []
-    candidates += [storage.join(cfg.pretrain.data, "tokenizer.model"),
-                   storage.join(cfg.pretrain.data, "tokenizer", "tokenizer.model")]
-    return next((c for c in candidates if storage.exists(c)), None)
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -47,7 +38,7 @@ def train(cfg: Config) -> dict[str, Any]:
                       fingerprint=fp, run_id=cfg.run.id)
     summary = trainer.fit()
     if summary["status"] == "completed":
-        summary["hf"] = trainer.export_hf(storage.join(p.output, "hf"), tokenizer=tokenizer_url(cfg, reader.manifest))
+        summary["hf"] = trainer.export_hf(storage.join(p.output, "hf"), tokenizer=tokenizer.beside(p.data))
     summary.update(output=p.output, run_id=cfg.run.id, lineage=trainer.lineage())
     if env.lead:
         paths = write_report(p.output, "Pretraining", summary)

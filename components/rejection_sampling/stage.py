@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import statistics
+import time
 from typing import Any, Sequence
 
 import torch
 
 from components.core import checkpoint, dist, launch, runs, storage
+from components.core.errors import KubellamaError
 from components.core.generate import derive_seed
 from components.core.report import Section, Table, line_png, write_report
 from components.core.tokenizer import Tokenizer
@@ -89,11 +92,14 @@ def pool_best(pool: str) -> dict[str, dict[str, Any]]:
     for name in sorted(storage.listdir(pool)) if storage.isdir(pool) else []:
         if not name.endswith(".jsonl"):
             continue
-        for line in storage.read_text(storage.join(pool, name)).splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                if rec["key"] not in best or rec["reward"] > best[rec["key"]]["reward"]:
-                    best[rec["key"]] = rec
+        url = storage.join(pool, name)
+        # The pool outlives a run (every round adds to it): a record is checked before its key and reward are used.
+        for rec in storage.read_jsonl(url, ("key", "reward", "messages")):
+            if not (isinstance(rec["key"], str) and re.fullmatch(r"[0-9a-f]+", rec["key"])
+                    and isinstance(rec["reward"], (int, float)) and isinstance(rec["messages"], list)):
+                raise KubellamaError(f"{url}: not a pool record (key {str(rec['key'])[:40]!r})")
+            if rec["key"] not in best or rec["reward"] > best[rec["key"]]["reward"]:
+                best[rec["key"]] = rec
     return best
 
 
@@ -112,6 +118,7 @@ def build_set(url: str, records: list[dict[str, Any]], tok: Tokenizer, seq_len: 
 
 def train(cfg: Config) -> dict[str, Any]:
     """One rank's work: sample, score, pool, fine-tune; rank 0 writes the report."""
+    started = time.perf_counter()
     env = dist.init()
     p = cfg.rejection_sampling
     tok_url = storage.join(p.data, "tokenizer.model")
@@ -144,7 +151,7 @@ def train(cfg: Config) -> dict[str, Any]:
             storage.write_text(round_url, "".join(json.dumps(b) + "\n" for b in best))
             storage.write_text(detail_url, "".join(json.dumps(x) + "\n" for x in lines))
         dist.barrier()
-    rounds = [json.loads(x) for x in storage.read_text(detail_url).splitlines() if x.strip()]
+    rounds = storage.read_jsonl(detail_url, ("rewards",))
     if not storage.is_complete(set_url):
         if env.lead:
             chosen = sorted(pool_best(pool).values(), key=lambda r: r["key"])
@@ -156,7 +163,10 @@ def train(cfg: Config) -> dict[str, Any]:
     by_k = reward_by_k(torch.tensor([r["rewards"] for r in rounds])) if rounds else []
     summary = {"samples": p.samples, "temperature": p.temperature, "prompts": len(rounds), "reward_by_k": by_k,
                "pool": pool, "pool_examples": set_stats["train"]["examples"] + set_stats["eval"]["examples"],
-               "round": cfg.run.id, **summary}
+               "round": cfg.run.id, **summary,
+               # The whole stage (sampling and scoring included), what the run page's cost rows read; the
+               # trainer's `wall_s` covers the fine-tuning only.
+               "train_wall_s": summary.get("wall_s"), "wall_s": time.perf_counter() - started}
     if env.lead:
         rows, sections, plots = body.report_parts(summary)
         rows = [("samples per prompt (K)", p.samples), ("temperature", p.temperature), ("prompts", len(rounds)),

@@ -145,7 +145,7 @@ class TruthfulQA:
         from components.safety_eval.scoring import Classifier
 
         t = ctx.cfg.truthfulqa
-        gens = runner.generate([self.context(q.question, t.primer) for q in qs], t.max_new_tokens)
+        gens = runner.generate([self.context(q.question, t.primer) for q in qs], t.max_new_tokens, self.name)
         # The QA format goes on with the next "Q:": the answer is the first line.
         answers = [g.split("\n")[0].strip() for g in gens]
         texts = [f"Q: {q.question}\nA: {a}" for q, a in zip(qs, answers)]
@@ -187,7 +187,7 @@ class Toxicity:
 
     def run(self, runner: Runner, items: Items, ctx: Context) -> Result:
         prompts: list[datasets.Prompt] = items.items
-        gens = runner.generate([p.text for p in prompts])
+        gens = runner.generate([p.text for p in prompts], tag=self.name)
         scorer = ctx.toxicity()
         probs = scorer(gens)
         toxic = [p >= ctx.cfg.toxicity.threshold for p in probs]
@@ -216,7 +216,7 @@ class Bias:
 
     def run(self, runner: Runner, items: Items, ctx: Context) -> Result:
         prompts: list[datasets.Prompt] = items.items
-        gens = runner.generate([p.text for p in prompts])
+        gens = runner.generate([p.text for p in prompts], tag=self.name)
         both = ctx.cfg.bold.include_prompt
         texts = [f"{p.text.rstrip()} {g}" if both else g for p, g in zip(prompts, gens)]
         sent = vader(texts)
@@ -255,7 +255,7 @@ class Refusal:
         sets: dict[str, list[datasets.Prompt]] = items.items
         markers = ctx.cfg.refusal.markers
         every = sets["harmful"] + sets["benign"]
-        gens = runner.generate([p.text for p in every])
+        gens = runner.generate([p.text for p in every], tag=self.name)
         flags = [refused(g, markers) for g in gens]
         n = len(sets["harmful"])
         scores: dict[str, float] = {}

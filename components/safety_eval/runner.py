@@ -8,6 +8,7 @@ is dropped.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -16,7 +17,7 @@ import torch.distributed as tdist
 
 from components.core import checkpoint, dist, storage
 from components.core.errors import KubellamaError
-from components.core.generate import generate
+from components.core.generate import derive_seed, generate
 from components.core.tokenizer import Tokenizer
 from conf.schema.model import ModelConfig
 from conf.schema.safety_eval import DecodingConfig
@@ -77,6 +78,12 @@ def spread(items: Sequence[T], fn: Callable[[list[T]], list[R]], batch: int, env
     for r, part in enumerate(gathered):
         merged[r::W] = part
     return merged
+
+
+def prompt_seed(seed: int, tag: str, text: str) -> int:
+    """The sampling seed of one prompt: from the decoding seed and a hash of (benchmark, prompt text)."""
+    h = hashlib.sha256(f"{tag}\n{text}".encode()).digest()
+    return derive_seed(seed, int.from_bytes(h[:4], "big"), int.from_bytes(h[4:8], "big"))
 
 
 class Runner:
@@ -148,20 +155,20 @@ class Runner:
         # Too long: keep BOS and the end of the prompt, which the answer continues.
         return ids if len(ids) <= room else [ids[0], *ids[len(ids) - room + 1:]]
 
-    def generate(self, prompts: Sequence[str], max_new_tokens: int | None = None) -> list[str]:
-        """One sampled answer per prompt at the configured temperature and top-p, seeded per batch."""
+    def generate(self, prompts: Sequence[str], max_new_tokens: int | None = None, tag: str = "") -> list[str]:
+        """One sampled answer per prompt at the configured temperature and top-p. Each prompt is seeded by
+        (decoding seed, its benchmark `tag` and text), so its answer does not depend on the batch size, the world
+        size or where it sits in the list."""
         n = max_new_tokens or self.decoding.max_new_tokens
         d = self.decoding
-        calls = [0]
 
-        def run(chunk: list[list[int]]) -> list[str]:
-            seed = d.seed + 1000 * calls[0] + self.env.rank
-            calls[0] += 1
-            out = generate(self.model, chunk, n, temperature=d.temperature, top_p=d.top_p, eos_id=self.tok.eos_id,
-                           seed=seed)
+        def run(chunk: list[tuple[list[int], int]]) -> list[str]:
+            out = generate(self.model, [ids for ids, _ in chunk], n, temperature=d.temperature, top_p=d.top_p,
+                           eos_id=self.tok.eos_id, seeds=[s for _, s in chunk])
             return [self.tok.decode([t for t in ids if t != self.tok.eos_id]).strip() for ids in out]
 
-        return spread([self.prompt_ids(p, n) for p in prompts], run, d.batch_size, self.env)
+        items = [(self.prompt_ids(p, n), prompt_seed(d.seed, tag, p)) for p in prompts]
+        return spread(items, run, d.batch_size, self.env)
 
     def close(self) -> None:
         del self.model

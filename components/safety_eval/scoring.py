@@ -88,7 +88,7 @@ class Classifier:
         local = storage.get_dir(url, _cache_dir(url)) if storage.is_remote(url) else url
         if not os.path.exists(os.path.join(local, "config.json")):
             raise KubellamaError(f"{what}: {url} is not a Hugging Face checkpoint (no config.json)")
-        self.tok = AutoTokenizer.from_pretrained(local)
+        self.tok = AutoTokenizer.from_pretrained(local, trust_remote_code=False)
         self.model = AutoModelForSequenceClassification.from_pretrained(local, use_safetensors=True,
                                                                         trust_remote_code=False).to(device).eval()
         if self.tok.pad_token is None:

@@ -12,18 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 from components.core import checkpoint, dist, runs, storage
+from components.core.errors import KubellamaError
 from components.core.report import Section, Table, line_png, loss_png, training_rows
 from components.core.shards import Prefetcher
 from components.core.trainer import Trainer
 from components.sft.data import EpochReader, Heldout, sft_loss
 from conf.schema import Config
 from conf.schema.sft import SFT_VOLATILE
-
-
-def tokenizer_url(data: str) -> str | None:
-    """The tokenizer data prep wrote next to the shards (shipped inside the HF export), if any."""
-    url = storage.join(data, "tokenizer.model")
-    return url if storage.exists(url) else None
 
 
 class History:
@@ -36,7 +31,10 @@ class History:
     def restore(self, step: int) -> None:
         """Keep the records a resume from `step` still stands on."""
         saved = storage.read_json(self.url) if storage.exists(self.url) else []
-        self.records = [r for r in saved if isinstance(r, dict) and r.get("step", step + 1) <= step]
+        if not isinstance(saved, list):
+            raise KubellamaError(f"{self.url}: not a list of held-out records")
+        self.records = [r for r in saved
+                        if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step]
 
     def add(self, epoch: float, step: int, scores: dict[str, float] | None) -> None:
         if scores is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from components.core import dist, launch, storage
+from components.core import dist, launch, storage, tokenizer
 from components.core.report import write_report
 from components.sft import body
 from conf.schema import Config
@@ -30,7 +30,7 @@ def train(cfg: Config) -> dict[str, Any]:
     """One rank's work: fine-tune, export HF at the end; rank 0 writes the report."""
     env = dist.init()
     p = cfg.sft
-    trainer, summary = body.fit(cfg, NAME, *data_urls(p.data), env, tokenizer=body.tokenizer_url(p.data))
+    trainer, summary = body.fit(cfg, NAME, *data_urls(p.data), env, tokenizer=tokenizer.beside(p.data))
     if env.lead:
         rows, sections, plots = body.report_parts(summary)
         paths = write_report(p.output, "Supervised fine-tuning", summary, rows=rows, sections=sections, plots=plots)

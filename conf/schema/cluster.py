@@ -25,8 +25,9 @@ class ClusterConfig:
     gpus_per_node: int = 0
     gpu_product: Optional[str] = None
     namespace: str = "kubeflow"
-    # Volcano queue (kubernetes), or the Kueue LocalQueue a TrainJob is labelled for (trainjob; empty: no label).
-    queue: str = "default"
+    # Volcano queue (kubernetes; empty: Volcano's "default"), or the Kueue LocalQueue a TrainJob is labelled for
+    # (trainjob; empty: no label, so a cluster without Kueue, or without a LocalQueue of that name, still runs it).
+    queue: str = ""
     service_account: Optional[str] = None
     priority_class: Optional[str] = None
     image_train: str = "ghcr.io/kubellama/train:0.1.0"

@@ -18,7 +18,7 @@ class DecodingConfig:
     temperature: float = 0.1
     top_p: float = 0.9
     max_new_tokens: int = 64
-    # Generations are seeded per batch (seed + batch index): a rerun reproduces them.
+    # Each prompt is seeded by (seed, benchmark, prompt text): any batch size or world size gives the same generations.
     seed: int = 0
     batch_size: int = 16
 

@@ -34,6 +34,8 @@ class TrainConfig:
 
 
 # Keys that do not change what a run computes: resuming with other values is allowed (components/core/runs.py).
+# micro_batch and mixed_precision change rounding, not the recipe: a run preempted on one node type may resume on
+# another (an `auto` precision resolves per machine), and the master weights and optimizer state stay fp32 either way.
 VOLATILE = ("output", "data", "ckpt_every", "keep_last", "log_every", "compile", "activation_checkpointing",
             "ac_every", "micro_batch", "mixed_precision")
 

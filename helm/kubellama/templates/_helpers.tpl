@@ -56,6 +56,18 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- if or (eq $lc "true") (and (eq $lc "auto") (not .Values.kfp.multiUser)) -}}true{{- end -}}
 {{- end -}}
 
+{{/* The Secrets the KFP launcher reads through the API as the runs' account (JSON list): the S3 keys the chart's
+kfp-launcher names and, where the chart leaves kfp-launcher to the profile controller, the Secret KFP falls back to
+for that ConfigMap's default store (kfp.artifactSecret). */}}
+{{- define "kubellama.launcherSecrets" -}}
+{{- $names := list -}}
+{{- with include "kubellama.s3Secret" . }}{{ $names = append $names . }}{{ end -}}
+{{- if and (not (include "kubellama.createLauncherConfig" .)) .Values.kfp.artifactSecret -}}
+{{- $names = append $names .Values.kfp.artifactSecret -}}
+{{- end -}}
+{{- $names | uniq | toJson -}}
+{{- end -}}
+
 {{/* The data of the kfp-launcher ConfigMap: artifact store root and the S3 provider (KFP >= 2.3 reads
 forcePathStyle; MinIO and Ceph need path-style requests). */}}
 {{- define "kubellama.launcherData" -}}
