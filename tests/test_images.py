@@ -68,3 +68,17 @@ def test_hadolint_catches_an_unpinned_base(tmp_path):
     hadolint = os.path.join(os.path.dirname(sys.executable), "hadolint")
     out = subprocess.run([hadolint, str(bad)], capture_output=True, text=True)
     assert out.returncode != 0 and "DL3006" in out.stdout and "DL3013" in out.stdout
+
+
+def test_makefile_takes_torch_from_the_cpu_index_and_falls_back():
+    """On a stock Linux box PyPI's torch is the multi-GB CUDA build: the install asks the PyTorch CPU index first,
+    falls back to the configured index when that one is unreachable, and pins torch in every later step so pip's
+    resolver never swaps it."""
+    pin = re.search(r"^TORCH \?= (\S+)$", read("Makefile"), re.M).group(1)
+    out = subprocess.run(["make", "-n", "-B", "install-test", "PYTHON=python3", "TORCH_INDEX=https://idx.invalid/cpu"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    installs = [line for line in out.splitlines() if " pip install " in line and "--upgrade pip" not in line]
+    first, fallback = installs[0].split(" || ")
+    assert first.endswith(f"--extra-index-url https://idx.invalid/cpu {pin}") and "--timeout" in first
+    assert fallback.endswith(f"pip install -q {pin}") and "--extra-index-url" not in fallback
+    assert len(installs) >= 3 and all(line.endswith(pin) for line in installs[1:])

@@ -131,7 +131,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 def test_plain_torchrun_two_ranks_checkpoint_on_preemption(tmp_path):
     """`torchrun -m components.pretrain`: SIGTERM to the agent (what Kubernetes sends) reaches both ranks, which
-    finish the step, save together, and stop; a rerun resumes from that step."""
+    drop the unfinished step, save the last finished one together, and stop; a rerun resumes from it."""
     write_shards(str(tmp_path / "data" / "pretrain"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "components.pretrain",
