@@ -136,6 +136,8 @@ def meta(url: str) -> dict[str, Any]:
             raise trust.Refused(f"{where}: not a trainer state ({key!r} is not {what})")
     if not isinstance(info.get("step"), int) or info["step"] < 0:
         raise trust.Refused(f"{where}: not a trainer state (no step)")
+    if info.get("world_size") is not None and info["world_size"] < 1:  # it picks the RNG file to restore
+        raise trust.Refused(f"{where}: not a trainer state (world_size {info['world_size']!r})")
     return info
 
 
@@ -155,9 +157,7 @@ def load(url: str, tensors: dict[str, Any], env: dist.Env) -> dict[str, Any]:
     """Collective: fill `tensors` in place from checkpoint `url`; restore RNG; return trainer.json."""
     trust.load(tensors, url)
     info = meta(url)
-    saved = info.get("world_size", 1)
-    if not isinstance(saved, int) or saved < 1:
-        raise trust.Refused(f"{storage.join(url, 'trainer.json')}: not a trainer state (world_size {saved!r})")
+    saved = info.get("world_size") or 1
     # RNG streams are per rank; on a different world size rank r continues rank (r mod saved world size)'s stream.
     rng_url = storage.join(url, f"rng_{env.rank % saved}.pt")
     try:

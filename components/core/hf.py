@@ -250,7 +250,7 @@ def _check_entry(key: str, info: Any, data_size: int) -> None:
     if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
             and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
         raise ValueError(f"tensor {key!r}: bad shape or data_offsets")
-    width = torch.empty((), dtype=_ST_DTYPES[info["dtype"]]).element_size()
+    width = _ST_DTYPES[info["dtype"]].itemsize
     begin, end = offsets
     if not 0 <= begin <= end <= data_size or end - begin != math.prod(shape) * width:
         raise ValueError(f"tensor {key!r}: data_offsets {offsets} do not fit its shape or the file")
@@ -283,7 +283,7 @@ def read_into(url: str, state: dict[str, torch.Tensor]) -> list[str]:
         if local.numel() == 0:
             continue
         dtype = _ST_DTYPES[info["dtype"]]
-        width = torch.empty((), dtype=dtype).element_size()
+        width = dtype.itemsize
         row = local[0].numel() * width if local.dim() else 0
         begin = base + info["data_offsets"][0] + first * row
         size = local.numel() * width
