@@ -73,9 +73,9 @@ def read_docs(path: str) -> list[str]:
 def throughput(path: str, vocab: int, workers: int, repeats: int) -> dict:
     import sentencepiece as spm
 
-    from components.core.shards import ShardWriter
-    from components.data_prep.pack import batched, tokenize_and_pack, train_tokenizer
-    from components.data_prep.parallel import WorkerPool
+    from kubellama.components.core.data.shards import ShardWriter
+    from kubellama.components.data_prep.pack import batched, tokenize_and_pack, train_tokenizer
+    from kubellama.components.data_prep.parallel import WorkerPool
 
     docs = read_docs(path)
     nbytes = sum(len(d.encode()) for d in docs)
@@ -138,8 +138,8 @@ def throughput(path: str, vocab: int, workers: int, repeats: int) -> dict:
 
 def child_memory(path: str, out: str) -> None:
     """Run the stage on `path` in this process and print peak RSS (MB) of it and of its largest worker."""
-    from components.core.config import load_config
-    from components.data_prep.stage import run
+    from kubellama.components.core.recipe.config import load_config
+    from kubellama.components.data_prep.stage import run
 
     cfg = load_config([f"data.output={out}", f"data.sources=[{{name:gen,path:'{path}'}}]",
                        "data.tokenizer.vocab_size=2048", "data.tokenizer.train_chars=5000000"])
@@ -161,10 +161,10 @@ def memory(path: str) -> dict:
 
 def fanout(n: int, repeats: int, generated: str | None, vocab: int) -> None:
     """Mode 3: N workers as processes against one, same cores, same output (checked)."""
-    from components.core.config import load_config
-    from components.data_prep import samples
-    from components.data_prep.pack import train_tokenizer
-    from components.data_prep.stage import run
+    from kubellama.components.core.recipe.config import load_config
+    from kubellama.components.data_prep import samples
+    from kubellama.components.data_prep.pack import train_tokenizer
+    from kubellama.components.data_prep.stage import run
 
     if generated:
         srcs, paths = f"data.sources=[{{name:gen,path:'{generated}'}}]", [generated]

@@ -24,4 +24,4 @@ print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA
 PYEOF
 "$PY" benchmarks/train_step.py --preset gpu --compile --rounds 1
 "$PY" benchmarks/rollout.py --preset gpu --rounds 2
-"$PY" -m components.core.attention --check
+"$PY" -m kubellama.components.core.model.attention --check

@@ -70,7 +70,7 @@ def seeds(p: dict) -> list[int]:
 
 
 def _model_cfg(p: dict):
-    from conf.schema.model import ModelConfig
+    from kubellama.conf.schema.model import ModelConfig
 
     return ModelConfig(**p["model"])
 
@@ -91,7 +91,7 @@ def _timed(call, p: dict, device) -> dict:
 
 
 def _generate(gen, batch: list[list[int]], rows: list[int], p: dict) -> list[list[int]]:
-    from components.core.generate import generate
+    from kubellama.components.core.model.generate import generate
 
     out = generate(gen, batch, p["new"], temperature=TEMPERATURE, top_p=TOP_P, eos_id=None, seeds=rows)
     assert all(len(o) == p["new"] for o in out), "a row stopped early: tokens/s would not compare"
@@ -101,10 +101,10 @@ def _generate(gen, batch: list[list[int]], rows: list[int], p: dict) -> list[lis
 def ours(p: dict) -> dict:
     """The unsharded model: PPO's bf16 generation copy (`consolidated` of a one-process model) generating the
     whole batch."""
-    from components.core.dist import device_for
-    from components.core.precision import compute_dtype
-    from components.core.trainer import build_llama
-    from components.core.trainer import consolidated
+    from kubellama.components.core.train.dist import device_for
+    from kubellama.components.core.train.precision import compute_dtype
+    from kubellama.components.core.train.trainer import build_llama
+    from kubellama.components.core.train.trainer import consolidated
 
     device = device_for(0)
     cfg = _model_cfg(p)
@@ -118,10 +118,10 @@ def hf(p: dict) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from components.core.dist import device_for
-    from components.core.hf import hf_config, to_hf_key
-    from components.core.precision import compute_dtype
-    from components.core.trainer import build_llama
+    from kubellama.components.core.train.dist import device_for
+    from kubellama.components.core.model.hf import hf_config, to_hf_key
+    from kubellama.components.core.train.precision import compute_dtype
+    from kubellama.components.core.train.trainer import build_llama
 
     device = device_for(0)
     dtype = compute_dtype("auto", device)
@@ -156,10 +156,10 @@ def _rank(rank: int, world: int, init: str, p: dict, mode: str, dump: str) -> No
     """One FSDP rank: the policy sharded as PPO shards it, then rollouts as PPO's `sample` runs them."""
     import torch
 
-    from components.core import dist
-    from components.core.trainer import consolidated
-    from components.core.trainer import build_llama, shard
-    from conf.schema.ppo import PpoConfig
+    from kubellama.components.core.train import dist
+    from kubellama.components.core.train.trainer import consolidated
+    from kubellama.components.core.train.trainer import build_llama, shard
+    from kubellama.conf.schema.ppo import PpoConfig
 
     # The unsharded run's cores, split between the ranks.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -246,7 +246,7 @@ def main() -> None:
 
 
 def report(p: dict, args, runs: dict[str, list[dict]], rate: dict[str, float], load: float) -> None:
-    from components.core.model import count_params
+    from kubellama.components.core.model.llama import count_params
 
     batch = prompts(p)
     info = runs["ours"][0] if runs["ours"] else {"device": "?", "dtype": "?", "threads": "?"}

@@ -112,16 +112,16 @@ def _timed(step, p: dict, device) -> dict:
 
 
 def _dtype(p: dict, device):
-    from components.core.precision import compute_dtype
+    from kubellama.components.core.train.precision import compute_dtype
 
     return compute_dtype(p["precision"], device)
 
 
 def ours(p: dict) -> dict:
-    from components.core import dist
-    from components.core.trainer import Trainer
-    from conf.schema.model import ModelConfig
-    from conf.schema.train import TrainConfig
+    from kubellama.components.core.train import dist
+    from kubellama.components.core.train.trainer import Trainer
+    from kubellama.conf.schema.model import ModelConfig
+    from kubellama.conf.schema.train import TrainConfig
 
     env = dist.init()
     mcfg = ModelConfig(**p["model"])
@@ -142,10 +142,10 @@ def hf(p: dict) -> dict:
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from components.core.dist import device_for
-    from components.core.hf import hf_config
-    from components.core.trainer import lr_factor
-    from conf.schema.model import ModelConfig
+    from kubellama.components.core.train.dist import device_for
+    from kubellama.components.core.model.hf import hf_config
+    from kubellama.components.core.train.trainer import lr_factor
+    from kubellama.conf.schema.model import ModelConfig
 
     device = device_for(0)
     dtype = _dtype(p, device)
@@ -188,9 +188,9 @@ def peak(p: dict) -> dict:
     """Measured matmul FLOP/s at the model's shapes, bf16 and fp32 (best shape of each)."""
     import torch
 
-    from components.core.dist import device_for
-    from components.core.precision import gemm_rate, model_gemm_shapes
-    from conf.schema.model import ModelConfig
+    from kubellama.components.core.train.dist import device_for
+    from kubellama.components.core.train.precision import gemm_rate, model_gemm_shapes
+    from kubellama.conf.schema.model import ModelConfig
 
     device = device_for(0)
     shapes = model_gemm_shapes(ModelConfig(**p["model"]), p["batch"] * (p["model"]["max_seq_len"] - 1))
@@ -249,9 +249,9 @@ def main() -> None:
 
 
 def report(p: dict, args, runs: dict[str, list[dict]], load: float) -> None:
-    from components.core.metrics import PEAK_BF16
-    from components.core.model import count_params, flops_per_token
-    from conf.schema.model import ModelConfig
+    from kubellama.components.core.train.metrics import PEAK_BF16
+    from kubellama.components.core.model.llama import count_params, flops_per_token
+    from kubellama.conf.schema.model import ModelConfig
 
     mcfg = ModelConfig(**p["model"])
     tokens = p["batch"] * (mcfg.max_seq_len - 1)

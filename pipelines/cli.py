@@ -8,19 +8,19 @@ import importlib
 import sys
 from typing import Sequence
 
-from components.core.stages import STAGES
+from kubellama.components.core.recipe.stages import STAGES
 
 # command -> (module:function taking argv and returning an exit status, one-line help); one per registered stage.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("pipelines.tools:generate_main", "generate text from a checkpoint (ours or Hugging Face)"),
-    "export-hf": ("pipelines.tools:export_hf_main", "write a checkpoint as a Hugging Face Llama directory"),
-    "plan": ("pipelines.tools:plan_main", "parameter count and per-GPU memory under FSDP"),
-    "config": ("pipelines.tools:config_main", "print the resolved config"),
-    "data": ("components.data_prep.samples:main", "sample datasets: `kubellama data fetch-samples`"),
+    "generate": ("kubellama.pipelines.tools:generate_main", "generate text from a checkpoint (ours or Hugging Face)"),
+    "export-hf": ("kubellama.pipelines.tools:export_hf_main", "write a checkpoint as a Hugging Face Llama directory"),
+    "plan": ("kubellama.pipelines.tools:plan_main", "parameter count and per-GPU memory under FSDP"),
+    "config": ("kubellama.pipelines.tools:config_main", "print the resolved config"),
+    "data": ("kubellama.components.data_prep.samples:main", "sample datasets: `kubellama data fetch-samples`"),
     **{s.command: (s.entry, s.help) for s in STAGES},
-    "run": ("pipelines.run:run_main", "run the pipeline locally through kfp.local"),
-    "compile": ("pipelines.run:compile_main", "compile the pipeline to KFP IR YAML"),
-    "submit": ("pipelines.submit:main", "upload the pipeline to a KFP API and start a run"),
+    "run": ("kubellama.pipelines.run:run_main", "run the pipeline locally through kfp.local"),
+    "compile": ("kubellama.pipelines.run:compile_main", "compile the pipeline to KFP IR YAML"),
+    "submit": ("kubellama.pipelines.submit:main", "upload the pipeline to a KFP API and start a run"),
 }
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
-from components.core.kube import SCHEDULERS
-from components.core.launch import S3_KEYS, S3_OPTIONAL_KEYS, placement
-from conf.schema import Config
+from kubellama.components.core.launch.kube import SCHEDULERS
+from kubellama.components.core.launch.launcher import S3_KEYS, S3_OPTIONAL_KEYS, placement
+from kubellama.conf.schema import Config
 
 
 def trains_in_pod(cfg: Config) -> bool:

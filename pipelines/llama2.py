@@ -22,11 +22,11 @@ from typing import Any, Callable, Sequence
 from kfp import dsl
 from kfp.dsl import Dataset, Model
 
-from components.core import stages
-from components.core.config import to_dict
-from components.core.errors import ConfigError
-from conf.schema import Config
-from pipelines import k8s
+from kubellama.components.core.recipe import stages
+from kubellama.components.core.recipe.config import to_dict
+from kubellama.components.core.errors import ConfigError
+from kubellama.conf.schema import Config
+from kubellama.pipelines import k8s
 
 STAGES = stages.STAGES
 # Pipelines `build` can make: the configured recipe, or one stage alone (its inputs come from the config).

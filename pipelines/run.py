@@ -20,13 +20,14 @@ from typing import IO, Iterator, Sequence
 
 import yaml
 
-from components.core import runs, stages, storage
-from components.core.cli import guarded, parser
-from components.core.config import load_config, to_yaml
-from components.core.errors import KubellamaError
-from components.safety_eval import FIXTURES
-from conf.schema import Config
-from pipelines import llama2
+from kubellama.components.core.recipe import runs, stages
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe.cli import guarded, parser
+from kubellama.components.core.recipe.config import load_config, to_yaml
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.safety_eval import FIXTURES
+from kubellama.conf.schema import Config
+from kubellama.pipelines import llama2
 
 # `kubellama run --demo` (what `make demo` runs): the tiny model on the fetched samples, trained for a couple of
 # minutes on a laptop CPU; 16 sequences of 256 tokens per step instead of the paper's 4M tokens. Each reward model:
@@ -253,7 +254,7 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     def go() -> int:
         overrides = list(args.overrides)
         if args.demo or args.samples:
-            from components.data_prep import samples
+            from kubellama.components.data_prep import samples
 
             missing = [s.name for s in samples.PACKAGES
                        if not os.path.isdir(os.path.join(args.samples or samples.DEFAULT_DEST, s.name))]

@@ -16,11 +16,11 @@ import tempfile
 import time
 from typing import Sequence
 
-from components.core import storage
-from components.core.cli import guarded, parser
-from components.core.errors import ConfigError, KubellamaError
-from pipelines import llama2
-from pipelines.run import compile_pipeline, resolve
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe.cli import guarded, parser
+from kubellama.components.core.errors import ConfigError, KubellamaError
+from kubellama.pipelines import llama2
+from kubellama.pipelines.run import compile_pipeline, resolve
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from components.core.cli import guarded, parser
-from components.core.config import load_config, to_yaml
-from components.core.errors import KubellamaError
+from kubellama.components.core.recipe.cli import guarded, parser
+from kubellama.components.core.recipe.config import load_config, to_yaml
+from kubellama.components.core.errors import KubellamaError
 
 
 def generate_main(argv: Sequence[str] | None = None) -> int:
@@ -24,8 +24,8 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     def go() -> int:
         import torch
 
-        from components.core.generate import generate
-        from components.core.tokenizer import Tokenizer
+        from kubellama.components.core.model.generate import generate
+        from kubellama.components.core.data.tokenizer import Tokenizer
 
         cfg = load_config(args.overrides)
         g = cfg.generate
@@ -67,8 +67,8 @@ def export_hf_main(argv: Sequence[str] | None = None) -> int:
     def go() -> int:
         import torch
 
-        from components.core.hf import save_hf
-        from components.core.model import Llama
+        from kubellama.components.core.model.hf import save_hf
+        from kubellama.components.core.model.llama import Llama
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, None: None}[args.dtype]
         cfg = load_config(args.overrides)
@@ -88,12 +88,12 @@ def export_hf_main(argv: Sequence[str] | None = None) -> int:
 
 def _load_any(url: str, cfg):  # type: ignore[no-untyped-def]
     """An HF directory, or a training checkpoint of the trainer core consolidated to a model."""
-    from components.core import storage
-    from components.core.hf import load_model
+    from kubellama.components.core.io import storage
+    from kubellama.components.core.model.hf import load_model
 
     if storage.exists(storage.join(url, "config.json")):
         return load_model(url)
-    from components.core.checkpoint import latest, load_model as load_training_checkpoint
+    from kubellama.components.core.train.checkpoint import latest, load_model as load_training_checkpoint
 
     if not storage.is_complete(url) and latest(url) is None:
         raise KubellamaError(f"{url}: neither a Hugging Face checkpoint (no config.json) nor a training checkpoint "
@@ -108,8 +108,8 @@ def plan_main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     def go() -> int:
-        from components.core.cost import estimate, format_cost
-        from components.core.plan import format_plan, format_ppo_plan, plan, ppo_plan
+        from kubellama.components.core.tools.cost import estimate, format_cost
+        from kubellama.components.core.tools.plan import format_plan, format_ppo_plan, plan, ppo_plan
 
         cfg = load_config(args.overrides)
         p = cfg.plan

@@ -12,8 +12,8 @@ from typing import Any, Sequence
 import torch
 
 from test_trainer_support import MODEL, model_cfg
-from components.ppo.loop import Ppo, Prompt
-from conf.schema.ppo import PpoConfig
+from kubellama.components.ppo.loop import Ppo, Prompt
+from kubellama.conf.schema.ppo import PpoConfig
 
 GOOD = 7  # the token the reward prefers
 

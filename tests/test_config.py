@@ -4,12 +4,12 @@ import sys
 
 import pytest
 
-from components.core.config import from_dict, load_config, to_dict
-from components.core.errors import ConfigError
+from kubellama.components.core.recipe.config import from_dict, load_config, to_dict
+from kubellama.components.core.errors import ConfigError
 
 
 def kubellama(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "kubellama.pipelines.cli", *args], capture_output=True, text=True)
 
 
 def test_presets_carry_the_paper_shapes_and_hyperparameters():
@@ -23,7 +23,7 @@ def test_presets_carry_the_paper_shapes_and_hyperparameters():
 def test_sft_and_gatt_defaults_are_the_papers():
     """§3.1: cosine from 2e-5 (no warmup named), weight decay 0.1, 64 rows of 4096 tokens, 2 epochs; GAtt fine-tunes
     with the same body and numbers, and its adherence eval reads turns 1, 2, 4, 8 and 20 (Table 30's spirit)."""
-    from components.core.trainer import lr_factor
+    from kubellama.components.core.train.trainer import lr_factor
 
     cfg = load_config(["model=llama2_7b"])
     for p in (cfg.sft, cfg.gatt):
@@ -39,7 +39,7 @@ def test_sft_and_gatt_defaults_are_the_papers():
 
 def test_reward_model_defaults_are_the_papers():
     """§3.2.2: one epoch, max LR 1e-5, cosine to 10%, warmup 3% of the steps (at least 5), 512 pairs per batch."""
-    from components.reward.stage import schedule
+    from kubellama.components.reward.stage import schedule
 
     cfg = load_config(["model=llama2_7b"])
     p = cfg.reward
@@ -90,7 +90,7 @@ def test_cli_plan_prints_exact_parameter_counts(preset, count):
 
 
 def test_plan_memory_shrinks_with_more_gpus_and_checkpointing():
-    from components.core.plan import plan
+    from kubellama.components.core.tools.plan import plan
 
     cfg = load_config(["model=llama2_7b"])
     p8, p64 = plan(cfg.model, cfg.plan), plan(cfg.model, load_config(["model=llama2_7b", "plan.world_size=64"]).plan)
@@ -102,7 +102,7 @@ def test_plan_memory_shrinks_with_more_gpus_and_checkpointing():
 
 
 def test_ppo_plan_counts_five_models_and_the_rollout():
-    from components.core.plan import ppo_plan
+    from kubellama.components.core.tools.plan import ppo_plan
 
     def plan_for(*extra: str):
         cfg = load_config(["model=llama2_7b", "plan.seq_len=1024", *extra])
@@ -130,7 +130,7 @@ def test_unknown_command_is_an_error():
 
 
 def test_resolved_config_file_takes_dotted_overrides_only(tmp_path):
-    from components.core.config import load_resolved, to_yaml
+    from kubellama.components.core.recipe.config import load_resolved, to_yaml
 
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(load_config(["model=llama2_7b"])))

@@ -11,14 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components.core import storage
-from components.core.config import load_config
-from components.core.errors import KubellamaError
-from components.core.shards import ShardReader
-from components.core.tokenizer import IGNORE, Tokenizer
-from components.data_prep import pack, stage
-from components.data_prep.clean import luhn
-from components.data_prep.readers import ErrorLog
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe.config import load_config
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.data.shards import ShardReader
+from kubellama.components.core.data.tokenizer import IGNORE, Tokenizer
+from kubellama.components.data_prep import pack, stage
+from kubellama.components.data_prep.clean import luhn
+from kubellama.components.core.data.readers import ErrorLog
 
 VOCAB = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "we", "zu", "bra", "cle")
          for b in ("n", "ro", "tis", "mek", "la", "dor", "ve", "xu", "pa", "ng")] + ["the", "and", "über", "café"]
@@ -129,8 +129,8 @@ def test_bad_lines_are_reported_with_file_and_line(planted) -> None:
 
 
 def test_report_carries_the_lineage_of_a_training_stage(planted) -> None:
-    from components.core import runs
-    from components.core.config import load_config as load
+    from kubellama.components.core.recipe import runs
+    from kubellama.components.core.recipe.config import load_config as load
 
     lineage = planted["report"]["lineage"]
     manifest = storage.read_json(os.path.join(planted["out"], "pretrain", "manifest.json"))
@@ -269,7 +269,7 @@ def test_preference_pairs_and_prompts(tmp_path) -> None:
 
 
 def _tiny_model(tmp_path) -> str:
-    from components.data_prep.pack import train_tokenizer
+    from kubellama.components.data_prep.pack import train_tokenizer
 
     rng = random.Random(5)
     path = str(tmp_path / "given.model")

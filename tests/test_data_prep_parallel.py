@@ -13,15 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from components.core import runs, storage
-from components.core.config import load_config
-from components.core.shards import ShardReader
-from components.core.tokenizer import Tokenizer
-from components.data_prep import plan as planning, stage, steps
-from components.data_prep.clean import NEAR, band_keys, components, uniq
-from components.data_prep.parallel import worker_count
-from components.data_prep.readers import ErrorLog, read_positioned
-from pipelines import run as pipeline_run
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe.config import load_config
+from kubellama.components.core.data.shards import ShardReader
+from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.data_prep import plan as planning, stage, steps
+from kubellama.components.data_prep.clean import NEAR, band_keys, components, uniq
+from kubellama.components.data_prep.parallel import worker_count
+from kubellama.components.core.data.readers import ErrorLog, read_positioned
+from kubellama.pipelines import run as pipeline_run
 from test_data_prep import doc, overrides, sources, write_jsonl
 
 PERM, BANDS = 128, 16

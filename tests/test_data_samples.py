@@ -10,10 +10,10 @@ import zipfile
 
 import pytest
 
-from components.core import storage
-from components.core.config import load_config
-from components.core.errors import KubellamaError
-from components.data_prep import samples, stage
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe.config import load_config
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.data_prep import samples, stage
 
 
 def _words(rng: random.Random, n: int) -> str:

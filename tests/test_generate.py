@@ -9,12 +9,12 @@ import time
 import pytest
 import torch
 
-from components.core import dist
-from components.core.errors import KubellamaError
-from components.core.generate import generate, sample, uniforms
-from components.core.model import Llama
-from components.core.trainer import shard
-from components.core.trainer import consolidated
+from kubellama.components.core.train import dist
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.model.generate import generate, sample, uniforms
+from kubellama.components.core.model.llama import Llama
+from kubellama.components.core.train.trainer import shard
+from kubellama.components.core.train.trainer import consolidated
 from test_trainer_support import _entry, model_cfg, train_cfg
 
 MAX_NEW = 8

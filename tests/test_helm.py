@@ -164,7 +164,7 @@ def test_multi_user_profile_namespace(helm, tmp_path):
         "kubernetes.io/metadata.name") == "minio")
     assert minio["ports"] == [{"protocol": "TCP", "port": 9000}]
 
-    from pipelines import run
+    from kubellama.pipelines import run
 
     cfg = run.resolve(overrides(objs))
     assert cfg.run.root == "s3://llm/llama2" and cfg.cluster.s3_secret == "kl-kubellama-s3"
@@ -231,7 +231,7 @@ def test_trainjob_values_make_a_runtime_the_launcher_uses(helm, capsys):
     assert "cluster.runtime=kl-kubellama-torch" in overrides(objs)
     assert "cluster.runtime_kind=TrainingRuntime" in overrides(objs)
     # What the launcher submits with these overrides runs on that runtime and is valid for Trainer v2.3.
-    from pipelines.cli import main as cli
+    from kubellama.pipelines.cli import main as cli
 
     assert cli(["pretrain", *overrides(objs), "--dryrun"]) == 0
     job = yaml.safe_load(capsys.readouterr().out)

@@ -5,10 +5,10 @@ import sys
 import pytest
 import torch
 
-from components.core.generate import generate
-from components.core.hf import load_model, save_hf
-from components.core.model import Llama
-from conf.schema.model import ModelConfig
+from kubellama.components.core.model.generate import generate
+from kubellama.components.core.model.hf import load_model, save_hf
+from kubellama.components.core.model.llama import Llama
+from kubellama.conf.schema.model import ModelConfig
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,7 +73,7 @@ def test_cli_greedy_generation_equals_transformers_generate(tmp_path):
                           pad_token_id=0)[0, len(prompt):].tolist()
     if 2 in ref:
         ref = ref[: ref.index(2) + 1]
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "generate", "--checkpoint", str(tmp_path / "hf"),
+    out = subprocess.run([sys.executable, "-m", "kubellama.pipelines.cli", "generate", "--checkpoint", str(tmp_path / "hf"),
                           "--prompt-ids", ",".join(map(str, prompt)), "--greedy", "--max-new-tokens", "12", "--ids"],
                          capture_output=True, text=True, check=True)
     assert [int(t) for t in out.stdout.strip().split(",")] == ref
@@ -93,7 +93,7 @@ def test_export_and_load_through_s3(tmp_path, s3_bucket):
 
 
 def test_not_a_checkpoint_is_a_clear_error(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "generate", "--checkpoint", str(tmp_path),
+    out = subprocess.run([sys.executable, "-m", "kubellama.pipelines.cli", "generate", "--checkpoint", str(tmp_path),
                           "--prompt-ids", "1,2"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "no config.json" in out.stderr and len(out.stderr.strip().splitlines()) == 1
@@ -101,10 +101,10 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
 
 def test_cli_export_init_then_generate_ids(tmp_path):
     out_dir = str(tmp_path / "tiny")
-    exported = subprocess.run([sys.executable, "-m", "pipelines.cli", "export-hf", "--init", "--out", out_dir,
+    exported = subprocess.run([sys.executable, "-m", "kubellama.pipelines.cli", "export-hf", "--init", "--out", out_dir,
                                "model=tiny"], capture_output=True, text=True)
     assert exported.returncode == 0, exported.stderr
-    gen = subprocess.run([sys.executable, "-m", "pipelines.cli", "generate", "--checkpoint", out_dir,
+    gen = subprocess.run([sys.executable, "-m", "kubellama.pipelines.cli", "generate", "--checkpoint", out_dir,
                           "--prompt-ids", "1,37,99", "--prompt-ids", "1,5", "--max-new-tokens", "5",
                           "generate.seed=3"], capture_output=True, text=True)
     assert gen.returncode == 0, gen.stderr
@@ -115,7 +115,7 @@ def test_cli_export_init_then_generate_ids(tmp_path):
 def test_exported_tokenizer_loads_in_transformers_and_encodes_like_ours(tmp_path):
     import sentencepiece as spm
 
-    from components.core.tokenizer import Tokenizer
+    from kubellama.components.core.data.tokenizer import Tokenizer
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n".join(f"The quick brown fox {i} jumps over the lazy dog {i * 7}. façade 東京" for i in range(500)))
@@ -132,7 +132,7 @@ def test_exported_tokenizer_loads_in_transformers_and_encodes_like_ours(tmp_path
 
 def test_cli_export_converts_a_training_checkpoint(tmp_path):
     """A DCP training checkpoint (as the trainer core writes it) becomes an HF directory with the same weights."""
-    from components.core import checkpoint, dist
+    from kubellama.components.core.train import checkpoint, dist
 
     torch.manual_seed(11)
     cfg = ModelConfig(name="tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=160, vocab_size=211,
@@ -141,13 +141,13 @@ def test_cli_export_converts_a_training_checkpoint(tmp_path):
     root = str(tmp_path / "checkpoints")
     checkpoint.save(root, 5, {"model": model.state_dict()}, {"scheduler": {}, "data": {}}, dist.init(), keep=2).finish()
     out = str(tmp_path / "hf")
-    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "export-hf", "--checkpoint", root, "--out", out,
+    done = subprocess.run([sys.executable, "-m", "kubellama.pipelines.cli", "export-hf", "--checkpoint", root, "--out", out,
                            "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
                            "model.ffn_hidden=160", "model.vocab_size=211"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     loaded, _, _ = load_model(out)
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
-    wrong = subprocess.run([sys.executable, "-m", "pipelines.cli", "export-hf", "--checkpoint", root, "--out", out],
+    wrong = subprocess.run([sys.executable, "-m", "kubellama.pipelines.cli", "export-hf", "--checkpoint", root, "--out", out],
                            capture_output=True, text=True)
     assert wrong.returncode == 2 and "does not match model" in wrong.stderr

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conf.schema import ClusterConfig
+from kubellama.conf.schema import ClusterConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = os.path.join(ROOT, "images")

@@ -10,10 +10,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from components.core.config import load_config
-from components.core.errors import ConfigError
-from components.core import launch, runs
-from pipelines.cli import main as cli
+from kubellama.components.core.recipe.config import load_config
+from kubellama.components.core.errors import ConfigError
+from kubellama.components.core.launch import launcher as launch
+from kubellama.components.core.recipe import runs
+from kubellama.pipelines.cli import main as cli
 from test_trainer_support import OVERRIDES, write_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +52,7 @@ def test_kubernetes_dryrun_is_a_gpu_gang_job_with_a_valid_pod(capsys):
         assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
         cmd = c["command"][-1]
         assert "--nnodes 2 --nproc_per_node 8" in cmd
-        assert "-m components.pretrain --config s3://bucket/runs/a/r1/pretrain/config.yaml" in cmd
+        assert "-m kubellama.components.pretrain --config s3://bucket/runs/a/r1/pretrain/config.yaml" in cmd
         # torchrun is the container's process (SIGTERM reaches it) and waits the grace period for the save.
         assert cmd.startswith("exec ") and "--shutdown_timeout 85" in cmd
         assert podspec["terminationGracePeriodSeconds"] == 90
@@ -73,7 +74,7 @@ def test_kubernetes_needs_shared_storage_and_a_known_scheduler():
 def test_torchx_local_cwd_runs_two_ranks(tmp_path):
     write_shards(str(tmp_path / "data" / "pretrain"))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "pretrain", *OVERRIDES, f"run.root={tmp_path}",
+    proc = subprocess.run([sys.executable, "-m", "kubellama.pipelines.cli", "pretrain", *OVERRIDES, f"run.root={tmp_path}",
                            f"data.output={tmp_path / 'data'}", "pretrain.max_steps=2", "cluster.nproc_per_node=2"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -103,7 +104,7 @@ def test_mig_profile_is_requested_as_its_own_resource(capsys):
 def test_a_preempted_kfp_step_exits_143_in_one_line(tmp_path, monkeypatch, capsys):
     """Inside a KFP step (step_config marks it) a stage stopped by SIGTERM after saving ends with exit 143 and one
     line, not the executor's traceback and exit 1; outside a step the CLI gets the Preempted error to report."""
-    from pipelines import llama2
+    from kubellama.pipelines import llama2
 
     monkeypatch.setenv(runs.STEP_ENV, "")  # so that teardown removes what step_config sets
     monkeypatch.delenv(runs.STEP_ENV)

@@ -5,11 +5,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components.core.config import load_config
-from components.core.generate import generate, sample
-from components.core.model import (IGNORE, KVCache, Llama, Rotary, count_params, flops_per_token,
+from kubellama.components.core.recipe.config import load_config
+from kubellama.components.core.model.generate import generate, sample
+from kubellama.components.core.model.llama import (IGNORE, KVCache, Llama, Rotary, count_params, flops_per_token,
                                    linear_cross_entropy)
-from conf.schema.model import ModelConfig
+from kubellama.conf.schema.model import ModelConfig
 
 
 def small(**kw) -> ModelConfig:

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from kfp import components
 
-from components.core.config import load_config
-from components.core.errors import ConfigError
-from pipelines import llama2, run
+from kubellama.components.core.recipe.config import load_config
+from kubellama.components.core.errors import ConfigError
+from kubellama.pipelines import llama2, run
 
 GPU = ["cluster.gpus_per_node=8", "cluster.gpu_product=NVIDIA-H100-80GB-HBM3", "cluster.shm_size=32Gi",
        "cluster.nproc_per_node=8", "run.root=s3://bucket/runs"]
@@ -252,7 +252,7 @@ def test_publish_records_urls_metrics_and_report(tmp_path):
     """What a component hands KFP: the URL and other strings as metadata, finite numbers as metrics, the report."""
     from types import SimpleNamespace
 
-    from components.core.publish import publish
+    from kubellama.components.core.kfp.publish import publish
 
     class Metrics(dict):
         def log_metric(self, name, value):
@@ -290,7 +290,7 @@ RECIPE_STEPS = 10
 
 @pytest.mark.parametrize("nodes", ["1", "8"], ids=["in-pod", "launcher"])
 def test_full_recipe_ir_fits_argo(tmp_path, nodes):
-    from components.core import stages
+    from kubellama.components.core.recipe import stages
 
     overrides = ["model=llama2_70b", "cluster=h100", f"cluster.nnodes={nodes}", "cluster.scheduler=trainjob",
                  "run.root=s3://bucket/llama2-70b", "cluster.s3_secret=s3", "cluster.timeout_s=86400"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 
-from components.core import storage
-from components.safety_eval import FIXTURES
-from conf.schema.data import RATINGS
-from pipelines import run
+from kubellama.components.core.io import storage
+from kubellama.components.safety_eval import FIXTURES
+from kubellama.conf.schema.data import RATINGS
+from kubellama.pipelines import run
 from test_pipeline import compile_docs
 from test_pipeline_local import TINY, corpus
 from test_reward_support import write_jsonl

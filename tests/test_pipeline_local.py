@@ -8,8 +8,8 @@ import os
 import re
 import random
 
-from components.core import storage
-from pipelines import run
+from kubellama.components.core.io import storage
+from kubellama.pipelines import run
 
 TINY = ["data.workers=1", "model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
         "model.ffn_hidden=64", "model.vocab_size=300", "model.max_seq_len=32", "pretrain.max_steps=3",

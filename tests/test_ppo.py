@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from components.ppo import algo
+from kubellama.components.ppo import algo
 from test_trainer_support import spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,7 +152,7 @@ def test_kl_guard_stops_before_the_update(tmp_path):
 
 
 def test_reward_collapse_guard_names_the_last_good_checkpoint(tmp_path):
-    from components.ppo.loop import Ppo
+    from kubellama.components.ppo.loop import Ppo
     from ppo_tiny import ppo_cfg, prompts
     from test_trainer_support import model_cfg
 

@@ -9,10 +9,10 @@ import os
 import pytest
 import torch
 
-from components.core.combined_reward import Whitener
-from components.ppo.stage import combined_reward
-from conf.schema.reward import CombinedRewardConfig
-from pipelines.cli import main as cli
+from kubellama.components.core.rlhf.combined import Whitener
+from kubellama.components.ppo.stage import combined_reward
+from kubellama.conf.schema.reward import CombinedRewardConfig
+from kubellama.pipelines.cli import main as cli
 from test_reward_support import MODEL, RM, separable_data
 
 PPO = [f"model.{k}={v}" for k, v in MODEL.items()] + [
@@ -55,9 +55,9 @@ def test_bad_rollout_mode_is_one_line(tmp_path, rm, capsys):
 
 
 def test_empty_reward_model_urls_are_refused_by_name():
-    from components.core.config import load_config
-    from components.core.errors import ConfigError
-    from components.ppo.stage import load_reward
+    from kubellama.components.core.recipe.config import load_config
+    from kubellama.components.core.errors import ConfigError
+    from kubellama.components.ppo.stage import load_reward
 
     cfg = load_config([])
     for section in ("ppo", "rejection_sampling"):

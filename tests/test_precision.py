@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from components.core import dist
-from components.core.errors import ConfigError
-from components.core.precision import compute_dtype, cpu_flags, gemm_peak, native_bf16_cpu
-from components.core.shards import ShardReader
-from components.core.trainer import Trainer, mp_policy
+from kubellama.components.core.train import dist
+from kubellama.components.core.errors import ConfigError
+from kubellama.components.core.train.precision import compute_dtype, cpu_flags, gemm_peak, native_bf16_cpu
+from kubellama.components.core.data.shards import ShardReader
+from kubellama.components.core.train.trainer import Trainer, mp_policy
 from test_trainer_support import model_cfg, spawn, train_cfg, write_shards
 
 
@@ -64,7 +64,7 @@ def test_gemm_peak_is_measured_once_per_process():
 
 
 def _frozen_vs_trained(env, out: str) -> None:
-    from components.core.trainer import build_llama, shard, shard_frozen
+    from kubellama.components.core.train.trainer import build_llama, shard, shard_frozen
 
     torch.manual_seed(0)
     tokens = torch.randint(0, model_cfg().vocab_size, (2, 16))
@@ -94,7 +94,7 @@ def test_frozen_models_hold_bf16_shards_with_unchanged_outputs(tmp_path):
 
 def test_a_low_peak_is_measured_again_and_the_better_kept(monkeypatch):
     # A first measurement taken while the host was busy reads low; remeasuring keeps the best rate seen.
-    from components.core import precision
+    from kubellama.components.core.train import precision
 
     rates = iter([1e9, 3e9, 2e9])
     monkeypatch.setattr(precision, "gemm_rate", lambda *a, **k: next(rates))

@@ -10,9 +10,9 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from components.core import storage
-from components.core.config import load_config
-from pipelines.cli import main as cli
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe.config import load_config
+from kubellama.pipelines.cli import main as cli
 from test_trainer_support import OVERRIDES, write_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +33,7 @@ def out_dir(root):
 
 def start(root, *more: str, data=None) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "pretrain", *overrides(root, *more, data=data)],
+    return subprocess.Popen([sys.executable, "-m", "kubellama.pipelines.cli", "pretrain", *overrides(root, *more, data=data)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -76,7 +76,7 @@ def test_stage_writes_checkpoints_metrics_report_and_hf(tmp_path, capsys):
     from transformers import LlamaForCausalLM
 
     cfg = load_config(overrides(tmp_path))
-    from components.core.model import Llama
+    from kubellama.components.core.model.llama import Llama
 
     state = {"model": Llama(cfg.model).state_dict()}
     dcp.load(state, checkpoint_id=summary["checkpoint"])
@@ -96,7 +96,7 @@ def test_sigkill_after_checkpoint_then_restart_is_bit_identical(tmp_path):
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert ref.wait() == 0, ref.stderr.read()
-    done, _ = __import__("components.core.checkpoint", fromlist=["steps"]).steps(
+    done, _ = __import__("kubellama.components.core.train.checkpoint", fromlist=["steps"]).steps(
         os.path.join(out_dir(tmp_path / "run"), "checkpoints"))
     assert done and done[-1] < 30, "the kill came too late to test anything"
 
@@ -130,11 +130,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 
 
 def test_plain_torchrun_two_ranks_checkpoint_on_preemption(tmp_path):
-    """`torchrun -m components.pretrain`: SIGTERM to the agent (what Kubernetes sends) reaches both ranks, which
+    """`torchrun -m kubellama.components.pretrain`: SIGTERM to the agent (what Kubernetes sends) reaches both ranks, which
     drop the unfinished step, save the last finished one together, and stop; a rerun resumes from it."""
     write_shards(str(tmp_path / "data" / "pretrain"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "components.pretrain",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "kubellama.components.pretrain",
            *overrides(tmp_path, "pretrain.max_steps=100000", "pretrain.ckpt_every=100000")]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(proc, "step 3 ")

@@ -9,15 +9,15 @@ import pytest
 import torch
 from test_reward_support import MODEL, RM, separable_data
 
-from components.core import dist
-from components.core.errors import KubellamaError
-from components.rejection_sampling.stage import (
+from kubellama.components.core.train import dist
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.rejection_sampling.stage import (
     best_of,
     pool_best,
     reward_by_k,
     sample_round,
 )
-from pipelines.cli import main as cli
+from kubellama.pipelines.cli import main as cli
 
 
 def test_reward_by_k_by_hand():

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from components.core import storage
-from components.core.publish import publish
-from components.core.report import PNG_SIGNATURE, Section, Table, write_report
+from kubellama.components.core.io import storage
+from kubellama.components.core.kfp.publish import publish
+from kubellama.components.core.io.report import PNG_SIGNATURE, Section, Table, write_report
 
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 LINEAGE = {"config_hash": "c0ffee12", "data_hash": "da7a5eed", "parent": None}
@@ -133,7 +133,7 @@ def test_kfp_pretrain_task_html_artifact_holds_the_loss_plot(tmp_path):
     """Done-when of issue 8: the pretraining step's HTML artifact in a kfp.local run embeds the loss plot."""
     from test_pipeline_local import TINY, corpus, executor_output
 
-    from pipelines import run
+    from kubellama.pipelines import run
 
     root = str(tmp_path / "run")
     src = corpus(str(tmp_path / "corpus.jsonl"), docs=80)

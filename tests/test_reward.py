@@ -13,12 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.core import checkpoint, storage
-from components.core.scorer import RewardModel, Scorer, encode, model_config, pad
-from conf.schema.data import RATINGS
-from conf.schema.model import ModelConfig
-from conf.schema.train import TrainConfig
-from pipelines.cli import main as cli
+from kubellama.components.core.train import checkpoint
+from kubellama.components.core.io import storage
+from kubellama.components.core.rlhf.scorer import RewardModel, Scorer, encode, model_config, pad
+from kubellama.conf.schema.data import RATINGS
+from kubellama.conf.schema.model import ModelConfig
+from kubellama.conf.schema.train import TrainConfig
+from kubellama.pipelines.cli import main as cli
 from test_pretrain import wait_for
 from test_reward_support import MODEL, RM, separable_data
 
@@ -147,7 +148,7 @@ def test_init_from_a_language_model_keeps_the_backbone_and_adds_a_head(tmp_path)
 
 def _start(root, data: str, *more: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "reward", *overrides(root, data, *more)],
+    return subprocess.Popen([sys.executable, "-m", "kubellama.pipelines.cli", "reward", *overrides(root, data, *more)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -175,7 +176,7 @@ def test_two_ranks_train_like_one(tmp_path, data):
     more = ("reward.max_steps=4",)
     assert cli(["reward", *overrides(tmp_path / "one", data, *more)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "components.reward",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "kubellama.components.reward",
            *overrides(tmp_path / "two", data, *more)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -191,7 +192,7 @@ SEQS = [[1, 5, 9, 2], [1, 7, 2], [1, 3, 4, 5, 6, 2]]
 
 
 def _score_sharded(env, out):
-    from components.core.trainer import shard
+    from kubellama.components.core.train.trainer import shard
 
     torch.manual_seed(0)
     model = shard(RewardModel(ModelConfig(**MODEL)), TrainConfig(mixed_precision="fp32"), env)

@@ -9,14 +9,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from components.core import storage
-from components.core.config import load_config
-from components.core.errors import ConfigError, KubellamaError
-from components.core.tokenizer import Tokenizer
-from components.data_prep import stage as prep
-from components.data_prep.preference import flag, prompt_key, synthetic_safety_pair
-from components.reward.data import PairSource, mix, read_pairs
-from conf.schema.data import RATINGS
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe.config import load_config
+from kubellama.components.core.errors import ConfigError, KubellamaError
+from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.data_prep import stage as prep
+from kubellama.components.data_prep.preference import flag, prompt_key, synthetic_safety_pair
+from kubellama.components.reward.data import PairSource, mix, read_pairs
+from kubellama.conf.schema.data import RATINGS
 from test_reward_support import separable_data, write_jsonl
 
 

@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from components.core.combined_reward import Whitener, choose, combine, detection, logit
-from components.core.errors import ConfigError
-from components.core.scorer import RewardModel, pad
-from components.reward.evaluate import accuracy, accuracy_by_rating, calibration
-from components.reward.loss import margins, pair_loss, ranking_loss, safety_aux_loss
-from components.reward.stage import schedule
-from conf.schema.data import RATINGS
-from conf.schema.model import ModelConfig
-from conf.schema.reward import CombinedRewardConfig, RewardConfig
+from kubellama.components.core.rlhf.combined import Whitener, choose, combine, detection, logit
+from kubellama.components.core.errors import ConfigError
+from kubellama.components.core.rlhf.scorer import RewardModel, pad
+from kubellama.components.reward.evaluate import accuracy, accuracy_by_rating, calibration
+from kubellama.components.reward.loss import margins, pair_loss, ranking_loss, safety_aux_loss
+from kubellama.components.reward.stage import schedule
+from kubellama.conf.schema.data import RATINGS
+from kubellama.conf.schema.model import ModelConfig
+from kubellama.conf.schema.reward import CombinedRewardConfig, RewardConfig
 from test_trainer_support import spawn
 
 LOG2 = 0.6931471805599453

@@ -7,9 +7,10 @@ import os
 
 import pytest
 
-from components.core import stages, storage
-from components.core.errors import ConfigError
-from pipelines import llama2, run
+from kubellama.components.core.recipe import stages
+from kubellama.components.core.io import storage
+from kubellama.components.core.errors import ConfigError
+from kubellama.pipelines import llama2, run
 from test_pipeline import compile_docs
 from test_pipeline_local import TINY, corpus, executor_output, outputs
 from test_reward_support import write_jsonl

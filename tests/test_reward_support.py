@@ -6,10 +6,10 @@ import json
 import os
 import random
 
-from components.core.config import load_config
-from components.data_prep import stage as prep
-from components.data_prep.pack import train_tokenizer
-from conf.schema.data import RATINGS
+from kubellama.components.core.recipe.config import load_config
+from kubellama.components.data_prep import stage as prep
+from kubellama.components.data_prep.pack import train_tokenizer
+from kubellama.conf.schema.data import RATINGS
 
 # Chosen answers use one set of words, rejected answers another: separable, so a tiny RM learns it in seconds.
 GOOD = ["sana", "kanro", "lola", "mitis", "vove", "tila", "wexu", "zudor"]

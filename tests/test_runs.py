@@ -15,15 +15,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.core import checkpoint, dist, runs, stages
-from components.core.errors import ConfigError
-from components.core.config import load_config
-from components.core.hf import save_hf
-from components.core.model import Llama
-from components.core.shards import ShardReader
-from components.core.trainer import Trainer
-from pipelines import cli, llama2
-from pipelines import run as local_run
+from kubellama.components.core.train import checkpoint, dist
+from kubellama.components.core.recipe import runs, stages
+from kubellama.components.core.errors import ConfigError
+from kubellama.components.core.recipe.config import load_config
+from kubellama.components.core.model.hf import save_hf
+from kubellama.components.core.model.llama import Llama
+from kubellama.components.core.data.shards import ShardReader
+from kubellama.components.core.train.trainer import Trainer
+from kubellama.pipelines import cli, llama2
+from kubellama.pipelines import run as local_run
 from test_trainer_support import OVERRIDES, SEQ, model_cfg, spawn, train_cfg, write_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +32,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def pretrain(root, *more: str, check: bool = True) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "pipelines.cli", "pretrain", *OVERRIDES, f"run.root={root}",
+    argv = [sys.executable, "-m", "kubellama.pipelines.cli", "pretrain", *OVERRIDES, f"run.root={root}",
             f"data.output={root}/data", "pretrain.mixed_precision=fp32", *more]
     done = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     if check:
@@ -140,7 +141,7 @@ def test_sigterm_on_the_torchx_path_saves_within_seconds_and_the_rerun_matches(t
     write_shards(str(tmp_path / "data" / "pretrain"), rows=512)
     more = ["cluster.nproc_per_node=2", "pretrain.micro_batch=1", f"pretrain.global_batch_tokens={16 * SEQ}",
             "pretrain.max_steps=12", "pretrain.ckpt_every=1000", "pretrain.warmup_steps=2"]
-    argv = [sys.executable, "-m", "pipelines.cli", "pretrain", *OVERRIDES, f"run.root={tmp_path}",
+    argv = [sys.executable, "-m", "kubellama.pipelines.cli", "pretrain", *OVERRIDES, f"run.root={tmp_path}",
             f"data.output={tmp_path}/data", "pretrain.mixed_precision=fp32", *more]
     proc = subprocess.Popen([*argv, "run.id=cut"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -183,7 +184,7 @@ def test_the_registry_drives_cli_pipeline_and_reports(tmp_path):
     assert names[:2] == ["data_prep", "pretrain"]
     params = llama2.parameters(load_config(), names)
     for s in stages.STAGES:
-        assert cli.COMMANDS[s.command][0] == f"components.{s.name}.stage:main"
+        assert cli.COMMANDS[s.command][0] == f"kubellama.components.{s.name}.stage:main"
         assert s.name in llama2.PIPELINES and all(f"config_{step}" in params for step, _ in s.steps())
     cfg = local_run.resolve([f"run.root={tmp_path}", "run.id=x"])
     assert list(local_run.local_outputs(cfg, names)) == [step for s in stages.STAGES for step, _ in s.steps()]
@@ -194,7 +195,7 @@ def test_the_registry_drives_cli_pipeline_and_reports(tmp_path):
 
 
 def test_data_prep_is_content_addressed(tmp_path):
-    from components.data_prep import stage as data_prep
+    from kubellama.components.data_prep import stage as data_prep
     from test_pipeline_local import corpus
 
     src = corpus(str(tmp_path / "c.jsonl"), docs=60)

@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from components.safety_eval import FIXTURES
-from pipelines import run
+from kubellama.components.safety_eval import FIXTURES
+from kubellama.pipelines import run
 from test_pipeline_local import TINY, corpus
 from test_safety_eval import assert_every_img_decodes
 

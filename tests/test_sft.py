@@ -11,12 +11,13 @@ import sys
 import numpy as np
 import pytest
 
-from components.core import checkpoint, storage
-from components.core.shards import ShardReader, ShardWriter
-from components.core.tokenizer import IGNORE, Tokenizer
-from components.data_prep.chat import chain
-from components.sft.data import EpochReader
-from pipelines.cli import main as cli
+from kubellama.components.core.train import checkpoint
+from kubellama.components.core.io import storage
+from kubellama.components.core.data.shards import ShardReader, ShardWriter
+from kubellama.components.core.data.tokenizer import IGNORE, Tokenizer
+from kubellama.components.core.data.chat import chain
+from kubellama.components.sft.data import EpochReader
+from kubellama.pipelines.cli import main as cli
 from test_sft_support import make_data, sft_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,7 +150,7 @@ def test_init_from_another_run_starts_from_its_weights(tmp_path, data, capsys):
 
 def start(root, data: str, *more: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", "sft", *overrides(root, data, *more)], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "kubellama.pipelines.cli", "sft", *overrides(root, data, *more)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -6,8 +6,8 @@ import json
 import os
 import random
 
-from components.core.config import load_config
-from components.data_prep import stage as data_prep
+from kubellama.components.core.recipe.config import load_config
+from kubellama.components.data_prep import stage as data_prep
 
 SEQ = 128
 VOCAB = 640
@@ -36,7 +36,7 @@ def write_dialogs(path: str, n: int, seed: int = 0, turns: int = 1) -> str:
 
 def write_text(path: str, lines: int = 300, seed: int = 1) -> str:
     """Pretraining text in which the GAtt instructions occur, so the tokenizer has pieces for their words."""
-    from conf.schema.gatt import GattConfig
+    from kubellama.conf.schema.gatt import GattConfig
 
     rng = random.Random(seed)
     phrases = [f"Begin every answer with the word {w}." for w in GattConfig().first_words] + \

@@ -1,7 +1,7 @@
 """One storage layer for local folders and S3 (moto's real S3 API on loopback)."""
 import pytest
 
-from components.core import storage
+from kubellama.components.core.io import storage
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -7,7 +7,7 @@ import json
 import yaml
 
 from fake_http import FakeServer
-from pipelines import submit
+from kubellama.pipelines import submit
 
 API = "/apis/v2beta1"
 

@@ -6,9 +6,9 @@ import random
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from components.core.errors import KubellamaError
-from components.core.tokenizer import IGNORE, Tokenizer
-from components.data_prep.pack import model_flags, train_tokenizer
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.data.tokenizer import IGNORE, Tokenizer
+from kubellama.components.data_prep.pack import model_flags, train_tokenizer
 
 WORDS = ["alpha", "river", "stone", "quiet", "north", "garden", "signal", "paper", "winter", "copper", "line",
          "über", "café", "naïve", "日本", "数据", "Москва", "ελλάδα", "the", "and", "of", "model", "token"]

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from components.core import checkpoint, dist, storage
-from components.core.errors import ConfigError
-from components.core.model import Llama
-from components.core.shards import ShardReader
-from components.core.trainer import (
+from kubellama.components.core.train import checkpoint, dist
+from kubellama.components.core.io import storage
+from kubellama.components.core.errors import ConfigError
+from kubellama.components.core.model.llama import Llama
+from kubellama.components.core.data.shards import ShardReader
+from kubellama.components.core.train.trainer import (
     NonFiniteLoss,
     Trainer,
     causal_lm_loss,

@@ -7,9 +7,10 @@ import shutil
 
 import torch
 
-from components.core import dist, storage
-from components.core.shards import ShardReader
-from components.core.trainer import Trainer
+from kubellama.components.core.train import dist
+from kubellama.components.core.io import storage
+from kubellama.components.core.data.shards import ShardReader
+from kubellama.components.core.train.trainer import Trainer
 from test_trainer_support import model_cfg, spawn, train_cfg, write_shards
 
 STEPS = 5

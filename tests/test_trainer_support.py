@@ -8,10 +8,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from components.core import dist
-from components.core.shards import ShardWriter
-from conf.schema.model import ModelConfig
-from conf.schema.train import TrainConfig
+from kubellama.components.core.train import dist
+from kubellama.components.core.data.shards import ShardWriter
+from kubellama.conf.schema.model import ModelConfig
+from kubellama.conf.schema.train import TrainConfig
 
 SEQ = 17  # rows of 17 tokens: 16 inputs, 16 targets
 VOCAB = 128

@@ -16,11 +16,13 @@ import pytest
 import yaml
 
 import crd
-from components.core import kube, launch, runs, storage, trainjob
-from components.core.config import load_config
-from components.core.errors import ConfigError, KubellamaError
+from kubellama.components.core.launch import kube, launcher as launch, trainjob
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe.config import load_config
+from kubellama.components.core.errors import ConfigError, KubellamaError
 from fake_k8s import FakeKube
-from pipelines.cli import main as cli
+from kubellama.pipelines.cli import main as cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINJOB = ["cluster=h100", "cluster.nnodes=2", "cluster.scheduler=trainjob"]
@@ -389,7 +391,7 @@ def test_sigterm_deletes_the_job_and_the_lease_refuses_a_second_writer(api, engi
                  "cluster.grace_period_s=2"]
     api.on_create = lambda fake, job: fake.start_pods(job, 2)  # runs until deleted
     env = {**os.environ, "PYTHONPATH": REPO, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "pretrain", *overrides, "run.id=first"],
+    proc = subprocess.Popen([sys.executable, "-m", "kubellama.pipelines.cli", "pretrain", *overrides, "run.id=first"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -432,7 +434,7 @@ def test_a_stale_lease_of_a_vanished_job_is_taken_over(api, s3_bucket, monkeypat
 
 
 def test_a_multi_node_trainjob_step_is_a_small_launcher_pod():
-    from pipelines import run
+    from kubellama.pipelines import run
 
     overrides = [*TRAINJOB, "cluster.nnodes=4", "run.root=s3://bucket/p"]
     text = run.dag_text(run.resolve(overrides), overrides)

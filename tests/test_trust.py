@@ -14,13 +14,15 @@ import pytest
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-from components.core import checkpoint, dist, hf, storage, trust
-from components.core.errors import KubellamaError
-from components.core.model import Llama
-from components.core.shards import ShardReader
-from components.core.trainer import Trainer, causal_lm_loss
-from components.data_prep import samples
-from pipelines.cli import main as cli
+from kubellama.components.core.train import checkpoint, dist
+from kubellama.components.core.model import hf
+from kubellama.components.core.io import storage, trust
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.model.llama import Llama
+from kubellama.components.core.data.shards import ShardReader
+from kubellama.components.core.train.trainer import Trainer, causal_lm_loss
+from kubellama.components.data_prep import samples
+from kubellama.pipelines.cli import main as cli
 from test_trainer_support import MODEL, OVERRIDES, model_cfg, train_cfg, write_shards
 
 MODEL_OVERRIDES = [f"model.{k}={v}" for k, v in MODEL.items()]
@@ -326,7 +328,7 @@ def test_other_hf_files_that_are_not_what_they_claim_are_one_line(tmp_path, caps
 
 
 def test_resolved_config_is_safe_yaml_and_bad_yaml_is_one_line(tmp_path, capsys):
-    from components.core.config import load_resolved
+    from kubellama.components.core.recipe.config import load_resolved
 
     marker = tmp_path / "pwned"
     path = tmp_path / "config.yaml"

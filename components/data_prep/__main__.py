@@ -1,5 +1,5 @@
 import sys
 
-from components.data_prep.stage import main
+from kubellama.components.data_prep.stage import main
 
 sys.exit(main())

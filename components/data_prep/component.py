@@ -24,9 +24,9 @@ from kfp.dsl.python_component import PythonComponent
 def data_prep(config: str, dataset: Output[Dataset], metrics: Output[Metrics], report: Output[Markdown],
               html: Output[HTML]) -> str:
     """Clean, tokenize and shard the corpus described by `config` (the sections this stage reads, as JSON)."""
-    from components.core.publish import publish
-    from components.core.runs import step_config
-    from components.data_prep.stage import run
+    from kubellama.components.core.kfp.publish import publish
+    from kubellama.components.core.recipe.runs import step_config
+    from kubellama.components.data_prep.stage import run
 
     cfg = step_config(config, "data_prep")
     return publish(run(cfg), cfg.data.output, dataset, metrics, report, html)
@@ -34,9 +34,9 @@ def data_prep(config: str, dataset: Output[Dataset], metrics: Output[Metrics], r
 
 def data_prep_plan(config: str) -> str:
     """The plan and the tokenizer; returns the plan's id ("reused" when the output is already complete)."""
-    from components.core.runs import step_config
-    from components.data_prep import steps
-    from components.data_prep.parallel import worker_count
+    from kubellama.components.core.recipe.runs import step_config
+    from kubellama.components.data_prep import steps
+    from kubellama.components.data_prep.parallel import worker_count
 
     cfg = step_config(config, "data_prep")
     if steps.reusable(cfg):
@@ -46,9 +46,9 @@ def data_prep_plan(config: str) -> str:
 
 def data_prep_worker(config: str, plan: str, index: int, metrics: Output[Metrics]):
     """Worker `index`: clean, sign and tokenize its share; its counts as Metrics."""
-    from components.core.runs import step_config
-    from components.data_prep import steps
-    from components.data_prep.parallel import worker_count
+    from kubellama.components.core.recipe.runs import step_config
+    from kubellama.components.data_prep import steps
+    from kubellama.components.data_prep.parallel import worker_count
 
     cfg = step_config(config, "data_prep")
     stats = steps.worker_step(cfg, steps.shared_work(cfg), int(index), worker_count(cfg.data.workers),
@@ -59,8 +59,8 @@ def data_prep_worker(config: str, plan: str, index: int, metrics: Output[Metrics
 
 def data_prep_dedup(config: str, plan: str, index: int):
     """Dedup reducer `index`: exact duplicates and confirmed near-duplicate pairs of its partitions."""
-    from components.core.runs import step_config
-    from components.data_prep import steps
+    from kubellama.components.core.recipe.runs import step_config
+    from kubellama.components.data_prep import steps
 
     cfg = step_config(config, "data_prep")
     steps.dedup_step(cfg, steps.shared_work(cfg), int(index), "" if plan == "reused" else plan)
@@ -68,8 +68,8 @@ def data_prep_dedup(config: str, plan: str, index: int):
 
 def data_prep_cluster(config: str, plan: str):
     """Union-find over the reducers' pairs: which documents are dropped."""
-    from components.core.runs import step_config
-    from components.data_prep import steps
+    from kubellama.components.core.recipe.runs import step_config
+    from kubellama.components.data_prep import steps
 
     cfg = step_config(config, "data_prep")
     steps.cluster_step(cfg, steps.shared_work(cfg), "" if plan == "reused" else plan)
@@ -77,8 +77,8 @@ def data_prep_cluster(config: str, plan: str):
 
 def data_prep_pack(config: str, plan: str, index: int):
     """Packer `index`: its groups' kept documents, mixed and packed into token shards."""
-    from components.core.runs import step_config
-    from components.data_prep import steps
+    from kubellama.components.core.recipe.runs import step_config
+    from kubellama.components.data_prep import steps
 
     cfg = step_config(config, "data_prep")
     steps.pack_step(cfg, steps.shared_work(cfg), int(index), "" if plan == "reused" else plan)
@@ -87,9 +87,9 @@ def data_prep_pack(config: str, plan: str, index: int):
 def data_prep_merge(config: str, plan: str, dataset: Output[Dataset], metrics: Output[Metrics],
                     report: Output[Markdown], html: Output[HTML]) -> str:
     """The manifest over every worker's shards, the small datasets and the report: the stage's outputs."""
-    from components.core.publish import publish
-    from components.core.runs import step_config
-    from components.data_prep import steps
+    from kubellama.components.core.kfp.publish import publish
+    from kubellama.components.core.recipe.runs import step_config
+    from kubellama.components.data_prep import steps
 
     cfg = step_config(config, "data_prep")
     summary = steps.merge_step(cfg, steps.shared_work(cfg), "" if plan == "reused" else plan)
@@ -98,8 +98,8 @@ def data_prep_merge(config: str, plan: str, dataset: Output[Dataset], metrics: O
 
 def data_prep_cleanup(config: str, index: int):
     """Remove worker `index`'s intermediate files (0: the shared ones too) once the output is complete."""
-    from components.core.runs import step_config
-    from components.data_prep import steps
+    from kubellama.components.core.recipe.runs import step_config
+    from kubellama.components.data_prep import steps
 
     cfg = step_config(config, "data_prep")
     steps.cleanup_step(cfg, steps.shared_work(cfg), int(index))

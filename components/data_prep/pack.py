@@ -8,10 +8,10 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import sentencepiece as spm
 
-from components.core.errors import KubellamaError
-from components.core.shards import ShardWriter
-from components.data_prep.parallel import WorkerPool
-from components.data_prep.work import encode_tagged
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.data.shards import ShardWriter
+from kubellama.components.data_prep.parallel import WorkerPool
+from kubellama.components.data_prep.work import encode_tagged
 
 log = logging.getLogger(__name__)
 

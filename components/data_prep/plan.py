@@ -27,17 +27,18 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from components.core import runs, storage
-from components.core.config import to_dict
-from components.core.errors import KubellamaError
-from components.core.shards import token_dtype
-from components.data_prep import pack
-from components.data_prep.chat import to_messages
-from components.data_prep.clean import clean_batch
-from components.data_prep.parallel import WorkerPool
-from components.data_prep.readers import ErrorLog, list_sized, parquet_row_groups, read_positioned, read_records, \
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe.config import to_dict
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.data.shards import token_dtype
+from kubellama.components.data_prep import pack
+from kubellama.components.core.data.chat import to_messages
+from kubellama.components.data_prep.clean import clean_batch
+from kubellama.components.data_prep.parallel import WorkerPool
+from kubellama.components.core.data.readers import ErrorLog, list_sized, parquet_row_groups, read_positioned, read_records, \
     splittable
-from conf.schema import Config
+from kubellama.conf.schema import Config
 
 log = logging.getLogger("kubellama.data_prep")
 
@@ -207,7 +208,7 @@ def sample_texts(plan: dict, budget: int, seed: int) -> Iterator[str]:
 
 
 def _sft_texts(cfg: Config) -> Iterator[str]:
-    from components.data_prep.readers import list_files
+    from kubellama.components.core.data.readers import list_files
 
     for src in cfg.data.sft.sources:
         for f in list_files(src.path, src.name):

@@ -19,9 +19,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from components.core.errors import KubellamaError
-from components.data_prep.chat import to_messages
-from conf.schema.data import RATINGS
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.data.chat import to_messages
+from kubellama.conf.schema.data import RATINGS
 
 _ALIASES = {"negligibly better": RATINGS[3], "unsure": RATINGS[3], "significantly_better": RATINGS[0],
             "slightly_better": RATINGS[2], "negligibly_better": RATINGS[3]}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from components.core.report import Section, Table, write_report
+from kubellama.components.core.io.report import Section, Table, write_report
 
 
 def sections(rep: dict[str, Any]) -> list[Section]:

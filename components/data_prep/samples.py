@@ -26,9 +26,9 @@ import zipfile
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from components.core import storage, trust
-from components.core.cli import guarded
-from components.core.errors import KubellamaError
+from kubellama.components.core.io import storage, trust
+from kubellama.components.core.recipe.cli import guarded
+from kubellama.components.core.errors import KubellamaError
 
 DEFAULT_DEST = os.path.join(os.path.expanduser("~"), ".cache", "kubellama", "samples")
 MARKER = storage.COMPLETE

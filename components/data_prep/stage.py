@@ -24,17 +24,18 @@ from collections import Counter
 from contextlib import ExitStack
 from typing import Any, Callable, Iterator, Sequence
 
-from components.core import runs, storage
-from components.core.cli import guarded, parser
-from components.core.config import load_config, to_dict
-from components.core.errors import KubellamaError
-from components.core.tokenizer import Tokenizer
-from components.data_prep import steps
-from components.data_prep.chat import SftPacker, chain, encode_dialog, sft_writer, to_messages, turns
-from components.data_prep.clean import RecordCleaner
-from components.data_prep.preference import flag, prompt_key, synthetic_safety_pair, to_pair
-from components.data_prep.readers import ErrorLog, list_files, read_records
-from conf.schema import Config
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe.cli import guarded, parser
+from kubellama.components.core.recipe.config import load_config, to_dict
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.data_prep import steps
+from kubellama.components.core.data.chat import SftPacker, chain, encode_dialog, sft_writer, to_messages, turns
+from kubellama.components.data_prep.clean import RecordCleaner
+from kubellama.components.data_prep.preference import flag, prompt_key, synthetic_safety_pair, to_pair
+from kubellama.components.core.data.readers import ErrorLog, list_files, read_records
+from kubellama.conf.schema import Config
 
 log = logging.getLogger("kubellama.data_prep")
 

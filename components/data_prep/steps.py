@@ -45,19 +45,20 @@ from typing import Any, Callable
 
 import numpy as np
 
-from components.core import runs, storage
-from components.core.config import from_dict, to_dict
-from components.core.errors import KubellamaError
-from components.core.shards import FORMAT, ShardWriter
-from components.core.tokenizer import Tokenizer
-from components.data_prep import pack
-from components.data_prep.clean import EXACT, NEAR, components, exact_duplicates, candidate_pairs, group_of, \
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe.config import from_dict, to_dict
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.data.shards import FORMAT, ShardWriter
+from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.data_prep import pack
+from kubellama.components.data_prep.clean import EXACT, NEAR, components, exact_duplicates, candidate_pairs, group_of, \
     part_of, similar, uniq
-from components.data_prep.parallel import WorkerPool, worker_count
-from components.data_prep.plan import doc_ids, file_of, make_plan, make_tokenizer
-from components.data_prep.readers import ErrorLog, read_positioned
-from components.data_prep.work import prepare_batch
-from conf.schema import Config
+from kubellama.components.data_prep.parallel import WorkerPool, worker_count
+from kubellama.components.data_prep.plan import doc_ids, file_of, make_plan, make_tokenizer
+from kubellama.components.core.data.readers import ErrorLog, read_positioned
+from kubellama.components.data_prep.work import prepare_batch
+from kubellama.conf.schema import Config
 
 log = logging.getLogger("kubellama.data_prep")
 
@@ -671,8 +672,8 @@ def _pretrain(cfg: Config, plan: dict, work: str, groups: list[dict], tok: Token
 
 def merge_step(cfg: Config, work: str, plan_id: str = "") -> dict:
     """The pretraining manifest, the small datasets and the report; the output folder is marked complete last."""
-    from components.data_prep import report as reporting
-    from components.data_prep.stage import build_datasets, summary
+    from kubellama.components.data_prep import report as reporting
+    from kubellama.components.data_prep.stage import build_datasets, summary
 
     d = cfg.data
     out = d.output

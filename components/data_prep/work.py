@@ -6,8 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from components.core.tokenizer import Tokenizer
-from components.data_prep.clean import band_keys, clean_batch
+from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.data_prep.clean import band_keys, clean_batch
 
 _TOKENIZERS: dict[str, Tokenizer] = {}
 

@@ -1,5 +1,5 @@
 import sys
 
-from components.gatt.stage import main
+from kubellama.components.gatt.stage import main
 
 sys.exit(main())

@@ -17,11 +17,11 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as tdist
 
-from components.core import dist
-from components.core.generate import generate
-from components.core.tokenizer import Tokenizer
-from components.gatt.data import fit_turns, to_messages, with_instruction
-from components.gatt.families import Instruction, make
+from kubellama.components.core.train import dist
+from kubellama.components.core.model.generate import generate
+from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.gatt.data import fit_turns, to_messages, with_instruction
+from kubellama.components.gatt.families import Instruction, make
 
 
 @dataclass

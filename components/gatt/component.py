@@ -11,9 +11,9 @@ from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 def gatt(config: str, data: Input[Dataset], init: Input[Model], model: Output[Model], metrics: Output[Metrics],
          report: Output[Markdown], html: Output[HTML], run_id: str = "", in_pod: bool = True) -> str:
     """Ghost Attention on the dialogs that `data` points at, starting from `init`."""
-    from components.core.publish import publish
-    from components.core.runs import step_config
-    from components.gatt import stage
+    from kubellama.components.core.kfp.publish import publish
+    from kubellama.components.core.recipe.runs import step_config
+    from kubellama.components.gatt import stage
 
     cfg = step_config(config, "gatt", run_id, in_pod, data=data.metadata.get("url") or data.uri,
                       init=init.metadata.get("url") or init.uri)

@@ -18,12 +18,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from components.core import storage
-from components.core.errors import KubellamaError
-from components.core.tokenizer import Tokenizer
-from components.data_prep.chat import SftPacker, encode_dialog, sft_writer
-from components.data_prep.stage import jsonl_splits
-from components.gatt.families import Instruction, make
+from kubellama.components.core.io import storage
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.core.data.chat import SftPacker, encode_dialog, sft_writer
+from kubellama.components.data_prep.stage import jsonl_splits
+from kubellama.components.gatt.families import Instruction, make
 
 SPLITS = ("train", "eval")
 

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from components.core.errors import ConfigError
+from kubellama.components.core.errors import ConfigError
 
 HOBBIES = ("tennis", "chess", "gardening", "painting", "hiking", "cooking", "photography", "astronomy")
 LANGUAGES = ("French", "Spanish", "German", "Italian", "Portuguese")

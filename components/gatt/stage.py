@@ -5,7 +5,7 @@
 2. The GAtt set (components/gatt/data.py) from data prep's sft/dialogs/train.jsonl (and eval.jsonl, for the held-out
    loss): instruction in every user turn while answers are taken or sampled, then only in the first, IGNORE on every
    token of earlier turns.
-3. Fine-tuning on it with the SFT body (components/sft/body.py): epochs, held-out loss, checkpoints, HF export.
+3. Fine-tuning on it with the SFT body (components/core/train/finetune.py): epochs, held-out loss, checkpoints, HF export.
 4. Adherence after, on the fine-tuned model, with the same probes.
 
 Outputs under `gatt.output` (by default `<run.root>/<run.id>/gatt`): set/, adherence_before.json, adherence.png, the
@@ -21,16 +21,20 @@ from typing import Any, Sequence
 
 import torch
 
-from components.core import checkpoint, dist, launch, runs, storage, tokenizer
-from components.core.errors import ConfigError, KubellamaError
-from components.core.report import Section, Table, write_report
-from components.core.tokenizer import Tokenizer
-from components.core.trainer import build_llama, shard
-from components.gatt import adherence, families
-from components.gatt.data import Dialog, assign, build, read_dialogs, with_instruction
-from components.sft import body
-from conf.schema import Config
-from conf.schema.train import TrainConfig
+from kubellama.components.core.train import checkpoint, dist
+from kubellama.components.core.launch import launcher as launch
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.io import storage
+from kubellama.components.core.data import tokenizer
+from kubellama.components.core.errors import ConfigError, KubellamaError
+from kubellama.components.core.io.report import Section, Table, write_report
+from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.core.train.trainer import build_llama, shard
+from kubellama.components.gatt import adherence, families
+from kubellama.components.gatt.data import Dialog, assign, build, read_dialogs, with_instruction
+from kubellama.components.core.train import finetune
+from kubellama.conf.schema import Config
+from kubellama.conf.schema.train import TrainConfig
 
 NAME = "gatt"
 ANSWERS = ("given", "sample")
@@ -130,7 +134,7 @@ def train(cfg: Config) -> dict[str, Any]:
         if env.lead:
             build(set_url, set_dialogs, tok, p.seq_len, enforce=p.answers == "given")
         dist.barrier()
-    trainer, summary = body.fit(cfg, NAME, storage.join(set_url, "train"), storage.join(set_url, "eval"), env,
+    trainer, summary = finetune.fit(cfg, NAME, storage.join(set_url, "train"), storage.join(set_url, "eval"), env,
                                 tokenizer=tokenizer.beside(p.data))
     after = None
     if summary["status"] == "completed" and probes:
@@ -167,7 +171,7 @@ def adherence_png(before: dict[str, float | None], after: dict[str, float | None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from components.core.report import to_png
+    from kubellama.components.core.io.report import to_png
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for label, series, style in (("before GAtt", before, "o--"), ("after GAtt", after, "o-")):
@@ -186,7 +190,7 @@ def adherence_png(before: dict[str, float | None], after: dict[str, float | None
 
 
 def write(output: str, summary: dict[str, Any]) -> dict[str, str]:
-    rows, sections, plots = body.report_parts(summary)
+    rows, sections, plots = finetune.report_parts(summary)
     before, after = summary["adherence_before"], summary["adherence_after"]
     turns = list(before or after)
     detail = summary["adherence_detail"]

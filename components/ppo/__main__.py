@@ -1,5 +1,5 @@
 import sys
 
-from components.ppo.stage import main
+from kubellama.components.ppo.stage import main
 
 sys.exit(main())

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from components.core.dist import all_sum
+from kubellama.components.core.train.dist import all_sum
 
 
 def kl_tokens(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

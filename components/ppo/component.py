@@ -11,9 +11,9 @@ def ppo(config: str, data: Input[Dataset], init: Input[Model], reward_helpfulnes
         reward_safety: Input[Model], model: Output[Model], metrics: Output[Metrics], report: Output[Markdown],
         html: Output[HTML], run_id: str = "", in_pod: bool = True) -> str:
     """PPO from `init` against the combined reward of the two reward models, on the prompts of `data`."""
-    from components.core.publish import publish
-    from components.core.runs import step_config
-    from components.ppo import stage
+    from kubellama.components.core.kfp.publish import publish
+    from kubellama.components.core.recipe.runs import step_config
+    from kubellama.components.ppo import stage
 
     def url(a: Input) -> str:
         return a.metadata.get("url") or a.uri

@@ -28,17 +28,19 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from components.core import checkpoint, dist, runs, storage
-from components.core.combined_reward import Whitener
-from components.core.errors import ConfigError, KubellamaError
-from components.core.generate import derive_seed, generate
-from components.core.metrics import MetricsLog
-from components.core.model import Llama
-from components.core.scorer import PAD, RewardModel
-from components.core.trainer import build_llama, consolidated, lr_factor, param_groups, shard, shard_frozen
-from components.ppo import algo
-from conf.schema.model import ModelConfig
-from conf.schema.ppo import ROLLOUT, PpoConfig
+from kubellama.components.core.train import checkpoint, dist
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.io import storage
+from kubellama.components.core.rlhf.combined import Whitener
+from kubellama.components.core.errors import ConfigError, KubellamaError
+from kubellama.components.core.model.generate import derive_seed, generate
+from kubellama.components.core.train.metrics import MetricsLog
+from kubellama.components.core.model.llama import Llama
+from kubellama.components.core.rlhf.scorer import PAD, RewardModel
+from kubellama.components.core.train.trainer import build_llama, consolidated, lr_factor, param_groups, shard, shard_frozen
+from kubellama.components.ppo import algo
+from kubellama.conf.schema.model import ModelConfig
+from kubellama.conf.schema.ppo import ROLLOUT, PpoConfig
 
 # reward_fn(prompts, responses, is_safety) -> unwhitened reward per row (CPU). Collective under torch.distributed.
 RewardFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]], Sequence[bool]], torch.Tensor]

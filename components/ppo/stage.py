@@ -17,17 +17,20 @@ from typing import Any, Sequence
 
 import torch
 
-from components.core import dist, launch, runs, storage
-from components.core.errors import ConfigError
-from components.core.combined_reward import combine
-from components.core.report import Section, Table, line_png, write_report
-from components.core.scorer import Scorer, probability
-from components.core.tokenizer import Tokenizer
-from components.ppo.loop import Ppo, Prompt, RewardFn
-from components.reward.data import read_pairs
-from conf.schema import Config
-from conf.schema.ppo import PPO_VOLATILE
-from conf.schema.reward import CombinedRewardConfig
+from kubellama.components.core.train import dist
+from kubellama.components.core.launch import launcher as launch
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.io import storage
+from kubellama.components.core.errors import ConfigError
+from kubellama.components.core.rlhf.combined import combine
+from kubellama.components.core.io.report import Section, Table, line_png, write_report
+from kubellama.components.core.rlhf.scorer import Scorer, probability
+from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.ppo.loop import Ppo, Prompt, RewardFn
+from kubellama.components.reward.data import read_pairs
+from kubellama.conf.schema import Config
+from kubellama.conf.schema.ppo import PPO_VOLATILE
+from kubellama.conf.schema.reward import CombinedRewardConfig
 
 NAME = "ppo"
 
@@ -80,7 +83,7 @@ def load_reward(section: Any, tok: Tokenizer, tok_url: str, env: dist.Env, batch
 
 
 def _export(ppo: Ppo, cfg: Config, url: str, tokenizer: str) -> str:
-    from components.core.hf import exported, save_hf
+    from kubellama.components.core.model.hf import exported, save_hf
 
     lineage = ppo.lineage()
     if not exported(url, lineage):

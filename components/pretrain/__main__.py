@@ -1,5 +1,5 @@
 import sys
 
-from components.pretrain.stage import main
+from kubellama.components.pretrain.stage import main
 
 sys.exit(main())

@@ -13,9 +13,9 @@ from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 def pretrain(config: str, data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
              report: Output[Markdown], html: Output[HTML], run_id: str = "", in_pod: bool = True) -> str:
     """Pretrain on the shards that `data` points at."""
-    from components.core.publish import publish
-    from components.core.runs import step_config
-    from components.pretrain import stage
+    from kubellama.components.core.kfp.publish import publish
+    from kubellama.components.core.recipe.runs import step_config
+    from kubellama.components.pretrain import stage
 
     cfg = step_config(config, "pretrain", run_id, in_pod, data=data.metadata.get("url") or data.uri)
     return publish(stage.run(cfg), cfg.pretrain.output, model, metrics, report, html)

@@ -1,7 +1,7 @@
 """Stage `pretrain`: FSDP pretraining on the token shards of the data prep stage.
 
 The training body (`train`) runs on every rank; the shared launcher (components/core/launch.py) runs it in this
-process, under torchrun, or as a torchx job, from `kubellama pretrain [overrides]`, `torchrun -m components.pretrain`
+process, under torchrun, or as a torchx job, from `kubellama pretrain [overrides]`, `torchrun -m kubellama.components.pretrain`
 or the KFP component.
 
 Outputs under `pretrain.output` (by default `<run.root>/<run.id>/pretrain`): checkpoints/ (DCP, resumable, with the
@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from components.core import dist, launch, runs, storage, tokenizer
-from components.core.shards import Prefetcher, ShardReader
-from components.core.report import write_report
-from components.core.trainer import Trainer
-from conf.schema import Config
-from conf.schema.train import VOLATILE
+from kubellama.components.core.train import dist
+from kubellama.components.core.launch import launcher as launch
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.io import storage
+from kubellama.components.core.data import tokenizer
+from kubellama.components.core.data.shards import Prefetcher, ShardReader
+from kubellama.components.core.io.report import write_report
+from kubellama.components.core.train.trainer import Trainer
+from kubellama.conf.schema import Config
+from kubellama.conf.schema.train import VOLATILE
 
 NAME = "pretrain"
 

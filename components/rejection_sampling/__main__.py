@@ -1,5 +1,5 @@
 import sys
 
-from components.rejection_sampling.stage import main
+from kubellama.components.rejection_sampling.stage import main
 
 sys.exit(main())

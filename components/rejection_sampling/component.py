@@ -11,9 +11,9 @@ def rejection_sampling(config: str, data: Input[Dataset], init: Input[Model], re
         reward_safety: Input[Model], model: Output[Model], metrics: Output[Metrics], report: Output[Markdown],
         html: Output[HTML], run_id: str = "", in_pod: bool = True) -> str:
     """Best of K answers of `init` by the combined reward, pooled across rounds, then SFT on the pool."""
-    from components.core.publish import publish
-    from components.core.runs import step_config
-    from components.rejection_sampling import stage
+    from kubellama.components.core.kfp.publish import publish
+    from kubellama.components.core.recipe.runs import step_config
+    from kubellama.components.rejection_sampling import stage
 
     def url(a: Input) -> str:
         return a.metadata.get("url") or a.uri

@@ -7,7 +7,7 @@
    the best answer per prompt is kept.
 3. The round's best samples join the pool at `rejection_sampling.pool` (one JSONL per round, atomic writes); this
    round's SFT set is the best answer per prompt over the whole pool (all rounds), so later rounds do not regress.
-4. Fine-tuning on that set with the SFT body (components/sft/body.py).
+4. Fine-tuning on that set with the SFT body (components/core/train/finetune.py).
 
 Outputs under `rejection_sampling.output`: round.jsonl (every sample's reward), set/ (the SFT shards), checkpoints/,
 hf/, report.json with `reward_by_k` (mean over prompts of the max and median reward among the first k samples, and
@@ -24,17 +24,20 @@ from typing import Any, Sequence
 
 import torch
 
-from components.core import checkpoint, dist, launch, runs, storage
-from components.core.errors import KubellamaError
-from components.core.generate import derive_seed
-from components.core.report import Section, Table, line_png, write_report
-from components.core.tokenizer import Tokenizer
-from components.core.trainer import build_llama, consolidated, shard
-from components.data_prep.chat import SftPacker, encode_dialog, sft_writer
-from components.ppo.loop import Prompt, _generate
-from components.ppo.stage import load_reward, prompts_of
-from components.sft import body
-from conf.schema import Config
+from kubellama.components.core.train import checkpoint, dist
+from kubellama.components.core.launch import launcher as launch
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.io import storage
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.model.generate import derive_seed
+from kubellama.components.core.io.report import Section, Table, line_png, write_report
+from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.core.train.trainer import build_llama, consolidated, shard
+from kubellama.components.core.data.chat import SftPacker, encode_dialog, sft_writer
+from kubellama.components.ppo.loop import Prompt, _generate
+from kubellama.components.ppo.stage import load_reward, prompts_of
+from kubellama.components.core.train import finetune
+from kubellama.conf.schema import Config
 
 NAME = "rejection_sampling"
 
@@ -158,7 +161,7 @@ def train(cfg: Config) -> dict[str, Any]:
             build_set(set_url, chosen, tok, p.seq_len, p.eval_fraction)
         dist.barrier()
     set_stats = storage.read_json(storage.join(set_url, "stats.json"))
-    trainer, summary = body.fit(cfg, NAME, storage.join(set_url, "train"), storage.join(set_url, "eval"), env,
+    trainer, summary = finetune.fit(cfg, NAME, storage.join(set_url, "train"), storage.join(set_url, "eval"), env,
                                 tokenizer=tok_url, **{"rs.round": runs.digest(rounds)})
     by_k = reward_by_k(torch.tensor([r["rewards"] for r in rounds])) if rounds else []
     summary = {"samples": p.samples, "temperature": p.temperature, "prompts": len(rounds), "reward_by_k": by_k,
@@ -168,7 +171,7 @@ def train(cfg: Config) -> dict[str, Any]:
                # trainer's `wall_s` covers the fine-tuning only.
                "train_wall_s": summary.get("wall_s"), "wall_s": time.perf_counter() - started}
     if env.lead:
-        rows, sections, plots = body.report_parts(summary)
+        rows, sections, plots = finetune.report_parts(summary)
         rows = [("samples per prompt (K)", p.samples), ("temperature", p.temperature), ("prompts", len(rounds)),
                 ("pool (all rounds)", f"{summary['pool_examples']} prompts at {pool}"), *rows]
         table = Table(["K", "max", "median", "gap"],

@@ -1,5 +1,5 @@
 import sys
 
-from components.reward.stage import main
+from kubellama.components.reward.stage import main
 
 sys.exit(main())

@@ -19,12 +19,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from components.core import storage
-from components.core.errors import ConfigError, KubellamaError
-from components.core.scorer import PAD, encode
-from components.core.tokenizer import Tokenizer
-from conf.schema.data import RATINGS
-from conf.schema.reward import KINDS
+from kubellama.components.core.io import storage
+from kubellama.components.core.errors import ConfigError, KubellamaError
+from kubellama.components.core.rlhf.scorer import PAD, encode
+from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.conf.schema.data import RATINGS
+from kubellama.conf.schema.reward import KINDS
 
 # The paper's share of the other kind in each RM's training mix (§3.2.2).
 OTHER_FRACTION = {"helpfulness": 0.5, "safety": 0.1}

@@ -15,12 +15,12 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from components.core.combined_reward import detection
-from components.core.report import Section, Table, to_png
-from components.core.scorer import Scorer, probability
-from components.reward.data import encode_pair
-from conf.schema.data import RATINGS
-from conf.schema.reward import KINDS, RewardConfig
+from kubellama.components.core.rlhf.combined import detection
+from kubellama.components.core.io.report import Section, Table, to_png
+from kubellama.components.core.rlhf.scorer import Scorer, probability
+from kubellama.components.reward.data import encode_pair
+from kubellama.conf.schema.data import RATINGS
+from kubellama.conf.schema.reward import KINDS, RewardConfig
 
 
 def accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float | None:

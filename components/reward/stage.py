@@ -17,17 +17,20 @@ import copy
 import math
 from typing import Any, Sequence
 
-from components.core import dist, launch, runs, storage
-from components.core.errors import ConfigError, KubellamaError
-from components.core.report import loss_png, write_report
-from components.core.scorer import CLASSIFIER, Scorer, build
-from components.core.shards import Prefetcher
-from components.core.tokenizer import Tokenizer
-from components.core.trainer import Trainer
-from components.reward import data, evaluate
-from components.reward.loss import pair_loss
-from conf.schema import Config
-from conf.schema.reward import VOLATILE, RewardConfig
+from kubellama.components.core.train import dist
+from kubellama.components.core.launch import launcher as launch
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.io import storage
+from kubellama.components.core.errors import ConfigError, KubellamaError
+from kubellama.components.core.io.report import loss_png, write_report
+from kubellama.components.core.rlhf.scorer import CLASSIFIER, Scorer, build
+from kubellama.components.core.data.shards import Prefetcher
+from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.core.train.trainer import Trainer
+from kubellama.components.reward import data, evaluate
+from kubellama.components.reward.loss import pair_loss
+from kubellama.conf.schema import Config
+from kubellama.conf.schema.reward import VOLATILE, RewardConfig
 
 NAME = "reward"
 

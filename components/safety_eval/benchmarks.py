@@ -10,11 +10,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from components.core.errors import ConfigError
-from components.safety_eval import data as datasets
-from components.safety_eval.runner import Runner
-from components.safety_eval.scoring import Scorer, mc_scores, refused, toxicity_scorer, vader
-from conf.schema.safety_eval import SafetyEvalConfig
+from kubellama.components.core.errors import ConfigError
+from kubellama.components.safety_eval import data as datasets
+from kubellama.components.safety_eval.runner import Runner
+from kubellama.components.safety_eval.scoring import Scorer, mc_scores, refused, toxicity_scorer, vader
+from kubellama.conf.schema.safety_eval import SafetyEvalConfig
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ class TruthfulQA:
     def _judged(self, runner: Runner, qs: list[datasets.Question], records: list[dict], ctx: Context
                 ) -> dict[str, float]:
         """% true, % informative and % both of generated answers, by the configured judges."""
-        from components.safety_eval.scoring import Classifier
+        from kubellama.components.safety_eval.scoring import Classifier
 
         t = ctx.cfg.truthfulqa
         gens = runner.generate([self.context(q.question, t.primer) for q in qs], t.max_new_tokens, self.name)

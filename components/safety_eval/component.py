@@ -13,10 +13,10 @@ def safety_eval(config: str, model: Input[Model], data: Input[Dataset], dataset:
                 metrics: Output[Metrics], report: Output[Markdown], html: Output[HTML], run_id: str = "",
                 in_pod: bool = True) -> str:
     """Evaluate the model `model` points at (and the run's other checkpoints) and gate its promotion."""
-    from components.core.launch import StageFailed
-    from components.core.publish import publish
-    from components.core.runs import step_config
-    from components.safety_eval import stage
+    from kubellama.components.core.launch.launcher import StageFailed
+    from kubellama.components.core.kfp.publish import publish
+    from kubellama.components.core.recipe.runs import step_config
+    from kubellama.components.safety_eval import stage
 
     cfg = step_config(config, "safety_eval", run_id, in_pod, init=model.metadata.get("url") or model.uri,
                       data=data.metadata.get("url") or data.uri)

@@ -23,10 +23,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from components.core import storage
-from components.core.errors import KubellamaError
-from components.data_prep.readers import ErrorLog, list_files, read_records
-from components.data_prep.stage import prompt_text
+from kubellama.components.core.io import storage
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.data.readers import ErrorLog, list_files, read_records
+from kubellama.components.data_prep.stage import prompt_text
 
 PROMPT_SPLIT = "eval"  # the data prep split held out for evaluation
 

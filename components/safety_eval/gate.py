@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from components.core.errors import ConfigError
-from conf.schema.safety_eval import GateConfig
+from kubellama.components.core.errors import ConfigError
+from kubellama.conf.schema.safety_eval import GateConfig
 
 MODES = ("enforce", "report")
 

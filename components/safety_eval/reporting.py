@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
-from components.core.report import Section, Table, to_png, write_report
-from components.safety_eval.benchmarks import METRICS
+from kubellama.components.core.io.report import Section, Table, to_png, write_report
+from kubellama.components.safety_eval.benchmarks import METRICS
 
 GROUP_TITLES = {"toxicity": "Toxicity by group (% toxic)", "bias": "BOLD sentiment by domain/group (mean VADER)",
                 "refusal": "Refusal by prompt set/source (% refused)"}

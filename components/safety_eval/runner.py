@@ -15,12 +15,13 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 import torch.distributed as tdist
 
-from components.core import checkpoint, dist, storage
-from components.core.errors import KubellamaError
-from components.core.generate import derive_seed, generate
-from components.core.tokenizer import Tokenizer
-from conf.schema.model import ModelConfig
-from conf.schema.safety_eval import DecodingConfig
+from kubellama.components.core.train import checkpoint, dist
+from kubellama.components.core.io import storage
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.model.generate import derive_seed, generate
+from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.conf.schema.model import ModelConfig
+from kubellama.conf.schema.safety_eval import DecodingConfig
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -93,7 +94,7 @@ class Runner:
         self.kind, self.src = source(url)
         dtype = dtype_for(mixed_precision, env.device)
         if self.kind == "hf":
-            from components.core.hf import load_model
+            from kubellama.components.core.model.hf import load_model
 
             model, self.model_cfg, _ = load_model(self.src, env.device, dtype)
         else:

@@ -15,9 +15,10 @@ import math
 import re
 from typing import Any
 
-from components.core import cost, storage
-from components.core.report import Section, Table, write_report
-from components.core.stages import STAGES
+from kubellama.components.core.tools import cost
+from kubellama.components.core.io import storage
+from kubellama.components.core.io.report import Section, Table, write_report
+from kubellama.components.core.recipe.stages import STAGES
 
 # (stage, key pattern) -> the paper's figure (Llama 2; section or table). Patterns match the flattened keys of a
 # stage's report.json.
@@ -161,7 +162,7 @@ def write(cfg: Any, run_dir: str) -> dict[str, str]:
                              f"`{lin['parent']}`" if lin.get("parent") else "-",
                              f"`{weights}`" if weights else "-"])
         overview.append([name, status, rep.get("error") or ""])
-    from components.core.model import count_params
+    from kubellama.components.core.model.llama import count_params
 
     model = cfg.model
     params = count_params(model)

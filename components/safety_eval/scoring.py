@@ -7,8 +7,8 @@ import os
 import re
 from typing import Protocol, Sequence
 
-from components.core import storage
-from components.core.errors import ConfigError, KubellamaError
+from kubellama.components.core.io import storage
+from kubellama.components.core.errors import ConfigError, KubellamaError
 
 LEXICON = os.path.join(os.path.dirname(__file__), "toxic_lexicon.txt")
 

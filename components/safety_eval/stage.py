@@ -24,12 +24,15 @@ import time
 from dataclasses import asdict
 from typing import Any, Sequence
 
-from components.core import dist, launch, runs, storage
-from components.core.config import to_dict
-from components.core.errors import ConfigError, KubellamaError
-from components.safety_eval import gate as gating, reporting
-from components.safety_eval.benchmarks import Context, Items, Result, selected
-from components.safety_eval.runner import Runner, source
+from kubellama.components.core.train import dist
+from kubellama.components.core.launch import launcher as launch
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe.config import to_dict
+from kubellama.components.core.errors import ConfigError, KubellamaError
+from kubellama.components.safety_eval import gate as gating, reporting
+from kubellama.components.safety_eval.benchmarks import Context, Items, Result, selected
+from kubellama.components.safety_eval.runner import Runner, source
 
 NAME = "safety_eval"
 # The model stages of a run, oldest first: the side-by-side report's columns.
@@ -158,7 +161,7 @@ def train(cfg: Any) -> dict[str, Any]:
         paths = reporting.write(s.output, summary, groups)
         summary.update(report_json=paths["json"], report_md=paths["md"], report_html=paths["html"])
         if s.run_page:
-            from components.safety_eval import runpage
+            from kubellama.components.safety_eval import runpage
 
             runpage.write(cfg, run_dir)
         verdict = "passed" if summary["gate"]["passed"] else ("FAILED" if error else "failed (report mode)")

@@ -1,5 +1,5 @@
 import sys
 
-from components.sft.stage import main
+from kubellama.components.sft.stage import main
 
 sys.exit(main())

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.core import dist
-from components.core.errors import ConfigError, KubellamaError
-from components.core.shards import ShardReader, read_manifest
-from components.core.trainer import IGNORE, LossFn, causal_lm_loss
+from kubellama.components.core.train import dist
+from kubellama.components.core.errors import ConfigError, KubellamaError
+from kubellama.components.core.data.shards import ShardReader, read_manifest
+from kubellama.components.core.train.trainer import IGNORE, LossFn, causal_lm_loss
 
 LOSS_TURNS = ("all", "last")
 

@@ -6,18 +6,18 @@ wrongly typed value fails at composition time instead of deep inside a run.
 """
 from dataclasses import dataclass, field
 
-from conf.schema.cluster import ClusterConfig
-from conf.schema.data import DataConfig
-from conf.schema.gatt import GattConfig
-from conf.schema.model import ModelConfig
-from conf.schema.pipeline import PipelineConfig
-from conf.schema.safety_eval import SafetyEvalConfig
-from conf.schema.reward import RewardConfig
-from conf.schema.sft import SftTrainConfig
-from conf.schema.ppo import PpoConfig
-from conf.schema.rejection_sampling import RejectionSamplingConfig
-from conf.schema.train import PretrainConfig
-from conf.schema.tools import GenerateConfig, PlanConfig
+from kubellama.conf.schema.cluster import ClusterConfig
+from kubellama.conf.schema.data import DataConfig
+from kubellama.conf.schema.gatt import GattConfig
+from kubellama.conf.schema.model import ModelConfig
+from kubellama.conf.schema.pipeline import PipelineConfig
+from kubellama.conf.schema.safety_eval import SafetyEvalConfig
+from kubellama.conf.schema.reward import RewardConfig
+from kubellama.conf.schema.sft import SftTrainConfig
+from kubellama.conf.schema.ppo import PpoConfig
+from kubellama.conf.schema.rejection_sampling import RejectionSamplingConfig
+from kubellama.conf.schema.train import PretrainConfig
+from kubellama.conf.schema.tools import GenerateConfig, PlanConfig
 
 
 @dataclass

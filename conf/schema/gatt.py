@@ -1,7 +1,7 @@
 from dataclasses import dataclass, field
 from typing import List
 
-from conf.schema.sft import SFT_VOLATILE, SftTrainConfig
+from kubellama.conf.schema.sft import SFT_VOLATILE, SftTrainConfig
 
 
 @dataclass

@@ -1,15 +1,18 @@
 from dataclasses import dataclass, field
 from typing import Dict
 
-from components.core.stages import STAGES
+
+# The recipe's stages in order. The registry (components/core/recipe/stages.py) describes each; the config names
+# them here so that it imports no code (a test keeps the two lists equal).
+STAGE_NAMES = ("data_prep", "pretrain", "sft", "gatt", "reward", "rejection_sampling", "ppo", "safety_eval")
 
 
 @dataclass
 class PipelineConfig:
-    # Which stages of the recipe (components/core/stages.py) the pipeline runs, e.g. pipeline.stages.data_prep=false.
+    # Which stages of the recipe (STAGE_NAMES) the pipeline runs, e.g. pipeline.stages.data_prep=false.
     # A skipped stage's output comes from the config instead: skipping data_prep makes pretraining read
     # `pretrain.data`; skipping pretrain makes later stages start from `pipeline.init_checkpoint`.
-    stages: Dict[str, bool] = field(default_factory=lambda: {s.name: True for s in STAGES})
+    stages: Dict[str, bool] = field(default_factory=lambda: {name: True for name in STAGE_NAMES})
     # An HF or kubellama checkpoint URL to start from when pretraining is skipped.
     init_checkpoint: str = ""
     # Name of the pipeline in the KFP UI; each upload adds a version under it.

@@ -1,8 +1,8 @@
 from dataclasses import dataclass, field
 
-from conf.schema.reward import CombinedRewardConfig
-from conf.schema.train import VOLATILE as TRAIN_VOLATILE
-from conf.schema.train import TrainConfig
+from kubellama.conf.schema.reward import CombinedRewardConfig
+from kubellama.conf.schema.train import VOLATILE as TRAIN_VOLATILE
+from kubellama.conf.schema.train import TrainConfig
 
 ROLLOUT = ("gathered", "copy")
 

@@ -1,7 +1,7 @@
 from dataclasses import dataclass, field
 
-from conf.schema.reward import CombinedRewardConfig
-from conf.schema.sft import SFT_VOLATILE, SftTrainConfig
+from kubellama.conf.schema.reward import CombinedRewardConfig
+from kubellama.conf.schema.sft import SFT_VOLATILE, SftTrainConfig
 
 
 @dataclass

@@ -1,8 +1,8 @@
 from dataclasses import dataclass, field
 from typing import Optional
 
-from conf.schema.train import VOLATILE as TRAIN_VOLATILE
-from conf.schema.train import TrainConfig
+from kubellama.conf.schema.train import VOLATILE as TRAIN_VOLATILE
+from kubellama.conf.schema.train import TrainConfig
 
 KINDS = ("helpfulness", "safety")
 WHITEN = ("batch", "running")

@@ -1,6 +1,6 @@
 from dataclasses import dataclass
 
-from conf.schema.train import VOLATILE, TrainConfig
+from kubellama.conf.schema.train import VOLATILE, TrainConfig
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Tokenizer and chat format, packed token shards, and the readers of raw records."""

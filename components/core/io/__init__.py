@@ -1,0 +1,1 @@
+"""Storage (local or s3:// through fsspec), safe names, JSONL and the one report writer."""

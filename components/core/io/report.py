@@ -1,0 +1,247 @@
+"""The one report writer of every stage: report.json, report.md and a self-contained report.html in its output.
+
+- report.json: the stage's summary without per-step `records` (they live in metrics.jsonl), plus the report and plot
+  URLs and always a `status`. Written last: a launcher that waits for a job reads it as "the report is complete".
+- report.md: tables only. No image links: the KFP UI shows a Markdown artifact on its own and cannot resolve a path
+  relative to it, so the plots are named and pointed at report.html instead.
+- report.html: the same tables and every plot as a PNG data URI, inline CSS, nothing fetched from anywhere; the KFP
+  component hands it to the UI as an HTML artifact. The PNGs are also written beside it for people browsing the
+  folder.
+
+Text in rows, sections and table cells is plain text in which `backticks` mark code; both renderings escape the rest.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from kubellama.components.core.io import storage
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LINEAGE_LABELS = {"config_hash": "config hash", "data_hash": "data manifest hash", "parent": "parent checkpoint"}
+_CODE = re.compile(r"`([^`]+)`")
+_PLOT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+@dataclass
+class Table:
+    header: Sequence[str]
+    rows: Sequence[Sequence[Any]]
+
+
+@dataclass
+class Section:
+    """A titled part of a report: a paragraph, then tables, then a bullet list (each optional)."""
+    title: str
+    text: str = ""
+    tables: Sequence[Table] = field(default_factory=list)
+    items: Sequence[str] = field(default_factory=list)
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def to_png(fig: Any) -> bytes:
+    """A matplotlib Figure as PNG bytes (the figure is closed)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def line_png(xs: Sequence[float], ys: Sequence[float], *, title: str, xlabel: str, ylabel: str) -> bytes:
+    """One line plot as PNG bytes, drawn off-screen (Agg: pods and CI have no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(list(xs), list(ys), lw=1.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return to_png(fig)
+
+
+def loss_png(records: Sequence[dict[str, Any]], title: str = "training loss") -> bytes | None:
+    """Loss against step from a trainer's metric records; None when there is nothing to plot."""
+    if not records:
+        return None
+    return line_png([r["step"] for r in records], [r["loss"] for r in records], title=title, xlabel="step",
+                    ylabel="loss")
+
+
+def training_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The headline of a training stage's summary (Trainer.fit's keys; figures from its last metric record)."""
+    last = (summary.get("records") or [{}])[-1]
+    mfu = last.get("mfu")
+    return [("steps", summary.get("step")), ("started at step", summary.get("start_step")),
+            ("final loss", f"{last['loss']:.4f}" if "loss" in last else "n/a"),
+            ("tokens/s (total)", f"{last['tokens_per_s']:.0f}" if "tokens_per_s" in last else "n/a"),
+            ("MFU", f"{mfu * 100:.1f}%" if mfu is not None else "n/a (no GPU peak)"),
+            ("peak memory", f"{last['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in last else "n/a"),
+            ("checkpoint", summary.get("checkpoint")), ("metrics", summary.get("metrics")),
+            ("HF export", summary.get("hf"))]
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Top-level scalars of a summary (what a stage without its own rows shows)."""
+    return [(k, v) for k, v in summary.items() if k not in ("status", "lineage") and
+            (v is None or isinstance(v, (str, int, float, bool)))]
+
+
+def _headline(summary: dict[str, Any], rows: Sequence[tuple[str, Any]] | None) -> list[tuple[str, Any]]:
+    if rows is None:
+        rows = training_rows(summary) if "records" in summary else summary_rows(summary)
+    rows = list(rows)
+    if not any(k == "status" for k, _ in rows):
+        rows.insert(0, ("status", summary.get("status", "completed")))
+    return rows
+
+
+def _lineage(summary: dict[str, Any]) -> Section | None:
+    lineage = summary.get("lineage")
+    if not isinstance(lineage, dict):
+        return None
+    rows = [[LINEAGE_LABELS.get(k, k), f"`{v}`" if v else "none"] for k, v in lineage.items()]
+    return Section("Lineage", tables=[Table(["", ""], rows)])
+
+
+# Markdown ---------------------------------------------------------------------------------------------------------
+
+def _md_cell(value: Any) -> str:
+    # A pipe would end the cell and a newline the row.
+    return cell(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(t: Table) -> list[str]:
+    lines = ["| " + " | ".join(_md_cell(h) for h in t.header) + " |", "|" + "---|" * len(t.header)]
+    return lines + ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows] + [""]
+
+
+def markdown(title: str, rows: Sequence[tuple[str, Any]], sections: Sequence[Section],
+             plots: Sequence[str] = ()) -> str:
+    out = [f"# {title}", ""] + _md_table(Table(["", ""], rows))
+    for s in sections:
+        out += [f"## {s.title}", ""]
+        if s.text:
+            out += [s.text, ""]
+        for t in s.tables:
+            out += _md_table(t)
+        if s.items:
+            out += [f"- {item}" for item in s.items] + [""]
+    if plots:
+        out += [f"Plots ({', '.join(plots)}) are embedded in `report.html` beside this file (the HTML artifact in "
+                "the KFP UI).", ""]
+    return "\n".join(out)
+
+
+# HTML -------------------------------------------------------------------------------------------------------------
+
+CSS = """body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:1.5em auto;max-width:60em;
+color:#1f2328;padding:0 1em}h1{font-size:1.6em;border-bottom:1px solid #d0d7de;padding-bottom:.3em}
+h2{font-size:1.25em;margin-top:1.5em}table{border-collapse:collapse;margin:.5em 0 1em}
+th,td{border:1px solid #d0d7de;padding:.3em .7em;text-align:left;vertical-align:top}th{background:#f6f8fa}
+code{background:#f6f8fa;padding:.1em .3em;border-radius:4px;font-size:90%;word-break:break-all}
+figure{margin:1em 0}img{max-width:100%}pre{background:#f6f8fa;padding:1em;overflow-x:auto}"""
+
+
+def _inline(text: Any) -> str:
+    """Escaped HTML of plain text with `code` spans (escaping first: a backtick is never escaped)."""
+    return _CODE.sub(r"<code>\1</code>", html.escape(cell(text)))
+
+
+def _html_table(t: Table) -> list[str]:
+    out = ["<table>"]
+    if any(h for h in t.header):
+        out.append("<tr>" + "".join(f"<th>{_inline(h)}</th>" for h in t.header) + "</tr>")
+    out += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in t.rows]
+    return out + ["</table>"]
+
+
+def html_page(title: str, rows: Sequence[tuple[str, Any]], sections: Sequence[Section],
+              pngs: dict[str, bytes] | None = None, pre: str = "") -> str:
+    """A complete HTML document: nothing in it loads from elsewhere (plots are data URIs)."""
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+    out += _html_table(Table(["", ""], rows))
+    for s in sections:
+        out.append(f"<h2>{html.escape(s.title)}</h2>")
+        if s.text:
+            out.append(f"<p>{_inline(s.text)}</p>")
+        for t in s.tables:
+            out += _html_table(t)
+        if s.items:
+            out += ["<ul>"] + [f"<li>{_inline(i)}</li>" for i in s.items] + ["</ul>"]
+    if pngs:
+        out.append("<h2>Plots</h2>")
+    for name, png in (pngs or {}).items():
+        data = base64.b64encode(png).decode("ascii")
+        out.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+                   f"<figcaption>{html.escape(name)}</figcaption></figure>")
+    if pre:
+        out.append(f"<pre>{html.escape(pre)}</pre>")
+    return "\n".join(out + ["</body></html>", ""])
+
+
+def summary_html(title: str, summary: dict[str, Any]) -> str:
+    """A stage summary as an HTML page, for a stage that wrote no report.html."""
+    lineage = _lineage(summary)
+    return html_page(title, _headline(summary, summary_rows(summary)), [lineage] if lineage else [],
+                     pre=json.dumps(summary, indent=2, sort_keys=True, default=str))
+
+
+# The writer -------------------------------------------------------------------------------------------------------
+
+def write_report(output: str, title: str, summary: dict[str, Any], *,
+                 rows: Sequence[tuple[str, Any]] | None = None, sections: Sequence[Section] | None = None,
+                 plots: dict[str, bytes | Any] | None = None) -> dict[str, str]:
+    """Write `<output>/report.{json,md,html}` and `<output>/<plot>.png`; returns their URLs by `json`, `md`,
+    `html` and `<plot>.png`.
+
+    `rows`: the headline table (`status` is added when missing). `plots`: name -> PNG bytes or a matplotlib Figure.
+    Without `rows` and `plots`, a summary with per-step `records` (a training stage's) gets the training headline
+    and the loss plot; any other summary gets its top-level scalars and no plot.
+    """
+    records = summary.get("records") or []
+    if plots is None:
+        png = loss_png(records, f"{title}: loss")
+        plots = {"loss": png} if png else {}
+    pngs = {name: value if isinstance(value, bytes) else to_png(value) for name, value in plots.items()}
+    for name, png in pngs.items():
+        if not _PLOT_NAME.fullmatch(name):
+            raise ValueError(f"plot name {name!r}: letters, digits, '_' and '-' only (it names a file)")
+        if not png.startswith(PNG_SIGNATURE):
+            raise ValueError(f"plot {name!r} is not a PNG")
+    head = _headline(summary, rows)
+    lineage = _lineage(summary)
+    parts = ([lineage] if lineage else []) + list(sections or [])
+
+    paths = {"json": storage.join(output, "report.json"), "md": storage.join(output, "report.md"),
+             "html": storage.join(output, "report.html")}
+    plot_urls = {name: storage.join(output, f"{name}.png") for name in pngs}
+    for name, png in pngs.items():
+        storage.write_bytes(plot_urls[name], png)
+    storage.write_text(paths["md"], markdown(title, head, parts, list(pngs)))
+    storage.write_text(paths["html"], html_page(title, head, parts, pngs))
+    body = {k: v for k, v in summary.items() if k != "records"}
+    body.setdefault("status", dict(head)["status"])
+    body.update(report_json=paths["json"], report_md=paths["md"], report_html=paths["html"], plots=plot_urls)
+    storage.write_json(paths["json"], body)
+    return {**paths, **{f"{name}.png": url for name, url in plot_urls.items()}}

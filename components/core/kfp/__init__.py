@@ -1,0 +1,1 @@
+"""Publishing a stage's results as small KFP artifacts."""

@@ -1,0 +1,1 @@
+"""Llama 2 in plain PyTorch: attention masks, generation, Hugging Face checkpoints in and out."""

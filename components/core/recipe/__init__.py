@@ -1,0 +1,1 @@
+"""The recipe's registry of stages, config composition and run identity."""

@@ -1,0 +1,1 @@
+"""What rejection sampling and PPO share: reward model scoring and the combined reward."""

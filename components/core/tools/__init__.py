@@ -1,0 +1,1 @@
+"""Planning tools: parameter counts, memory and cost estimates."""

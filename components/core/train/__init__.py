@@ -1,0 +1,1 @@
+"""The one trainer core: process group, precision, sharding, loop, checkpoints, metrics."""
