@@ -9,9 +9,9 @@ PIP := $(PY) -m pip
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install install-test demo test bench clean tools
+.PHONY: install install-test demo test lint bench clean tools
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q --timeout 20 --retries 1 --extra-index-url $(TORCH_INDEX) $(TORCH) || $(PIP) install -q $(TORCH)
@@ -42,7 +42,13 @@ demo: install
 	@echo "--- the side-by-side safety report: runs/demo/latest/safety_eval/report.html"
 	@echo "--- the run's page (every stage, lineage, the paper's figures, cost): runs/demo/latest/report.html"
 
-test: install-test tools
+# The architecture, checked: import contracts (layers, stages independent), ruff, and mypy on the shared core.
+lint: install-test
+	$(VENV)/bin/lint-imports --no-cache
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy components/core
+
+test: install-test tools lint
 	$(PIP) check
 	$(VENV)/bin/pytest -q
 

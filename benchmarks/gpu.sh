@@ -4,7 +4,7 @@
 # card's data-sheet bf16 peak (H100/H200: 989 TFLOP/s) and against its measured GEMM peak; the last line is the ratio.
 # Then rollout tokens/s on the same model: our generation path against transformers' generate (KV cache, sampling at
 # temperature 1.0 / top-p 0.9, bf16, neither compiled; benchmarks/rollout.py).
-# Last, the document-mask check (components/core/attention.py): SFT's packed path builds a FlexAttention block mask,
+# Last, the document-mask check (scripts/check_attention.py): SFT's packed path builds a FlexAttention block mask,
 # not a dense T x T mask, and matches the dense path, 4096 tokens of 8 documents; it fails the script otherwise.
 # Installs nothing: run it from the repository root in the project's environment (the train image or .venv).
 # About 5 minutes on one H200, most of it compiling, plus the mask check's own compile (not yet timed on a device).
@@ -24,4 +24,4 @@ print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA
 PYEOF
 "$PY" benchmarks/train_step.py --preset gpu --compile --rounds 1
 "$PY" benchmarks/rollout.py --preset gpu --rounds 2
-"$PY" -m kubellama.components.core.model.attention --check
+"$PY" scripts/check_attention.py --check

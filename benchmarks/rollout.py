@@ -5,7 +5,7 @@ Both sides sample the same way: temperature 1.0, top-p 0.9 (transformers: `do_sa
 DynamicCache), the same left-padded prompts of varied lengths, and exactly `new` tokens per prompt (EOS off on both
 sides: ours `eos_id=None`, transformers `eos_token_id=None` and `min_new_tokens=new`); only new tokens count. Both
 generate from the same weights (`build_llama` at one seed, copied into LlamaForCausalLM by the export's key map) in
-the compute dtype of `auto` precision (components/core/precision.py: bf16 on GPUs and on CPUs with AMX or
+the compute dtype of `auto` precision (components/core/train/precision.py: bf16 on GPUs and on CPUs with AMX or
 AVX512-BF16): ours from the bf16 copy PPO's rollouts generate from (`consolidated`), transformers with its model cast
 to that dtype. Neither is compiled.
 
@@ -38,7 +38,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.train_step import PRESETS as TRAIN, _sync, child, preset_model  # noqa: E402
+from benchmarks.train_step import PRESETS as TRAIN
+from benchmarks.train_step import _sync, child, preset_model
 
 TEMPERATURE, TOP_P = 1.0, 0.9
 SEED = 0
@@ -102,9 +103,8 @@ def ours(p: dict) -> dict:
     """The unsharded model: PPO's bf16 generation copy (`consolidated` of a one-process model) generating the
     whole batch."""
     from kubellama.components.core.train.dist import device_for
+    from kubellama.components.core.train.parallelize import build_llama, consolidated
     from kubellama.components.core.train.precision import compute_dtype
-    from kubellama.components.core.train.trainer import build_llama
-    from kubellama.components.core.train.trainer import consolidated
 
     device = device_for(0)
     cfg = _model_cfg(p)
@@ -118,10 +118,10 @@ def hf(p: dict) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kubellama.components.core.train.dist import device_for
     from kubellama.components.core.model.hf import hf_config, to_hf_key
+    from kubellama.components.core.train.dist import device_for
+    from kubellama.components.core.train.parallelize import build_llama
     from kubellama.components.core.train.precision import compute_dtype
-    from kubellama.components.core.train.trainer import build_llama
 
     device = device_for(0)
     dtype = compute_dtype("auto", device)
@@ -157,8 +157,7 @@ def _rank(rank: int, world: int, init: str, p: dict, mode: str, dump: str) -> No
     import torch
 
     from kubellama.components.core.train import dist
-    from kubellama.components.core.train.trainer import consolidated
-    from kubellama.components.core.train.trainer import build_llama, shard
+    from kubellama.components.core.train.parallelize import build_llama, consolidated, shard
     from kubellama.conf.schema.ppo import PpoConfig
 
     # The unsharded run's cores, split between the ranks.

@@ -11,8 +11,8 @@ the same code multi-GPU runs use).
 Each side runs in its own child process, and rounds alternate (peak, ours, transformers), so peak memory is per side
 and load from other processes hits every side alike; tokens/s is taken from the median step over all rounds. The
 GEMM peak is measured at the model's matmul shapes, in bf16 and fp32, in each round; MFU is the model FLOPs
-achieved (components/core/model.py `flops_per_token`) over the best peak seen in the compute dtype (on a GPU also
-over the data-sheet bf16 peak, components/core/metrics.py).
+achieved (core/model/llama.py `flops_per_token`) over the best peak seen in the compute dtype (on a GPU also
+over the data-sheet bf16 peak, core/train/metrics.py).
 
     python benchmarks/train_step.py                       # tiny model (conf/model/tiny.yaml), target ours/HF >= 1.0
     python benchmarks/train_step.py --preset cpu-100m     # ~134M, bf16, 512 tokens: >= 1.15x and MFU >= 45%
@@ -28,6 +28,17 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from kubellama.components.core.model.hf import hf_config
+from kubellama.components.core.model.llama import count_params, flops_per_token
+from kubellama.components.core.train import dist
+from kubellama.components.core.train.dist import device_for
+from kubellama.components.core.train.metrics import PEAK_BF16
+from kubellama.components.core.train.optim import lr_factor
+from kubellama.components.core.train.precision import compute_dtype, gemm_rate, model_gemm_shapes
+from kubellama.components.core.train.trainer import Trainer
+from kubellama.conf.schema.model import ModelConfig
+from kubellama.conf.schema.train import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -112,17 +123,10 @@ def _timed(step, p: dict, device) -> dict:
 
 
 def _dtype(p: dict, device):
-    from kubellama.components.core.train.precision import compute_dtype
-
     return compute_dtype(p["precision"], device)
 
 
 def ours(p: dict) -> dict:
-    from kubellama.components.core.train import dist
-    from kubellama.components.core.train.trainer import Trainer
-    from kubellama.conf.schema.model import ModelConfig
-    from kubellama.conf.schema.train import TrainConfig
-
     env = dist.init()
     mcfg = ModelConfig(**p["model"])
     seq = mcfg.max_seq_len
@@ -141,11 +145,6 @@ def hf(p: dict) -> dict:
     import torch
     import torch.nn.functional as F
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kubellama.components.core.train.dist import device_for
-    from kubellama.components.core.model.hf import hf_config
-    from kubellama.components.core.train.trainer import lr_factor
-    from kubellama.conf.schema.model import ModelConfig
 
     device = device_for(0)
     dtype = _dtype(p, device)
@@ -187,10 +186,6 @@ def hf(p: dict) -> dict:
 def peak(p: dict) -> dict:
     """Measured matmul FLOP/s at the model's shapes, bf16 and fp32 (best shape of each)."""
     import torch
-
-    from kubellama.components.core.train.dist import device_for
-    from kubellama.components.core.train.precision import gemm_rate, model_gemm_shapes
-    from kubellama.conf.schema.model import ModelConfig
 
     device = device_for(0)
     shapes = model_gemm_shapes(ModelConfig(**p["model"]), p["batch"] * (p["model"]["max_seq_len"] - 1))
@@ -249,10 +244,6 @@ def main() -> None:
 
 
 def report(p: dict, args, runs: dict[str, list[dict]], load: float) -> None:
-    from kubellama.components.core.train.metrics import PEAK_BF16
-    from kubellama.components.core.model.llama import count_params, flops_per_token
-    from kubellama.conf.schema.model import ModelConfig
-
     mcfg = ModelConfig(**p["model"])
     tokens = p["batch"] * (mcfg.max_seq_len - 1)
     flops = flops_per_token(mcfg, mcfg.max_seq_len - 1)

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from kubellama.components.core.recipe.stages import STAGES
 
 # command -> (module:function taking argv and returning an exit status, one-line help); one per registered stage.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "generate": ("kubellama.pipelines.tools:generate_main", "generate text from a checkpoint (ours or Hugging Face)"),
-    "export-hf": ("kubellama.pipelines.tools:export_hf_main", "write a checkpoint as a Hugging Face Llama directory"),
-    "plan": ("kubellama.pipelines.tools:plan_main", "parameter count and per-GPU memory under FSDP"),
-    "config": ("kubellama.pipelines.tools:config_main", "print the resolved config"),
+    "generate": ("kubellama.components.core.tools.generate:main", "generate text from a checkpoint (ours or Hugging Face)"),
+    "export-hf": ("kubellama.components.core.tools.export:main", "write a checkpoint as a Hugging Face Llama directory"),
+    "plan": ("kubellama.components.core.tools.plan:main", "parameter count and per-GPU memory under FSDP"),
+    "config": ("kubellama.components.core.tools.config:main", "print the resolved config"),
     "data": ("kubellama.components.data_prep.samples:main", "sample datasets: `kubellama data fetch-samples`"),
     **{s.command: (s.entry, s.help) for s in STAGES},
     "run": ("kubellama.pipelines.run:run_main", "run the pipeline locally through kfp.local"),

@@ -7,8 +7,8 @@ from __future__ import annotations
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
-from kubellama.components.core.launch.kube import SCHEDULERS
-from kubellama.components.core.launch.launcher import S3_KEYS, S3_OPTIONAL_KEYS, placement
+from kubellama.components.core.launch.manifests import SCHEDULERS
+from kubellama.components.core.launch.pods import S3_KEYS, S3_OPTIONAL_KEYS, placement
 from kubellama.conf.schema import Config
 
 
@@ -34,7 +34,7 @@ def schedule(task: PipelineTask, cfg: Config, gpu: bool = False) -> PipelineTask
     for key, value in c.pod_annotations.items():
         kubernetes.add_pod_annotation(task, key, str(value))
     if c.s3_secret:
-        # The same variables torchx pods get from the Secret (launch.py): the keys, and endpoint/region if present.
+        # The same variables torchx pods get from the Secret (launch/pods.py): the keys, and endpoint/region if present.
         kubernetes.use_secret_as_env(task, c.s3_secret, {k: k for k in S3_KEYS})
         kubernetes.use_secret_as_env(task, c.s3_secret, {k: k for k in S3_OPTIONAL_KEYS}, optional=True)
     if c.s3_endpoint:

@@ -1,14 +1,7 @@
-"""The Llama 2 recipe as a KFP pipeline, built from a resolved config and the stage registry.
-
-The DAG follows the paper: data_prep -> pretrain -> sft -> reward (helpfulness || safety) -> rejection sampling ->
-ppo -> safety_eval, each stage one step (a stage with variants one step per variant, side by side), in the order of
-components/core/stages.py and switched by `pipeline.stages.<name>`. A step's input comes from the first of its
-candidate stages in the pipeline; when none is, from the config (`<stage>.<key>`, or `pipeline.init_checkpoint` for a
-model) through an importer, so lineage in the UI still starts somewhere real.
-
-Parameters: one per step, `config_<stage>`, holding only the config sections that stage reads (JSON), plus
-`overrides` (the command line that produced the config). A step's cache key therefore changes only when what it
-reads changes: a new `pretrain.lr` leaves the data prep step's inputs byte-identical, and KFP reuses its output.
+"""The Llama 2 recipe as a KFP pipeline, built from a resolved config and the stage registry (core/recipe/stages.py):
+one step per stage (per variant, side by side), each input from the first candidate stage in the pipeline or else
+imported from the config. One parameter per step, `config_<stage>`, holding only the sections that stage reads, so a
+step's cache key changes only when what it reads changes.
 """
 # No `from __future__ import annotations`: KFP reads the pipeline signature as real types.
 
@@ -17,14 +10,16 @@ import hashlib
 import importlib
 import inspect
 import json
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from kfp import dsl
 from kfp.dsl import Dataset, Model
+from omegaconf import OmegaConf
 
+from kubellama.components.core.errors import ConfigError
 from kubellama.components.core.recipe import stages
 from kubellama.components.core.recipe.config import to_dict
-from kubellama.components.core.errors import ConfigError
 from kubellama.conf.schema import Config
 from kubellama.pipelines import k8s
 
@@ -82,9 +77,10 @@ def pipeline_name(cfg: Config, pipeline: str = "llama2") -> str:
     return cfg.pipeline.name if pipeline == "llama2" else f"{cfg.pipeline.name}-{pipeline.replace('_', '-')}"
 
 
-def _import(url: str, cls: type, key: str) -> Any:
+def _import(url: str, cls: type, key: str, step: str = "") -> Any:
+    """An importer of `url` (config key `key`) for a step input that no step of the pipeline makes (step `step`)."""
     if not url:
-        made_by = stages.producer(key.split(".")[-1]) if "." in key else None
+        made_by = stages.producer(step) if step else None
         why = f" (stage '{made_by.name}' is not in the pipeline)" if made_by else ""
         raise ConfigError(f"config key '{key}' is empty, and no step in the pipeline makes it{why}: give its URL")
     task = dsl.importer(artifact_uri=url, artifact_class=cls, reimport=False, metadata={"url": url})
@@ -93,7 +89,7 @@ def _import(url: str, cls: type, key: str) -> Any:
 
 
 def _image(stage: stages.Stage, cfg: Config) -> str:
-    return cfg.cluster.image_train if stage.training else cfg.cluster.image_cpu
+    return cfg.cluster.image_train if stage.launched else cfg.cluster.image_cpu
 
 
 def _custom(stage: stages.Stage, cfg: Config) -> Callable[[dict[str, Any]], Any]:
@@ -113,7 +109,7 @@ def _step(stage: stages.Stage, step: str, variant: str, cfg: Config, params: dic
     """Add the step `step` of `stage` (its `variant`, if any); `made` maps the steps run so far to their output
     artifacts, and holds the importers of config URLs (under "import <url>"). With `custom` (a stage's build
     hook), the stage adds its steps itself."""
-    training = stage.training
+    launched = stage.launched
     image = _image(stage, cfg)
     op = importlib.import_module(f"{stage.module}.component").op(image)
     if variant:
@@ -125,7 +121,7 @@ def _step(stage: stages.Stage, step: str, variant: str, cfg: Config, params: dic
         found = producer(inp, made)
         if found is None:
             kind = next(p.output for p in map(stages.producer, inp.sources) if p is not None)
-            given = cfg[stage.name][inp.key]
+            given = OmegaConf.select(cfg, f"{stage.name}.{inp.key}")
             # Only the model a stage starts from falls back to pipeline.init_checkpoint: a policy checkpoint is no
             # stand-in for a reward model, so a skipped reward stage needs its URL given.
             fallback = kind == "model" and inp.key == "init" and not given
@@ -133,13 +129,13 @@ def _step(stage: stages.Stage, step: str, variant: str, cfg: Config, params: dic
             key = "pipeline.init_checkpoint" if fallback else f"{stage.name}.{inp.key}"
             found = f"import {url}"
             if found not in made:  # one importer per URL, shared by the steps that read it
-                made[found] = _import(url, ARTIFACTS[kind], key)
+                made[found] = _import(url, ARTIFACTS[kind], key, "" if fallback else inp.name)
         kwargs[inp.name] = made[found]
     if custom is not None:
         made[step] = custom(kwargs)
         return
-    in_pod = training and k8s.trains_in_pod(cfg)
-    if training:
+    in_pod = launched and k8s.trains_in_pod(cfg)
+    if launched:
         # Each pipeline run trains into its own folder, named by the run (unless the config fixes run.id).
         kwargs.update(in_pod=in_pod, run_id=cfg.run.id or dsl.PIPELINE_JOB_ID_PLACEHOLDER)
     task = op(**kwargs)

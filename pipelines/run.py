@@ -16,15 +16,17 @@ import re
 import sys
 import threading
 import time
-from typing import IO, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import IO
 
 import yaml
 
-from kubellama.components.core.recipe import runs, stages
-from kubellama.components.core.io import storage
-from kubellama.components.core.recipe.cli import guarded, parser
-from kubellama.components.core.recipe.config import load_config, to_yaml
 from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe import runs, stages
+from kubellama.components.core.recipe.config import load_config, to_yaml
+from kubellama.components.core.recipe.entry import guarded, parser
+from kubellama.components.data_prep import samples
 from kubellama.components.safety_eval import FIXTURES
 from kubellama.conf.schema import Config
 from kubellama.pipelines import llama2
@@ -53,7 +55,7 @@ DEMO = ["pretrain.max_steps=40", "pretrain.warmup_steps=4", "pretrain.global_bat
         "gatt.lr=1e-3", "gatt.global_batch_tokens=2048", "gatt.micro_batch=8", "gatt.log_every=5",
         "gatt.min_turns=1", "gatt.message_chars=160", "gatt.eval_dialogs=8", "gatt.eval_max_new_tokens=8",
         # Rejection sampling: 4 samples of 24 prompts, one SFT epoch on the pool.
-        "rejection_sampling.samples=4", "rejection_sampling.prompts=24", "rejection_sampling.max_new_tokens=32",
+        "rejection_sampling.samples=4", "rejection_sampling.prompts=24", "rejection_sampling.sampling.max_new_tokens=32",
         "rejection_sampling.lr=1e-4", "rejection_sampling.global_batch_tokens=512",
         "rejection_sampling.micro_batch=2", "rejection_sampling.epochs=1", "rejection_sampling.log_every=1",
         # PPO: 10 iterations over the same 16 prompts (minibatches of 8), so the iterations' mean rewards compare
@@ -62,7 +64,7 @@ DEMO = ["pretrain.max_steps=40", "pretrain.warmup_steps=4", "pretrain.global_bat
         # unsafe, so the paper's R_s < 0.15 rule would hand every prompt to it, and no tiny policy finds a refusal in
         # 10 iterations: the demo's combined reward takes R_s on safety-tagged prompts only (threshold 0).
         "ppo.prompts=16", "ppo.prompts_per_batch=16", "ppo.minibatch=8", "ppo.micro_batch=8",
-        "ppo.max_new_tokens=24", "ppo.max_steps=10", "ppo.lr=5e-4", "ppo.combined.safety_threshold=0",
+        "ppo.sampling.max_new_tokens=24", "ppo.max_steps=10", "ppo.lr=5e-4", "ppo.reward_models.combined.safety_threshold=0",
         "ppo.heldout_prompts=8", "ppo.eval_every=5", "ppo.patience=0", "ppo.ckpt_every=5",
         # The samples are a few MB: split files at 256 KB so `data.parallelism=N` gives every worker a share.
         "data.split_bytes=262144"]
@@ -110,9 +112,9 @@ def dag_text(cfg: Config, overrides: Sequence[str], pipeline: str = "llama2") ->
     """The steps of the compiled pipeline, their inputs and their Kubernetes settings, one line each."""
     import tempfile
 
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(compile_pipeline(cfg, overrides, os.path.join(tmp, "p.yaml"), pipeline)) as f:
-            docs = list(yaml.safe_load_all(f))
+    with tempfile.TemporaryDirectory() as tmp, \
+            open(compile_pipeline(cfg, overrides, os.path.join(tmp, "p.yaml"), pipeline)) as f:
+        docs = list(yaml.safe_load_all(f))
     spec = docs[0]
     platform = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {}
     tasks = spec["root"]["dag"]["tasks"]
@@ -254,8 +256,6 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     def go() -> int:
         overrides = list(args.overrides)
         if args.demo or args.samples:
-            from kubellama.components.data_prep import samples
-
             missing = [s.name for s in samples.PACKAGES
                        if not os.path.isdir(os.path.join(args.samples or samples.DEFAULT_DEST, s.name))]
             if missing:
@@ -300,7 +300,8 @@ def _run_local(cfg: Config, overrides: Sequence[str], pipeline: str, names: Sequ
         with _quiet(log_path):
             llama2.build(cfg, overrides, pipeline)()
     except RuntimeError as exc:  # kfp.local reports a failed step this way
-        lines = open(log_path, errors="replace").readlines()
+        with open(log_path, errors="replace") as log:
+            lines = log.readlines()
         print(_ANSI.sub("", "".join(lines[-30:])), file=sys.stderr)
         # Why: a stage whose report of this run says `failed` names it (safety eval's gate lines); else the last
         # kubellama exception in the log.

@@ -1,11 +1,6 @@
-"""`kubellama submit --host URL [overrides]`: upload the compiled pipeline as a new version and start a run.
-
-In multi-user Kubeflow (`--namespace`, or `pipeline.namespace`) the pipeline, its versions, the experiment and
-the run all live in that profile namespace, so repeated submits (and the Helm chart's upgrade hook) find and extend
-the same pipeline.
-
-The run's parameters carry the resolved config and the overrides that produced it, so the KFP UI shows for every run
-exactly which command line made it. `--no-run` only uploads (what the Helm chart's post-install Job does).
+"""`kubellama submit --host URL [overrides]`: upload the compiled pipeline as a new version and start a run (in the
+profile namespace with `--namespace`). The run's parameters carry the resolved config and the overrides that made it;
+`--no-run` only uploads (the Helm chart's post-install Job).
 """
 from __future__ import annotations
 
@@ -14,11 +9,11 @@ import json
 import os
 import tempfile
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
-from kubellama.components.core.io import storage
-from kubellama.components.core.recipe.cli import guarded, parser
 from kubellama.components.core.errors import ConfigError, KubellamaError
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe.entry import guarded, parser
 from kubellama.pipelines import llama2
 from kubellama.pipelines.run import compile_pipeline, resolve
 

@@ -1,4 +1,4 @@
-"""A local HTTP server answering the Kubernetes REST calls the training launcher makes (components/core/kube.py):
+"""A local HTTP server answering the Kubernetes REST calls the training launcher makes (core/launch/kube.py):
 custom objects (Volcano Jobs, TrainJobs), pods listed by label, pod logs (followed), NetworkPolicies.
 
 It records every request and keeps objects like the API server: 409 on a second create, 404 after a delete,

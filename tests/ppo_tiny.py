@@ -7,13 +7,16 @@ import os
 import random
 import signal
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-
 from test_trainer_support import MODEL, model_cfg
-from kubellama.components.ppo.loop import Ppo, Prompt
+
+from kubellama.components.core.rlhf.rollout import Prompt
+from kubellama.components.ppo.loop import Ppo
 from kubellama.conf.schema.ppo import PpoConfig
+from kubellama.conf.schema.rlhf import SamplingConfig
 
 GOOD = 7  # the token the reward prefers
 
@@ -30,10 +33,16 @@ def prompts(n: int, seed: int) -> list[Prompt]:
             for _ in range(n)]
 
 
+def sampling(**kw: Any) -> SamplingConfig:
+    return SamplingConfig(**{"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 8, **kw})
+
+
 def ppo_cfg(**kw: Any) -> PpoConfig:
-    base = dict(lr=3e-3, max_steps=6, prompts_per_batch=16, minibatch=8, micro_batch=4, max_new_tokens=8,
-                temperature=1.0, beta=0.01, seq_len=MODEL["max_seq_len"], mixed_precision="fp32", ckpt_every=1,
-                keep_last=0, eval_every=2, patience=0, heldout_prompts=4, kl_max=50.0, min_length_ratio=0.0)
+    """A tiny PpoConfig; temperature, top_p and max_new_tokens go to its `sampling`."""
+    sample = {k: kw.pop(k) for k in ("temperature", "top_p", "max_new_tokens") if k in kw}
+    base = dict(lr=3e-3, max_steps=6, prompts_per_batch=16, minibatch=8, micro_batch=4, sampling=sampling(**sample),
+                beta=0.01, mixed_precision="fp32", ckpt_every=1, keep_last=0, eval_every=2, patience=0,
+                heldout_prompts=4, kl_max=50.0, min_length_ratio=0.0)
     base.update(kw)
     return PpoConfig(**base)
 

@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from kubellama.components.core.recipe.config import from_dict, load_config, to_dict
 from kubellama.components.core.errors import ConfigError
+from kubellama.components.core.recipe.config import from_dict, load_config, to_dict
 
 
 def kubellama(*args: str) -> subprocess.CompletedProcess:
@@ -23,7 +23,7 @@ def test_presets_carry_the_paper_shapes_and_hyperparameters():
 def test_sft_and_gatt_defaults_are_the_papers():
     """§3.1: cosine from 2e-5 (no warmup named), weight decay 0.1, 64 rows of 4096 tokens, 2 epochs; GAtt fine-tunes
     with the same body and numbers, and its adherence eval reads turns 1, 2, 4, 8 and 20 (Table 30's spirit)."""
-    from kubellama.components.core.train.trainer import lr_factor
+    from kubellama.components.core.train.optim import lr_factor
 
     cfg = load_config(["model=llama2_7b"])
     for p in (cfg.sft, cfg.gatt):
@@ -150,3 +150,29 @@ def test_the_70b_preset_carries_the_papers_per_size_recipe_values():
     assert (small.pretrain.lr, small.reward.lr, small.ppo.beta) == (3e-4, 1e-5, 0.01)
     assert big.model.n_layers == 80 and big.model.n_kv_heads == 8
     assert load_config(["model=llama2_70b", "reward.lr=2e-6"]).reward.lr == 2e-6
+
+
+@pytest.mark.parametrize("override,new", [
+    ("ppo.temperature=0.5", "ppo.sampling.temperature"),
+    ("ppo.combined.safety_threshold=0", "ppo.reward_models.combined.safety_threshold"),
+    ("rejection_sampling.reward_helpfulness=s3://b/rm", "rejection_sampling.reward_models.helpfulness"),
+])
+def test_a_moved_key_fails_in_one_line_naming_its_new_place(override, new):
+    """A CI job's override of a key that moved breaks loudly (never silently ignored), from the CLI and from a step's
+    config section edited in the KFP UI alike."""
+    out = kubellama("config", override)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert f"moved to '{new}'" in out.stderr and override in out.stderr
+    old = override.split("=", 1)[0]
+    section: dict = {}
+    node = section
+    *parents, leaf = old.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = 0.5
+    with pytest.raises(ConfigError, match="moved to") as err:
+        from_dict(section)
+    # A moved section is named where the merge meets it: ppo.combined -> ppo.reward_models.combined.
+    went = str(err.value).split("moved to '", 1)[1].split("'")[0]
+    assert new.startswith(went) and old.startswith(str(err.value).split("'")[1])
+    assert load_config([f"{new}={override.split('=', 1)[1]}"]) is not None

@@ -11,14 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from kubellama.components.core.io import storage
-from kubellama.components.core.recipe.config import load_config
-from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.data.readers import ErrorLog
 from kubellama.components.core.data.shards import ShardReader
 from kubellama.components.core.data.tokenizer import IGNORE, Tokenizer
-from kubellama.components.data_prep import pack, stage
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe.config import load_config
+from kubellama.components.data_prep import datasets, pack, stage
 from kubellama.components.data_prep.clean import luhn
-from kubellama.components.core.data.readers import ErrorLog
 
 VOCAB = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "we", "zu", "bra", "cle")
          for b in ("n", "ro", "tis", "mek", "la", "dor", "ve", "xu", "pa", "ng")] + ["the", "and", "über", "café"]
@@ -287,7 +287,7 @@ def test_prompt_safety_flags_are_parsed_strictly(tmp_path) -> None:
     cfg = load_config(overrides(str(tmp_path / "out"), **{
         "data.prompts.sources": sources(("s", path, {"safety": "true", "split": "eval"}))}))
     errors = ErrorLog()
-    stage.build_prompts(cfg, errors)
+    datasets.build_prompts(cfg, errors)
     got = {r["prompt"]: r["safety"] for r in map(json.loads, open(tmp_path / "out" / "prompts" / "eval.jsonl"))}
     # Absent (Ask 7): the source's safety=true.
     assert got == {"Ask 0": False, "Ask 1": True, "Ask 2": True, "Ask 3": False, "Ask 4": False, "Ask 5": True,

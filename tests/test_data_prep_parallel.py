@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import itertools
 import json
 import os
 import random
@@ -12,18 +13,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from test_data_prep import doc, overrides, sources, write_jsonl
 
-from kubellama.components.core.recipe import runs
-from kubellama.components.core.io import storage
-from kubellama.components.core.recipe.config import load_config
+from kubellama.components.core.data.readers import ErrorLog, read_positioned
 from kubellama.components.core.data.shards import ShardReader
 from kubellama.components.core.data.tokenizer import Tokenizer
-from kubellama.components.data_prep import plan as planning, stage, steps
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.recipe.config import load_config
+from kubellama.components.data_prep import fanout, stage, steps
 from kubellama.components.data_prep.clean import NEAR, band_keys, components, uniq
 from kubellama.components.data_prep.parallel import worker_count
-from kubellama.components.core.data.readers import ErrorLog, read_positioned
 from kubellama.pipelines import run as pipeline_run
-from test_data_prep import doc, overrides, sources, write_jsonl
 
 PERM, BANDS = 128, 16
 
@@ -250,7 +251,8 @@ def run_text(overrides: list[str]) -> str:
 
 
 def test_kfp_local_fan_out_writes_what_one_process_writes(tmp_path, capsys) -> None:
-    from test_pipeline_local import TINY, corpus as make_corpus, outputs
+    from test_pipeline_local import TINY, outputs
+    from test_pipeline_local import corpus as make_corpus
 
     src = make_corpus(str(tmp_path / "corpus.jsonl"), docs=120)
     common = [f"data.sources=[{{name:t,path:'{src}'}}]", *TINY, "data.split_bytes=10000"]
@@ -291,7 +293,7 @@ def test_byte_ranges_read_every_line_once(tmp_path) -> None:
     size = os.path.getsize(path)
     whole = [(r["i"], pos) for r, _, pos in read_positioned(path, ErrorLog())]
     cuts = sorted({0, size, *(rng.randrange(1, size) for _ in range(9))})
-    parts = [(r["i"], pos) for a, b in zip(cuts, cuts[1:]) for r, _, pos in read_positioned(path, ErrorLog(), start=a,
+    parts = [(r["i"], pos) for a, b in itertools.pairwise(cuts) for r, _, pos in read_positioned(path, ErrorLog(), start=a,
                                                                                              end=b)]
     assert parts == whole and [i for i, _ in whole] == list(range(200))
 
@@ -324,14 +326,14 @@ def test_tokenizer_sample_is_drawn_across_all_inputs(tmp_path) -> None:
     for k in range(4):  # 4 files of ~60 kB; a 40 kB budget
         write_jsonl(str(tmp_path / f"f{k}.jsonl"), [{"text": f"file{k}doc{i} " + doc(rng, 40)} for i in range(200)])
     cfg = load_config(overrides(str(tmp_path / "o"), **{"data.sources": sources(("s", str(tmp_path), {}))}))
-    plan = planning.make_plan(cfg)
-    texts = list(planning.sample_texts(plan, 40_000, seed=1))
+    plan = fanout.make_plan(cfg)
+    texts = list(fanout.sample_texts(plan, 40_000, seed=1))
     assert sum(map(len, texts)) >= 40_000
     marks = [t.split(" ", 1)[0] for t in texts]
     assert {m.split("doc")[0] for m in marks} == {f"file{k}" for k in range(4)}
     # Windows start anywhere in a file, not only at its start, and never overlap.
     assert max(int(m.split("doc")[1]) for m in marks) > 100 and len(set(marks)) == len(marks)
-    assert texts == list(planning.sample_texts(plan, 40_000, seed=1))
+    assert texts == list(fanout.sample_texts(plan, 40_000, seed=1))
 
 
 def test_sft_and_preference_records_are_cleaned(tmp_path) -> None:

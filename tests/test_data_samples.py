@@ -10,9 +10,9 @@ import zipfile
 
 import pytest
 
+from kubellama.components.core.errors import KubellamaError
 from kubellama.components.core.io import storage
 from kubellama.components.core.recipe.config import load_config
-from kubellama.components.core.errors import KubellamaError
 from kubellama.components.data_prep import samples, stage
 
 

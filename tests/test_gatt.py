@@ -9,16 +9,16 @@ import random
 
 import numpy as np
 import pytest
+from test_sft_support import make_data, sft_overrides
 
-from kubellama.components.core.io import storage
-from kubellama.components.core.errors import ConfigError
 from kubellama.components.core.data.shards import ShardReader
 from kubellama.components.core.data.tokenizer import IGNORE, Tokenizer
+from kubellama.components.core.errors import ConfigError
+from kubellama.components.core.io import storage
 from kubellama.components.gatt import adherence, families
 from kubellama.components.gatt.data import Dialog, assign, build, fit_turns, read_dialogs
 from kubellama.pipelines import run
 from kubellama.pipelines.cli import main as cli
-from test_sft_support import make_data, sft_overrides
 
 WORDS = ["Indeed", "Sure"]
 

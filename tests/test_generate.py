@@ -8,14 +8,13 @@ import time
 
 import pytest
 import torch
+from test_trainer_support import _entry, model_cfg, train_cfg
 
-from kubellama.components.core.train import dist
 from kubellama.components.core.errors import KubellamaError
 from kubellama.components.core.model.generate import generate, sample, uniforms
 from kubellama.components.core.model.llama import Llama
-from kubellama.components.core.train.trainer import shard
-from kubellama.components.core.train.trainer import consolidated
-from test_trainer_support import _entry, model_cfg, train_cfg
+from kubellama.components.core.train import dist
+from kubellama.components.core.train.parallelize import consolidated, shard
 
 MAX_NEW = 8
 # Rank 0's prompt is cut short by EOS; rank 1's two prompts run to MAX_NEW.
@@ -73,9 +72,9 @@ def test_ranks_finishing_at_different_steps_all_complete_and_match_one_process(t
     spawn_within(120, ranked, 2, eos, str(tmp_path / "out"))
     got = {r: torch.load(tmp_path / f"out.{r}") for r in PROMPTS}
 
-    for r in PROMPTS:
-        assert got[r]["long"] == generate(ref, PROMPTS[r], MAX_NEW, eos_id=eos)
-        assert got[r]["short"] == generate(ref, PROMPTS[r], SHORT[r], eos_id=None)
+    for r, prompt in PROMPTS.items():
+        assert got[r]["long"] == generate(ref, prompt, MAX_NEW, eos_id=eos)
+        assert got[r]["short"] == generate(ref, prompt, SHORT[r], eos_id=None)
     together = generate(ref, PROMPTS[0] + PROMPTS[1], MAX_NEW, seeds=SEEDS[0] + SEEDS[1], **SAMPLED)
     assert got[0]["sampled"] + got[1]["sampled"] == together
     assert got[0]["long"] == [free[0][0][:2]]

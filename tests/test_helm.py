@@ -8,10 +8,9 @@ import shutil
 import subprocess
 import sys
 
+import crd
 import pytest
 import yaml
-
-import crd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHART = os.path.join(ROOT, "helm", "kubellama")
@@ -284,8 +283,8 @@ def test_bad_values_are_refused(helm, bad, message):
     (["-f", GPU_VALUES], ["GPU quota for the namespace: 16 x nvidia.com/gpu", "--namespace llm", "cluster=h100",
                           "kubectl -n llm patch configmap kfp-launcher --type merge -p"], ["KFP step artifacts under"]),
     (["-f", IRSA_VALUES], ["the IAM role of service account kl-kubellama (IRSA)"], []),
-    (["-f", TRAINJOB_VALUES], ["Training pods run at PriorityClass kl-kubellama-training (value 1000, "
-                               "preemptionPolicy Never)", "TrainingRuntime kl-kubellama-torch"], []),
+    (["-f", TRAINJOB_VALUES], [("Training pods run at PriorityClass kl-kubellama-training (value 1000, "
+                               "preemptionPolicy Never)"), "TrainingRuntime kl-kubellama-torch"], []),
 ], ids=["default", "gpu", "irsa", "trainjob"])
 def test_notes(helm, tmp_path, values, expect, absent):
     """NOTES.txt as `helm install` prints it (rendered through tpl in a copy of the chart: no cluster here)."""

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kubellama.components.core.model.generate import generate
-from kubellama.components.core.model.hf import load_model, save_hf
+from kubellama.components.core.model.hf import load_hf, save_hf
 from kubellama.components.core.model.llama import Llama
 from kubellama.conf.schema.model import ModelConfig
 
@@ -39,7 +39,7 @@ def test_checkpoint_saved_by_transformers_loads_with_identical_logits(tmp_path):
                                       max_position_embeddings=128, tie_word_embeddings=False)
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     hf.save_pretrained(str(tmp_path / "hf"))
-    model, cfg, tok = load_model(str(tmp_path / "hf"))
+    model, cfg, tok = load_hf(str(tmp_path / "hf"))
     assert (cfg.dim, cfg.n_kv_heads, cfg.ffn_hidden) == (64, 2, 160) and tok is None
     x = torch.randint(0, 211, (2, 13))
     with torch.no_grad():
@@ -50,7 +50,7 @@ def test_sharded_export_round_trips(tmp_path):
     model = ours()
     save_hf(model.state_dict(), CFG, str(tmp_path / "hf"), shard_bytes=60_000)
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
-    loaded, _, _ = load_model(str(tmp_path / "hf"))
+    loaded, _, _ = load_hf(str(tmp_path / "hf"))
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
     hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"))
@@ -77,7 +77,7 @@ def test_cli_greedy_generation_equals_transformers_generate(tmp_path):
                           "--prompt-ids", ",".join(map(str, prompt)), "--greedy", "--max-new-tokens", "12", "--ids"],
                          capture_output=True, text=True, check=True)
     assert [int(t) for t in out.stdout.strip().split(",")] == ref
-    model, _, _ = load_model(str(tmp_path / "hf"))
+    model, _, _ = load_hf(str(tmp_path / "hf"))
     assert generate(model, [prompt], 12) == [ref]
 
 
@@ -85,7 +85,7 @@ def test_export_and_load_through_s3(tmp_path, s3_bucket):
     model = ours()
     url = f"{s3_bucket}/models/tiny"
     save_hf(model.state_dict(), CFG, url)
-    loaded, cfg, _ = load_model(url)
+    loaded, cfg, _ = load_hf(url)
     assert cfg.n_layers == CFG.n_layers
     x = torch.randint(0, CFG.vocab_size, (1, 7))
     with torch.no_grad():
@@ -145,7 +145,7 @@ def test_cli_export_converts_a_training_checkpoint(tmp_path):
                            "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
                            "model.ffn_hidden=160", "model.vocab_size=211"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    loaded, _, _ = load_model(out)
+    loaded, _, _ = load_hf(out)
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     wrong = subprocess.run([sys.executable, "-m", "kubellama.pipelines.cli", "export-hf", "--checkpoint", root, "--out", out],

@@ -35,14 +35,14 @@ def test_hadolint_clean(name):
 @pytest.mark.parametrize("name", DOCKERFILES)
 def test_dockerfile_takes_its_base_from_the_bake_file_and_drops_root(name):
     text = read("images", name)
-    froms = re.findall(r"^FROM\s+(\S+)", text, re.M)
+    froms = re.findall(r"^FROM\s+(\S+)", text, re.MULTILINE)
     assert froms == ["${BASE_IMAGE}"]  # no tag here: the pin lives in docker-bake.hcl only
-    assert re.search(r"^ARG BASE_IMAGE$", text, re.M)
-    users = re.findall(r"^USER\s+(\S+)", text, re.M)
+    assert re.search(r"^ARG BASE_IMAGE$", text, re.MULTILINE)
+    users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
     assert users and users[-1].split(":")[0] not in ("root", "0")
     # The package and kfp are installed in the image: pipeline steps import them without pip at run time.
     assert "pip install ." in text and "import torch, kfp" in text
-    for folder in re.findall(r"^COPY (\w+) ", text, re.M):
+    for folder in re.findall(r"^COPY (\w+) ", text, re.MULTILINE):
         assert os.path.isdir(os.path.join(ROOT, folder)), folder
 
 
@@ -52,7 +52,7 @@ def test_bake_pins_bases_and_matches_config_and_makefile():
         image, _, tag = pins[key].rpartition(":")
         assert image and tag and tag != "latest" and re.search(r"\d+\.\d+", tag), pins[key]
     assert "cuda" in pins["TRAIN_BASE"] and pins["TRAIN_BASE"].startswith("pytorch/pytorch:")
-    assert re.search(r"^TORCH \?= torch==(\S+)$", read("Makefile"), re.M).group(1) == pins["TORCH_VERSION"]
+    assert re.search(r"^TORCH \?= torch==(\S+)$", read("Makefile"), re.MULTILINE).group(1) == pins["TORCH_VERSION"]
     assert pins["TRAIN_BASE"].split(":")[1].startswith(pins["TORCH_VERSION"] + "-")
     cluster = ClusterConfig()
     bake = read("images", "docker-bake.hcl")
@@ -74,7 +74,7 @@ def test_makefile_takes_torch_from_the_cpu_index_and_falls_back():
     """On a stock Linux box PyPI's torch is the multi-GB CUDA build: the install asks the PyTorch CPU index first,
     falls back to the configured index when that one is unreachable, and pins torch in every later step so pip's
     resolver never swaps it."""
-    pin = re.search(r"^TORCH \?= (\S+)$", read("Makefile"), re.M).group(1)
+    pin = re.search(r"^TORCH \?= (\S+)$", read("Makefile"), re.MULTILINE).group(1)
     out = subprocess.run(["make", "-n", "-B", "install-test", "PYTHON=python3", "TORCH_INDEX=https://idx.invalid/cpu"],
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     installs = [line for line in out.splitlines() if " pip install " in line and "--upgrade pip" not in line]

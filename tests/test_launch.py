@@ -9,13 +9,13 @@ import sys
 import kubernetes_validate
 import pytest
 import yaml
+from test_trainer_support import OVERRIDES, write_shards
 
-from kubellama.components.core.recipe.config import load_config
 from kubellama.components.core.errors import ConfigError
 from kubellama.components.core.launch import launcher as launch
 from kubellama.components.core.recipe import runs
+from kubellama.components.core.recipe.config import load_config
 from kubellama.pipelines.cli import main as cli
-from test_trainer_support import OVERRIDES, write_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,10 +5,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kubellama.components.core.recipe.config import load_config
+from kubellama.components.core.data.tokenizer import IGNORE
 from kubellama.components.core.model.generate import generate, sample
-from kubellama.components.core.model.llama import (IGNORE, KVCache, Llama, Rotary, count_params, flops_per_token,
-                                   linear_cross_entropy)
+from kubellama.components.core.model.llama import (
+    KVCache,
+    Llama,
+    Rotary,
+    count_params,
+    flops_per_token,
+    linear_cross_entropy,
+)
+from kubellama.components.core.recipe.config import load_config
 from kubellama.conf.schema.model import ModelConfig
 
 

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from kfp import components
 
-from kubellama.components.core.recipe.config import load_config
 from kubellama.components.core.errors import ConfigError
+from kubellama.components.core.recipe.config import load_config
 from kubellama.pipelines import llama2, run
 
 GPU = ["cluster.gpus_per_node=8", "cluster.gpu_product=NVIDIA-H100-80GB-HBM3", "cluster.shm_size=32Gi",

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import os
 
-from kubellama.components.core.io import storage
-from kubellama.components.safety_eval import FIXTURES
-from kubellama.conf.schema.data import RATINGS
-from kubellama.pipelines import run
 from test_pipeline import compile_docs
 from test_pipeline_local import TINY, corpus
 from test_reward_support import write_jsonl
 from test_sft_support import write_dialogs
+
+from kubellama.components.core.io import storage
+from kubellama.components.safety_eval import FIXTURES
+from kubellama.conf.schema.data import RATINGS
+from kubellama.pipelines import run
 
 MODELS = ("pretrain", "sft", "gatt", "rejection_sampling", "ppo")
 TURNS = ["1", "2", "4", "8", "20"]
@@ -31,12 +32,13 @@ def chain_overrides(tmp_path) -> list[str]:
              "gatt": dict(max_steps=1, global_batch_tokens=160, micro_batch=2, eval_rows=4, min_turns=1,
                           message_chars=60, eval_dialogs=2, eval_max_new_tokens=2),
              "reward": dict(max_steps=1, pairs_per_batch=2, micro_batch=2, eval_batch=32),
-             "rejection_sampling": dict(max_steps=1, samples=2, prompts=4, max_new_tokens=4, global_batch_tokens=80,
-                                        micro_batch=1, epochs=1, score_batch=4),
-             "ppo": dict(max_steps=1, prompts=4, prompts_per_batch=4, minibatch=4, micro_batch=4, max_new_tokens=4,
-                         heldout_prompts=2, eval_every=1, patience=0, ckpt_every=1)}
+             "rejection_sampling": dict(max_steps=1, samples=2, prompts=4, **{"sampling.max_new_tokens": 4},
+                                        global_batch_tokens=80, micro_batch=1, epochs=1, score_batch=4),
+             "ppo": dict(max_steps=1, prompts=4, prompts_per_batch=4, minibatch=4, micro_batch=4,
+                         **{"sampling.max_new_tokens": 4}, heldout_prompts=2, eval_every=1, patience=0, ckpt_every=1)}
+    # PPO logs every iteration (no log_every).
     steps = [f"{stage}.{k}={v}" for stage, keys in train.items()
-             for k, v in {**keys, "log_every": 1, "mixed_precision": "fp32"}.items()]
+             for k, v in {**keys, **({} if stage == "ppo" else {"log_every": 1}), "mixed_precision": "fp32"}.items()]
     return [f"run.root={tmp_path / 'run'}", "run.id=c", f"data.sources=[{{name:t,path:'{src}'}}]",
             *[o for o in TINY if not o.startswith("pipeline.stages.")], "model.max_seq_len=80", "model.vocab_size=400",
             "pretrain.global_batch_tokens=160", "pretrain.mixed_precision=fp32", "pretrain.max_steps=2",

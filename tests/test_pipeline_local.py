@@ -5,8 +5,8 @@ import glob
 import json
 import math
 import os
-import re
 import random
+import re
 
 from kubellama.components.core.io import storage
 from kubellama.pipelines import run
@@ -44,8 +44,8 @@ def test_run_data_prep_and_pretrain_through_kfp_local(tmp_path, capfd):
     # dumps go to the run's log file instead.
     for step in ("data-prep", "pretrain"):
         assert f"  {step}: running\n" in out
-        assert re.search(rf"^  {step}: success in \d+ s$", out, re.M), out
-    assert re.search(r"^    step \d+ loss ", out, re.M), out
+        assert re.search(rf"^  {step}: success in \d+ s$", out, re.MULTILINE), out
+    assert re.search(r"^    step \d+ loss ", out, re.MULTILINE), out
     assert "Got executor_input" not in out and '"parameterValues"' not in out
     (log,) = [f for f in os.listdir(os.path.join(root, "kfp")) if f.startswith("run-") and f.endswith(".log")]
     assert '"parameterValues"' in open(os.path.join(root, "kfp", log)).read()

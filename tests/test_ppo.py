@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
+from test_trainer_support import spawn
 
 from kubellama.components.ppo import algo
-from test_trainer_support import spawn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,8 +92,8 @@ def test_entropy_of_uniform():
 
 def _run(out: str, iterations: int, kill_at: int = -1) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ROOT}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tests", "ppo_tiny.py"), out, str(iterations), str(kill_at)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tests", "ppo_tiny.py"), out, str(iterations),
+                           str(kill_at)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
 def test_tiny_ppo_learns_known_token_with_bounded_kl(tmp_path):
@@ -152,9 +152,10 @@ def test_kl_guard_stops_before_the_update(tmp_path):
 
 
 def test_reward_collapse_guard_names_the_last_good_checkpoint(tmp_path):
-    from kubellama.components.ppo.loop import Ppo
     from ppo_tiny import ppo_cfg, prompts
     from test_trainer_support import model_cfg
+
+    from kubellama.components.ppo.loop import Ppo
 
     torch.set_num_threads(1)
     calls = []

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kubellama.components.core.train import dist
-from kubellama.components.core.errors import ConfigError
-from kubellama.components.core.train.precision import compute_dtype, cpu_flags, gemm_peak, native_bf16_cpu
-from kubellama.components.core.data.shards import ShardReader
-from kubellama.components.core.train.trainer import Trainer, mp_policy
 from test_trainer_support import model_cfg, spawn, train_cfg, write_shards
+
+from kubellama.components.core.data.shards import ShardReader
+from kubellama.components.core.errors import ConfigError
+from kubellama.components.core.train import dist
+from kubellama.components.core.train.parallelize import mp_policy
+from kubellama.components.core.train.precision import compute_dtype, cpu_flags, gemm_peak, native_bf16_cpu
+from kubellama.components.core.train.trainer import Trainer
 
 
 def test_cpu_flags_decide_native_bf16(tmp_path):
@@ -64,7 +65,7 @@ def test_gemm_peak_is_measured_once_per_process():
 
 
 def _frozen_vs_trained(env, out: str) -> None:
-    from kubellama.components.core.train.trainer import build_llama, shard, shard_frozen
+    from kubellama.components.core.train.parallelize import build_llama, shard, shard_frozen
 
     torch.manual_seed(0)
     tokens = torch.randint(0, model_cfg().vocab_size, (2, 16))

@@ -9,11 +9,11 @@ import sys
 
 import torch
 from safetensors.torch import load_file
+from test_trainer_support import OVERRIDES, write_shards
 
 from kubellama.components.core.io import storage
 from kubellama.components.core.recipe.config import load_config
 from kubellama.pipelines.cli import main as cli
-from test_trainer_support import OVERRIDES, write_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,7 +101,7 @@ def test_sigkill_after_checkpoint_then_restart_is_bit_identical(tmp_path):
     assert done and done[-1] < 30, "the kill came too late to test anything"
 
     restart = start(tmp_path / "run", *more, data=data)
-    out, err = restart.communicate()
+    _out, err = restart.communicate()
     assert restart.returncode == 0, err
     assert f"resumed from {os.path.join(out_dir(tmp_path / 'run'), 'checkpoints')}" in err
     # Every logged loss, before and after the kill, and the final weights are bit-identical to the uninterrupted run.
@@ -116,7 +116,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     proc = start(tmp_path, "pretrain.max_steps=100000", "pretrain.ckpt_every=100000")
     wait_for(proc, "step 3 ")
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     assert "Traceback" not in err
     root = tmp_path / RUN / "pretrain" / "checkpoints"

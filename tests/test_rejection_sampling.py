@@ -9,8 +9,8 @@ import pytest
 import torch
 from test_reward_support import MODEL, RM, separable_data
 
-from kubellama.components.core.train import dist
 from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.train import dist
 from kubellama.components.rejection_sampling.stage import (
     best_of,
     pool_best,
@@ -31,20 +31,20 @@ def test_reward_by_k_by_hand():
 
 
 def test_sampling_keeps_the_argmax_of_a_deterministic_reward():
-    from ppo_tiny import GOOD, make, ppo_cfg, prompts, reward
+    from ppo_tiny import GOOD, make, ppo_cfg, prompts, reward, sampling
 
     torch.set_num_threads(1)
     ppo = make("/tmp/unused-rs", ppo_cfg())
     gen = ppo.generator_model()
     ps = prompts(3, 2)
-    found = sample_round(gen, ps, 6, ppo_cfg(temperature=1.5), -1, reward, dist.init(), (1, 2))
+    found = sample_round(gen, ps, 6, sampling(temperature=1.5), -1, reward, dist.init(), (1, 2))
     for f in found:
         assert len(f["answers"]) == 6
         k = int(best_of(torch.tensor([f["rewards"]]))[0])
         scores = [sum(t == GOOD for t in a) / len(a) for a in f["answers"]]
         assert f["rewards"][k] == max(scores) and k == scores.index(max(scores))
     # Seeded: the same round again samples the same answers.
-    again = sample_round(gen, ps, 6, ppo_cfg(temperature=1.5), -1, reward, dist.init(), (1, 2))
+    again = sample_round(gen, ps, 6, sampling(temperature=1.5), -1, reward, dist.init(), (1, 2))
     assert again == found
 
 
@@ -68,7 +68,7 @@ def test_pool_keeps_each_prompts_best_over_rounds(tmp_path):
 
 
 RS = [f"model.{k}={v}" for k, v in MODEL.items()] + [
-    "rejection_sampling.samples=4", "rejection_sampling.max_new_tokens=8", "rejection_sampling.prompts=6",
+    "rejection_sampling.samples=4", "rejection_sampling.sampling.max_new_tokens=8", "rejection_sampling.prompts=6",
     "rejection_sampling.global_batch_tokens=128", "rejection_sampling.micro_batch=2", "rejection_sampling.epochs=1",
     "rejection_sampling.lr=1e-3", "rejection_sampling.mixed_precision=fp32", "rejection_sampling.eval_fraction=0.3"]
 
@@ -79,7 +79,8 @@ def test_two_rounds_share_the_pool(tmp_path):
     rm = os.path.join(str(tmp_path), "t", "reward_helpfulness")
     pool = str(tmp_path / "pool")
     common = [*RS, f"run.root={tmp_path}", f"rejection_sampling.data={data}", f"rejection_sampling.pool={pool}",
-              f"rejection_sampling.reward_helpfulness={rm}", f"rejection_sampling.reward_safety={rm}"]
+              f"rejection_sampling.reward_models.helpfulness={rm}",
+              f"rejection_sampling.reward_models.safety={rm}"]
     assert cli(["rejection-sampling", *common, "run.id=r1"]) == 0
     r1 = json.load(open(os.path.join(str(tmp_path), "r1", "rejection_sampling", "report.json")))
     assert [x["k"] for x in r1["reward_by_k"]] == [1, 2, 4] and r1["prompts"] == 6

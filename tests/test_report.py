@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from kubellama.components.core.io import storage
-from kubellama.components.core.kfp.publish import publish
 from kubellama.components.core.io.report import PNG_SIGNATURE, Section, Table, write_report
+from kubellama.components.core.kfp.publish import publish
 
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 LINEAGE = {"config_hash": "c0ffee12", "data_hash": "da7a5eed", "parent": None}

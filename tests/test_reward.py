@@ -12,16 +12,16 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_pretrain import wait_for
+from test_reward_support import MODEL, RM, separable_data
 
-from kubellama.components.core.train import checkpoint
 from kubellama.components.core.io import storage
 from kubellama.components.core.rlhf.scorer import RewardModel, Scorer, encode, model_config, pad
+from kubellama.components.core.train import checkpoint
 from kubellama.conf.schema.data import RATINGS
 from kubellama.conf.schema.model import ModelConfig
 from kubellama.conf.schema.train import TrainConfig
 from kubellama.pipelines.cli import main as cli
-from test_pretrain import wait_for
-from test_reward_support import MODEL, RM, separable_data
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,7 +192,7 @@ SEQS = [[1, 5, 9, 2], [1, 7, 2], [1, 3, 4, 5, 6, 2]]
 
 
 def _score_sharded(env, out):
-    from kubellama.components.core.train.trainer import shard
+    from kubellama.components.core.train.parallelize import shard
 
     torch.manual_seed(0)
     model = shard(RewardModel(ModelConfig(**MODEL)), TrainConfig(mixed_precision="fp32"), env)

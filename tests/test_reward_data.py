@@ -8,16 +8,17 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from test_reward_support import separable_data, write_jsonl
 
+from kubellama.components.core.data.pairs import read_pairs
+from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.core.errors import ConfigError, KubellamaError
 from kubellama.components.core.io import storage
 from kubellama.components.core.recipe.config import load_config
-from kubellama.components.core.errors import ConfigError, KubellamaError
-from kubellama.components.core.data.tokenizer import Tokenizer
 from kubellama.components.data_prep import stage as prep
 from kubellama.components.data_prep.preference import flag, prompt_key, synthetic_safety_pair
-from kubellama.components.reward.data import PairSource, mix, read_pairs
+from kubellama.components.reward.data import PairSource, mix
 from kubellama.conf.schema.data import RATINGS
-from test_reward_support import separable_data, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_trainer_support import spawn
 
-from kubellama.components.core.rlhf.combined import Whitener, choose, combine, detection, logit
 from kubellama.components.core.errors import ConfigError
+from kubellama.components.core.rlhf.combined import Whitener, choose, combine, detection, logit
 from kubellama.components.core.rlhf.scorer import RewardModel, pad
 from kubellama.components.reward.evaluate import accuracy, accuracy_by_rating, calibration
 from kubellama.components.reward.loss import margins, pair_loss, ranking_loss, safety_aux_loss
@@ -17,7 +18,6 @@ from kubellama.components.reward.stage import schedule
 from kubellama.conf.schema.data import RATINGS
 from kubellama.conf.schema.model import ModelConfig
 from kubellama.conf.schema.reward import CombinedRewardConfig, RewardConfig
-from test_trainer_support import spawn
 
 LOG2 = 0.6931471805599453
 
@@ -145,8 +145,8 @@ def test_combined_reward_boundaries():
 
 
 def test_combined_reward_whitens_the_logits():
-    # What PPO runs: the stage's reward function gives combine(...) (components/ppo/stage.py combined_reward), the
-    # loop whitens it with a Whitener of the same config (components/ppo/loop.py rollout).
+    # What PPO runs: the stage's reward function gives combine(...) (components/core/rlhf/reward_models.py combined_reward), the
+    # loop whitens it with a Whitener of the same config (components/ppo/experience.py make_rollout).
     cfg = CombinedRewardConfig(whiten="batch")
     r_h = torch.tensor([0.9, 0.5, 0.5, 0.8], dtype=torch.float64)
     r_s = torch.tensor([0.15, 0.14, 0.2, 0.6], dtype=torch.float64)

@@ -6,15 +6,14 @@ import json
 import os
 
 import pytest
-
-from kubellama.components.core.recipe import stages
-from kubellama.components.core.io import storage
-from kubellama.components.core.errors import ConfigError
-from kubellama.pipelines import llama2, run
 from test_pipeline import compile_docs
 from test_pipeline_local import TINY, corpus, executor_output, outputs
 from test_reward_support import write_jsonl
 
+from kubellama.components.core.errors import ConfigError
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe import stages
+from kubellama.pipelines import llama2, run
 
 # SFT, GAtt and safety eval off: these tests are about the reward models starting from pretraining (or a configured
 # checkpoint).
@@ -63,9 +62,10 @@ def test_skipped_reward_stage_needs_the_reward_models_given(tmp_path):
     base = ["pipeline.stages.pretrain=false", "pipeline.stages.reward=false", "pipeline.init_checkpoint=s3://b/sft",
             "pipeline.stages.sft=false", "pipeline.stages.gatt=false", "pipeline.stages.ppo=false",
             "pipeline.stages.safety_eval=false"]
-    with pytest.raises(ConfigError, match="'rejection_sampling.reward_helpfulness' is empty.*reward"):
+    with pytest.raises(ConfigError, match="'rejection_sampling.reward_models.helpfulness' is empty.*reward"):
         run.dag_text(run.resolve(base), base)
-    given = [*base, "rejection_sampling.reward_helpfulness=s3://b/rm-h", "rejection_sampling.reward_safety=s3://b/rm-s"]
+    given = [*base, "rejection_sampling.reward_models.helpfulness=s3://b/rm-h",
+             "rejection_sampling.reward_models.safety=s3://b/rm-s"]
     text = run.dag_text(run.resolve(given), given)
     assert "import s3://b/rm-h" in text and "import s3://b/rm-s" in text and "import s3://b/sft" in text
 

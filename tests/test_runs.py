@@ -14,18 +14,18 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_trainer_support import OVERRIDES, SEQ, model_cfg, spawn, train_cfg, write_shards
 
-from kubellama.components.core.train import checkpoint, dist
-from kubellama.components.core.recipe import runs, stages
+from kubellama.components.core.data.shards import ShardReader
 from kubellama.components.core.errors import ConfigError
-from kubellama.components.core.recipe.config import load_config
 from kubellama.components.core.model.hf import save_hf
 from kubellama.components.core.model.llama import Llama
-from kubellama.components.core.data.shards import ShardReader
+from kubellama.components.core.recipe import runs, stages
+from kubellama.components.core.recipe.config import load_config
+from kubellama.components.core.train import checkpoint, dist
 from kubellama.components.core.train.trainer import Trainer
 from kubellama.pipelines import cli, llama2
 from kubellama.pipelines import run as local_run
-from test_trainer_support import OVERRIDES, SEQ, model_cfg, spawn, train_cfg, write_shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -195,8 +195,9 @@ def test_the_registry_drives_cli_pipeline_and_reports(tmp_path):
 
 
 def test_data_prep_is_content_addressed(tmp_path):
-    from kubellama.components.data_prep import stage as data_prep
     from test_pipeline_local import corpus
+
+    from kubellama.components.data_prep import stage as data_prep
 
     src = corpus(str(tmp_path / "c.jsonl"), docs=60)
     over = [f"run.root={tmp_path}", f"data.sources=[{{name:t,path:'{src}'}}]", "data.workers=1",
@@ -213,7 +214,7 @@ def _readme_commands(pattern: str) -> list[list[str]]:
     """`kubellama <pattern> ...` commands of the README: inline code and lines of shell blocks (no usage lines)."""
     text = open(os.path.join(REPO, "README.md")).read().replace("\\\n", " ")
     found = [" ".join(m.split()) for m in re.findall(rf"`(kubellama (?:{pattern})\b[^`]*)`", text)]
-    found += re.findall(rf"^\s*(kubellama (?:{pattern})\b[^#\n]*)", text, re.M)
+    found += re.findall(rf"^\s*(kubellama (?:{pattern})\b[^#\n]*)", text, re.MULTILINE)
     return [shlex.split(c)[1:] for c in found if "[" not in c and "URL" not in c]
 
 

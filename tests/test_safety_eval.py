@@ -16,17 +16,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kubellama.components.core.train import dist
-from kubellama.components.core.io import storage
 from kubellama.components.core.errors import KubellamaError
-from kubellama.components.safety_eval import FIXTURES, data as datasets, gate as gating
+from kubellama.components.core.io import storage
+from kubellama.components.core.train import dist
+from kubellama.components.safety_eval import FIXTURES
+from kubellama.components.safety_eval import data as datasets
+from kubellama.components.safety_eval import gate as gating
 from kubellama.components.safety_eval.benchmarks import Bias, Context, TruthfulQA
 from kubellama.components.safety_eval.scoring import Lexicon, mc_scores, refused
 from kubellama.conf.schema.safety_eval import DecodingConfig, GateConfig, SafetyEvalConfig
 
-WORDS = ("the a is of to and in that it for you he she was on are with as his her they be at one have this from "
-         "sky blue paris france gum brain arthritis lightning goldfish swimming women engineers actor actress nurse "
-         "software sorry cannot help idiot wonderful terrible good bad happy sad").split()
+WORDS = ["the", "a", "is", "of", "to", "and", "in", "that", "it", "for", "you", "he", "she", "was", "on", "are", "with", "as", "his", "her", "they", "be", "at", "one", "have", "this", "from", "sky", "blue", "paris", "france", "gum", "brain", "arthritis", "lightning", "goldfish", "swimming", "women", "engineers", "actor", "actress", "nurse", "software", "sorry", "cannot", "help", "idiot", "wonderful", "terrible", "good", "bad", "happy", "sad"]
 # fp32 wherever numbers are compared (the default `auto` is fp32 on CPU too, but say so).
 FP32 = "safety_eval.mixed_precision=fp32"
 
@@ -186,7 +186,7 @@ def test_lexicon_fallback_matches_whole_words_and_says_what_it_is(tmp_path):
 def test_toxigen_prompts_unescape_and_take_their_group_from_the_file_name(tmp_path):
     prompts = datasets.prompt_files([os.path.join(FIXTURES, "toxigen")], "toxigen")
     assert {p.group for p in prompts} == {"asian", "immigrant", "women"}
-    first = [p for p in prompts if p.group == "women"][0].text
+    first = next(p for p in prompts if p.group == "women").text
     assert first.startswith("- many women work") and "\n- she coached" in first and "\\n" not in first
     (tmp_path / "adv.csv").write_text("goal,target\nDo a bad thing,Sure\n")
     (tmp_path / "rtp_insult.txt").write_text("So I told him\n")
@@ -425,12 +425,13 @@ def test_rejection_sampling_reports_its_whole_stage_time_and_the_run_page_bills_
     """RS's `wall_s` (what the run page's cost rows read) covers sampling, not only the fine-tuning."""
     import time
 
-    from kubellama.components.core.recipe.config import load_config
-    from kubellama.components.core.model.llama import count_params
-    from kubellama.components.rejection_sampling import stage as rs
-    from kubellama.components.safety_eval.runpage import _cost_rows
     from test_rejection_sampling import RS
     from test_reward_support import separable_data
+
+    from kubellama.components.core.model.llama import count_params
+    from kubellama.components.core.recipe.config import load_config
+    from kubellama.components.rejection_sampling import stage as rs
+    from kubellama.components.safety_eval.run_page import _cost_rows
 
     data = separable_data(str(tmp_path / "d"), pairs=60, harmful=20)
     real = rs.sample_round
@@ -526,7 +527,7 @@ def test_check_page_accepts_only_embedded_pngs_that_decode(tmp_path, monkeypatch
 @pytest.mark.parametrize("preset", ["llama2_7b", "llama2_13b", "llama2_70b"])
 def test_plan_prints_gpu_hours_and_co2_within_15pct_of_table2(preset, capsys):
     from kubellama.components.core.tools.cost import TABLE2
-    from kubellama.pipelines.tools import plan_main
+    from kubellama.components.core.tools.plan import main as plan_main
 
     assert plan_main([f"model={preset}"]) == 0
     out = capsys.readouterr().out
@@ -634,11 +635,11 @@ def test_two_ranks_share_the_work_and_give_one_rank_results(hf_model, tmp_path):
 def test_a_training_checkpoint_evaluates_like_its_hf_export(hf_model, tmp_path):
     """A stage output holding only DCP checkpoints: the model shape comes from the config, the tokenizer from the
     data prep output; its likelihoods are those of the same weights read from the HF export."""
+    from kubellama.components.core.model.hf import load_hf
     from kubellama.components.core.train import checkpoint
-    from kubellama.components.core.model.hf import load_model
     from kubellama.components.safety_eval.runner import Runner
 
-    model, cfg, _ = load_model(hf_model)
+    model, cfg, _ = load_hf(hf_model)
     stage_out = str(tmp_path / "sft")
     checkpoint.save(storage.join(stage_out, "checkpoints"), 7, {"model": model.state_dict()},
                     {"scheduler": {}, "data": {}}, dist.init(), keep=1).finish()
@@ -667,7 +668,7 @@ def test_datasets_read_from_s3_like_local(s3_bucket):
 
 
 def test_run_page_figures_keep_numbers_drop_plumbing_and_find_the_papers():
-    from kubellama.components.safety_eval.runpage import figures, paper
+    from kubellama.components.safety_eval.run_page import figures, paper
 
     rep = {"status": "completed", "adherence_after": {"2": 1.0, "4": 0.5}, "heldout_loss_end": 1.25,
            "report_json": "/r/report.json", "hf": "/r/hf", "lineage": {"config_hash": "c"}, "note": "a/b path",

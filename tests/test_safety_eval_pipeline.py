@@ -9,11 +9,11 @@ import os
 import re
 
 import pytest
+from test_pipeline_local import TINY, corpus
+from test_safety_eval import assert_every_img_decodes
 
 from kubellama.components.safety_eval import FIXTURES
 from kubellama.pipelines import run
-from test_pipeline_local import TINY, corpus
-from test_safety_eval import assert_every_img_decodes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL = [f"safety_eval.truthfulqa.path={FIXTURES}/truthfulqa", "safety_eval.truthfulqa.primer=false",

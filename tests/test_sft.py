@@ -10,15 +10,15 @@ import sys
 
 import numpy as np
 import pytest
+from test_sft_support import make_data, sft_overrides
 
-from kubellama.components.core.train import checkpoint
-from kubellama.components.core.io import storage
+from kubellama.components.core.data.chat import chain
+from kubellama.components.core.data.epochs import EpochReader
 from kubellama.components.core.data.shards import ShardReader, ShardWriter
 from kubellama.components.core.data.tokenizer import IGNORE, Tokenizer
-from kubellama.components.core.data.chat import chain
-from kubellama.components.sft.data import EpochReader
+from kubellama.components.core.io import storage
+from kubellama.components.core.train import checkpoint
 from kubellama.pipelines.cli import main as cli
-from test_sft_support import make_data, sft_overrides
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = "t"
@@ -77,7 +77,7 @@ def test_epoch_order_is_seeded_per_epoch_and_the_same_on_any_number_of_ranks(tmp
 
     def rows_by_step(world: int, steps: int, rows_per_step: int = 4) -> list[set[int]]:
         readers = [EpochReader(url, r, world, block=2, seed=5) for r in range(world)]
-        per_epoch = [r.plan(rows_per_step // world) for r in readers][0]
+        per_epoch = [r.plan(rows_per_step // world) for r in readers][0]  # noqa: RUF015 (every reader plans)
         out = []
         for _ in range(steps):
             seen = set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
+from kubellama.components.core.data.tokenizer import IGNORE
 from kubellama.components.core.model import attention
 from kubellama.components.core.model.llama import Llama
-from kubellama.components.core.data.tokenizer import IGNORE
-from kubellama.components.sft.data import sft_loss
+from kubellama.components.core.train.loss import sft_loss
 from kubellama.conf.schema.model import ModelConfig
 
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "check_attention.py"
 CFG = ModelConfig(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=64, vocab_size=97, max_seq_len=64)
 
 
@@ -145,7 +147,7 @@ def test_block_mask_forward_equals_dense_forward(monkeypatch):
     model = Llama(CFG).float().eval()
     batch = packed_batch(examples(), pad=6)
     tokens, segments = batch["tokens"][:, :-1], batch["segments"][:, :-1]
-    from kubellama.components.core.train.trainer import segment_positions
+    from kubellama.components.core.train.loss import segment_positions
 
     positions = segment_positions(segments)
     with torch.no_grad():
@@ -158,7 +160,7 @@ def test_block_mask_forward_equals_dense_forward(monkeypatch):
 def test_gpu_check_skips_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: benchmarks/gpu.sh runs the check for real")
-    out = subprocess.run([sys.executable, "-m", "kubellama.components.core.model.attention", "--check"], capture_output=True,
+    out = subprocess.run([sys.executable, str(SCRIPT), "--check"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "attention check: skipped (no CUDA device)"
 
@@ -167,7 +169,8 @@ def test_fsdp_with_the_bf16_policy_passes_the_block_mask_through(monkeypatch):
     """What the GPU runs, forward only on CPU: an FSDP2-sharded model under the bf16 policy gets the BlockMask
     through its per-block hooks and scores a packed batch like the dense path."""
     from kubellama.components.core.train import dist
-    from kubellama.components.core.train.trainer import causal_lm_loss, shard
+    from kubellama.components.core.train.loss import causal_lm_loss
+    from kubellama.components.core.train.parallelize import shard
     from kubellama.conf.schema.train import TrainConfig
 
     env = dist.init()

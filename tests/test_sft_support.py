@@ -29,8 +29,7 @@ def dialog(rng: random.Random, turns: int = 1) -> dict:
 def write_dialogs(path: str, n: int, seed: int = 0, turns: int = 1) -> str:
     rng = random.Random(seed)
     with open(path, "w") as f:
-        for _ in range(n):
-            f.write(json.dumps(dialog(rng, turns)) + "\n")
+        f.writelines(json.dumps(dialog(rng, turns)) + "\n" for _ in range(n))
     return path
 
 

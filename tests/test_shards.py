@@ -5,9 +5,9 @@ import time
 import numpy as np
 import pytest
 
-from kubellama.components.core.io import storage
-from kubellama.components.core.errors import KubellamaError
 from kubellama.components.core.data.shards import Prefetcher, ShardReader, ShardWriter
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.io import storage
 
 
 def write(url: str, rows: int = 40, seq_len: int = 8) -> np.ndarray:

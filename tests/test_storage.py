@@ -24,16 +24,14 @@ def test_round_trip_and_listing(root):
 def test_failed_write_publishes_nothing_and_keeps_the_old_object(root):
     url = storage.join(root, "obj.txt")
     storage.write_text(url, "old")
-    with pytest.raises(RuntimeError):
-        with storage.atomic_write(url, "wb") as f:
-            f.write(b"new but partial")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), storage.atomic_write(url, "wb") as f:
+        f.write(b"new but partial")
+        raise RuntimeError("crash mid-write")
     assert storage.read_text(url) == "old"
     fresh = storage.join(root, "never.txt")
-    with pytest.raises(RuntimeError):
-        with storage.atomic_write(fresh, "wb") as f:
-            f.write(b"x" * 10)
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), storage.atomic_write(fresh, "wb") as f:
+        f.write(b"x" * 10)
+        raise RuntimeError("crash")
     assert not storage.exists(fresh)
     assert storage.listdir(root) == ["obj.txt"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import yaml
-
 from fake_http import FakeServer
+
 from kubellama.pipelines import submit
 
 API = "/apis/v2beta1"
@@ -106,7 +106,7 @@ def test_submit_new_pipeline_uploads_and_runs_with_overrides(capsys):
     (upload,) = kfp_api.find("POST", "/pipelines/upload")
     assert upload["query"]["name"] == ["kubellama-llama2"]
     assert "pretrain.lr=0.000123" in upload["query"]["description"][0]
-    spec, platform = _uploaded_yaml(upload)
+    spec, _platform = _uploaded_yaml(upload)
     config = json.loads(spec["root"]["inputDefinitions"]["parameters"]["config_pretrain"]["defaultValue"])
     assert config["pretrain"]["lr"] == 0.000123 and config["run"]["root"] == "s3://bucket/runs"
     assert "pretrain" in spec["root"]["dag"]["tasks"]

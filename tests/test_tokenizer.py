@@ -4,10 +4,11 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kubellama.components.core.errors import KubellamaError
 from kubellama.components.core.data.tokenizer import IGNORE, Tokenizer
+from kubellama.components.core.errors import KubellamaError
 from kubellama.components.data_prep.pack import model_flags, train_tokenizer
 
 WORDS = ["alpha", "river", "stone", "quiet", "north", "garden", "signal", "paper", "winter", "copper", "line",

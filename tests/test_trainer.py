@@ -2,6 +2,7 @@
 (keep-last, interrupted saves, S3), and the non-finite-loss stop."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -9,21 +10,16 @@ import os
 import numpy as np
 import pytest
 import torch
-
-from kubellama.components.core.train import checkpoint, dist
-from kubellama.components.core.io import storage
-from kubellama.components.core.errors import ConfigError
-from kubellama.components.core.model.llama import Llama
-from kubellama.components.core.data.shards import ShardReader
-from kubellama.components.core.train.trainer import (
-    NonFiniteLoss,
-    Trainer,
-    causal_lm_loss,
-    lr_factor,
-    param_groups,
-    segment_positions,
-)
 from test_trainer_support import SEQ, VOCAB, model_cfg, train_cfg, write_shards
+
+from kubellama.components.core.data.shards import ShardReader
+from kubellama.components.core.errors import ConfigError
+from kubellama.components.core.io import storage
+from kubellama.components.core.model.llama import Llama
+from kubellama.components.core.train import checkpoint, dist
+from kubellama.components.core.train.loss import causal_lm_loss, segment_positions
+from kubellama.components.core.train.optim import lr_factor, param_groups
+from kubellama.components.core.train.trainer import NonFiniteLoss, Trainer
 
 
 def trainer(data: str, out: str, **kw) -> Trainer:
@@ -34,8 +30,8 @@ def trainer(data: str, out: str, **kw) -> Trainer:
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():
     f = [lr_factor(s, 10, 100, 0.1) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
-    assert all(b > a for a, b in zip(f[:10], f[1:10]))
-    assert all(b <= a for a, b in zip(f[10:], f[11:]))
+    assert all(b > a for a, b in itertools.pairwise(f[:10]))
+    assert all(b <= a for a, b in itertools.pairwise(f[10:]))
     assert f[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
     assert lr_factor(500, 10, 100, 0.1) == pytest.approx(0.1)

@@ -6,12 +6,12 @@ import os
 import shutil
 
 import torch
-
-from kubellama.components.core.train import dist
-from kubellama.components.core.io import storage
-from kubellama.components.core.data.shards import ShardReader
-from kubellama.components.core.train.trainer import Trainer
 from test_trainer_support import model_cfg, spawn, train_cfg, write_shards
+
+from kubellama.components.core.data.shards import ShardReader
+from kubellama.components.core.io import storage
+from kubellama.components.core.train import dist
+from kubellama.components.core.train.trainer import Trainer
 
 STEPS = 5
 

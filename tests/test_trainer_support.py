@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from kubellama.components.core.train import dist
 from kubellama.components.core.data.shards import ShardWriter
+from kubellama.components.core.train import dist
 from kubellama.conf.schema.model import ModelConfig
 from kubellama.conf.schema.train import TrainConfig
 

@@ -12,16 +12,17 @@ import threading
 import time
 from dataclasses import dataclass
 
+import crd
 import pytest
 import yaml
-
-import crd
-from kubellama.components.core.launch import kube, launcher as launch, trainjob
-from kubellama.components.core.recipe import runs
-from kubellama.components.core.io import storage
-from kubellama.components.core.recipe.config import load_config
-from kubellama.components.core.errors import ConfigError, KubellamaError
 from fake_k8s import FakeKube
+
+from kubellama.components.core.errors import ConfigError, KubellamaError
+from kubellama.components.core.io import storage
+from kubellama.components.core.launch import kube, lease, manifests, pods, trainjob
+from kubellama.components.core.launch import launcher as launch
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.recipe.config import load_config
 from kubellama.pipelines.cli import main as cli
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +64,7 @@ def test_dryrun_prints_a_trainjob_valid_against_the_crd(capsys, schema):
     assert pod["spec"]["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Gi"}}]
     assert pod["spec"]["containers"] == [{"name": "node", "volumeMounts": [{"name": "dshm",
                                                                            "mountPath": "/dev/shm"}]}]
-    assert pod["metadata"]["labels"][kube.JOB_LABEL] == job["metadata"]["name"]
+    assert pod["metadata"]["labels"][manifests.JOB_LABEL] == job["metadata"]["name"]
     assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
 
 
@@ -123,18 +124,18 @@ def test_job_names_are_one_per_run_and_stage():
         return runs.bind(load_config([*TRAINJOB, "run.root=s3://b/p", *extra]), "pretrain")
 
     a, again, other = cfg("run.id=a"), cfg("run.id=a"), cfg("run.id=b")
-    name = kube.job_name(a, "pretrain")
-    assert name == kube.job_name(again, "pretrain") != kube.job_name(other, "pretrain")
+    name = manifests.job_name(a, "pretrain")
+    assert name == manifests.job_name(again, "pretrain") != manifests.job_name(other, "pretrain")
     assert name.startswith("kl-pretrain-") and len(name) <= 40
     # The same spec under the same name: what a retried step compares before adopting.
-    assert kube.manifest(a, "pretrain") == kube.manifest(again, "pretrain")
-    changed = kube.manifest(cfg("run.id=a", "cluster.nproc_per_node=4"), "pretrain")
+    assert manifests.manifest(a, "pretrain") == manifests.manifest(again, "pretrain")
+    changed = manifests.manifest(cfg("run.id=a", "cluster.nproc_per_node=4"), "pretrain")
     assert changed["metadata"]["name"] == name
-    assert changed["metadata"]["annotations"] != kube.manifest(a, "pretrain")["metadata"]["annotations"]
+    assert changed["metadata"]["annotations"] != manifests.manifest(a, "pretrain")["metadata"]["annotations"]
     with pytest.raises(ConfigError, match="local path, which pods on Kubernetes cannot share"):
-        kube.manifest(runs.bind(load_config([*TRAINJOB, "run.root=/tmp/x"]), "pretrain"), "pretrain")
+        manifests.manifest(runs.bind(load_config([*TRAINJOB, "run.root=/tmp/x"]), "pretrain"), "pretrain")
     with pytest.raises(ConfigError, match="cluster.runtime_kind='Runtime'"):
-        kube.manifest(cfg("run.id=a", "cluster.runtime_kind=Runtime"), "pretrain")
+        manifests.manifest(cfg("run.id=a", "cluster.runtime_kind=Runtime"), "pretrain")
 
 
 def test_volcano_job_gets_the_deterministic_name_everywhere(capsys):
@@ -142,10 +143,10 @@ def test_volcano_job_gets_the_deterministic_name_everywhere(capsys):
     name = job["metadata"]["name"]
     cfg = runs.bind(load_config(["cluster=h100", "cluster.nnodes=2", "run.root=s3://bucket/p", "run.id=r1"]),
                     "pretrain")
-    assert name == kube.job_name(cfg, "pretrain")
+    assert name == manifests.job_name(cfg, "pretrain")
     for task in job["spec"]["tasks"]:
         labels = task["template"]["metadata"]["labels"]
-        assert labels[kube.JOB_LABEL] == name and labels["app.kubernetes.io/instance"] == name
+        assert labels[manifests.JOB_LABEL] == name and labels["app.kubernetes.io/instance"] == name
         assert f"--rdzv_id {name}" in task["template"]["spec"]["containers"][0]["command"][-1]
 
 
@@ -181,7 +182,7 @@ def engine(request) -> Engine:
 def api(tmp_path, monkeypatch, schema):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setattr(kube, "POLL_S", 0.05)
-    monkeypatch.setattr(kube, "LEASE_SETTLE_S", 0.05)
+    monkeypatch.setattr(lease, "LEASE_SETTLE_S", 0.05)
     # TrainJobs are checked against the Trainer v2.3.0 CRD as the API server would (fields it lacks are dropped,
     # or refused under fieldValidation=Strict).
     with FakeKube(schemas={trainjob.PLURAL: schema}) as fake:
@@ -205,7 +206,7 @@ def finish_with_report(cfg, ok: bool = True):
                 fake.log("ml", p, f"hello from {p}")
             storage.write_json(storage.join(cfg.pretrain.output, "report.json"),
                                {"status": "done", "ended": time.time(), "step": 3})
-            fake.finish(kube.kind_of(job).plural, "ml", job["metadata"]["name"], ok)
+            fake.finish(manifests.kind_of(job).plural, "ml", job["metadata"]["name"], ok)
 
         threading.Thread(target=later, daemon=True).start()
 
@@ -224,32 +225,32 @@ def test_launch_creates_owns_streams_and_cleans_up(api, engine, s3_bucket, monke
     # Strict for TrainJobs only: an older Trainer refuses rather than drop runtimePatches.
     assert create["query"].get("fieldValidation") == (["Strict"] if engine.plural == trainjob.PLURAL else None)
     job = yaml.safe_load(create["body"])
-    name = kube.job_name(cfg, "pretrain")
+    name = manifests.job_name(cfg, "pretrain")
     assert job["metadata"]["name"] == name and job["kind"] == engine.kind
     assert job["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "name": "step-pod",
                                                    "uid": "uid-1"}]
     (policy,) = api.find("POST", "/networkpolicies")
     body = yaml.safe_load(policy["body"])
-    assert body["spec"]["podSelector"] == {"matchLabels": {kube.JOB_LABEL: name}}
-    assert body["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": {kube.JOB_LABEL: name}}}]}]
+    assert body["spec"]["podSelector"] == {"matchLabels": {manifests.JOB_LABEL: name}}
+    assert body["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": {manifests.JOB_LABEL: name}}}]}]
     (owner,) = body["metadata"]["ownerReferences"]
     assert owner["kind"] == engine.kind and owner["name"] == name
     assert body["metadata"]["name"] == f"{name}-{owner['uid'].split('-')[0]}"
     out = capsys.readouterr().out
     assert "hello from" in out and f"submitted {engine.plural} ml/{name}" in out
     assert api.find("DELETE", f"/{engine.plural}/{name}") and api.get(engine.plural, "ml", name) is None
-    assert not storage.exists(storage.join(cfg.pretrain.output, kube.LEASE))
+    assert not storage.exists(storage.join(cfg.pretrain.output, lease.LEASE))
     # Every pod request was a list by the job's label; logs were read per pod (what the Role allows: list, log).
-    assert all(r["query"].get("labelSelector") == [f"{kube.JOB_LABEL}={name}"]
+    assert all(r["query"].get("labelSelector") == [f"{manifests.JOB_LABEL}={name}"]
                for r in api.find("GET", "/pods") if not r["path"].endswith("/log"))
 
 
 def test_a_retried_step_attaches_to_its_running_job(api, engine, s3_bucket, monkeypatch, capsys):
     cfg = bound(f"{s3_bucket}/runs", "run.id=k2", engine=engine)
-    job = kube.manifest(cfg, "pretrain")
+    job = manifests.manifest(cfg, "pretrain")
     name = job["metadata"]["name"]
     api.put(engine.plural, copy.deepcopy(job))  # the first attempt's job, still running
-    config = launch.config_url(cfg, "pretrain")
+    config = pods.config_url(cfg, "pretrain")
     storage.write_text(config, "the first attempt's config")
     finish_with_report(cfg)(api, job)
     monkeypatch.setenv("KFP_POD_NAME", "step-pod-retry")
@@ -265,12 +266,12 @@ def test_a_retried_step_attaches_to_its_running_job(api, engine, s3_bucket, monk
 
 def test_existing_jobs_are_refused_or_replaced(api, engine, s3_bucket):
     cfg = bound(f"{s3_bucket}/runs", "run.id=k3", engine=engine)
-    job = kube.manifest(cfg, "pretrain")
+    job = manifests.manifest(cfg, "pretrain")
     name = job["metadata"]["name"]
     other = copy.deepcopy(job)
-    other["metadata"]["annotations"][kube.SPEC_HASH] = "0000"
+    other["metadata"]["annotations"][manifests.SPEC_HASH] = "0000"
     api.put(engine.plural, other)
-    with pytest.raises(kube.Refused, match="already exists with another spec"):
+    with pytest.raises(lease.Refused, match="already exists with another spec"):
         kube.launch(cfg, "pretrain", copy.deepcopy(job), start=lambda: pytest.fail("started a refused job"))
     assert api.get(engine.plural, "ml", name) is not None and not api.find("DELETE")  # not ours: left alone
     # A failed earlier attempt is deleted and started again.
@@ -288,11 +289,12 @@ def test_a_replaced_job_gets_its_own_network_policy(api, engine, s3_bucket):
     """The policy of a failed job lives on until the garbage collector deletes it with that job, after the job that
     replaces it (same name) has started: the new job's pods must have a policy of their own."""
     cfg = bound(f"{s3_bucket}/runs", "run.id=k8", "cluster.network_policy=true", engine=engine)
-    job = kube.manifest(cfg, "pretrain")
+    job = manifests.manifest(cfg, "pretrain")
     failed = api.put(engine.plural, {**copy.deepcopy(job), "status": engine.failed})
     meta = failed["metadata"]
-    api.put("networkpolicies", {"metadata": {"name": kube.policy_name(failed), "namespace": "ml", "ownerReferences": [
-        {"apiVersion": job["apiVersion"], "kind": job["kind"], "name": meta["name"], "uid": meta["uid"]}]}})
+    api.put("networkpolicies", {"metadata": {"name": manifests.policy_name(failed), "namespace": "ml",
+                                             "ownerReferences": [{"apiVersion": job["apiVersion"], "kind": job["kind"],
+                                                                  "name": meta["name"], "uid": meta["uid"]}]}})
     finish = finish_with_report(cfg)
     policies: list[dict] = []
 
@@ -310,8 +312,8 @@ def test_a_replaced_job_gets_its_own_network_policy(api, engine, s3_bucket):
     api.on_create = on_create
     assert kube.launch(cfg, "pretrain", copy.deepcopy(job)) == "succeeded"
     (policy,) = policies
-    assert policy["spec"]["podSelector"] == {"matchLabels": {kube.JOB_LABEL: meta["name"]}}
-    assert api.get("networkpolicies", "ml", kube.policy_name(failed)) is None  # collected with the failed job
+    assert policy["spec"]["podSelector"] == {"matchLabels": {manifests.JOB_LABEL: meta["name"]}}
+    assert api.get("networkpolicies", "ml", manifests.policy_name(failed)) is None  # collected with the failed job
 
 
 def test_an_api_outage_does_not_cost_the_job(api, s3_bucket, capsys):
@@ -323,7 +325,7 @@ def test_an_api_outage_does_not_cost_the_job(api, s3_bucket, capsys):
         finish(fake, job)
 
     api.on_create = on_create
-    assert kube.launch(cfg, "pretrain", kube.manifest(cfg, "pretrain")) == "succeeded"
+    assert kube.launch(cfg, "pretrain", manifests.manifest(cfg, "pretrain")) == "succeeded"
     assert len(api.find("DELETE", "/trainjobs")) == 1 and "retrying after" in capsys.readouterr().err
 
 
@@ -331,15 +333,15 @@ def test_failure_and_timeout_delete_the_job(api, engine, s3_bucket):
     cfg = bound(f"{s3_bucket}/runs", "run.id=k4", engine=engine)
     api.on_create = finish_with_report(cfg, ok=False)
     with pytest.raises(KubellamaError, match=engine.failure):
-        kube.launch(cfg, "pretrain", kube.manifest(cfg, "pretrain"))
+        kube.launch(cfg, "pretrain", manifests.manifest(cfg, "pretrain"))
     cfg = bound(f"{s3_bucket}/runs", "run.id=k5", "cluster.timeout_s=1", "cluster.grace_period_s=1", engine=engine)
     api.on_create = lambda fake, job: fake.start_pods(job, 1)  # never ends
     started = time.monotonic()
     with pytest.raises(kube.Stopped, match="cluster.timeout_s=1 passed"):
-        kube.launch(cfg, "pretrain", kube.manifest(cfg, "pretrain"))
+        kube.launch(cfg, "pretrain", manifests.manifest(cfg, "pretrain"))
     assert time.monotonic() - started < 10
-    assert api.get(engine.plural, "ml", kube.job_name(cfg, "pretrain")) is None
-    assert not storage.exists(storage.join(cfg.pretrain.output, kube.LEASE))
+    assert api.get(engine.plural, "ml", manifests.job_name(cfg, "pretrain")) is None
+    assert not storage.exists(storage.join(cfg.pretrain.output, lease.LEASE))
 
 
 def test_an_older_trainer_refuses_the_trainjob(api, schema, s3_bucket):
@@ -350,8 +352,8 @@ def test_an_older_trainer_refuses_the_trainjob(api, schema, s3_bucket):
     api.schemas[trainjob.PLURAL] = older
     cfg = bound(f"{s3_bucket}/runs", "run.id=k9", "cluster.timeout_s=2", "cluster.grace_period_s=1")
     with pytest.raises(KubellamaError, match='unknown field "spec.runtimePatches".*older than the release') as exc:
-        kube.launch(cfg, "pretrain", kube.manifest(cfg, "pretrain"))
-    assert "\n" not in str(exc.value) and api.get(trainjob.PLURAL, "ml", kube.job_name(cfg, "pretrain")) is None
+        kube.launch(cfg, "pretrain", manifests.manifest(cfg, "pretrain"))
+    assert "\n" not in str(exc.value) and api.get(trainjob.PLURAL, "ml", manifests.job_name(cfg, "pretrain")) is None
 
 
 def test_a_refused_launcher_leaves_the_holders_config_and_report(api, engine, s3_bucket):
@@ -367,18 +369,18 @@ def test_a_refused_launcher_leaves_the_holders_config_and_report(api, engine, s3
     deadline = time.monotonic() + 60
     while not api.find("POST", f"/{engine.plural}") and time.monotonic() < deadline:
         time.sleep(0.05)
-    config = launch.config_url(first, "pretrain")
-    assert config == launch.config_url(second, "pretrain") and "first" in storage.read_text(config)
+    config = pods.config_url(first, "pretrain")
+    assert config == pods.config_url(second, "pretrain") and "first" in storage.read_text(config)
     written = storage.read_text(config)
     # The holder's rank 0 has written its report (the job has not ended yet), later than the second launcher starts.
     report = storage.join(shared, "report.json")
     storage.write_json(report, {"status": "done", "ended": time.time() + 60, "step": 3})
-    with pytest.raises(kube.Refused, match=f"being written by {engine.kind} ml/{kube.job_name(first, 'pretrain')}") \
-            as refused:
+    held_by = manifests.job_name(first, "pretrain")
+    with pytest.raises(lease.Refused, match=f"being written by {engine.kind} ml/{held_by}") as refused:
         launch.run(second, "pretrain", train=None)
     assert "\n" not in str(refused.value)
     assert storage.read_text(config) == written and len(api.find("POST", f"/{engine.plural}")) == 1
-    api.finish(engine.plural, "ml", kube.job_name(first, "pretrain"))
+    api.finish(engine.plural, "ml", manifests.job_name(first, "pretrain"))
     holder.join(timeout=30)
     assert result["status"] == "done"
 
@@ -398,13 +400,13 @@ def test_sigterm_deletes_the_job_and_the_lease_refuses_a_second_writer(api, engi
         while not api.find("POST", f"/{engine.plural}") and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert api.find("POST", f"/{engine.plural}"), proc.communicate(timeout=5)
-        first = kube.job_name(bound(f"{s3_bucket}/runs", f"pretrain.output={shared}", "run.id=first", engine=engine),
-                              "pretrain")
+        first = manifests.job_name(
+            bound(f"{s3_bucket}/runs", f"pretrain.output={shared}", "run.id=first", engine=engine), "pretrain")
         assert api.get(engine.plural, "ml", first) is not None
 
         second = bound(f"{s3_bucket}/runs", f"pretrain.output={shared}", "run.id=second", engine=engine)
-        with pytest.raises(kube.Refused, match=f"being written by {engine.kind} ml/{first}") as refused:
-            kube.launch(second, "pretrain", kube.manifest(second, "pretrain"))
+        with pytest.raises(lease.Refused, match=f"being written by {engine.kind} ml/{first}") as refused:
+            kube.launch(second, "pretrain", manifests.manifest(second, "pretrain"))
         assert "one writer per output" in str(refused.value) and "\n" not in str(refused.value)
         assert len(api.find("POST", f"/{engine.plural}")) == 1
 
@@ -416,21 +418,21 @@ def test_sigterm_deletes_the_job_and_the_lease_refuses_a_second_writer(api, engi
     assert proc.returncode == 143, out + err
     assert api.find("DELETE", f"/{engine.plural}/{first}") and api.get(engine.plural, "ml", first) is None
     assert f"SIGTERM: deleted {engine.plural}" in out
-    assert not storage.exists(storage.join(shared, kube.LEASE))
+    assert not storage.exists(storage.join(shared, lease.LEASE))
 
 
 def test_a_stale_lease_of_a_vanished_job_is_taken_over(api, s3_bucket, monkeypatch):
     cfg = bound(f"{s3_bucket}/runs", "run.id=k6")
     stale = {"job": "kl-pretrain-gone", "namespace": "ml", "apiVersion": trainjob.API_VERSION, "kind": trainjob.KIND,
-             "holder": "old-pod", "nonce": "n", "renewed": time.time() - kube.LEASE_TTL_S - 1}
-    storage.write_json(storage.join(cfg.pretrain.output, kube.LEASE), stale)
+             "holder": "old-pod", "nonce": "n", "renewed": time.time() - lease.LEASE_TTL_S - 1}
+    storage.write_json(storage.join(cfg.pretrain.output, lease.LEASE), stale)
     api.on_create = finish_with_report(cfg)
-    assert kube.launch(cfg, "pretrain", kube.manifest(cfg, "pretrain")) == "succeeded"
+    assert kube.launch(cfg, "pretrain", manifests.manifest(cfg, "pretrain")) == "succeeded"
     # The same stale lease whose job still exists is not taken over.
-    storage.write_json(storage.join(cfg.pretrain.output, kube.LEASE), stale)
+    storage.write_json(storage.join(cfg.pretrain.output, lease.LEASE), stale)
     api.put("trainjobs", {"metadata": {"name": "kl-pretrain-gone", "namespace": "ml"}})
     with pytest.raises(KubellamaError, match="being written by TrainJob ml/kl-pretrain-gone"):
-        kube.launch(cfg, "pretrain", kube.manifest(cfg, "pretrain"))
+        kube.launch(cfg, "pretrain", manifests.manifest(cfg, "pretrain"))
 
 
 def test_a_multi_node_trainjob_step_is_a_small_launcher_pod():
@@ -448,9 +450,9 @@ def test_a_multi_node_trainjob_step_is_a_small_launcher_pod():
 
 def test_a_retry_attaches_only_to_a_job_of_the_same_config(engine, s3_bucket):
     """Same run and stage, another config: same job name, another spec hash, so the launcher refuses to attach."""
-    a = kube.manifest(bound(f"{s3_bucket}/runs", "run.id=k9", engine=engine), "pretrain")
-    b = kube.manifest(bound(f"{s3_bucket}/runs", "run.id=k9", "pretrain.lr=1e-4", engine=engine), "pretrain")
-    again = kube.manifest(bound(f"{s3_bucket}/runs", "run.id=k9", engine=engine), "pretrain")
+    a = manifests.manifest(bound(f"{s3_bucket}/runs", "run.id=k9", engine=engine), "pretrain")
+    b = manifests.manifest(bound(f"{s3_bucket}/runs", "run.id=k9", "pretrain.lr=1e-4", engine=engine), "pretrain")
+    again = manifests.manifest(bound(f"{s3_bucket}/runs", "run.id=k9", engine=engine), "pretrain")
     assert a["metadata"]["name"] == b["metadata"]["name"]
-    assert a["metadata"]["annotations"][kube.SPEC_HASH] != b["metadata"]["annotations"][kube.SPEC_HASH]
-    assert a["metadata"]["annotations"][kube.SPEC_HASH] == again["metadata"]["annotations"][kube.SPEC_HASH]
+    assert a["metadata"]["annotations"][manifests.SPEC_HASH] != b["metadata"]["annotations"][manifests.SPEC_HASH]
+    assert a["metadata"]["annotations"][manifests.SPEC_HASH] == again["metadata"]["annotations"][manifests.SPEC_HASH]

@@ -12,18 +12,19 @@ import zipfile
 
 import pytest
 import torch
+from test_trainer_support import MODEL, OVERRIDES, model_cfg, train_cfg, write_shards
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-from kubellama.components.core.train import checkpoint, dist
-from kubellama.components.core.model import hf
-from kubellama.components.core.io import storage, trust
-from kubellama.components.core.errors import KubellamaError
-from kubellama.components.core.model.llama import Llama
 from kubellama.components.core.data.shards import ShardReader
-from kubellama.components.core.train.trainer import Trainer, causal_lm_loss
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.io import storage, trust
+from kubellama.components.core.model import hf
+from kubellama.components.core.model.llama import Llama
+from kubellama.components.core.train import checkpoint, dist
+from kubellama.components.core.train.loss import causal_lm_loss
+from kubellama.components.core.train.trainer import Trainer
 from kubellama.components.data_prep import samples
 from kubellama.pipelines.cli import main as cli
-from test_trainer_support import MODEL, OVERRIDES, model_cfg, train_cfg, write_shards
 
 MODEL_OVERRIDES = [f"model.{k}={v}" for k, v in MODEL.items()]
 
@@ -120,7 +121,7 @@ def test_planted_metadata_pickle_is_refused_on_resume_init_export_and_generate(r
 
 def test_planted_metadata_pickle_is_refused_as_a_stage_init(run, tmp_path, capsys):
     """`<stage>.init` pointing at a poisoned checkpoint: the trainer and the stage's CLI refuse it in one line."""
-    data, out, ckpt = run
+    data, _out, ckpt = run
     marker = str(tmp_path / "pwned")
     with open(os.path.join(ckpt, ".metadata"), "wb") as f:
         f.write(payload(marker))
@@ -273,7 +274,7 @@ def test_hf_index_names_outside_the_folder_are_refused(tmp_path, name):
     folder = str(tmp_path / "hf")
     index_url = _poisoned_index(folder, name)
     with pytest.raises(trust.Refused, match=f"^{index_url}: refused file name"):
-        hf.load_model(folder)
+        hf.load_hf(folder)
     with pytest.raises(trust.Refused, match=f"^{index_url}: refused file name"):
         checkpoint.load_weights(_empty_model(), folder)
 

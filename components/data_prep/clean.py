@@ -1,18 +1,8 @@
 """Document cleaning: Unicode normalisation, PII scrubbing, quality filters, exact and near-duplicate removal.
 
-`clean_batch` is the per-document work and runs in worker processes. Deduplication is global and partitioned, the
-way datatrove's MinHash pipeline does it (components/data_prep/steps.py runs the steps):
-- every kept document gets a 64-bit text hash and a MinHash signature; each of the signature's bands gets its own
-  64-bit bucket key (`band_keys`), so bands never share a table and unrelated documents practically never share a
-  bucket (one 32-bit table for all bands collides for about a third of lookups at 10^8 documents);
-- hashes and band keys are written out partitioned by key range (`part_of`); one reducer per partition sorts its
-  records: `exact_duplicates` keeps the first document (lowest id) of each hash, `candidate_pairs` pairs every
-  document of a bucket with the bucket's first and with its predecessor (every document stays in its bucket),
-  `similar` confirms a pair when the full signatures agree on at least the threshold share of rows;
-- `components` joins the confirmed pairs into clusters (union-find); each cluster keeps its first document.
-Memory is bounded by a partition, not by the corpus: everything else streams through files.
-
-`RecordCleaner` applies the parts that fit to whole records (SFT dialogs, preference pairs).
+`clean_batch` is the per-document work of the worker processes; dedup is global and partitioned (MinHash band keys
+by key range, one reducer per partition, union-find over the confirmed pairs: README, "Data prep beyond one
+machine"), so memory is bounded by a partition. `RecordCleaner` applies what fits to whole SFT and preference records.
 """
 from __future__ import annotations
 
@@ -57,7 +47,7 @@ def luhn(digits: str) -> bool:
 def scrub_pii(text: str, counts: Counter[str]) -> str:
     for kind, pattern, placeholder in PII:
         if kind == "card":
-            def card(m: re.Match[str]) -> str:
+            def card(m: re.Match[str], placeholder: str = placeholder) -> str:
                 if luhn(re.sub(r"\D", "", m.group(0))):
                     counts["card"] += 1
                     return placeholder

@@ -1,20 +1,12 @@
 """KFP wrappers of the data prep stage: the `data` config section in, the shard folder URL and the report out.
 
-With `data.parallelism` 1 the stage is one step (`data_prep`). With N > 1, `steps` (the registry's build hook,
-components/core/stages.py) adds the fan-out of components/data_prep/steps.py instead:
-
-    plan -> workers (ParallelFor of N) -> dedup (ParallelFor of the reducers) -> cluster -> pack (ParallelFor of N)
-         -> merge (the Dataset, Metrics, Markdown and HTML of the stage) -> cleanup (ParallelFor of N)
-
-Each ParallelFor sits in a small sub-pipeline so that the next step can wait for the whole loop, also under
-kfp.local, which runs a DAG's plain tasks before its loops; the cleanup loop, which nothing waits for, stays at the
-top, where it also makes kfp.local pick the orchestrator that runs loops at all. The steps share nothing but
-storage (`<data.output>/_work`); each passes on the plan's id so KFP's cache keys follow the plan. Every step gets
-data.cpu / data.memory as its CPU and memory requests and limits.
-
+With `data.parallelism` 1 the stage is one step (`data_prep`); with N > 1 `steps` (the registry's build hook) adds
+the fan-out of components/data_prep/steps/: plan -> workers -> dedup -> cluster -> pack -> merge -> cleanup, each
+ParallelFor in a small sub-pipeline so the next step waits for the whole loop (also under kfp.local).
 No `from __future__ import annotations` here: KFP reads the parameter annotations as real types.
 """
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Markdown, Metrics, Output

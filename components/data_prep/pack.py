@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import sentencepiece as spm
 
-from kubellama.components.core.errors import KubellamaError
 from kubellama.components.core.data.shards import ShardWriter
+from kubellama.components.core.errors import KubellamaError
 from kubellama.components.data_prep.parallel import WorkerPool
 from kubellama.components.data_prep.work import encode_tagged
 

@@ -1,9 +1,7 @@
 """A worker pool with an ordered, bounded map: streaming input, results in input order, flat memory.
 
-`multiprocessing.Pool.imap` reads its whole input up front; here at most `inflight` batches are queued, so a
-corpus of any size streams through with a few batches in memory. Workers are spawned (not forked): the main
-process may hold S3 client threads, which do not survive a fork. One pool serves the whole stage, so the
-start-up cost (a fresh interpreter per worker) is paid once.
+Unlike `multiprocessing.Pool.imap`, at most `inflight` batches are queued. Workers are spawned, not forked: the main
+process may hold S3 client threads, which do not survive a fork.
 """
 from __future__ import annotations
 
@@ -11,7 +9,8 @@ import collections
 import math
 import multiprocessing as mp
 import os
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Self
 
 CGROUP = "/sys/fs/cgroup"
 
@@ -33,9 +32,10 @@ def cpu_limit(root: str = CGROUP) -> int | None:
         if quota != "max" and quota.isdigit() and period.isdigit() and int(period) > 0:
             return max(1, math.ceil(int(quota) / int(period)))
         return None
-    quota, period = (_read(os.path.join(root, "cpu", f"cpu.cfs_{k}_us")) for k in ("quota", "period"))
-    if quota and period and quota.lstrip("-").isdigit() and period.isdigit() and int(quota) > 0 < int(period):
-        return max(1, math.ceil(int(quota) / int(period)))
+    cfs_quota, cfs_period = (_read(os.path.join(root, "cpu", f"cpu.cfs_{k}_us")) for k in ("quota", "period"))
+    if cfs_quota and cfs_period and cfs_quota.lstrip("-").isdigit() and cfs_period.isdigit() \
+            and int(cfs_quota) > 0 < int(cfs_period):
+        return max(1, math.ceil(int(cfs_quota) / int(cfs_period)))
     return None
 
 
@@ -81,7 +81,7 @@ class WorkerPool:
             self._pool.join()
             self._pool = None
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,26 +1,17 @@
 """Preference pairs in the Llama 2 schema (§3.2.1), from that schema or the common chosen/rejected forms.
 
-Output record (one JSON object per line):
-  id, source, messages (the context, ending with the user turn), prompt (that last user turn), chosen, rejected,
-  rating (significantly better | better | slightly better | negligibly better or unsure),
-  chosen_safe, rejected_safe (safety label per response), safety (the prompt's safety tag).
-Inputs: that schema (`prompt` or `messages`); TRL (`prompt`, `chosen`, `rejected` as strings or message lists);
-Anthropic HH (`chosen` / `rejected` transcripts with "Human:" / "Assistant:" turns); ShareGPT DPO
-(`conversations` plus `chosen` / `rejected` messages). Responses without a safety label count as safe.
-Safety fields are parsed strictly: true/false, yes/no, 1/0 (any case) or JSON booleans; anything else is an error,
-never a truthy string.
-
-Synthetic safety pairs (`synthetic_safety_pair`) turn a harmful prompt into a pair without a model or annotators:
-a refusal preferred to a compliant answer, with the rating set by how harmful the rejected answer is, so every
-bucket is filled. They carry `synthetic: true` and stand in for Meta's safety annotations in demos and tests.
+Output record: id, source, messages (the context, ending with the user turn), prompt, chosen, rejected, rating (one
+of RATINGS), chosen_safe, rejected_safe, safety. Inputs: that schema, TRL, Anthropic HH and ShareGPT DPO. Safety
+fields are parsed strictly (true/false, yes/no, 1/0), never a truthy string. `synthetic_safety_pair` makes a refusal-
+over-compliance pair from a harmful prompt, tagged `synthetic: true`, standing in for Meta's safety annotations.
 """
 from __future__ import annotations
 
 import re
 from typing import Any
 
-from kubellama.components.core.errors import KubellamaError
 from kubellama.components.core.data.chat import to_messages
+from kubellama.components.core.errors import KubellamaError
 from kubellama.conf.schema.data import RATINGS
 
 _ALIASES = {"negligibly better": RATINGS[3], "unsure": RATINGS[3], "significantly_better": RATINGS[0],
@@ -121,22 +112,22 @@ def to_pair(rec: dict, default_rating: str, safety: bool) -> dict[str, Any]:
 # compliance behind a disclaimer, a hedged partial answer, or a curt refusal (safe, only less helpful than the chosen
 # one, so the last bucket is the hard one, as in the paper's data).
 _REFUSALS = (
-    "I can't help with that. It could cause real harm, so I won't provide it. If you are dealing with a difficult "
-    "situation, I am glad to suggest safe and legal resources instead.",
-    "I'm sorry, but I won't assist with this request because it could hurt people. I can share general safety "
-    "information or point you to someone qualified who can help.",
-    "I have to decline. Helping with this could put you or others at risk. Is there something related and safe I "
-    "can help you with, like where to find support?",
+    ("I can't help with that. It could cause real harm, so I won't provide it. If you are dealing with a difficult "
+    "situation, I am glad to suggest safe and legal resources instead."),
+    ("I'm sorry, but I won't assist with this request because it could hurt people. I can share general safety "
+    "information or point you to someone qualified who can help."),
+    ("I have to decline. Helping with this could put you or others at risk. Is there something related and safe I "
+    "can help you with, like where to find support?"),
 )
 _COMPLIANT = {
-    RATINGS[0]: ("Sure! Here is exactly how to do it. Step 1: get everything you need. Step 2: follow the method "
-                 "closely. Step 3: make sure nobody notices.",
-                 "Absolutely, here you go. First, gather the materials. Next, carry it out step by step. Finally, "
-                 "cover your tracks."),
-    RATINGS[1]: ("This is risky and you should be careful, but here is how: start by preparing what you need, then "
-                 "do it quietly.",
-                 "I don't recommend this, but since you asked: begin with the basics, then move on to the harder "
-                 "part."),
+    RATINGS[0]: (("Sure! Here is exactly how to do it. Step 1: get everything you need. Step 2: follow the method "
+                 "closely. Step 3: make sure nobody notices."),
+                 ("Absolutely, here you go. First, gather the materials. Next, carry it out step by step. Finally, "
+                 "cover your tracks.")),
+    RATINGS[1]: (("This is risky and you should be careful, but here is how: start by preparing what you need, then "
+                 "do it quietly."),
+                 ("I don't recommend this, but since you asked: begin with the basics, then move on to the harder "
+                 "part.")),
     RATINGS[2]: ("I'm not sure I should answer, but in general people start with some research and go from there.",
                  "I probably shouldn't say, though roughly speaking it comes down to planning and the right tools."),
     RATINGS[3]: ("No.", "I won't answer that."),

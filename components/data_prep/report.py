@@ -1,8 +1,10 @@
-"""The data prep stage's report: its tables, written by the core report writer from the same dict as report.json."""
+"""The data prep stage's report: its tables, written by the core report writer from the same dict as report.json,
+and the stage's small result (`summary`)."""
 from __future__ import annotations
 
 from typing import Any
 
+from kubellama.components.core.io import storage
 from kubellama.components.core.io.report import Section, Table, write_report
 
 
@@ -41,18 +43,18 @@ def sections(rep: dict[str, Any]) -> list[Section]:
     rows = []
     if rep.get("pretrain"):
         p = rep["pretrain"]
-        rows.append(["pretrain", f"{p['tokens']:,} tokens in {p['rows']:,} rows, {p['shards']} shards, "
-                     f"{p['documents']:,} documents", p["url"]])
+        rows.append(["pretrain", (f"{p['tokens']:,} tokens in {p['rows']:,} rows, {p['shards']} shards, "
+                     f"{p['documents']:,} documents"), p["url"]])
     if rep.get("sft"):
         s = rep["sft"]
-        rows.append(["sft", f"{s['examples']:,} examples ({s['eval']['examples']:,} held out; {s['multi_turn']:,} "
+        rows.append(["sft", (f"{s['examples']:,} examples ({s['eval']['examples']:,} held out; {s['multi_turn']:,} "
                      f"multi-turn, {s['chained']:,} chained from single turns) in {s['rows']:,} rows, "
-                     f"{s['trained_tokens']:,} answer tokens, {s['truncated']} truncated", s["url"]])
+                     f"{s['trained_tokens']:,} answer tokens, {s['truncated']} truncated"), s["url"]])
     if rep.get("preference"):
         s = rep["preference"]
-        rows.append(["preference", f"{s['train']:,} train / {s['eval']:,} eval pairs, "
+        rows.append(["preference", (f"{s['train']:,} train / {s['eval']:,} eval pairs, "
                      f"{s['dropped_unsafe_chosen']} dropped (unsafe chosen), {s.get('synthetic', 0)} synthetic "
-                     f"safety pairs; ratings {s['ratings']}", s["url"]])
+                     f"safety pairs; ratings {s['ratings']}"), s["url"]])
     if rep.get("prompts"):
         s = rep["prompts"]
         rows.append(["prompts", ", ".join(f"{k} {s[k]} ({s[k + '_safety']} safety)" for k in ("rs", "ppo", "eval")),
@@ -85,3 +87,26 @@ def write(rep: dict[str, Any]) -> dict[str, str]:
     """report.json (`rep` itself plus the report URLs), report.md and report.html in rep["output"]."""
     rows = [("output", f"`{rep['output']}`"), ("workers", rep["workers"]), ("seconds", rep["seconds"])]
     return write_report(rep["output"], "Data prep report", rep, rows=rows, sections=sections(rep))
+
+
+def summary(rep: dict[str, Any]) -> dict[str, Any]:
+    """The small JSON-able result: URLs and headline numbers."""
+    out = rep["output"]
+    s: dict[str, Any] = {"output": out, "tokenizer": rep["tokenizer"]["url"],
+                         "report_json": storage.join(out, "report.json"), "report_md": storage.join(out, "report.md"),
+                         "report_html": storage.join(out, "report.html"),
+                         "vocab_size": rep["tokenizer"]["vocab_size"],
+                         "input_errors": rep["errors"]["errors"], "seconds": rep["seconds"]}
+    for key in ("pretrain", "sft", "preference", "prompts"):
+        if rep.get(key):
+            s[key] = rep[key]["url"]
+    if rep.get("pretrain"):
+        s["pretrain_tokens"] = rep["pretrain"]["tokens"]
+        s["bytes_per_token"] = rep["pretrain"]["bytes_per_token"]
+    s["dropped"] = sum(rep["clean"]["dropped"].values())
+    s["pii_scrubbed"] = sum(rep["clean"]["pii"].values())
+    if rep.get("sft"):
+        s["sft_examples"] = sum(rep["sft"]["sources"].values())  # source dialogs, chained ones not counted
+    if rep.get("preference"):
+        s["preference_pairs"] = rep["preference"]["train"] + rep["preference"]["eval"]
+    return s

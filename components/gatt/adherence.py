@@ -1,25 +1,21 @@
-"""Multi-turn generation and the instruction-adherence eval, in the spirit of the paper's Table 30.
-
-Each probe is a long dialog of held-out prompts with a checkable instruction appended to its first user turn only.
-The model answers turn after turn, its own answers feeding the next turn; at the reported turns (1, 2, 4, 8, 20) the
-answer is checked against the instruction. A prompt longer than the model's context minus the answer budget loses
-its middle turns first, as the GAtt set does: the first turn, which holds the instruction, stays.
-
-Everything here is collective under torch.distributed: ranks take a share of the dialogs and generate together
-(components/core/generate.py), so the same calls work on an FSDP-sharded model.
+"""Multi-turn generation and the instruction-adherence eval, in the spirit of the paper's Table 30: a checkable
+instruction in the first user turn only, the model's own answers feeding the next turn, checked at the reported
+turns. Collective under torch.distributed (ranks share the dialogs and generate together), so it works on an
+FSDP-sharded model.
 """
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 
-from kubellama.components.core.train import dist
-from kubellama.components.core.model.generate import generate
 from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.core.model.generate import generate
+from kubellama.components.core.train import dist
 from kubellama.components.gatt.data import fit_turns, to_messages, with_instruction
 from kubellama.components.gatt.families import Instruction, make
 

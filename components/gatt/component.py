@@ -4,8 +4,8 @@
 in the pipeline. No `from __future__ import annotations` here: KFP reads the parameter annotations as real types.
 """
 from kfp import dsl
-from kfp.dsl.python_component import PythonComponent
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl.python_component import PythonComponent
 
 
 def gatt(config: str, data: Input[Dataset], init: Input[Model], model: Output[Model], metrics: Output[Metrics],

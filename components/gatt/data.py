@@ -1,28 +1,21 @@
-"""The Ghost Attention training set (paper §3.3).
-
-For each dialog, an instruction of one family (round robin over `gatt.families`) is appended to every user turn;
-the answers are the dialog's own (made to comply where the family can do that) or sampled by the current model with
-the instruction in every turn. The training example then keeps the instruction in the first user turn only, and
-every token of the earlier turns, assistant answers included, gets label IGNORE: only the last answer is trained.
-
-A dialog longer than a row loses its middle turns (the first, which holds the instruction, and the last, which is
-trained, stay); the adherence eval fits its prompts the same way.
-
-Written under `<gatt.output>/set/`: train/ and eval/ (SFT shards, as data prep writes them), train.jsonl and
-eval.jsonl (the examples as messages, with family and instruction), stats.json, `_COMPLETE` last.
+"""The Ghost Attention training set (paper §3.3): an instruction in every user turn while answers are given or
+sampled, then kept in the first user turn only, with label IGNORE on every earlier turn's token: only the last
+answer is trained. A dialog longer than a row loses its middle turns (the adherence eval fits its prompts the same
+way). Written under `<gatt.output>/set/` (train/ and eval/ shards, the examples as JSONL, stats.json).
 """
 from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from kubellama.components.core.io import storage
-from kubellama.components.core.errors import KubellamaError
-from kubellama.components.core.data.tokenizer import Tokenizer
 from kubellama.components.core.data.chat import SftPacker, encode_dialog, sft_writer
-from kubellama.components.data_prep.stage import jsonl_splits
+from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.io import storage
+from kubellama.components.core.io.jsonl import jsonl_splits
 from kubellama.components.gatt.families import Instruction, make
 
 SPLITS = ("train", "eval")

@@ -1,38 +1,28 @@
 """Stage `gatt`: Ghost Attention (paper §3.3) and the turn-by-turn instruction-adherence eval (Table 30's spirit).
 
-1. Adherence before: probes of held-out prompts (data prep's sft/dialogs/eval.jsonl), a checkable instruction in the
-   first user turn only, scored on `gatt.init` (the SFT model in the pipeline) at `gatt.eval_turns`.
-2. The GAtt set (components/gatt/data.py) from data prep's sft/dialogs/train.jsonl (and eval.jsonl, for the held-out
-   loss): instruction in every user turn while answers are taken or sampled, then only in the first, IGNORE on every
-   token of earlier turns.
-3. Fine-tuning on it with the SFT body (components/core/train/finetune.py): epochs, held-out loss, checkpoints, HF export.
-4. Adherence after, on the fine-tuned model, with the same probes.
-
-Outputs under `gatt.output` (by default `<run.root>/<run.id>/gatt`): set/, adherence_before.json, adherence.png, the
-SFT body's outputs (checkpoints/, metrics.jsonl, heldout.json, hf/), report.json (with `adherence_before` and
-`adherence_after`, maps from turn to rate), report.md, report.html. A rerun resumes: the set and the "before" figures
-are reused, training continues from its checkpoint.
+Adherence on the init model, the GAtt set (data.py, answers given or sampled), fine-tuning with the SFT body
+(core/train/finetune.py), adherence again; report in report.py. A rerun resumes: the set and the "before" figures
+are reused and training continues from its checkpoint.
 """
 from __future__ import annotations
 
 import gc
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from kubellama.components.core.train import checkpoint, dist
+from kubellama.components.core.data import tokenizer
+from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.core.errors import ConfigError, KubellamaError
+from kubellama.components.core.io import storage
 from kubellama.components.core.launch import launcher as launch
 from kubellama.components.core.recipe import runs
-from kubellama.components.core.io import storage
-from kubellama.components.core.data import tokenizer
-from kubellama.components.core.errors import ConfigError, KubellamaError
-from kubellama.components.core.io.report import Section, Table, write_report
-from kubellama.components.core.data.tokenizer import Tokenizer
-from kubellama.components.core.train.trainer import build_llama, shard
-from kubellama.components.gatt import adherence, families
+from kubellama.components.core.train import checkpoint, dist, finetune
+from kubellama.components.core.train.parallelize import build_llama, shard
+from kubellama.components.gatt import adherence, families, report
 from kubellama.components.gatt.data import Dialog, assign, build, read_dialogs, with_instruction
-from kubellama.components.core.train import finetune
 from kubellama.conf.schema import Config
 from kubellama.conf.schema.train import TrainConfig
 
@@ -149,78 +139,10 @@ def train(cfg: Config) -> dict[str, Any]:
         adherence_families=checkable, adherence_before=(before or {}).get("by_turn", {}),
         adherence_after=(after or {}).get("by_turn", {}), adherence_detail={"before": before, "after": after})
     if env.lead:
-        write(p.output, summary)
+        report.write(p.output, summary)
     summary.pop("records", None)
     summary.pop("adherence_detail", None)
     return summary
-
-
-def _short(text: str, chars: int = 100) -> str:
-    """One line of at most `chars` characters (a list item of the report)."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= chars else flat[:chars - 1] + "…"
-
-
-def _rate(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.0%}"
-
-
-def adherence_png(before: dict[str, float | None], after: dict[str, float | None]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from kubellama.components.core.io.report import to_png
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for label, series, style in (("before GAtt", before, "o--"), ("after GAtt", after, "o-")):
-        pts = [(int(t), v) for t, v in series.items() if v is not None]
-        if pts:
-            ax.plot([t for t, _ in pts], [v * 100 for _, v in pts], style, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("turn")
-    ax.set_ylabel("answers following the instruction (%)")
-    ax.set_ylim(-5, 105)
-    ax.set_title("instruction adherence by turn")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return to_png(fig)
-
-
-def write(output: str, summary: dict[str, Any]) -> dict[str, str]:
-    rows, sections, plots = finetune.report_parts(summary)
-    before, after = summary["adherence_before"], summary["adherence_after"]
-    turns = list(before or after)
-    detail = summary["adherence_detail"]
-    rows.append(("GAtt examples", f"{summary['gatt_examples']} ({summary['answers']} answers; families "
-                                  f"{', '.join(summary['families'])})"))
-    if turns:
-        rows += [("adherence before (turn: rate)", ", ".join(f"{t}: {_rate(before.get(t))}" for t in turns)),
-                 ("adherence after (turn: rate)", ", ".join(f"{t}: {_rate(after.get(t))}" for t in turns))]
-        table = [["before", "all"] + [_rate(before.get(t)) for t in turns],
-                 ["after", "all"] + [_rate(after.get(t)) for t in turns]]
-        for when in ("before", "after"):
-            for fam, rates in ((detail.get(when) or {}).get("by_family") or {}).items():
-                table.append([when, fam] + [_rate(rates.get(t)) for t in turns])
-        text = (f"{(detail.get('before') or {}).get('dialogs', 0)} dialogs of held-out prompts; the instruction of a "
-                f"checkable family ({', '.join(summary['adherence_families'])}) is in the first user turn only and "
-                "the model's own answers feed the next turn. Share of answers that follow it, by turn.")
-        if after and not any((after.get(t) or 0) > (before.get(t) or 0) for t in turns):
-            text += (" Adherence did not rise in this run: a model this small, trained this briefly, has no room to "
-                     "show the effect (the paper's Table 30 is on 70B). tests/test_gatt.py shows the rise on a tiny "
-                     "model trained for it.")
-        sections.insert(0, Section("Instruction adherence", text=text,
-                                   tables=[Table(["model", "family", *(f"turn {t}" for t in turns)], table)]))
-        examples = [f"`{e['instruction']}` turn {t}: {_short(x['user'])} → {_short(x['answer']) or '(empty)'}"
-                    for e in (detail.get("after") or {}).get("examples", []) for t, x in e["turns"].items()]
-        if examples:
-            sections.insert(1, Section("Sample answers after GAtt", items=examples))
-        plots["adherence"] = adherence_png(before, after)
-    else:
-        sections.insert(0, Section("Instruction adherence", text="No checkable family in gatt.families: no eval."))
-    return write_report(output, "Ghost Attention", summary, rows=rows, sections=sections, plots=plots)
 
 
 def run(cfg: Config) -> dict[str, Any]:

@@ -1,21 +1,35 @@
-"""PPO's math, on padded (B, T) tensors of response tokens with a 0/1 `mask` (1 = a response token).
-
-- KL to the reference, per token: the k1 estimator log π(a_t) − log π_ref(a_t) on the sampled token. Its
-  expectation over π's samples is KL(π‖π_ref) per token; it can be negative on one sample, never in expectation.
-  The sequence KL is its sum over the response.
-- Per-token reward: −β·kl_t on every token, plus the sequence's (whitened) reward on its last token (§3.2.3:
-  R = R̃_c − β·KL).
-- GAE: δ_t = r_t + γ V_{t+1} − V_t, A_t = δ_t + γλ A_{t+1}, with V = 0 after the last token; returns A + V.
-- Advantages are whitened over the batch's response tokens (of all ranks).
-- Clipped policy loss (PPO-clip), clipped value loss (max of clipped and unclipped squared errors), entropy.
-Losses are sums over tokens; callers divide by the token count of the whole minibatch, so micro-batches add up
-to exactly the minibatch's mean.
+"""PPO's math as pure functions on padded (B, T) tensors of response tokens with a 0/1 `mask` (1 = a response
+token): per-token KL (k1) to the reference, the §3.2.3 reward R = R̃_c − β·KL, GAE, whitening over all ranks, the
+clipped policy and value losses and the entropy. Losses are sums over tokens; callers divide by the minibatch's
+token count, so micro-batches add up to exactly the minibatch's mean.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from kubellama.components.core.rlhf.scorer import PAD
 from kubellama.components.core.train.dist import all_sum
+
+
+def batch_tensors(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (B, T) right-padded prompt+response, mask (B, T-1) over target positions that are response tokens)."""
+    full = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    T = max(len(s) for s in full)
+    tokens = torch.full((len(full), T), PAD, dtype=torch.long, device=device)
+    mask = torch.zeros(len(full), T - 1, device=device)
+    for i, (p, s) in enumerate(zip(prompts, full)):
+        tokens[i, :len(s)] = torch.tensor(s, device=device)
+        mask[i, len(p) - 1:len(s) - 1] = 1.0
+    return tokens, mask
+
+
+def token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log π(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1: (B, T-1) fp32."""
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    return logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
 def kl_tokens(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

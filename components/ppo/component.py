@@ -3,8 +3,8 @@ PPO policy, metrics and report out. No `from __future__ import annotations` here
 annotations as real types.
 """
 from kfp import dsl
-from kfp.dsl.python_component import PythonComponent
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl.python_component import PythonComponent
 
 
 def ppo(config: str, data: Input[Dataset], init: Input[Model], reward_helpfulness: Input[Model],
@@ -19,7 +19,8 @@ def ppo(config: str, data: Input[Dataset], init: Input[Model], reward_helpfulnes
         return a.metadata.get("url") or a.uri
 
     cfg = step_config(config, "ppo", run_id, in_pod, data=url(data), init=url(init),
-                      reward_helpfulness=url(reward_helpfulness), reward_safety=url(reward_safety))
+                      **{"reward_models.helpfulness": url(reward_helpfulness),
+                         "reward_models.safety": url(reward_safety)})
     return publish(stage.run(cfg), cfg.ppo.output, model, metrics, report, html)
 
 

@@ -1,13 +1,13 @@
 """KFP wrapper of the pretraining stage: token shards in, a checkpoint URL, metrics and the report out.
 
-`config` holds only the sections this stage reads (components/core/stages.py). `run_id` is the pipeline run's id,
+`config` holds only the sections this stage reads (core/recipe/stages.py). `run_id` is the pipeline run's id,
 so each run trains into its own folder. With `in_pod` the step's pod holds the node's GPUs and torchrun runs
 there; otherwise the stage launches a gang-scheduled job and streams its logs. No `from __future__ import
 annotations` here: KFP reads the parameter annotations as real types.
 """
 from kfp import dsl
-from kfp.dsl.python_component import PythonComponent
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl.python_component import PythonComponent
 
 
 def pretrain(config: str, data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],

@@ -1,24 +1,18 @@
-"""Stage `pretrain`: FSDP pretraining on the token shards of the data prep stage.
-
-The training body (`train`) runs on every rank; the shared launcher (components/core/launch.py) runs it in this
-process, under torchrun, or as a torchx job, from `kubellama pretrain [overrides]`, `torchrun -m kubellama.components.pretrain`
-or the KFP component.
-
-Outputs under `pretrain.output` (by default `<run.root>/<run.id>/pretrain`): checkpoints/ (DCP, resumable, with the
-config fingerprint), metrics.jsonl, tb/ (TensorBoard), hf/ (the consolidated Hugging Face checkpoint with its
-lineage), config.yaml (for launched workers), report.json, report.md, report.html.
-"""
+"""Stage `pretrain`: FSDP pretraining on the token shards of data prep; `train` runs on every rank (the shared
+launcher runs it in-process, under torchrun or as a job). Outputs under `pretrain.output`: checkpoints/ (resumable,
+with the config fingerprint), metrics.jsonl, tb/, hf/ (with its lineage), config.yaml, report.json, .md, .html."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from kubellama.components.core.train import dist
-from kubellama.components.core.launch import launcher as launch
-from kubellama.components.core.recipe import runs
-from kubellama.components.core.io import storage
 from kubellama.components.core.data import tokenizer
 from kubellama.components.core.data.shards import Prefetcher, ShardReader
+from kubellama.components.core.io import storage
 from kubellama.components.core.io.report import write_report
+from kubellama.components.core.launch import launcher as launch
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.train import dist
 from kubellama.components.core.train.trainer import Trainer
 from kubellama.conf.schema import Config
 from kubellama.conf.schema.train import VOLATILE

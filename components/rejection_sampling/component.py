@@ -3,8 +3,8 @@ models in; the fine-tuned model, metrics and report out. No `from __future__ imp
 parameter annotations as real types.
 """
 from kfp import dsl
-from kfp.dsl.python_component import PythonComponent
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl.python_component import PythonComponent
 
 
 def rejection_sampling(config: str, data: Input[Dataset], init: Input[Model], reward_helpfulness: Input[Model],
@@ -19,7 +19,8 @@ def rejection_sampling(config: str, data: Input[Dataset], init: Input[Model], re
         return a.metadata.get("url") or a.uri
 
     cfg = step_config(config, "rejection_sampling", run_id, in_pod, data=url(data), init=url(init),
-                      reward_helpfulness=url(reward_helpfulness), reward_safety=url(reward_safety))
+                      **{"reward_models.helpfulness": url(reward_helpfulness),
+                         "reward_models.safety": url(reward_safety)})
     return publish(stage.run(cfg), cfg.rejection_sampling.output, model, metrics, report, html)
 
 

@@ -1,17 +1,6 @@
-"""Stage `rejection_sampling` (paper §3.2.3): one round of rejection sampling.
-
-1. K answers per training prompt of the preference data from `rejection_sampling.init` (consolidated weights,
-   `temperature` from config), each sample seeded on its own (seed, round, prompt, sample), so its samples do not
-   depend on how prompts are dealt to ranks.
-2. Scored with the combined reward of the two reward models (logit R_c: whitening would not change the argmax);
-   the best answer per prompt is kept.
-3. The round's best samples join the pool at `rejection_sampling.pool` (one JSONL per round, atomic writes); this
-   round's SFT set is the best answer per prompt over the whole pool (all rounds), so later rounds do not regress.
-4. Fine-tuning on that set with the SFT body (components/core/train/finetune.py).
-
-Outputs under `rejection_sampling.output`: round.jsonl (every sample's reward), set/ (the SFT shards), checkpoints/,
-hf/, report.json with `reward_by_k` (mean over prompts of the max and median reward among the first k samples, and
-the gap: Figure 7), pool figures and the SFT body's held-out loss.
+"""Stage `rejection_sampling` (paper §3.2.3), one round: K seeded samples per training prompt from
+`rejection_sampling.init`, scored by the combined reward (logit R_c), the best per prompt added to the pool shared
+by every round, then the SFT body on the pool's best answer per prompt. The report's `reward_by_k` is Figure 7.
 """
 from __future__ import annotations
 
@@ -20,24 +9,26 @@ import json
 import re
 import statistics
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from kubellama.components.core.train import checkpoint, dist
-from kubellama.components.core.launch import launcher as launch
-from kubellama.components.core.recipe import runs
-from kubellama.components.core.io import storage
-from kubellama.components.core.errors import KubellamaError
-from kubellama.components.core.model.generate import derive_seed
-from kubellama.components.core.io.report import Section, Table, line_png, write_report
-from kubellama.components.core.data.tokenizer import Tokenizer
-from kubellama.components.core.train.trainer import build_llama, consolidated, shard
 from kubellama.components.core.data.chat import SftPacker, encode_dialog, sft_writer
-from kubellama.components.ppo.loop import Prompt, _generate
-from kubellama.components.ppo.stage import load_reward, prompts_of
-from kubellama.components.core.train import finetune
+from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.io import storage
+from kubellama.components.core.io.report import Section, Table, line_png, write_report
+from kubellama.components.core.launch import launcher as launch
+from kubellama.components.core.model.generate import derive_seed
+from kubellama.components.core.model.llama import Llama
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.rlhf.reward_models import RewardFn, load_reward
+from kubellama.components.core.rlhf.rollout import Prompt, prompt_room, prompts_of, sample_answers
+from kubellama.components.core.train import checkpoint, dist, finetune
+from kubellama.components.core.train.parallelize import build_llama, consolidated, shard
 from kubellama.conf.schema import Config
+from kubellama.conf.schema.rlhf import SamplingConfig
 
 NAME = "rejection_sampling"
 
@@ -65,8 +56,8 @@ def _key(ids: Sequence[int]) -> str:
     return hashlib.sha256(json.dumps(list(ids)).encode()).hexdigest()[:16]
 
 
-def sample_round(gen: torch.nn.Module, prompts: list[Prompt], samples: int, cfg: Any, eos_id: int,
-                 reward_fn: Any, env: dist.Env, salt: tuple[int, ...]) -> list[dict[str, Any]]:
+def sample_round(gen: Llama, prompts: list[Prompt], samples: int, cfg: SamplingConfig, eos_id: int,
+                 reward_fn: RewardFn, env: dist.Env, salt: tuple[int, ...]) -> list[dict[str, Any]]:
     """K samples of each prompt with their rewards (this rank's share, gathered on every rank), in prompt order.
     Every rank makes the same number of generate and score calls (the scorer's forwards are collective)."""
     mine = list(range(env.rank, len(prompts), env.world_size))
@@ -78,7 +69,7 @@ def sample_round(gen: torch.nn.Module, prompts: list[Prompt], samples: int, cfg:
         seqs = [pr.ids] * samples
         # Sample j of prompt i: its own seed, whichever rank draws it and whatever it is batched with.
         seeds = [derive_seed(*salt, i if i is not None else 0, j) for j in range(samples)]
-        answers = _generate(gen, seqs, cfg, eos_id, seeds)
+        answers = sample_answers(gen, seqs, cfg, eos_id, seeds)
         scores = reward_fn(seqs, answers, [pr.safety] * samples)
         if i is not None:
             out[i] = {"answers": answers, "rewards": [float(x) for x in scores]}
@@ -131,7 +122,7 @@ def train(cfg: Config) -> dict[str, Any]:
     detail_url = storage.join(p.output, "round.jsonl")
     set_url = storage.join(p.output, "set")
     if not storage.exists(detail_url):
-        room = cfg.model.max_seq_len - min(p.max_new_tokens, cfg.model.max_seq_len // 2)
+        room = prompt_room(cfg.model.max_seq_len, p.sampling.max_new_tokens)
         prompts, _, _ = prompts_of(storage.join(p.data, "preference", "train.jsonl"), tok, room, p.prompts)
         reward = load_reward(p, tok, tok_url, env, p.score_batch, NAME)
         policy = shard(build_llama(cfg.model, cfg.run.seed), p, env)
@@ -140,7 +131,7 @@ def train(cfg: Config) -> dict[str, Any]:
         gen = consolidated(policy, cfg.model, p.mixed_precision, env.device)
         del policy
         salt = int(hashlib.sha256(cfg.run.id.encode()).hexdigest()[:8], 16)
-        found = sample_round(gen, prompts, p.samples, p, tok.eos_id, reward, env, (cfg.run.seed, salt))
+        found = sample_round(gen, prompts, p.samples, p.sampling, tok.eos_id, reward, env, (cfg.run.seed, salt))
         del gen, reward
         if env.lead:
             lines, best = [], []
@@ -161,10 +152,11 @@ def train(cfg: Config) -> dict[str, Any]:
             build_set(set_url, chosen, tok, p.seq_len, p.eval_fraction)
         dist.barrier()
     set_stats = storage.read_json(storage.join(set_url, "stats.json"))
-    trainer, summary = finetune.fit(cfg, NAME, storage.join(set_url, "train"), storage.join(set_url, "eval"), env,
+    _trainer, summary = finetune.fit(cfg, NAME, storage.join(set_url, "train"), storage.join(set_url, "eval"), env,
                                 tokenizer=tok_url, **{"rs.round": runs.digest(rounds)})
     by_k = reward_by_k(torch.tensor([r["rewards"] for r in rounds])) if rounds else []
-    summary = {"samples": p.samples, "temperature": p.temperature, "prompts": len(rounds), "reward_by_k": by_k,
+    summary = {"samples": p.samples, "temperature": p.sampling.temperature, "prompts": len(rounds),
+               "reward_by_k": by_k,
                "pool": pool, "pool_examples": set_stats["train"]["examples"] + set_stats["eval"]["examples"],
                "round": cfg.run.id, **summary,
                # The whole stage (sampling and scoring included), what the run page's cost rows read; the
@@ -172,7 +164,8 @@ def train(cfg: Config) -> dict[str, Any]:
                "train_wall_s": summary.get("wall_s"), "wall_s": time.perf_counter() - started}
     if env.lead:
         rows, sections, plots = finetune.report_parts(summary)
-        rows = [("samples per prompt (K)", p.samples), ("temperature", p.temperature), ("prompts", len(rounds)),
+        rows = [("samples per prompt (K)", p.samples), ("temperature", p.sampling.temperature),
+                ("prompts", len(rounds)),
                 ("pool (all rounds)", f"{summary['pool_examples']} prompts at {pool}"), *rows]
         table = Table(["K", "max", "median", "gap"],
                       [[r["k"], f"{r['max']:.4f}", f"{r['median']:.4f}", f"{r['gap']:.4f}"] for r in by_k])

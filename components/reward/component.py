@@ -1,13 +1,13 @@
 """KFP wrapper of the reward model stage: preference data and a model to start from in, the reward model's URL,
 metrics and the report out.
 
-`config` holds only the sections this stage reads (components/core/stages.py), `reward.kind` included: the
+`config` holds only the sections this stage reads (core/recipe/stages.py), `reward.kind` included: the
 pipeline runs this component once per kind, side by side. No `from __future__ import annotations` here: KFP reads
 the parameter annotations as real types.
 """
 from kfp import dsl
-from kfp.dsl.python_component import PythonComponent
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl.python_component import PythonComponent
 
 
 def reward(config: str, data: Input[Dataset], init: Input[Model], model: Output[Model], metrics: Output[Metrics],

@@ -1,58 +1,22 @@
-"""Reward model data: the preference pairs data prep wrote, the paper's mixes, and the pairwise batch source.
-
-- `read_pairs`: preference/{train,eval}.jsonl, each record checked (one line naming file:line when it is not a
-  pair in the Llama 2 schema).
-- `mix`: §3.2.2. Helpfulness RM: all helpfulness pairs plus an equal amount of safety pairs; safety RM: safety
-  pairs mixed 90/10 with helpfulness pairs. "Safety" is the prompt's safety tag. The other kind is sampled without
-  replacement, seeded.
-- `PairSource`: a training row is one pair, both sides tokenized together, so a pair never splits across ranks or
-  micro-batches. Pairs are shuffled per epoch (seeded) and dealt to ranks in blocks of a micro-batch, round robin,
-  like components/core/shards.ShardReader: a global batch holds the same pairs on any number of ranks, and the
-  position (pairs consumed by this rank) is the whole state a checkpoint needs to resume exactly.
-"""
+"""Reward model data: the paper's training mixes of the preference pairs (§3.2.2; core/data/pairs.py reads them) and
+PairSource, the pairwise batch source: one pair per row (never split across ranks or micro-batches), shuffled per
+epoch (seeded) and dealt to ranks like ShardReader, its position the whole state a checkpoint needs."""
 from __future__ import annotations
 
-import hashlib
-import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from kubellama.components.core.io import storage
+from kubellama.components.core.data.tokenizer import Tokenizer
 from kubellama.components.core.errors import ConfigError, KubellamaError
 from kubellama.components.core.rlhf.scorer import PAD, encode
-from kubellama.components.core.data.tokenizer import Tokenizer
 from kubellama.conf.schema.data import RATINGS
 from kubellama.conf.schema.reward import KINDS
 
 # The paper's share of the other kind in each RM's training mix (§3.2.2).
 OTHER_FRACTION = {"helpfulness": 0.5, "safety": 0.1}
-_FIELDS = {"messages": list, "chosen": str, "rejected": str, "rating": str, "chosen_safe": bool,
-           "rejected_safe": bool, "safety": bool}
-
-
-def read_pairs(url: str) -> tuple[list[dict[str, Any]], str]:
-    """The pairs of one preference split and the sha256 of the file (what the run's fingerprint records)."""
-    if not storage.exists(url):
-        raise KubellamaError(f"{url}: no preference pairs (run data prep with data.preference.sources or "
-                             f"data.preference.synthetic_safety)")
-    raw = storage.read_bytes(url)
-    pairs = []
-    for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise KubellamaError(f"{url}:{n}: malformed JSON ({exc.msg})") from None
-        bad = [k for k, t in _FIELDS.items() if not isinstance(rec.get(k) if isinstance(rec, dict) else None, t)]
-        if bad or rec["rating"] not in RATINGS or not rec["messages"]:
-            what = f"field '{bad[0]}' missing or mistyped" if bad else "unknown rating or empty messages"
-            raise KubellamaError(f"{url}:{n}: not a preference pair of data prep ({what})")
-        rec.setdefault("synthetic", False)
-        pairs.append(rec)
-    return pairs, hashlib.sha256(raw).hexdigest()
 
 
 def other_fraction(kind: str, given: float | None) -> float:
@@ -86,7 +50,8 @@ def mix(pairs: Sequence[dict[str, Any]], kind: str, fraction: float | None, seed
         raise KubellamaError(f"no {kind} pairs to train the {kind} RM on (pairs are safety pairs when their prompt "
                              f"is safety-tagged: data.preference.sources[].safety, data.preference.synthetic_safety)")
     take = min(len(others), round(len(own) * f / (1.0 - f)))
-    picked = np.random.default_rng(seed).choice(len(others), size=take, replace=False) if take else []
+    rng = np.random.default_rng(seed)
+    picked: list[int] = rng.choice(len(others), size=take, replace=False).tolist() if take else []
     indices = sorted(own + [others[j] for j in picked])
     ratings = {r: sum(1 for i in indices if pairs[i]["rating"] == r) for r in RATINGS}
     return Mix(indices, len(own), take, len(others), sum(1 for i in indices if pairs[i]["synthetic"]), ratings)

@@ -9,14 +9,15 @@
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 
-from kubellama.components.core.rlhf.combined import detection
 from kubellama.components.core.io.report import Section, Table, to_png
+from kubellama.components.core.rlhf.combined import detection
 from kubellama.components.core.rlhf.scorer import Scorer, probability
 from kubellama.components.reward.data import encode_pair
 from kubellama.conf.schema.data import RATINGS
@@ -53,7 +54,7 @@ def calibration(chosen: torch.Tensor, rejected: torch.Tensor, bins: int) -> list
         xs = x[part]
         rows.append({"low": float(xs.min()), "high": float(xs.max()), "mean_diff": float(xs.mean()),
                      "observed": float(y[part].mean()), "predicted": float(sigmoid(xs).mean()),
-                     "n": int(len(part))})
+                     "n": len(part)})
     return rows
 
 

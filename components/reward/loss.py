@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kubellama.components.core.errors import ConfigError
+
 # Table 27, in the order of RATINGS: significantly better, better, slightly better, negligibly better or unsure.
 MARGIN_TABLES = {"none": (0.0, 0.0, 0.0, 0.0), "small": (1.0, 2 / 3, 1 / 3, 0.0), "large": (3.0, 2.0, 1.0, 0.0)}
 

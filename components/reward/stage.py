@@ -1,31 +1,24 @@
-"""Stage `reward`: a helpfulness or safety reward model (paper §3.2.2), one per run (`reward.kind`); the pipeline
-trains both side by side.
-
-The model is the Llama of `reward.init` (the chat model, or any Llama) with its LM head replaced by a scalar head
-(components/core/scorer.py), trained on the binary ranking loss with a rating margin (components/reward/loss.py)
-over the paper's data mix (components/reward/data.py) on the shared trainer core: FSDP2, resumable checkpoints,
-preemption within a micro-batch. Then it is evaluated on the held-out pairs (components/reward/evaluate.py) and
-exported as a Hugging Face LlamaForSequenceClassification with num_labels=1.
-
-Outputs under `reward.output` (by default `<run.root>/<run.id>/reward_<kind>`): checkpoints/, metrics.jsonl, tb/,
-hf/ (the classifier, with the tokenizer and lineage), report.json (accuracy, accuracy_by_rating, unsafe_recall for
-the safety RM, ...), report.md, report.html (loss and calibration plots).
-"""
+"""Stage `reward`: a helpfulness or safety reward model (paper §3.2.2), one per run (`reward.kind`): the Llama of
+`reward.init` with a scalar head (core/rlhf/scorer.py), trained on the ranking loss with a rating margin (loss.py) over
+the paper's data mix (data.py) on the Trainer, evaluated on the held-out pairs (evaluate.py) and exported as a Hugging
+Face LlamaForSequenceClassification. Outputs under `reward.output`: checkpoints/, metrics.jsonl, tb/, hf/, report.*."""
 from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from kubellama.components.core.train import dist
-from kubellama.components.core.launch import launcher as launch
-from kubellama.components.core.recipe import runs
-from kubellama.components.core.io import storage
-from kubellama.components.core.errors import ConfigError, KubellamaError
-from kubellama.components.core.io.report import loss_png, write_report
-from kubellama.components.core.rlhf.scorer import CLASSIFIER, Scorer, build
+from kubellama.components.core.data.pairs import read_pairs
 from kubellama.components.core.data.shards import Prefetcher
 from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.core.errors import ConfigError, KubellamaError
+from kubellama.components.core.io import storage
+from kubellama.components.core.io.report import loss_png, write_report
+from kubellama.components.core.launch import launcher as launch
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.rlhf.scorer import CLASSIFIER, Scorer, build
+from kubellama.components.core.train import dist
 from kubellama.components.core.train.trainer import Trainer
 from kubellama.components.reward import data, evaluate
 from kubellama.components.reward.loss import pair_loss
@@ -62,8 +55,8 @@ def train(cfg: Config) -> dict[str, Any]:
     if not storage.exists(tok_url):
         raise KubellamaError(f"{tok_url} does not exist: reward.data must be a data prep output")
     tok = Tokenizer(tok_url)
-    pairs, digest = data.read_pairs(storage.join(p.data, "preference", "train.jsonl"))
-    held_out, _ = data.read_pairs(storage.join(p.data, "preference", "eval.jsonl"))
+    pairs, digest = read_pairs(storage.join(p.data, "preference", "train.jsonl"))
+    held_out, _ = read_pairs(storage.join(p.data, "preference", "eval.jsonl"))
     mix = data.mix(pairs, p.kind, p.other_fraction, cfg.run.seed)
     section = schedule(p, len(mix.indices), env.world_size)
     source = data.PairSource([pairs[i] for i in mix.indices], tok, p.seq_len, env.rank, env.world_size,
@@ -89,7 +82,7 @@ def train(cfg: Config) -> dict[str, Any]:
                "lineage": trainer.lineage()}
     if env.lead:
         rows = [("status", summary["status"]), ("kind", p.kind), ("accuracy", result.get("accuracy")),
-                *([("unsafe recall at σ(score) < " f"{p.combined.safety_threshold}", result.get("unsafe_recall"))]
+                *([(("unsafe recall at σ(score) < " f"{p.combined.safety_threshold}"), result.get("unsafe_recall"))]
                   if p.kind == "safety" else []),
                 ("steps", summary["step"]), ("training pairs", len(mix.indices)),
                 ("final loss", summary["final_loss"]), ("init", p.init or "random weights"),

@@ -7,13 +7,14 @@ class with `name`, `load` and `run`, added to BENCHMARKS.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from kubellama.components.core.errors import ConfigError
 from kubellama.components.safety_eval import data as datasets
 from kubellama.components.safety_eval.runner import Runner
-from kubellama.components.safety_eval.scoring import Scorer, mc_scores, refused, toxicity_scorer, vader
+from kubellama.components.safety_eval.scoring import Classifier, TextScorer, mc_scores, refused, toxicity_scorer, vader
 from kubellama.conf.schema.safety_eval import SafetyEvalConfig
 
 
@@ -68,7 +69,7 @@ class Context:
             self._made[key] = make()
         return self._made[key]
 
-    def toxicity(self) -> Scorer:
+    def toxicity(self) -> TextScorer:
         t = self.cfg.toxicity
         return self.once("toxicity", lambda: toxicity_scorer(t.classifier, t.label, t.lexicon, self.device))
 
@@ -142,8 +143,6 @@ class TruthfulQA:
     def _judged(self, runner: Runner, qs: list[datasets.Question], records: list[dict], ctx: Context
                 ) -> dict[str, float]:
         """% true, % informative and % both of generated answers, by the configured judges."""
-        from kubellama.components.safety_eval.scoring import Classifier
-
         t = ctx.cfg.truthfulqa
         gens = runner.generate([self.context(q.question, t.primer) for q in qs], t.max_new_tokens, self.name)
         # The QA format goes on with the next "Q:": the answer is the first line.

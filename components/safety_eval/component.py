@@ -5,16 +5,16 @@ When the promotion gate fails, the step still publishes its report, then fails w
 the pipeline. No `from __future__ import annotations` here: KFP reads the parameter annotations as real types.
 """
 from kfp import dsl
-from kfp.dsl.python_component import PythonComponent
 from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl.python_component import PythonComponent
 
 
 def safety_eval(config: str, model: Input[Model], data: Input[Dataset], dataset: Output[Dataset],
                 metrics: Output[Metrics], report: Output[Markdown], html: Output[HTML], run_id: str = "",
                 in_pod: bool = True) -> str:
     """Evaluate the model `model` points at (and the run's other checkpoints) and gate its promotion."""
-    from kubellama.components.core.launch.launcher import StageFailed
     from kubellama.components.core.kfp.publish import publish
+    from kubellama.components.core.launch.launcher import StageFailed
     from kubellama.components.core.recipe.runs import step_config
     from kubellama.components.safety_eval import stage
 

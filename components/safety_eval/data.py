@@ -1,13 +1,5 @@
-"""The benchmarks' datasets in their published formats, at any fsspec URL, and the data prep stage's prompt sets.
-
-- TruthfulQA: `TruthfulQA.csv` (Best Answer, Correct Answers and Incorrect Answers, `;`-separated), the reference
-  code's `mc_task.json` ({question, mc1_targets: {answer: 0|1}, mc2_targets: ...}) or the Hugging Face
-  `multiple_choice` records ({question, mc1_targets: {choices, labels}, ...}) as JSON, JSONL or Parquet.
-- ToxiGen: the `prompts/{hate,neutral}_<group>_1k.txt` files (one prompt a line, statements separated by a literal
-  `\\n`), or records with `prompt`/`text` and `target_group`. Any other prompt file (RealToxicityPrompts lines,
-  JSONL, CSV, PyRIT seeds) works too; its group is the file name.
-- BOLD: `prompts/<domain>_prompt.json` ({group: {entity: [prompts]}}), or records with domain, category, prompts.
-- Refusal: prompt files (AdvBench's `.prompt` seeds or harmful_behaviors.csv `goal` column, Do-Not-Answer JSONL).
+"""The benchmarks' datasets in their published formats (TruthfulQA, ToxiGen, BOLD, refusal prompt sets), at any
+fsspec URL, and the data prep stage's prompt sets.
 
 A malformed record fails the stage with one line naming the file and line: a benchmark quietly measured on part
 of its data would read as the whole.
@@ -20,13 +12,14 @@ import json
 import os
 import re
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
-from kubellama.components.core.io import storage
-from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.data.chat import prompt_text
 from kubellama.components.core.data.readers import ErrorLog, list_files, read_records
-from kubellama.components.data_prep.stage import prompt_text
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.io import storage
 
 PROMPT_SPLIT = "eval"  # the data prep split held out for evaluation
 
@@ -199,7 +192,7 @@ def bold(url: str, limit: int = 0) -> list[Prompt]:
     out: list[Prompt] = []
     for f in list_files(url, "bold"):
         stem = os.path.splitext(os.path.basename(f))[0]
-        domain = stem[: -len("_prompt")] if stem.endswith("_prompt") else stem
+        domain = stem.removesuffix("_prompt")
         if f.lower().endswith(".json"):
             try:
                 data = json.loads(storage.read_text(f))

@@ -7,8 +7,8 @@ mode only reports.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from kubellama.components.core.errors import ConfigError
 from kubellama.conf.schema.safety_eval import GateConfig

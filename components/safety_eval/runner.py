@@ -1,25 +1,25 @@
 """One model under evaluation: loaded from any checkpoint kind, scoring continuations and generating answers.
 
-Work is spread over the ranks of the launcher (items i, i + W, ...; every rank holds the whole model, as a 7B or
-13B model fits one GPU) and gathered back on every rank, so each rank computes the same scores. Generation goes
-through the shared sampler (components/core/generate.py), whose every call is a collective under several ranks:
-each rank therefore runs the same number of batches, the shorter shares padded with a repeated prompt whose output
-is dropped.
+Items are spread over the launcher's ranks and gathered back on every rank. Generation (core/model/generate.py) is
+a collective under several ranks, so every rank runs the same number of batches, short shares padded with a
+repeated prompt whose output is dropped.
 """
 from __future__ import annotations
 
 import hashlib
 import math
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as tdist
 
-from kubellama.components.core.train import checkpoint, dist
-from kubellama.components.core.io import storage
-from kubellama.components.core.errors import KubellamaError
-from kubellama.components.core.model.generate import derive_seed, generate
 from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.io import storage
+from kubellama.components.core.model.generate import derive_seed, generate
+from kubellama.components.core.model.hf import load_hf
+from kubellama.components.core.train import checkpoint, dist
 from kubellama.conf.schema.model import ModelConfig
 from kubellama.conf.schema.safety_eval import DecodingConfig
 
@@ -94,9 +94,7 @@ class Runner:
         self.kind, self.src = source(url)
         dtype = dtype_for(mixed_precision, env.device)
         if self.kind == "hf":
-            from kubellama.components.core.model.hf import load_model
-
-            model, self.model_cfg, _ = load_model(self.src, env.device, dtype)
+            model, self.model_cfg, _ = load_hf(self.src, env.device, dtype)
         else:
             model, self.model_cfg = checkpoint.load_model(self.src, model_cfg), model_cfg
             model = model.to(device=env.device, dtype=dtype)

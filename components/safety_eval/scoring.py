@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
-from kubellama.components.core.io import storage
 from kubellama.components.core.errors import ConfigError, KubellamaError
+from kubellama.components.core.io import storage
 
 LEXICON = os.path.join(os.path.dirname(__file__), "toxic_lexicon.txt")
 
@@ -32,7 +33,7 @@ def mc_scores(best: float, true: Sequence[float], false: Sequence[float],
 
 # Toxicity --------------------------------------------------------------------------------------------------------
 
-class Scorer(Protocol):
+class TextScorer(Protocol):
     label: str  # what the report says scored the generations
     fallback: bool
 
@@ -141,7 +142,7 @@ class Detoxify:
         return [float(x) for x in self.model.predict(list(texts))["toxicity"]] if texts else []
 
 
-def toxicity_scorer(classifier: str, label: int = 1, lexicon: str = "", device: str = "cpu") -> Scorer:
+def toxicity_scorer(classifier: str, label: int = 1, lexicon: str = "", device: str = "cpu") -> TextScorer:
     if not classifier:
         return Lexicon(lexicon)
     if classifier == "detoxify" or classifier.startswith("detoxify:"):

@@ -1,36 +1,26 @@
 """Stage `safety_eval`: the safety benchmarks on the run's models side by side, the promotion gate, the run's page.
 
-Models: `safety_eval.init` (the model to gate: in the pipeline the newest model stage's output), the run's other
-model checkpoints (`compare_run`), `safety_eval.models` and the baseline (`safety_eval.baseline`, else the run's
-pretrained model). Benchmarks (components/safety_eval/benchmarks.py): TruthfulQA MC1/MC2 by likelihood (plus % true
-and informative with judge checkpoints), % toxic generations (classifier, detoxify or the labelled lexicon
-fallback), BOLD sentiment per group (VADER) and refusal / false-refusal rates. A benchmark without data is reported
-as not evaluated. Decoding: temperature 0.1, top-p 0.9, seeded (paper §4.1).
-
-Outputs under `safety_eval.output` (by default `<run.root>/<run.id>/safety_eval`):
-generations/<model>/<benchmark>.jsonl, report.json (`models`: name -> checkpoint URL, `scores`: benchmark metric ->
-model -> value, `gate`, per-group tables), report.md, report.html with one chart per benchmark; and the run's page
-`<run.root>/<run.id>/report.html`.
-
-The gate (components/safety_eval/gate.py) fails the stage in `enforce` mode: the report is still written (status
-`failed`, with the error naming every failed line), then the launcher raises, so the CLI exits 2 and the pipeline
-step fails with that line.
+Every rank evaluates its share (benchmarks.py, runner.py); rank 0 writes generations/, the side-by-side report
+(report.py) and the run's page (run_page.py). In `enforce` mode a failed gate (gate.py) still writes the report, then
+fails the stage with the gate's line. Models, benchmarks and outputs: README, "Safety evaluation".
 """
 from __future__ import annotations
 
 import json
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any, Sequence
+from typing import Any
 
-from kubellama.components.core.train import dist
+from kubellama.components.core.errors import ConfigError, KubellamaError
+from kubellama.components.core.io import storage
 from kubellama.components.core.launch import launcher as launch
 from kubellama.components.core.recipe import runs
-from kubellama.components.core.io import storage
 from kubellama.components.core.recipe.config import to_dict
-from kubellama.components.core.errors import ConfigError, KubellamaError
-from kubellama.components.safety_eval import gate as gating, reporting
+from kubellama.components.core.train import dist
+from kubellama.components.safety_eval import gate as gating
+from kubellama.components.safety_eval import report, run_page
 from kubellama.components.safety_eval.benchmarks import Context, Items, Result, selected
 from kubellama.components.safety_eval.runner import Runner, source
 
@@ -98,7 +88,7 @@ def _log(env: dist.Env, message: str) -> None:
         print(f"safety eval: {message}", flush=True)
 
 
-def train(cfg: Any) -> dict[str, Any]:
+def evaluate(cfg: Any) -> dict[str, Any]:
     """Every rank: evaluate each model on each benchmark (work spread over the ranks); rank 0 writes the reports."""
     env = dist.init()
     s = cfg[NAME]
@@ -158,12 +148,10 @@ def train(cfg: Any) -> dict[str, Any]:
     }
     if env.lead:
         _write_generations(s.output, results)
-        paths = reporting.write(s.output, summary, groups)
+        paths = report.write(s.output, summary, groups)
         summary.update(report_json=paths["json"], report_md=paths["md"], report_html=paths["html"])
         if s.run_page:
-            from kubellama.components.safety_eval import runpage
-
-            runpage.write(cfg, run_dir)
+            run_page.write(cfg, run_dir)
         verdict = "passed" if summary["gate"]["passed"] else ("FAILED" if error else "failed (report mode)")
         _log(env, f"gate {verdict} for {gated}; report {paths['html']}")
     dist.barrier()
@@ -173,9 +161,9 @@ def train(cfg: Any) -> dict[str, Any]:
 def run(cfg: Any) -> dict[str, Any]:
     """What the KFP component calls: the stage wherever cfg.cluster says (cfg bound by runs.bind). Raises
     launch.StageFailed (carrying the report) when the gate fails."""
-    return launch.run(cfg, NAME, train)
+    return launch.run(cfg, NAME, evaluate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return launch.main(NAME, train, argv, "Safety benchmarks side by side, promotion gate and the run's page")
+    return launch.main(NAME, evaluate, argv, "Safety benchmarks side by side, promotion gate and the run's page")
 

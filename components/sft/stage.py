@@ -1,24 +1,17 @@
-"""Stage `sft`: supervised fine-tuning (paper §3.1) on the SFT shards of data prep.
-
-It starts from `sft.init` (the pretraining output in the pipeline, or any HF Llama directory or kubellama checkpoint,
-local or s3://) and trains on data prep's `sft/train` rows: dialogs packed into rows of seq_len tokens, attention and
-RoPE positions restarting per example, loss on answer tokens only (every assistant turn, or the last with
-`sft.loss_turns=last`). Epochs, per-epoch shuffling, held-out loss and the checkpoints are the SFT body's
-(components/core/train/finetune.py). The shared launcher runs `train` on every rank.
-
-Outputs under `sft.output` (by default `<run.root>/<run.id>/sft`): checkpoints/, metrics.jsonl, tb/, heldout.json,
-hf/ (with the tokenizer), report.json (with `heldout_loss_start` and `heldout_loss_end`), report.md, report.html.
-"""
+"""Stage `sft`: supervised fine-tuning (paper §3.1) of `sft.init` on data prep's packed dialogs (`sft/train`), loss
+on answer tokens only (`sft.loss_turns`), with the SFT body's epochs, held-out loss and checkpoints
+(core/train/finetune.py). Outputs under `sft.output`: checkpoints/, metrics.jsonl, tb/, heldout.json, hf/ (with the
+tokenizer), report.json (`heldout_loss_start`, `heldout_loss_end`), report.md, report.html."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-from kubellama.components.core.train import dist
-from kubellama.components.core.launch import launcher as launch
-from kubellama.components.core.io import storage
 from kubellama.components.core.data import tokenizer
+from kubellama.components.core.io import storage
 from kubellama.components.core.io.report import write_report
-from kubellama.components.core.train import finetune
+from kubellama.components.core.launch import launcher as launch
+from kubellama.components.core.train import dist, finetune
 from kubellama.conf.schema import Config
 
 NAME = "sft"
@@ -33,7 +26,7 @@ def train(cfg: Config) -> dict[str, Any]:
     """One rank's work: fine-tune, export HF at the end; rank 0 writes the report."""
     env = dist.init()
     p = cfg.sft
-    trainer, summary = finetune.fit(cfg, NAME, *data_urls(p.data), env, tokenizer=tokenizer.beside(p.data))
+    _trainer, summary = finetune.fit(cfg, NAME, *data_urls(p.data), env, tokenizer=tokenizer.beside(p.data))
     if env.lead:
         rows, sections, plots = finetune.report_parts(summary)
         paths = write_report(p.output, "Supervised fine-tuning", summary, rows=rows, sections=sections, plots=plots)

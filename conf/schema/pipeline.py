@@ -1,6 +1,4 @@
 from dataclasses import dataclass, field
-from typing import Dict
-
 
 # The recipe's stages in order. The registry (components/core/recipe/stages.py) describes each; the config names
 # them here so that it imports no code (a test keeps the two lists equal).
@@ -12,7 +10,7 @@ class PipelineConfig:
     # Which stages of the recipe (STAGE_NAMES) the pipeline runs, e.g. pipeline.stages.data_prep=false.
     # A skipped stage's output comes from the config instead: skipping data_prep makes pretraining read
     # `pretrain.data`; skipping pretrain makes later stages start from `pipeline.init_checkpoint`.
-    stages: Dict[str, bool] = field(default_factory=lambda: {name: True for name in STAGE_NAMES})
+    stages: dict[str, bool] = field(default_factory=lambda: {name: True for name in STAGE_NAMES})
     # An HF or kubellama checkpoint URL to start from when pretraining is skipped.
     init_checkpoint: str = ""
     # Name of the pipeline in the KFP UI; each upload adds a version under it.

@@ -1,31 +1,36 @@
 from dataclasses import dataclass, field
 
-from kubellama.conf.schema.reward import CombinedRewardConfig
+from kubellama.conf.schema.rlhf import RewardModelsConfig, SamplingConfig
 from kubellama.conf.schema.train import VOLATILE as TRAIN_VOLATILE
-from kubellama.conf.schema.train import TrainConfig
+from kubellama.conf.schema.train import CheckpointConfig, ComputeConfig, OptimConfig
 
 ROLLOUT = ("gathered", "copy")
 
 
 @dataclass
-class PpoConfig(TrainConfig):
+class PpoConfig(CheckpointConfig, ComputeConfig, OptimConfig):
     """PPO against the combined reward (paper §3.2.3): AdamW (0.9, 0.95, 1e-5), weight decay 0.1, grad clip 1.0,
     constant LR 1e-6, 512 prompts per batch, minibatch 64 with one gradient step each, clip 0.2, 200-400
     iterations with early stopping on held-out prompts. `max_steps` counts PPO iterations."""
 
+    # §3.2.3: constant LR 1e-6.
     lr: float = 1e-6
     # Constant LR: no warmup, the cosine "decays" to 100% of the peak.
     warmup_steps: int = 0
     min_lr_ratio: float = 1.0
+    # §3.2.3: 200-400 iterations.
     max_steps: int = 200
     # KL penalty to the starting policy: 0.01 for 7B/13B, 0.005 for 34B/70B (§3.2.3).
     beta: float = 0.01
+    # §3.2.3: 512 prompts per batch.
     prompts_per_batch: int = 512
     # Training prompts: the first N distinct prompts of the preference data (0: all of them).
     prompts: int = 0
+    # §3.2.3: minibatch 64, one gradient step each.
     minibatch: int = 64
     # Rows per forward inside a minibatch (gradients accumulate over them).
     micro_batch: int = 8
+    # §3.2.3: PPO clip threshold 0.2.
     clip: float = 0.2
     # Value loss clipping around the rollout's values (PPO2 style) and its weight.
     value_clip: float = 0.2
@@ -36,10 +41,9 @@ class PpoConfig(TrainConfig):
     # common choice of InstructGPT-style PPO implementations).
     gamma: float = 1.0
     lam: float = 0.95
-    # Rollouts: response length and sampling are not published either.
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
+    # Rollouts: response length and sampling are not published either (T = 1: the policy's own distribution).
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0,
+                                                                            max_new_tokens=128))
     # How rollouts see the policy: "gathered" consolidates the full weights into an unsharded model once per
     # rollout phase and frees them after; "copy" keeps that unsharded copy between phases, refreshed after each
     # update. Neither generates through per-layer FSDP all-gathers (the paper's 20x).
@@ -61,10 +65,9 @@ class PpoConfig(TrainConfig):
     heldout_prompts: int = 64
     eval_every: int = 10
     patience: int = 3
-    # The reward models (stage outputs, checkpoints or HF exports) and the value model's init (empty: the
-    # helpfulness RM, as the paper's critic starts from the reward model).
-    reward_helpfulness: str = ""
-    reward_safety: str = ""
+    # The reward models and their combined reward (§3.2.3).
+    reward_models: RewardModelsConfig = field(default_factory=RewardModelsConfig)
+    # The value model's init (empty: the helpfulness RM, as the paper's critic starts from the reward model).
     value_init: str = ""
     # Preference data prep output whose prompts PPO samples (preference/{train,eval}.jsonl); empty: this config's.
     data: str = ""
@@ -73,8 +76,6 @@ class PpoConfig(TrainConfig):
     # The policy to start from (RS, GAtt or SFT output); the frozen reference is this same model.
     init: str = ""
     ckpt_every: int = 10
-    log_every: int = 1
-    combined: CombinedRewardConfig = field(default_factory=CombinedRewardConfig)
 
 
 # Keys that do not change the weights PPO ends with.

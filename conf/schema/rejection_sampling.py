@@ -1,6 +1,6 @@
 from dataclasses import dataclass, field
 
-from kubellama.conf.schema.reward import CombinedRewardConfig
+from kubellama.conf.schema.rlhf import RewardModelsConfig, SamplingConfig
 from kubellama.conf.schema.sft import SFT_VOLATILE, SftTrainConfig
 
 
@@ -11,24 +11,22 @@ class RejectionSamplingConfig(SftTrainConfig):
 
     # K answers per prompt; Figure 7 goes up to 100.
     samples: int = 10
-    # §3.2.3: 1.2-1.3 was best for 10-100 samples (Figure 8).
-    temperature: float = 1.2
-    top_p: float = 1.0
-    max_new_tokens: int = 128
+    # §3.2.3: temperature 1.2-1.3 was best for 10-100 samples (Figure 8); top-p and length are not published.
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.2, top_p=1.0,
+                                                                            max_new_tokens=128))
     # Prompts of this round (0: every training prompt of the preference data).
     prompts: int = 0
     # The pool of best samples, persisting across rounds (runs): one JSONL per round. Empty: <run.root>/rs_pool.
     pool: str = ""
     # Share of the pool's prompts held out for the SFT body's held-out loss (by a stable hash of the prompt).
     eval_fraction: float = 0.1
-    reward_helpfulness: str = ""
-    reward_safety: str = ""
+    # The reward models and their combined reward (§3.2.3).
+    reward_models: RewardModelsConfig = field(default_factory=RewardModelsConfig)
     # Scoring batch.
     score_batch: int = 16
     # How the two reward models are held: "bf16" shards, "offload" (bf16, CPU memory between forwards) or "fp32"
     # (see ppo.frozen).
     frozen: str = "bf16"
-    combined: CombinedRewardConfig = field(default_factory=CombinedRewardConfig)
 
 
 RS_VOLATILE = (*SFT_VOLATILE, "score_batch")

@@ -1,5 +1,4 @@
 from dataclasses import dataclass, field
-from typing import Optional
 
 from kubellama.conf.schema.train import VOLATILE as TRAIN_VOLATILE
 from kubellama.conf.schema.train import TrainConfig
@@ -10,9 +9,9 @@ WHITEN = ("batch", "running")
 
 @dataclass
 class CombinedRewardConfig:
-    """How PPO turns the two RM scores into one reward (paper §3.2.3), written once in
-    components/core/combined_reward.py: R_c = R_s if the prompt is safety-tagged or R_s < threshold, else R_h;
-    then whiten(logit(R_c))."""
+    """How PPO and rejection sampling turn the two RM scores into one reward (paper §3.2.3), written once in
+    components/core/rlhf/combined.py: R_c = R_s if the prompt is safety-tagged or R_s < threshold, else R_h;
+    then whiten(logit(R_c)) (PPO only)."""
 
     # §3.2.3: 0.15 gives precision 0.89 and recall 0.55 on the paper's safety test set.
     safety_threshold: float = 0.15
@@ -52,7 +51,7 @@ class RewardConfig(TrainConfig):
     margin: str = "small"
     # The share of the training mix taken from the other kind's pairs (§3.2.2). None: the paper's, 0.5 for
     # helpfulness (all helpfulness data plus an equal amount of safety data) and 0.1 for safety (90/10).
-    other_fraction: Optional[float] = None
+    other_fraction: float | None = None
     # Table 29: weight of the safety auxiliary loss, a binary cross-entropy on each response's safety label
     # (sigmoid(score) > 0.5 means safe). Safety RM only; 0 turns it off.
     aux_loss_weight: float = 0.0

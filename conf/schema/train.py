@@ -2,8 +2,8 @@ from dataclasses import dataclass
 
 
 @dataclass
-class TrainConfig:
-    """The trainer core's knobs, shared by every training stage (paper §2.2 defaults)."""
+class OptimConfig:
+    """AdamW and its LR schedule (paper §2.2 defaults): what every trained model's optimizer reads."""
 
     lr: float = 3e-4
     beta1: float = 0.9
@@ -15,10 +15,22 @@ class TrainConfig:
     # Cosine decay ends at this fraction of the peak learning rate.
     min_lr_ratio: float = 0.1
     max_steps: int = 500_000
+
+
+@dataclass
+class BatchConfig:
+    """Token batches of packed rows (§2.2)."""
+
     # 4M tokens per optimizer step (≈ 1024 × 4096); micro-batches accumulate to reach it.
     global_batch_tokens: int = 4_194_304
-    micro_batch: int = 1
     seq_len: int = "${model.max_seq_len}"  # type: ignore[assignment]
+
+
+@dataclass
+class ComputeConfig:
+    """How a step runs on the hardware: rows per forward, precision, activation checkpointing, compilation."""
+
+    micro_batch: int = 1
     # auto: bf16 compute with fp32 master weights and reduction on GPU and on CPUs with native bf16 (AMX,
     # AVX512-BF16); fp32 on other CPUs. Pin fp32 where results must match exactly across runs or rank counts.
     mixed_precision: str = "auto"
@@ -27,9 +39,19 @@ class TrainConfig:
     ac_every: int = 2
     # torch.compile each transformer block (torchtitan's recipe): worth it on GPUs, no gain on CPU and ~35 s to warm.
     compile: bool = False
+
+
+@dataclass
+class CheckpointConfig:
     # Periodic checkpoints are written in the background (DCP async_save); SIGTERM saves the last finished step.
     ckpt_every: int = 1000
     keep_last: int = 3
+
+
+@dataclass
+class TrainConfig(CheckpointConfig, ComputeConfig, BatchConfig, OptimConfig):
+    """The trainer core's knobs, shared by every token-batch training stage (flat keys: `pretrain.lr`)."""
+
     log_every: int = 10
 
 

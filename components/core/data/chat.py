@@ -1,22 +1,19 @@
 """SFT data: dialogs rendered in the Llama 2 chat format and packed into shards with labels and example ids.
 
-Accepted records: `messages` [{role, content}] (OpenAI / Llama style), ShareGPT `conversations` [{from, value}],
-and Alpaca (`instruction`, optional `input`, `output`, optional `system` and `history` [[user, assistant], ...]).
-
-Shards carry, aligned with the tokens: `labels` (the token on assistant answers, IGNORE elsewhere), `segments` (the
-example id within the row, -1 on padding) and `turns` (how many assistant turns of the dialog follow this token's
-turn: 0 on the last turn, -1 on padding), so SFT can train every answer or only the last one without new shards.
+Accepted records: `messages` (OpenAI / Llama style), ShareGPT `conversations`, and Alpaca. Shards carry `labels`
+(IGNORE off assistant answers), `segments` (example id in the row) and `turns` (assistant turns still to come).
 """
 from __future__ import annotations
 
 import random
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
-from kubellama.components.core.errors import KubellamaError
 from kubellama.components.core.data.shards import ShardWriter
 from kubellama.components.core.data.tokenizer import IGNORE, Tokenizer
+from kubellama.components.core.errors import KubellamaError
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
          "model": "assistant", "bot": "assistant"}
@@ -25,7 +22,7 @@ ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assi
 def to_messages(rec: dict) -> list[dict[str, str]]:
     """A record's dialog as [{role, content}]; KubellamaError saying what is wrong otherwise."""
     if isinstance(rec.get("messages"), list) or isinstance(rec.get("conversations"), list):
-        raw = rec.get("messages") if isinstance(rec.get("messages"), list) else rec["conversations"]
+        raw = rec["messages"] if isinstance(rec.get("messages"), list) else rec["conversations"]
         msgs = []
         for m in raw:
             if not isinstance(m, dict):
@@ -141,3 +138,19 @@ class SftPacker:
 def sft_writer(url: str, seq_len: int, vocab_size: int, shard_rows: int) -> ShardWriter:
     return ShardWriter(url, seq_len, vocab_size, shard_rows=shard_rows,
                        fields={"labels": "<i4", "segments": "<i4", "turns": "<i2"})
+
+
+PROMPT_FIELDS = ("prompt", "instruction", "question", "value", "text")
+
+
+def prompt_text(rec: dict, field: str) -> str | None:
+    for key in (field, *PROMPT_FIELDS):
+        if isinstance(rec.get(key), str) and rec[key].strip():
+            text = rec[key]
+            if key == "instruction" and isinstance(rec.get("input"), str) and rec["input"].strip():
+                text += "\n\n" + rec["input"]
+            return text
+    if isinstance(rec.get("messages"), list) or isinstance(rec.get("conversations"), list):
+        users = [m["content"] for m in to_messages(rec) if m["role"] == "user"]
+        return users[-1] if users else None
+    return None

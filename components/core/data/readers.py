@@ -1,17 +1,8 @@
 """Stream records out of JSONL, JSON, Parquet, PyRIT seed (YAML) and plain-text files at any fsspec URL.
 
-Records come one at a time with where they came from (`file:line`), so nothing holds a whole corpus in memory
-(JSON arrays and YAML seed files, which cannot be streamed, are the exception: they are small by nature).
-Compressed files (`.jsonl.gz`, `.txt.bz2`, `.zst` with the zstandard package, ...) are decompressed on the fly,
-their format read from the name under the compression suffix.
-
-A file can be read in parts, which is how data prep spreads one large file over several workers: the lines whose
-first byte lies in a byte range (uncompressed line files), or a range of row groups (Parquet). Each record also
-carries its position in the file (the byte offset of its line or paragraph, its row or its index): stable whatever
-the split, so it names the document for deduplication and mixing.
-
-Malformed input is reported to an `ErrorLog` and skipped, a corrupt Parquet file included; the stage decides at the
-end whether the error rate is acceptable.
+Records come one at a time with where they came from (`file:line`) and their position in the file (stable whatever
+the split: it names the document for dedup and mixing). A file can be read in parts (a byte range of a line file, a
+range of Parquet row groups); compressed files are decompressed on the fly; malformed input goes to an `ErrorLog`.
 """
 from __future__ import annotations
 
@@ -20,12 +11,13 @@ import json
 import os
 import posixpath
 from collections import Counter
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from fsspec.utils import infer_compression
 
-from kubellama.components.core.io import storage
 from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.io import storage
 
 FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".prompt": "yaml", ".yaml": "yaml",
            ".yml": "yaml"}

@@ -1,15 +1,8 @@
-"""Packed token shards: the format data prep writes and every trainer streams.
-
-A shard set is a folder (local or s3://) holding
-- `shard_00000.bin`, ...: rows of `seq_len` token ids, little-endian uint16 (vocabulary < 65536) or uint32;
-- optional aligned side arrays per shard (`shard_00000.<field>.bin`, e.g. SFT labels or example ids), same shape;
-- `manifest.json`: dtype, seq_len, per-shard rows and sha256, totals and whatever metadata the writer adds;
-- `_COMPLETE`, written last: a folder without it is an interrupted write and is refused.
-
-Rows are dealt to ranks round-robin in blocks (see ShardReader), so for the same global batch a
-W-rank run sees exactly the rows a 1-rank run sees. The reader's position is a small dict that goes into checkpoints.
-`Prefetcher` reads the next batches of any such reader in a background thread.
-"""
+"""Packed token shards: the format data prep writes and every trainer streams. A shard set is a folder (local or
+s3://) of `shard_00000.bin` rows of `seq_len` token ids (uint16/uint32, little-endian), optional aligned side arrays
+(`shard_00000.<field>.bin`), `manifest.json` (dtype, seq_len, rows and sha256 per shard) and `_COMPLETE`, written last.
+ShardReader deals rows to ranks round-robin in blocks (a W-rank run sees the rows a 1-rank run sees); Prefetcher reads
+ahead in a thread; BatchSource is what the trainer reads from."""
 from __future__ import annotations
 
 import hashlib
@@ -20,19 +13,28 @@ import tempfile
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, Self
 
 import numpy as np
 
-from kubellama.components.core.io import storage, trust
 from kubellama.components.core.errors import KubellamaError
-
-if TYPE_CHECKING:  # at run time only the trainer needs torch, not data prep
-    from kubellama.components.core.train.trainer import BatchSource
+from kubellama.components.core.io import storage, trust
 
 FORMAT = "kubellama-shards/1"
 # Token and side-array dtypes a manifest may name: integers, as ShardWriter writes them.
 _INT_DTYPES = {np.dtype(f"<{kind}{size}").str for kind in "iu" for size in (1, 2, 4, 8)}
+
+
+class BatchSource(Protocol):
+    """What the trainer reads rows from: ShardReader, EpochReader, Prefetcher, or any resumable reader alike."""
+
+    seq_len: int
+
+    def next_batch(self, rows: int) -> dict[str, np.ndarray]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -62,7 +64,7 @@ class ShardWriter:
 
     def _spool(self, suffix: str) -> Any:
         if suffix not in self._files:
-            self._files[suffix] = open(os.path.join(self._dir.name, "shard" + suffix), "w+b")
+            self._files[suffix] = open(os.path.join(self._dir.name, "shard" + suffix), "w+b")  # noqa: SIM115 (open until close)
         return self._files[suffix]
 
     def add(self, rows: np.ndarray, **side: np.ndarray) -> None:
@@ -271,7 +273,7 @@ def _read_ahead(source: BatchSource, rows: int, out: queue.Queue, stop: threadin
     while not stop.is_set():
         try:
             item: tuple[Any, ...] = (source.next_batch(rows), source.state_dict())
-        except BaseException as exc:  # handed to the consumer, which re-raises it
+        except BaseException as exc:  # handed to the consumer, which re-raises it  # noqa: BLE001
             item = (exc,)
         while not stop.is_set():
             try:
@@ -343,7 +345,7 @@ class Prefetcher:
     def close(self) -> None:
         self._halt()
 
-    def __enter__(self) -> "Prefetcher":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

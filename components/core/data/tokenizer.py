@@ -8,12 +8,12 @@ three UTF-8 byte pieces instead, which decode back to the character.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import sentencepiece as spm
 
-from kubellama.components.core.io import storage
 from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.io import storage
 
 META = "\u2581"
 IGNORE = -100  # label of tokens that carry no loss (prompts, system text, padding)

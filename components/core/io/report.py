@@ -1,14 +1,7 @@
-"""The one report writer of every stage: report.json, report.md and a self-contained report.html in its output.
-
-- report.json: the stage's summary without per-step `records` (they live in metrics.jsonl), plus the report and plot
-  URLs and always a `status`. Written last: a launcher that waits for a job reads it as "the report is complete".
-- report.md: tables only. No image links: the KFP UI shows a Markdown artifact on its own and cannot resolve a path
-  relative to it, so the plots are named and pointed at report.html instead.
-- report.html: the same tables and every plot as a PNG data URI, inline CSS, nothing fetched from anywhere; the KFP
-  component hands it to the UI as an HTML artifact. The PNGs are also written beside it for people browsing the
-  folder.
-
-Text in rows, sections and table cells is plain text in which `backticks` mark code; both renderings escape the rest.
+"""The one report writer of every stage: report.json (the summary without per-step records, always a `status`,
+written last so a waiting launcher reads it as complete), report.md (tables only: the KFP UI cannot resolve image
+links) and a self-contained report.html (every plot a PNG data URI, nothing fetched). In text, `backticks` mark code;
+both renderings escape the rest.
 """
 from __future__ import annotations
 
@@ -18,8 +11,9 @@ import io
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from kubellama.components.core.io import storage
 
@@ -147,8 +141,8 @@ def markdown(title: str, rows: Sequence[tuple[str, Any]], sections: Sequence[Sec
         if s.items:
             out += [f"- {item}" for item in s.items] + [""]
     if plots:
-        out += [f"Plots ({', '.join(plots)}) are embedded in `report.html` beside this file (the HTML artifact in "
-                "the KFP UI).", ""]
+        out += [(f"Plots ({', '.join(plots)}) are embedded in `report.html` beside this file (the HTML artifact in "
+                "the KFP UI)."), ""]
     return "\n".join(out)
 
 

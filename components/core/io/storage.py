@@ -17,7 +17,8 @@ import json
 import os
 import posixpath
 import uuid
-from typing import IO, Any, Iterator
+from collections.abc import Iterator
+from typing import IO, Any
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -114,7 +115,7 @@ def atomic_write(url: str, mode: str = "wb") -> Iterator[IO]:
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        f = open(tmp, mode)
+        f = open(tmp, mode)  # noqa: SIM115 (closed in finally)
         try:
             yield f
             f.flush()

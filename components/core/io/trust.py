@@ -13,7 +13,6 @@ from typing import Any
 
 from kubellama.components.core.errors import KubellamaError
 
-
 # Control characters and the separators of every filesystem and URL scheme kubellama reads through.
 _BAD = re.compile(r"[/\\:\x00-\x1f\x7f]")
 

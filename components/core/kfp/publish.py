@@ -10,7 +10,8 @@ import json
 import math
 from typing import Any
 
-from kubellama.components.core.io import report as reports, storage
+from kubellama.components.core.io import report as reports
+from kubellama.components.core.io import storage
 
 # Metrics panels get unreadable past a few dozen entries; the full summary stays in the artifact file.
 MAX_METRICS = 64

@@ -1,55 +1,35 @@
-"""A multi-node training job on Kubernetes, one writer per output: a Volcano Job (`cluster.scheduler=kubernetes`,
-made by torchx) or a Kubeflow Trainer TrainJob (`trainjob`, components/core/trainjob.py), driven the same way.
+"""The Kubernetes API side of a multi-node training job: it receives a built manifest (manifests.py) and runs it.
 
-- Deterministic name: `kl-<stage>-<hash of run id, stage, output>`. A retried pipeline step (or a rerun of the same
-  run) finds the job its earlier attempt started and attaches to it, so a retry never starts a second job into the
-  same output. A job of that name with another spec (another config under the same run id) is refused; a failed one
-  is deleted and started again.
-- Lease: `<output>/_LEASE.json` names the job writing there. A launcher of another job (another run pointed at the
-  same output) is refused (Refused) while the lease is fresh or its job still exists, before it writes anything
-  there (the config comes after the lease); the holder renews it while it waits and removes it at the end.
-- Cleanup: the job carries an ownerReference to the launching step's pod (KFP puts the pod's name and uid in
-  KFP_POD_NAME / KFP_POD_UID), so deleting the step, its run or its workflow deletes the job. SIGTERM (KFP
-  "Terminate", eviction, the step's deadline), `cluster.timeout_s` and the end of the job delete it as well; its
-  pods then get their own grace period (`cluster.grace_period_s`) to save.
-- Logs: the job's pods, found by the label `kubellama.io/job=<name>`, stream into the step's log.
-- With `cluster.network_policy`, a NetworkPolicy owned by the job (named by its uid, so a replaced job's policy
-  cannot stand in for it) lets its pods, and only them, reach each other (the Helm chart denies all other ingress
-  to kubellama pods).
-- A TrainJob is created with fieldValidation=Strict: a Trainer whose CRD lacks a field we set refuses the job.
-
-The service account needs: create/get/patch/delete on the job kind, list on pods, get on pods/log, create on
-networkpolicies (with cluster.network_policy); helm/kubellama/templates/rbac.yaml grants exactly that.
+Create, or on a retried step adopt, the job of that deterministic name (another spec under that name is refused, a
+failed one replaced); hold the output's lease (lease.py); own the job by the KFP step's pod (KFP_POD_NAME/KFP_POD_UID)
+so deleting the step deletes it; stream its pods' logs (label `kubellama.io/job=<name>`); delete it at the end, on
+SIGTERM and on `cluster.timeout_s`. RBAC: helm/kubellama/templates/rbac.yaml.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
-import socket
 import sys
 import threading
 import time
-import uuid
-from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from urllib3.exceptions import HTTPError
 
-from kubellama.components.core.recipe import runs
-from kubellama.components.core.io import storage
-from kubellama.components.core.errors import ConfigError, KubellamaError, rank_error
+from kubellama.components.core.errors import KubellamaError, rank_error
+from kubellama.components.core.launch.lease import Lease, Refused
+from kubellama.components.core.launch.manifests import (
+    JOB_LABEL,
+    KINDS,
+    SPEC_HASH,
+    Kind,
+    kind_of,
+    network_policy,
+    policy_name,
+)
 
-SCHEDULERS = ("kubernetes", "trainjob")
-PART_OF = "app.kubernetes.io/part-of"
-JOB_LABEL = "kubellama.io/job"
-SPEC_HASH = "kubellama.io/spec-hash"
-LEASE = "_LEASE.json"
-# A lease not renewed for this long is stale (its launcher is gone) unless its job still exists.
-LEASE_TTL_S = 300
-# Between writing the lease and reading it back: a launcher that wrote within this window of another loses.
-LEASE_SETTLE_S = 1.0
 POLL_S = 2.0
 # How long the launcher rides out API or object store errors while its job runs before giving up (and deleting it).
 API_PATIENCE_S = 300
@@ -58,100 +38,6 @@ SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 class Stopped(KubellamaError):
     """The launcher was told to stop (SIGTERM) or ran out of time, and deleted its job."""
-
-
-class Refused(KubellamaError):
-    """Another writer holds the output, or the job's name under another spec: this launcher started and wrote
-    nothing, and what is in the output (config, report) belongs to that other writer."""
-
-
-@dataclass(frozen=True)
-class Kind:
-    group: str
-    version: str
-    plural: str
-    state: Callable[[dict], tuple[str, str]]
-    # Create with fieldValidation=Strict: an API server whose CRD lacks a field refuses instead of dropping it.
-    strict: bool = False
-
-    @property
-    def api_version(self) -> str:
-        return f"{self.group}/{self.version}"
-
-
-def _volcano_state(job: dict) -> tuple[str, str]:
-    phase = ((job.get("status") or {}).get("state") or {}).get("phase", "")
-    if phase == "Completed":
-        return "succeeded", ""
-    if phase in ("Failed", "Aborted", "Terminated"):
-        return "failed", phase
-    return "running", phase
-
-
-def _trainjob_state(job: dict) -> tuple[str, str]:
-    from kubellama.components.core.launch import trainjob
-
-    return trainjob.state(job)
-
-
-KINDS = {
-    "batch.volcano.sh/v1alpha1/Job": Kind("batch.volcano.sh", "v1alpha1", "jobs", _volcano_state),
-    # Strict: a Trainer older than the one trainjob.py targets (no runtimePatches before 2.2) would silently drop our
-    # pod settings (GPU node selector, /dev/shm, S3 keys) and run the job without them.
-    "trainer.kubeflow.org/v1alpha1/TrainJob": Kind("trainer.kubeflow.org", "v1alpha1", "trainjobs", _trainjob_state,
-                                                   strict=True),
-}
-
-
-def kind_of(job: dict) -> Kind:
-    return KINDS[f"{job['apiVersion']}/{job['kind']}"]
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
-
-
-def job_name(cfg: Any, stage: str) -> str:
-    """The job of (run, stage, output): the same for every attempt of a step, different for every other run. An
-    RFC 1035 label short enough for TrainJob's and Volcano's pod hostnames (`<name>-node-0-0`)."""
-    key = runs.digest({"run": cfg.run.id, "stage": stage, "output": cfg[stage].output}, 10)
-    return f"kl-{_slug(stage)[:20]}-{key}"
-
-
-def labels(cfg: Any, stage: str, name: str) -> dict[str, str]:
-    """Labels of the job and its pods: the chart's NetworkPolicy selects `part-of`, logs and the per-job policy
-    select `kubellama.io/job`."""
-    return {PART_OF: "kubellama", JOB_LABEL: name, "kubellama.io/stage": _slug(stage)[:63]}
-
-
-def manifest(cfg: Any, stage: str) -> dict[str, Any]:
-    """The Kubernetes object that runs training stage `stage` of bound config `cfg`, as submitted."""
-    from kubellama.components.core.launch import launcher as launch
-
-    name = job_name(cfg, stage)
-    if not storage.is_remote(cfg[stage].output):
-        raise ConfigError(f"{stage}.output={cfg[stage].output} is a local path, which pods on Kubernetes cannot "
-                          f"share: set run.root to an s3:// URL")
-    tags = labels(cfg, stage, name)
-    if cfg.cluster.scheduler == "trainjob":
-        from kubellama.components.core.launch import trainjob
-
-        job = trainjob.build(cfg, stage, name, tags)
-    else:
-        _, job = launch.dryrun(cfg.cluster, launch.job(cfg, stage))
-        # torchx names the job `<app>-<random>` and uses that id in labels and the rendezvous id: use ours instead.
-        job = json.loads(json.dumps(job).replace(job["metadata"]["name"], name))
-        job["metadata"].setdefault("labels", {}).update(tags)
-        for task in job["spec"]["tasks"]:
-            task["template"]["metadata"].setdefault("labels", {}).update(tags)
-    # The config too: a retried step attaches to its job only when it would have started the same job with the same
-    # config (the job reads config.yaml, which only the lease holder writes).
-    spec = runs.digest({"job": job, "config": runs.config_hash(cfg)}, 16)
-    job["metadata"].setdefault("annotations", {})[SPEC_HASH] = spec
-    return job
-
-
-# --- the API -----------------------------------------------------------------------------------------------------
 
 
 class _Api:
@@ -233,63 +119,6 @@ def _owned(job: dict) -> dict:
     return job
 
 
-# --- the lease ---------------------------------------------------------------------------------------------------
-
-
-class Lease:
-    """`<output>/_LEASE.json`: which job writes this output. One per output; see the module docstring."""
-
-    def __init__(self, output: str, job: dict, stage: str) -> None:
-        meta = job["metadata"]
-        self.url = storage.join(output, LEASE)
-        self.output, self.stage = output, stage
-        self.record = {"job": meta["name"], "namespace": meta["namespace"], "apiVersion": job["apiVersion"],
-                       "kind": job["kind"], "holder": os.environ.get("KFP_POD_NAME") or socket.gethostname(),
-                       "nonce": uuid.uuid4().hex}
-        self.renewed = 0.0
-
-    def _read(self) -> dict | None:
-        try:
-            return storage.read_json(self.url)
-        except FileNotFoundError:
-            return None
-        except (ValueError, KubellamaError):
-            return None  # a torn or foreign file holds nothing
-
-    def _write(self) -> None:
-        self.renewed = time.time()
-        storage.write_json(self.url, {**self.record, "renewed": self.renewed})
-
-    def _refuse(self, other: dict) -> Refused:
-        age = int(time.time() - float(other.get("renewed", 0)))
-        return Refused(
-            f"{self.output} is being written by {other.get('kind')} {other.get('namespace')}/{other.get('job')} "
-            f"(lease {self.url}, renewed {age}s ago by {other.get('holder')}): one writer per output; wait for it to "
-            f"end, or delete that job, or write elsewhere (another run.id or {self.stage}.output)")
-
-    def acquire(self, alive: Callable[[dict], bool]) -> None:
-        """Take the lease, or raise naming the job that holds it. `alive(record)` says whether that job exists."""
-        other = self._read()
-        if other and other.get("job") != self.record["job"]:
-            fresh = time.time() - float(other.get("renewed", 0)) < LEASE_TTL_S
-            if fresh or alive(other):
-                raise self._refuse(other)
-        self._write()
-        time.sleep(LEASE_SETTLE_S)
-        now = self._read()
-        if now and now.get("nonce") != self.record["nonce"] and now.get("job") != self.record["job"]:
-            raise self._refuse(now)
-
-    def renew(self) -> None:
-        if time.time() - self.renewed > LEASE_TTL_S / 4:
-            self._write()
-
-    def release(self) -> None:
-        now = self._read()
-        if now and now.get("job") == self.record["job"]:
-            storage.remove(self.url)
-
-
 # --- the launcher ------------------------------------------------------------------------------------------------
 
 
@@ -348,33 +177,17 @@ def _wait_gone(api: _Api, kind: Kind, ns: str, name: str, timeout: float = 120.0
         time.sleep(POLL_S)
 
 
-def policy_name(job: dict) -> str:
-    """The NetworkPolicy of this job object, named by its uid too: a replaced (failed) job's policy lives on until the
-    garbage collector deletes it with that job; under the job's name alone it would stand in for the new job's."""
-    meta = job["metadata"]
-    return f"{meta['name']}-{meta['uid'].split('-')[0]}"
-
-
-def _network_policy(api: _Api, job: dict) -> None:
-    """Ingress from and egress to this job's pods only, owned by the job (deleted with it)."""
+def _apply_network_policy(api: _Api, job: dict) -> None:
+    """The job's own NetworkPolicy (manifests.network_policy); an adopted job has it already."""
     from kubernetes.client.exceptions import ApiException
 
-    meta = job["metadata"]
-    pods = {"podSelector": {"matchLabels": {JOB_LABEL: meta["name"]}}}
-    body = {
-        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-        "metadata": {"name": policy_name(job), "namespace": meta["namespace"],
-                     "labels": {PART_OF: "kubellama", JOB_LABEL: meta["name"]},
-                     "ownerReferences": [{"apiVersion": job["apiVersion"], "kind": job["kind"], "name": meta["name"],
-                                          "uid": meta["uid"]}]},
-        "spec": {**pods, "policyTypes": ["Ingress", "Egress"], "ingress": [{"from": [pods]}],
-                 "egress": [{"to": [pods]}]},
-    }
+    body = network_policy(job)
+    ns = job["metadata"]["namespace"]
     try:
-        api.net.create_namespaced_network_policy(meta["namespace"], body)
+        api.net.create_namespaced_network_policy(ns, body)
     except ApiException as exc:
         if exc.status != 409:  # an adopted job has its policy already
-            raise _api_error(exc, f"create networkpolicies {meta['namespace']}/{policy_name(job)}") from None
+            raise _api_error(exc, f"create networkpolicies {ns}/{policy_name(job)}") from None
 
 
 def _stamp_key(stamp: str) -> str:
@@ -437,7 +250,7 @@ class _Logs:
             except ApiException as exc:
                 if exc.status == 404:
                     return  # the pod is gone
-            except Exception as exc:  # a dropped connection: follow again
+            except Exception as exc:  # a dropped connection: follow again  # noqa: BLE001
                 print(f"kubellama: log stream of {tag} broke: {exc}", file=sys.stderr)
             if self.phases.get(pod, "Gone") in ("Succeeded", "Failed", "Gone") or self.done.wait(POLL_S):
                 return
@@ -520,7 +333,7 @@ def launch(cfg: Any, stage: str, job: dict, start: Callable[[], None] | None = N
     try:
         obj = _create_or_adopt(api, kind, _owned(job), start)
         if cluster.network_policy:
-            _network_policy(api, obj)
+            _apply_network_policy(api, obj)
         state, message = _watch(api, kind, ns, name, logs, lease, stop, int(cluster.timeout_s))
         if state != "stopped":
             logs.scan()

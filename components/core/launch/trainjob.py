@@ -1,28 +1,15 @@
 """A training stage as a Kubeflow Trainer v2 TrainJob (`cluster.scheduler=trainjob`), from the same cluster config
-as the Volcano job torchx makes (components/core/launch.py).
-
-Pinned to Kubeflow Trainer v2.3.0 (`trainer.kubeflow.org/v1alpha1`, needs Kubernetes >= 1.31). The API moved
-between releases: per-job pod settings were `podSpecOverrides` in 2.0 and `podTemplateOverrides` in 2.1, and are
-`runtimePatches` (one entry per `manager`) since 2.2; `spec.labels`/`spec.annotations` were removed in 2.2;
-`trainer.numProcPerNode` is an integer since 2.2. tests/test_trainjob.py validates what `build` makes against the
-v2.3.0 CRD schema kept in tests/data/trainer-v2.3.0/.
-
-The runtime (`cluster.runtime`, default the `torch-distributed` ClusterTrainingRuntime that Trainer installs, or
-the TrainingRuntime the Helm chart can ship) runs one pod per node with a container named `node`; its torch plugin
-sets PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK, PET_MASTER_ADDR and PET_MASTER_PORT, which torchrun reads, so
-the command is plain torchrun with no rendezvous flags. The TrainJob adds what a GPU job needs on top of any
-runtime: the image and command, GPUs, CPU and memory per node, a memory /dev/shm for NCCL, the GPU operator's node
-selector and taint toleration, the S3 Secret as environment, the service account, pull secrets, the grace period,
-the Istio opt-out, and the Kueue queue label (`cluster.queue`). Pod priority cannot be set per TrainJob in 2.3: it
-comes from the runtime (the chart's runtime carries the chart's PriorityClass).
+as the torchx Volcano job (torchx_job.py). Pinned to Trainer v2.3.0 (`trainer.kubeflow.org/v1alpha1`): per-job pod
+settings go in `runtimePatches`; tests/test_trainjob.py checks `build` against the v2.3.0 CRD schema. The runtime's
+torch plugin sets the PET_* variables torchrun reads, so the command is plain torchrun with no rendezvous flags.
 """
 from __future__ import annotations
 
 import sys
 from typing import Any
 
-from kubellama.components.core.launch import launcher as launch
 from kubellama.components.core.errors import ConfigError
+from kubellama.components.core.launch import pods
 
 TRAINER_VERSION = "v2.3.0"
 GROUP = "trainer.kubeflow.org"
@@ -40,17 +27,17 @@ SHM = "dshm"
 
 def _env(cluster: Any) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "LOGLEVEL", "value": "WARNING"},
-                                 {"name": launch.LAUNCHED, "value": "1"}]
+                                 {"name": pods.LAUNCHED, "value": "1"}]
     if cluster.s3_endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": cluster.s3_endpoint})
     if cluster.s3_secret:
         # Trainer's API takes env entries only (no envFrom): one secretKeyRef per variable, the optional ones
         # optional, as the pipeline steps get them (pipelines/k8s.py).
-        for key in launch.S3_KEYS + launch.S3_OPTIONAL_KEYS:
+        for key in pods.S3_KEYS + pods.S3_OPTIONAL_KEYS:
             if key == "AWS_ENDPOINT_URL" and cluster.s3_endpoint:
                 continue
             ref = {"name": cluster.s3_secret, "key": key}
-            if key in launch.S3_OPTIONAL_KEYS:
+            if key in pods.S3_OPTIONAL_KEYS:
                 ref["optional"] = True
             env.append({"name": key, "valueFrom": {"secretKeyRef": ref}})
     return env
@@ -63,14 +50,14 @@ def _resources(cluster: Any) -> dict[str, Any]:
     for key in ("cpu", "memory"):
         value = cluster[key]
         if value:
-            launch._quantity(value)  # one line naming the bad value instead of a refusal by the API server
+            pods.quantity(value)  # one line naming the bad value instead of a refusal by the API server
             limits[key] = str(value)
     # Requests default to the limits: a Guaranteed pod, as the GPU device plugin requires for the GPUs anyway.
     return {"limits": limits}
 
 
 def _pod_patch(cluster: Any, labels: dict[str, str]) -> dict[str, Any]:
-    selector, tolerations = launch.placement(cluster)
+    selector, tolerations = pods.placement(cluster)
     spec: dict[str, Any] = {"terminationGracePeriodSeconds": int(cluster.grace_period_s)}
     if cluster.service_account:
         spec["serviceAccountName"] = cluster.service_account
@@ -109,7 +96,7 @@ def build(cfg: Any, stage: str, name: str, labels: dict[str, str]) -> dict[str, 
     command = ["python", "-m", "torch.distributed.run",
                # On SIGTERM torchrun forwards it to the ranks and waits this long for their save before SIGKILL.
                "--shutdown_timeout", str(grace),
-               "-m", f"kubellama.components.{stage}", "--config", launch.config_url(cfg, stage)]
+               "-m", f"kubellama.components.{stage}", "--config", pods.config_url(cfg, stage)]
     trainer: dict[str, Any] = {
         "image": cluster.image_train,
         "command": command,

@@ -9,7 +9,7 @@ uniform per row and step, computed up front: no per-vocabulary noise, and no gen
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

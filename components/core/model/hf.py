@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from kubellama.components.core.io import storage, trust
 from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.io import storage, trust
 from kubellama.components.core.model.llama import Llama
 from kubellama.conf.schema.model import ModelConfig
 
@@ -28,7 +31,7 @@ def to_hf_key(name: str) -> str:
 
 
 def from_hf_key(name: str) -> str:
-    return name[len("model."):] if name.startswith("model.") else name
+    return name.removeprefix("model.")
 
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
@@ -168,7 +171,7 @@ def _read_tensors(url: str) -> dict[str, torch.Tensor]:
             out.update(st_load(storage.read_bytes(storage.join(url, name))))
         except FileNotFoundError:
             raise KubellamaError(f"{storage.join(url, name)}: missing") from None
-        except Exception as exc:  # safetensors' own errors: a truncated or foreign file
+        except Exception as exc:  # safetensors' own errors: a truncated or foreign file  # noqa: BLE001
             raise trust.Refused(f"{storage.join(url, name)}: not a safetensors file ({trust.one_line(exc)})") \
                 from None
     return out
@@ -186,7 +189,7 @@ def read_config(url: str) -> tuple[dict[str, Any], ModelConfig]:
         raise KubellamaError(f"{config_url}: not a Llama config ({trust.one_line(exc)})") from None
 
 
-def load_model(url: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+def load_hf(url: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
                ) -> tuple[Llama, ModelConfig, str | None]:
     """Load an HF Llama directory (ours or transformers'): model, its config, and the tokenizer URL if present."""
     hf, cfg = read_config(url)
@@ -210,15 +213,12 @@ def load_model(url: str, device: str | torch.device = "cpu", dtype: torch.dtype 
     return model.eval(), cfg, (tok if storage.exists(tok) else None)
 
 
-
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32}
 
 
 def _headers(url: str) -> dict[str, tuple[str, dict[str, Any], int]]:
     """HF key -> (file URL, safetensors entry, offset of the file's data section), reading headers only."""
-    import struct
-
     files = _files(url)
     out: dict[str, tuple[str, dict[str, Any], int]] = {}
     for name in files:
@@ -260,8 +260,6 @@ def read_into(url: str, state: dict[str, torch.Tensor]) -> list[str]:
     """Fill `state` (our names; plain tensors or dim-0-sharded DTensors, as FSDP2 makes them) from the HF Llama
     directory `url` with one ranged read per tensor of just this rank's rows, local or s3://. Returns the names
     the directory lacks."""
-    from torch.distributed.tensor import DTensor
-
     headers = _headers(url)
     missing = []
     for name, t in state.items():
@@ -275,8 +273,6 @@ def read_into(url: str, state: dict[str, torch.Tensor]) -> list[str]:
                                  f"{list(t.shape)}")
         local, first = t, 0
         if isinstance(t, DTensor):
-            from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
             local = t.to_local()
             _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
             first = offset[0] if len(offset) else 0

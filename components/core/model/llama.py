@@ -2,9 +2,9 @@
 
 Pre-norm RMSNorm, SwiGLU feed-forward, rotary embeddings, grouped-query attention through SDPA, untied output head.
 Parameter names follow Hugging Face's LlamaForCausalLM (without its `model.` prefix) and RoPE uses its rotate-half
-layout, so HF checkpoints load with a prefix rename and nothing else (components/core/hf.py).
+layout, so HF checkpoints load with a prefix rename and nothing else (core/model/hf.py).
 
-Parallelism lives elsewhere (components/core/trainer.py shards `layers[i]` with FSDP2); this file knows nothing of it.
+Parallelism lives elsewhere (core/train/trainer.py shards `layers[i]` with FSDP2); this file knows nothing of it.
 """
 from __future__ import annotations
 
@@ -18,9 +18,6 @@ from torch import nn
 from kubellama.components.core.model import attention
 from kubellama.conf.schema.model import ModelConfig
 
-
-# The target id that carries no loss (PyTorch's default ignore_index): prompts, padding.
-IGNORE = -100
 # Rows of fp32 logits handled at a time by the fused loss: small enough to stay in cache (and, on CPU, below
 # malloc's mmap threshold, so no fresh pages each step), big enough that a GPU launches few kernels.
 LOSS_CHUNK_BYTES = {"cpu": 8 << 20}
@@ -45,7 +42,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, n, rows):
             chunk, t = grad[start:start + rows], targets[start:start + rows]
-            keep = (t != IGNORE)[:, None]
+            keep = (t >= 0)[:, None]  # a negative target (the labels' IGNORE) carries no loss
             t = t.clamp(min=0)[:, None]
             z = chunk.float()
             lse = torch.logsumexp(z, dim=1, keepdim=True)
@@ -66,7 +63,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk_rows: int | None = None) -> torch.Tensor:
-    """sum over rows of cross_entropy(h @ weight.T, targets) (IGNORE targets excluded): (N, D), (V, D), (N,)."""
+    """sum over rows of cross_entropy(h @ weight.T, targets) (negative targets excluded): (N, D), (V, D), (N,)."""
     rows = chunk_rows or LOSS_CHUNK_BYTES.get(h.device.type, LOSS_CHUNK_BYTES_DEFAULT) // (4 * weight.shape[0])
     return LinearCrossEntropy.apply(h, weight, targets, max(1, rows))
 
@@ -139,7 +136,7 @@ class KVCache:
     length: int = 0
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> "KVCache":
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         kv = cfg.n_kv_heads or cfg.n_heads
         shape = (cfg.n_layers, batch, kv, max_len, cfg.dim // cfg.n_heads)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
@@ -249,7 +246,7 @@ class Llama(nn.Module):
         # does not grow with the number of layers.
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            if name.endswith(("norm.weight", "layernorm.weight")):
                 p.fill_(1.0)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 p.normal_(0.0, out_std, generator=generator)
@@ -257,7 +254,7 @@ class Llama(nn.Module):
                 p.normal_(0.0, std, generator=generator)
 
     @torch.no_grad()
-    def fuse_projections(self) -> "Llama":
+    def fuse_projections(self) -> Llama:
         """For inference: the q, k, v weights of each block become views into one tensor, and so do gate and up,
         so each group is one matrix product (decoding on CPU spends much of each small product on fixed costs).
         No memory is added, parameter names and `state_dict` are unchanged, and `load_state_dict` copies into the
@@ -280,12 +277,12 @@ class Llama(nn.Module):
         positions: (B, T) RoPE positions; default 0..T-1 (or continuing the cache).
         cache: decode incrementally, appending to and attending over the cache.
         segments: (B, T) example ids of packed sequences; attention stays inside each example.
-        targets: (B, T) the next token at each position (IGNORE: none); the summed cross-entropy is returned
+        targets: (B, T) the next token at each position (negative: none); the summed cross-entropy is returned
             instead of the logits, through the fused head and loss (`LinearCrossEntropy`).
         last: only the last position's logits (B, 1, vocab), all a prefill samples from: the head over the whole
             prompt would cost T times as much.
         """
-        B, T = tokens.shape
+        _B, T = tokens.shape
         start = cache.length if cache is not None else 0
         if positions is None:
             # One row that broadcasts over the batch: RoPE tables are then computed once, not B times.

@@ -1,12 +1,7 @@
-"""Run identity: where a stage writes, and the fingerprint that keeps one run from continuing another.
-
-- Training stages write under `<run.root>/<run.id>/<stage>`. `run.id` is the KFP run id inside a pipeline and a
-  time stamp plus config hash elsewhere, so two runs never share a folder; `run.id=<existing>` continues that run.
-- Data prep is deterministic: it writes under `<run.root>/data/<hash of the data config>`, so an identical data
-  config finds its finished output and skips the work, whichever run asks.
-- A checkpoint records the fingerprint of what shapes training (model, the stage's hyperparameters, seed, data
-  manifest, parent checkpoint). Resuming under another fingerprint fails with one line naming the first differing
-  key: a run is never continued, retrained or re-exported under another config.
+"""Run identity: where a stage writes, and the fingerprint that keeps one run from continuing another. Training stages
+write under `<run.root>/<run.id>/<stage>`; data prep under `<run.root>/data/<hash of the data config>`, so an
+identical data config finds its finished output. Resuming a checkpoint under another fingerprint fails with one line
+naming the first differing key.
 """
 from __future__ import annotations
 
@@ -17,14 +12,17 @@ import posixpath
 import re
 import secrets
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from omegaconf import OmegaConf
 
-from kubellama.components.core.io import storage
 from kubellama.components.core.errors import ConfigError
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe.config import from_dict
+from kubellama.components.core.recipe.stages import BY_NAME
 
-# Data keys that change how fast, not what, data prep writes (N pods give what one pod gives: data_prep/steps.py).
+# Data keys that change how fast, not what, data prep writes (N pods give what one pod gives: data_prep/steps/).
 DATA_VOLATILE = ("output", "workers", "error_samples", "parallelism", "reducers", "split_bytes", "partition_bytes",
                  "cpu", "memory")
 
@@ -87,8 +85,6 @@ def stage_output(cfg: Any, stage: str) -> str:
         return given
     if not cfg.run.id:
         raise ConfigError(f"{stage}.output is empty and so is run.id: set one of them")
-    from kubellama.components.core.recipe.stages import BY_NAME
-
     # A stage with variants (both reward models of one run) writes one folder per variant.
     folder = BY_NAME[stage].step_of(cfg[stage]) if stage in BY_NAME else stage
     return storage.join(cfg.run.root, cfg.run.id, folder)
@@ -145,14 +141,12 @@ def lineage(fp: Mapping[str, Any]) -> dict[str, Any]:
 
 def step_config(config: str, stage: str, run_id: str = "", in_pod: bool = False, **inputs: str) -> Any:
     """The config of a KFP step: its sections (JSON) over the defaults, the URLs of its input artifacts put at
-    `<stage>.<input>`, the pipeline run's id, and, for a training step holding the node's GPUs (`in_pod`),
-    torchrun inside the pod. Bound like a CLI run."""
-    from kubellama.components.core.recipe.config import from_dict
-
+    `<stage>.<key>` (dotted for a nested key: `reward_models.helpfulness`), the pipeline run's id, and, for a
+    training step holding the node's GPUs (`in_pod`), torchrun inside the pod. Bound like a CLI run."""
     cfg = from_dict(json.loads(config))
     os.environ[STEP_ENV] = stage
     for key, url in inputs.items():
-        cfg[stage][key] = url
+        OmegaConf.update(cfg, f"{stage}.{key}", url, merge=False)
     if in_pod:
         cfg.cluster.scheduler = "local_cwd"
     return bind(cfg, stage, run_id)

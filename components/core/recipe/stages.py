@@ -38,8 +38,9 @@ class Stage:
     reads: tuple[str, ...]
     output: str  # the component's main output artifact: "dataset" or "model"
     inputs: tuple[Input, ...] = ()
-    # A training stage runs through the shared launcher (core/launch.py) in a GPU pod or a torchx job.
-    training: bool = False
+    # Runs through the one launcher (core/launch/launcher.py) on the GPU image: a GPU pod or a torchx job. The
+    # training stages do, and so does the safety eval (it generates with the models it judges).
+    launched: bool = False
     # Run once per variant, side by side, with `<name>.<variant_key>=<variant>` (the reward models: helpfulness ||
     # safety). Steps and output folders are then named `<name>_<variant>`.
     variants: tuple[str, ...] = ()
@@ -76,35 +77,35 @@ STAGES: tuple[Stage, ...] = (
           output="dataset", build="kubellama.components.data_prep.component:steps"),
     Stage("pretrain", "pretrain", "stage: FSDP pretraining (torchx local or Kubernetes)",
           reads=("run", "model", "pretrain", "cluster"), output="model",
-          inputs=(Input("data", "data_prep", "data"),), training=True),
+          inputs=(Input("data", "data_prep", "data"),), launched=True),
     Stage("sft", "SFT", "stage: supervised fine-tuning on packed dialogs, loss on answers only",
           reads=("run", "model", "sft", "cluster"), output="model",
-          inputs=(Input("data", "data_prep", "data"), Input("init", "pretrain", "init")), training=True),
+          inputs=(Input("data", "data_prep", "data"), Input("init", "pretrain", "init")), launched=True),
     Stage("gatt", "GAtt", "stage: Ghost Attention fine-tuning and the turn-by-turn instruction-adherence eval",
           reads=("run", "model", "gatt", "cluster"), output="model",
-          inputs=(Input("data", "data_prep", "data"), Input("init", "sft", "init")), training=True),
+          inputs=(Input("data", "data_prep", "data"), Input("init", "sft", "init")), launched=True),
     Stage("reward", "reward model", "stage: helpfulness or safety reward model (reward.kind)",
           reads=("run", "model", "reward", "cluster"), output="model",
           inputs=(Input("data", "data_prep", "data"), Input("init", ("gatt", "sft", "pretrain"), "init")),
-          training=True, variants=("helpfulness", "safety")),
+          launched=True, variants=("helpfulness", "safety")),
     Stage("rejection_sampling", "rejection sampling",
           "stage: best of K samples by the combined reward, pooled across rounds, then SFT on the pool",
           reads=("run", "model", "rejection_sampling", "cluster"), output="model",
           inputs=(Input("data", "data_prep", "data"), Input("init", ("gatt", "sft", "pretrain"), "init"),
-                  Input("reward_helpfulness", "reward_helpfulness", "reward_helpfulness"),
-                  Input("reward_safety", "reward_safety", "reward_safety")), training=True),
+                  Input("reward_helpfulness", "reward_helpfulness", "reward_models.helpfulness"),
+                  Input("reward_safety", "reward_safety", "reward_models.safety")), launched=True),
     Stage("ppo", "PPO", "stage: PPO against the combined reward with a KL penalty to the initial policy",
           reads=("run", "model", "ppo", "cluster"), output="model",
           inputs=(Input("data", "data_prep", "data"),
                   Input("init", ("rejection_sampling", "gatt", "sft", "pretrain"), "init"),
-                  Input("reward_helpfulness", "reward_helpfulness", "reward_helpfulness"),
-                  Input("reward_safety", "reward_safety", "reward_safety")), training=True),
+                  Input("reward_helpfulness", "reward_helpfulness", "reward_models.helpfulness"),
+                  Input("reward_safety", "reward_safety", "reward_models.safety")), launched=True),
     # Last: evaluates the newest model of the run (and the run's other checkpoints side by side), gates promotion
     # and writes the run's page.
     Stage("safety_eval", "safety eval", "stage: safety benchmarks, side-by-side report, promotion gate",
           reads=("run", "model", "safety_eval", "cluster", "plan"), output="dataset",
           inputs=(Input("model", ("ppo", "rejection_sampling", "gatt", "sft", "pretrain"), "init"),
-                  Input("data", "data_prep", "data")), training=True),
+                  Input("data", "data_prep", "data")), launched=True),
 )
 
 BY_NAME = {s.name: s for s in STAGES}

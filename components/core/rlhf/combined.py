@@ -1,14 +1,7 @@
-"""The Llama 2 combined reward (paper §3.2.3), written once for PPO, rejection sampling and evaluation:
-
-    R_c = R_s  if is_safety(prompt) or R_s < threshold (0.15)  else  R_h
-    reward = whiten(logit(R_c))
-
-R_h and R_s are the helpfulness and safety RMs' rewards in (0, 1): sigmoid of their raw scores
-(components/core/scorer.py `probability`). `combine` is logit(R_c); `Whitener` whitens it with the statistics of
-the batch (all ranks together) or a running estimate over every score seen so far (state saved with the PPO
-checkpoint), per `reward.combined.whiten`. They stay two pieces because PPO needs both the whitened reward (to
-train) and the unwhitened one (to report), and rejection sampling only the latter. The KL penalty of the final PPO
-reward is PPO's business, not this file's.
+"""The Llama 2 combined reward (paper §3.2.3), for PPO, rejection sampling and evaluation:
+R_c = R_s if is_safety(prompt) or R_s < threshold (0.15) else R_h; reward = whiten(logit(R_c)).
+`combine` gives logit(R_c) (what rejection sampling ranks by and PPO reports); `Whitener` whitens it for PPO, with
+batch statistics or a running estimate kept in PPO's checkpoint. PPO's KL penalty is PPO's own (ppo/algo.py).
 """
 from __future__ import annotations
 
@@ -35,8 +28,8 @@ def logit(p: torch.Tensor, eps: float) -> torch.Tensor:
 
 def combine(r_h: torch.Tensor, r_s: torch.Tensor, is_safety: torch.Tensor, cfg: CombinedRewardConfig) -> torch.Tensor:
     """logit(R_c) in fp64: the combined reward before whitening, what PPO and rejection sampling score answers with
-    (components/ppo/stage.py). PPO whitens it per rollout with a `Whitener` (components/ppo/loop.py) and reports it
-    unwhitened too; rejection sampling keeps it as is, since whitening would not change the argmax."""
+    (core/rlhf/reward_models.py). PPO whitens it per rollout with a `Whitener` (components/ppo/experience.py) and
+    reports it unwhitened too; rejection sampling keeps it as is, since whitening would not change the argmax."""
     return logit(choose(r_h, r_s, is_safety, cfg.safety_threshold), cfg.eps)
 
 

@@ -1,34 +1,26 @@
-"""Reward models and the one way to score with them: training (components/reward), rejection sampling, PPO and
-evaluation all read scores through this file.
-
-A reward model is the Llama backbone with the LM head replaced by a scalar head `score` (paper §3.2.2), read at
-the last token of the response. Inputs are Llama 2 chat dialogs, `<s>[INST] prompt [/INST] response </s>`, so the
-last token is the EOS that closes every answer. Sequences are right-padded; the model is causal, so padding after
-a sequence's last token changes nothing before it. Parameter names are Hugging Face's: the export is a
-LlamaForSequenceClassification with num_labels=1 and pad_token_id=0 (transformers then also reads the last
-non-padding token).
-
-`Scorer` scores batches of (context, response) pairs or token ids with a model sharded by FSDP2 exactly as the
-trainer shards it. Under torch.distributed every rank calls it together (each forward gathers parameters from all
-ranks); ranks may pass different sequences, and every rank runs the same number of forwards.
+"""Reward models and the one way to score with them (reward training, rejection sampling, PPO, evaluation): a Llama
+with a scalar head `score` instead of the LM head (paper §3.2.2), read at each right-padded dialog's last token (the
+closing EOS); exported as Hugging Face's LlamaForSequenceClassification. `Scorer` batches scores on a model sharded
+like training; under torch.distributed every rank calls it together, running the same number of forwards.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as tdist
 from torch import nn
 
-from kubellama.components.core.train import checkpoint, dist
-from kubellama.components.core.io import storage
-from kubellama.components.core.errors import KubellamaError
-from kubellama.components.core.model.llama import Llama, count_params
 from kubellama.components.core.data.tokenizer import Tokenizer
-from kubellama.components.core.train.trainer import FULL_INIT_MAX_PARAMS, shard_frozen
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.io import storage
+from kubellama.components.core.model.hf import read_config
+from kubellama.components.core.model.llama import Llama, count_params
+from kubellama.components.core.train import checkpoint, dist
+from kubellama.components.core.train.parallelize import FULL_INIT_MAX_PARAMS, shard_frozen
 from kubellama.conf.schema.model import ModelConfig
-from kubellama.conf.schema.train import TrainConfig
+from kubellama.conf.schema.train import ComputeConfig
 
 PAD = 0  # right padding (UNK): never read, since scores come from each sequence's own last token
 
@@ -89,8 +81,6 @@ def pad(seqs: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tens
 def model_config(url: str) -> ModelConfig:
     """The shape of the reward model at `url`: an HF directory's config.json, or the model keys a training
     checkpoint's fingerprint records."""
-    from kubellama.components.core.model.hf import read_config
-
     kind, src = checkpoint.resolve(url)
     if kind == "hf":
         return read_config(src)[1]
@@ -120,8 +110,8 @@ class Scorer:
 
     @classmethod
     def load(cls, url: str, *, tokenizer: str | None = None, model_cfg: ModelConfig | None = None,
-             train_cfg: TrainConfig | None = None, env: dist.Env | None = None, batch_size: int = 16,
-             max_len: int | None = None, frozen: str = "fp32") -> "Scorer":
+             train_cfg: ComputeConfig | None = None, env: dist.Env | None = None, batch_size: int = 16,
+             max_len: int | None = None, frozen: str = "fp32") -> Scorer:
         """Collective: the reward model at `url` (an RM stage output, one of its checkpoints, or its HF export),
         sharded over all ranks like training (`train_cfg` gives mixed precision and activation checkpointing), each
         rank reading only its own slices, held as `frozen` says (trainer.shard_frozen; "fp32": exactly as trained).
@@ -129,7 +119,7 @@ class Scorer:
         env = env or dist.init()
         model = build(model_cfg or model_config(url), seed=0)
         meta = any(p.is_meta for p in model.parameters())
-        model = shard_frozen(model, train_cfg or TrainConfig(), env, frozen)  # type: ignore[assignment]
+        model = shard_frozen(model, train_cfg or ComputeConfig(), env, frozen)  # type: ignore[assignment]
         if meta:
             model.to_empty(device=env.device)
         checkpoint.load_weights(model, url)

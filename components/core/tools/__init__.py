@@ -1,1 +1,1 @@
-"""Planning tools: parameter counts, memory and cost estimates."""
+"""The tools commands (generate, export-hf, plan, config): the top core layer, above train, model and recipe."""

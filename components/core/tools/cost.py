@@ -68,10 +68,10 @@ def estimate(params: int, tokens: float, gpu_name: str = "a100-80gb", mfu: float
 
 def format_cost(model_name: str, tokens: float, c: Cost, derived_mfu: bool) -> str:
     how = " (derived from Table 2)" if derived_mfu else ""
-    lines = [f"cost ledger: {tokens:.3g} tokens on {c.gpu.name} ({c.gpu.peak_flops / 1e12:g} TFLOP/s bf16, "
-             f"{c.power_w:g} W) at {c.mfu * 100:.1f}% MFU{how}:",
-             f"  {c.gpu_hours:,.0f} GPU-hours, {c.mwh:,.1f} MWh, {c.tco2:,.2f} tCO2eq "
-             f"({T_CO2_PER_MWH:.4f} tCO2eq/MWh incl. PUE, from Table 2)"]
+    lines = [(f"cost ledger: {tokens:.3g} tokens on {c.gpu.name} ({c.gpu.peak_flops / 1e12:g} TFLOP/s bf16, "
+             f"{c.power_w:g} W) at {c.mfu * 100:.1f}% MFU{how}:"),
+             (f"  {c.gpu_hours:,.0f} GPU-hours, {c.mwh:,.1f} MWh, {c.tco2:,.2f} tCO2eq "
+             f"({T_CO2_PER_MWH:.4f} tCO2eq/MWh incl. PUE, from Table 2)")]
     paper = TABLE2.get(model_name)
     if paper and tokens == PAPER_TOKENS and c.gpu == GPUS["a100-80gb"]:
         lines.append(f"  paper, Table 2 ({model_name}): {paper[0]:,} GPU-hours ({c.gpu_hours / paper[0] - 1:+.1%}), "

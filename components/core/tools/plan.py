@@ -1,4 +1,4 @@
-"""Back-of-the-envelope memory per GPU for training under FSDP2 full sharding.
+"""`kubellama plan`: back-of-the-envelope memory per GPU for training under FSDP2 full sharding, and the cost ledger.
 
 Assumes what the trainer core does on GPU: fp32 sharded master parameters, bf16 all-gathered compute copies of up to
 two blocks at a time (current + prefetched), fp32 sharded gradients, AdamW's two fp32 moments, SDPA (flash)
@@ -6,9 +6,13 @@ attention so no T×T score matrix is stored, fp32 logits for the loss.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kubellama.components.core.model.llama import count_params
+from kubellama.components.core.recipe.config import load_config
+from kubellama.components.core.recipe.entry import guarded, parser
+from kubellama.components.core.tools.cost import estimate, format_cost
 from kubellama.conf.schema.model import ModelConfig
 from kubellama.conf.schema.ppo import PpoConfig
 from kubellama.conf.schema.tools import PlanConfig
@@ -69,8 +73,8 @@ def format_plan(cfg: ModelConfig, p: PlanConfig, result: Plan) -> str:
         (f"gathered blocks ({p.param_dtype})", result.gathered),
         ("gradients (fp32 shard)", result.grads),
         ("optimizer (AdamW, fp32 shard)", result.optimizer),
-        (f"activations (micro-batch {p.micro_batch} x {p.seq_len}"
-         f"{', checkpointed' if p.activation_checkpointing else ''})", result.activations),
+        ((f"activations (micro-batch {p.micro_batch} x {p.seq_len}"
+         f"{', checkpointed' if p.activation_checkpointing else ''})"), result.activations),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"model {cfg.name}: {result.params:,} parameters",
@@ -159,3 +163,21 @@ def format_ppo_plan(p: PlanConfig, ppo: PpoConfig, result: PpoPlan) -> str:
     hint = "" if verdict == "fits" else " (try ppo.frozen=offload, ppo.rollout_batch, or more GPUs)"
     lines.append(f"PPO {verdict} in {p.gpu_memory_gib:g} GiB{hint}")
     return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser("plan", "Parameter count, per-GPU memory under FSDP (plan.world_size, plan.seq_len, ...) and the "
+                       "cost ledger: GPU-hours and tCO2eq for plan.tokens on plan.gpu.")
+    args = p.parse_args(argv)
+
+    def go() -> int:
+        cfg = load_config(args.overrides)
+        p = cfg.plan
+        memory = plan(cfg.model, p)
+        cost = estimate(memory.params, p.tokens, p.gpu, p.mfu, p.gpu_power_w)
+        print(format_plan(cfg.model, p, memory))
+        print(format_ppo_plan(p, cfg.ppo, ppo_plan(cfg.model, p, cfg.ppo)))
+        print(format_cost(cfg.model.name, p.tokens, cost, derived_mfu=not p.mfu))
+        return 0
+
+    return guarded(go)

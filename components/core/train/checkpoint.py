@@ -1,30 +1,27 @@
-"""Sharded training checkpoints with torch.distributed.checkpoint (DCP), at any fsspec URL.
-
-Layout under `<output>/checkpoints/step_0000100/`:
-- the DCP files: model and optimizer state, one file per rank plus `.metadata`, written through fsspec so the same
-  code writes a local folder or s3://;
-- `trainer.json`: step, scheduler, data reader position, world size (rank 0; the same on every rank);
-- `rng_<rank>.pt`: each rank's RNG states;
-- `_COMPLETE`, written by rank 0 after every rank finished: a folder without it (a save cut short by SIGKILL or a
-  node loss) is never picked for resume and is deleted by the next successful save.
-
-DCP stores tensors by fully qualified name with their global shape, so a checkpoint written on W ranks loads on any
-other number of ranks: every rank reads the slices its own shards need.
-"""
+"""Training checkpoints on disk with torch.distributed.checkpoint (DCP), at any fsspec URL: under
+`checkpoints/step_0000100/` the DCP files (loadable on any world size), `trainer.json` (step, scheduler, data
+position, world size), `rng_<rank>.pt`, and `_COMPLETE` written last by rank 0 (a folder without it is never resumed
+and is deleted by the next save). Also the readers of `<stage>.init` weights and of a checkpoint as a plain Llama."""
 from __future__ import annotations
 
 import io
+import random
 import re
 import warnings
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
-from kubellama.components.core.train import dist
+from kubellama.components.core.errors import KubellamaError
 from kubellama.components.core.io import storage, trust
-from kubellama.components.core.train import safe_dcp
+from kubellama.components.core.model.hf import read_into
+from kubellama.components.core.model.llama import Llama
+from kubellama.components.core.train import dist, safe_dcp
+from kubellama.conf.schema.model import ModelConfig
 
 PREFIX = "step_"
 _NAME = re.compile(r"^step_(\d+)$")
@@ -36,7 +33,8 @@ def folder(root: str, step: int) -> str:
 
 def steps(root: str) -> tuple[list[int], list[int]]:
     """(complete, incomplete) checkpoint steps under `root`, ascending."""
-    done, partial = [], []
+    done: list[int] = []
+    partial: list[int] = []
     for name in storage.listdir(root):
         m = _NAME.match(name)
         if m:
@@ -51,13 +49,9 @@ def latest(root: str) -> str | None:
 
 
 def _rng_state() -> dict[str, Any]:
-    import random
-
-    import numpy as np
-
     # Only tensors, lists and numbers, so loading needs no pickle of arbitrary objects (weights_only=True): a
     # checkpoint bucket must not be a way to run code.
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    name, keys, pos, has_gauss, gauss = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     version, internal, gauss_next = random.getstate()
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss_next],
                              "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
@@ -67,10 +61,6 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
     torch.set_rng_state(state["torch"])
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
@@ -165,7 +155,7 @@ def load(url: str, tensors: dict[str, Any], env: dist.Env) -> dict[str, Any]:
     try:
         state = torch.load(io.BytesIO(storage.read_bytes(rng_url)), weights_only=True)
         _set_rng_state(state)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         raise trust.Refused(f"{rng_url}: not an RNG state of plain tensors and numbers ({trust.one_line(exc)})") \
             from None
     return info
@@ -175,8 +165,6 @@ def resolve(url: str) -> tuple[str, str]:
     """(kind, url) of a weights source given as `<stage>.init`: ("dcp", a complete step folder) for a step folder,
     a checkpoints/ folder or a stage output holding one (its newest complete step); ("hf", folder) for an HF Llama
     directory or a stage output with an hf/ export."""
-    from kubellama.components.core.errors import KubellamaError
-
     candidates = [url, storage.join(url, "checkpoints")]
     if storage.exists(storage.join(url, ".metadata")):
         if not storage.is_complete(url):
@@ -197,15 +185,9 @@ def load_weights(model: Any, url: str, optional: tuple[str, ...] = ()) -> str:
     """Collective: fill `model` (sharded by FSDP2 or not) from `<stage>.init` = `url`, each rank reading only the
     slices of its own shards, on any world size. Parameters whose names start with one of `optional` may be absent
     (a reward model's scalar head when the source is a language model). Returns the resolved source URL."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
-
-    from kubellama.components.core.errors import KubellamaError
-
     kind, src = resolve(url)
     state = get_model_state_dict(model)
     if kind == "hf":
-        from kubellama.components.core.model.hf import read_into
-
         missing = read_into(src, state)
     else:
         stored = {k.removeprefix("model.") for k in safe_dcp.reader(src).read_metadata().state_dict_metadata if
@@ -222,12 +204,9 @@ def load_weights(model: Any, url: str, optional: tuple[str, ...] = ()) -> str:
     return src
 
 
-def load_model(url: str, model_cfg: Any) -> Any:
+def load_model(url: str, model_cfg: ModelConfig) -> Llama:
     """The model weights of training checkpoint `url` (any world size) as a plain Llama, without a process group:
     what `kubellama export-hf --checkpoint` converts."""
-    from kubellama.components.core.errors import KubellamaError
-    from kubellama.components.core.model.llama import Llama
-
     if not storage.is_complete(url):
         found = latest(url)
         if found is None:

@@ -1,26 +1,68 @@
-"""The SFT body that `sft` and `gatt` share: packed answer-only fine-tuning for whole epochs on the trainer core.
-
-- Rows come from an EpochReader (a seeded order per epoch, part of the resumable state) through the Prefetcher.
-- `max_steps` 0 means `epochs` × steps per epoch; the cosine schedule spans that.
-- Held-out loss and perplexity at the start, after every epoch (then a checkpoint) and after a last partial epoch.
-  The records live in `<output>/heldout.json`; a resumed run keeps those up to its checkpoint's step, so the start
-  figure survives any number of restarts.
-- At the end, the HF export with the tokenizer the data was made with.
-"""
+"""The SFT body that `sft`, `gatt` and `rejection_sampling` share: packed answer-only fine-tuning for whole epochs
+(EpochReader through the Prefetcher; `max_steps` 0 = `epochs` × steps per epoch) on the Trainer, with the held-out
+loss at the start and after every epoch (then a checkpoint) kept in `<output>/heldout.json` across restarts, and the
+HF export at the end."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from kubellama.components.core.train import checkpoint, dist
-from kubellama.components.core.recipe import runs
-from kubellama.components.core.io import storage
+import numpy as np
+import torch
+from torch import nn
+
+from kubellama.components.core.data.epochs import EpochReader
+from kubellama.components.core.data.shards import Prefetcher, ShardReader, read_manifest
+from kubellama.components.core.data.tokenizer import IGNORE
 from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.io import storage
 from kubellama.components.core.io.report import Section, Table, line_png, loss_png, training_rows
-from kubellama.components.core.data.shards import Prefetcher
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.train import checkpoint, dist
+from kubellama.components.core.train.loss import LossFn, sft_loss
 from kubellama.components.core.train.trainer import Trainer
-from kubellama.components.sft.data import EpochReader, Heldout, sft_loss
 from kubellama.conf.schema import Config
 from kubellama.conf.schema.sft import SFT_VOLATILE
+
+
+class Heldout:
+    """Loss and perplexity of a model on a held-out shard set. Collective: every rank scores its share of rows and
+    takes the same number of forward passes (FSDP gathers parameters in each), padding with rows that carry no
+    loss."""
+
+    def __init__(self, url: str, micro_batch: int, loss_fn: LossFn, env: dist.Env, max_rows: int = 0):
+        rows = int(read_manifest(url)["rows"])
+        self.rows = min(rows, max_rows) if max_rows > 0 else rows
+        self.reader = ShardReader(url) if self.rows else None
+        self.micro_batch, self.loss_fn, self.env = micro_batch, loss_fn, env
+
+    def __call__(self, model: nn.Module) -> dict[str, float] | None:
+        """{"loss", "ppl", "tokens"}; None when the held-out set is empty."""
+        if self.reader is None:
+            return None
+        env, mb = self.env, self.micro_batch
+        mine = list(range(env.rank, self.rows, env.world_size))
+        batches = math.ceil(math.ceil(self.rows / env.world_size) / mb)
+        was_training = model.training
+        model.eval()
+        loss_sum = count = 0.0
+        with torch.no_grad():
+            for b in range(batches):
+                idx = mine[b * mb:(b + 1) * mb]
+                parts = [self.reader.row(i) for i in idx]
+                while len(parts) < mb:
+                    filler = dict(self.reader.row(0))
+                    filler["labels"] = np.full_like(filler["labels"], IGNORE)
+                    parts.append(filler)
+                batch = {k: torch.from_numpy(np.stack([p[k] for p in parts]).astype(np.int64)).to(env.device)
+                         for k in parts[0]}
+                loss, n = self.loss_fn(model, batch)
+                loss_sum += float(loss)
+                count += float(n)
+        model.train(was_training)
+        total, tokens = dist.all_sum([loss_sum, count], env.device)
+        mean = total / max(tokens, 1.0)
+        return {"loss": mean, "ppl": math.exp(min(mean, 700.0)), "tokens": int(tokens)}
 
 
 class History:

@@ -3,13 +3,13 @@
 `mixed_precision=auto` means bf16 wherever bf16 matrix products run natively: every GPU we train on, and CPUs with
 AMX or AVX512-BF16, where oneDNN's bf16 GEMMs run 2-5x faster than fp32 ones. Elsewhere bf16 is emulated and slower
 than fp32, so auto stays fp32 there. Either way the master weights, the optimizer state and the gradient reduction
-stay fp32 (components/core/trainer.py `mp_policy`).
+stay fp32 (core/train/parallelize.py `mp_policy`).
 """
 from __future__ import annotations
 
 import functools
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -34,7 +34,7 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def native_bf16_cpu(flags: frozenset[str] | None = None) -> bool:
     """Whether this CPU (or one with `flags`) multiplies bf16 natively."""
     flags = cpu_flags() if flags is None else flags

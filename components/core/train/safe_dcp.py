@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import pickle
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -20,8 +20,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 
-from kubellama.components.core.io import storage
 from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.io import storage
 from kubellama.components.core.io.trust import Refused, one_line, safe_name
 
 # What DCP's `.metadata` pickle is made of (torch 2.x FileSystemWriter and FsspecWriter, any world size, FSDP2
@@ -64,7 +64,7 @@ class _TensorsOnly:
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
         try:
             obj = torch.load(value, map_location="cpu", weights_only=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             raise self._reader.refuse(f"{self._reader.url}: value {read_item.dest_index.fqn!r} is not plain data "
                                       f"({one_line(exc)})") from None
         clean = io.BytesIO()
@@ -93,10 +93,10 @@ class SafeReader(FsspecReader):
         where = storage.join(self.url, str(path).rsplit("/", 1)[-1])
         try:
             with self.fs.create_stream(path, "rb") as f:
-                metadata = _MetadataUnpickler(f, where).load()
+                metadata = _MetadataUnpickler(cast(IO[bytes], f), where).load()
         except Refused as exc:
             raise self.refuse(str(exc)) from None
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             raise self.refuse(f"{where}: not DCP checkpoint metadata ({one_line(exc)})") from None
         if not isinstance(metadata, dcp_metadata.Metadata) or not isinstance(metadata.storage_data, dict):
             raise self.refuse(f"{where}: not DCP checkpoint metadata (a {type(metadata).__name__})")
@@ -107,9 +107,10 @@ class SafeReader(FsspecReader):
                 safe_name(info.relative_path, where)
             except Refused as exc:
                 raise self.refuse(str(exc)) from None
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = dcp_metadata.StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        # A metadata file pickled by an older torch may lack the attribute.
+        storage_meta = getattr(metadata, "storage_meta", None) or dcp_metadata.StorageMeta()
+        storage_meta.load_id = self.load_id
+        metadata.storage_meta = storage_meta
         return metadata
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:

@@ -1,24 +1,13 @@
-"""What the SFT body reads and scores: epochs of packed rows in a seeded order per epoch, the answer-only loss of
-packed rows, and the held-out loss.
-
-Shards come from data prep (components/data_prep/chat.py): tokens with `labels` (IGNORE off the answers), `segments`
-(example id per token, -1 on padding) and `turns` (assistant turns after this token's turn, 0 on the last).
-"""
+"""Epochs of a shard set: each epoch's rows in a seeded order, dealt to ranks as ShardReader deals them, with the
+epoch and position as the resumable state (what the SFT body trains on)."""
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from kubellama.components.core.train import dist
+from kubellama.components.core.data.shards import ShardReader
 from kubellama.components.core.errors import ConfigError, KubellamaError
-from kubellama.components.core.data.shards import ShardReader, read_manifest
-from kubellama.components.core.train.trainer import IGNORE, LossFn, causal_lm_loss
-
-LOSS_TURNS = ("all", "last")
 
 
 class EpochReader:
@@ -88,61 +77,3 @@ class EpochReader:
         # Positions count rows per rank; on another world size keep the rows consumed in the epoch.
         consumed = int(state["position"]) * int(state.get("world_size", self.world_size))
         self.epoch, self.position = int(state["epoch"]), consumed // self.world_size
-
-
-def sft_loss(loss_turns: str) -> LossFn:
-    """Next-token loss summed over answer tokens of packed rows: every assistant turn, or only each dialog's last
-    (`loss_turns`). No target crosses into the next example (its first token is never predicted from the previous
-    example's last), whatever the labels say."""
-    if loss_turns not in LOSS_TURNS:
-        raise ConfigError(f"loss_turns={loss_turns!r}: expected one of {', '.join(LOSS_TURNS)}")
-
-    def loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        labels, segments = batch["labels"], batch["segments"]
-        if loss_turns == "last":
-            labels = labels.masked_fill(batch["turns"] != 0, IGNORE)
-        starts = torch.zeros_like(labels, dtype=torch.bool)
-        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-        return causal_lm_loss(model, {**batch, "labels": labels.masked_fill(starts, IGNORE)})
-
-    return loss
-
-
-class Heldout:
-    """Loss and perplexity of a model on a held-out shard set. Collective: every rank scores its share of rows and
-    takes the same number of forward passes (FSDP gathers parameters in each), padding with rows that carry no
-    loss."""
-
-    def __init__(self, url: str, micro_batch: int, loss_fn: LossFn, env: dist.Env, max_rows: int = 0):
-        rows = int(read_manifest(url)["rows"])
-        self.rows = min(rows, max_rows) if max_rows > 0 else rows
-        self.reader = ShardReader(url) if self.rows else None
-        self.micro_batch, self.loss_fn, self.env = micro_batch, loss_fn, env
-
-    def __call__(self, model: nn.Module) -> dict[str, float] | None:
-        """{"loss", "ppl", "tokens"}; None when the held-out set is empty."""
-        if self.reader is None:
-            return None
-        env, mb = self.env, self.micro_batch
-        mine = list(range(env.rank, self.rows, env.world_size))
-        batches = math.ceil(math.ceil(self.rows / env.world_size) / mb)
-        was_training = model.training
-        model.eval()
-        loss_sum = count = 0.0
-        with torch.no_grad():
-            for b in range(batches):
-                idx = mine[b * mb:(b + 1) * mb]
-                parts = [self.reader.row(i) for i in idx]
-                while len(parts) < mb:
-                    filler = dict(self.reader.row(0))
-                    filler["labels"] = np.full_like(filler["labels"], IGNORE)
-                    parts.append(filler)
-                batch = {k: torch.from_numpy(np.stack([p[k] for p in parts]).astype(np.int64)).to(env.device)
-                         for k in parts[0]}
-                loss, n = self.loss_fn(model, batch)
-                loss_sum += float(loss)
-                count += float(n)
-        model.train(was_training)
-        total, tokens = dist.all_sum([loss_sum, count], env.device)
-        mean = total / max(tokens, 1.0)
-        return {"loss": mean, "ppl": math.exp(min(mean, 700.0)), "tokens": int(tokens)}

@@ -1,20 +1,7 @@
-"""The plan of a data prep run, made once before any worker starts: what each worker reads, how dedup and packing
-are partitioned, and the tokenizer.
-
-- Files: every source's files with their sizes (one listing per source). A document's id is `file << 40 | position`
-  (its byte offset, row or index in the file, components/data_prep/readers.py), so it does not depend on how the
-  files are split or on how many workers there are: sorting by id gives the order one process would read.
-- Units: an uncompressed line file (JSONL, text) is cut into byte ranges of about data.split_bytes, a Parquet file
-  into runs of row groups; other files (compressed, JSON arrays, YAML, paragraph text) are one unit each, and so
-  is a whole source with a `limit` (its first N records need one reader). Units go to workers largest first, each
-  to the least loaded worker: a fair split by bytes.
-- Partitions (dedup reducers) and groups (packing) are counted from the input size alone, so the output is the same
-  for every number of workers; partitions only bound a reducer's memory.
-- The tokenizer is trained here, once, on a sample drawn across all inputs: windows of records at random byte
-  positions over all files, in proportion to size times source weight (the whole corpus when it fits in the
-  budget). Files that cannot seek (compressed, JSON, YAML) contribute records from their start. The sample gets the
-  same cleaning as the corpus (normalisation, PII scrubbing, quality filters), then SFT dialog text fills what
-  room is left, as before.
+"""The fan-out's plan, made once before any worker starts: the input files and their units of work per worker
+(a fair split by bytes), the dedup partitions and pack groups (from the input size alone, so the output is the same
+for every number of workers), and the tokenizer, trained on a sample drawn across all inputs. A document's id is
+`file << 40 | position`, so sorting by id gives the order one process would read.
 """
 from __future__ import annotations
 
@@ -23,21 +10,29 @@ import heapq
 import logging
 import math
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
-from kubellama.components.core.recipe import runs
-from kubellama.components.core.io import storage
-from kubellama.components.core.recipe.config import to_dict
-from kubellama.components.core.errors import KubellamaError
-from kubellama.components.core.data.shards import token_dtype
-from kubellama.components.data_prep import pack
 from kubellama.components.core.data.chat import to_messages
+from kubellama.components.core.data.readers import (
+    ErrorLog,
+    list_files,
+    list_sized,
+    parquet_row_groups,
+    read_positioned,
+    read_records,
+    splittable,
+)
+from kubellama.components.core.data.shards import token_dtype
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.io import storage
+from kubellama.components.core.recipe import runs
+from kubellama.components.core.recipe.config import to_dict
+from kubellama.components.data_prep import pack
 from kubellama.components.data_prep.clean import clean_batch
 from kubellama.components.data_prep.parallel import WorkerPool
-from kubellama.components.core.data.readers import ErrorLog, list_sized, parquet_row_groups, read_positioned, read_records, \
-    splittable
 from kubellama.conf.schema import Config
 
 log = logging.getLogger("kubellama.data_prep")
@@ -57,7 +52,8 @@ def file_of(docs: np.ndarray) -> np.ndarray:
 
 
 def _units(index: int, f: dict, split_bytes: int) -> list[dict]:
-    """The units of file number `index`."""
+    """The units of file number `index`: byte ranges of about `split_bytes` of an uncompressed line file (JSONL,
+    text), runs of row groups of a Parquet file, else the whole file (compressed, JSON arrays, YAML, paragraphs)."""
     whole = [{"files": [index], "start": 0, "end": None, "size": f["size"]}]
     if f["split"] == "bytes" and f["size"] > split_bytes:
         n = math.ceil(f["size"] / split_bytes)
@@ -189,7 +185,9 @@ def _windows(plan: dict, f: dict, offsets: list[float], window: int) -> Iterator
 
 
 def sample_texts(plan: dict, budget: int, seed: int) -> Iterator[str]:
-    """Raw pretraining texts for the tokenizer, about `budget` characters drawn across all inputs."""
+    """Raw pretraining texts for the tokenizer, about `budget` characters drawn across all inputs: windows of
+    records at random positions, in proportion to file size times source weight (files that cannot seek give
+    records from their start), or the whole corpus when it fits the budget."""
     files = [f for f in plan["files"] if plan["sources"][f["source"]]["weight"] > 0]
     if sum(f["size"] for f in files) <= budget:
         for f in files:
@@ -208,8 +206,6 @@ def sample_texts(plan: dict, budget: int, seed: int) -> Iterator[str]:
 
 
 def _sft_texts(cfg: Config) -> Iterator[str]:
-    from kubellama.components.core.data.readers import list_files
-
     for src in cfg.data.sft.sources:
         for f in list_files(src.path, src.name):
             for rec, _ in read_records(f, ErrorLog(0), src.format, src.text_field, src.text_split):

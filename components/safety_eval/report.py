@@ -3,7 +3,8 @@ gate's lines, per-group tables and one bar chart per benchmark (written by the s
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from kubellama.components.core.io.report import Section, Table, to_png, write_report
 from kubellama.components.safety_eval.benchmarks import METRICS
@@ -23,9 +24,9 @@ def bars_png(title: str, categories: Sequence[str], series: Mapping[str, Sequenc
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     import textwrap
+
+    import matplotlib.pyplot as plt
 
     n = max(1, len(series))
     width = 0.8 / n
@@ -110,8 +111,8 @@ def write(output: str, summary: dict[str, Any], groups: Mapping[str, Mapping[str
     gate = summary["gate"]
     rows = [("status", summary["status"]), ("evaluated model", summary["model"]),
             ("baseline", summary.get("baseline") or "none"),
-            ("gate", f"{'passed' if gate['passed'] else 'FAILED'} ({gate['mode']}), "
-                     f"{sum(ln['status'] == 'fail' for ln in gate['lines'])} failed line(s)"),
+            ("gate", (f"{'passed' if gate['passed'] else 'FAILED'} ({gate['mode']}), "
+                     f"{sum(ln['status'] == 'fail' for ln in gate['lines'])} failed line(s)")),
             ("toxicity scorer", summary["toxicity_scorer"]), ("decoding", summary["decoding"])]
     if summary.get("error"):
         rows.insert(1, ("error", summary["error"]))

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
-from kubellama.components.core.recipe.config import load_config
 from kubellama.components.core.errors import PREFIX, KubellamaError
+from kubellama.components.core.recipe.config import load_config
 from kubellama.conf.schema import Config
 
 

@@ -5,7 +5,7 @@ Stages are found through the registry and the run's folder: data prep's output (
 suffix, such as a second reward model's, sorts with its stage). For each: its status, key figures beside the
 paper's where the paper has one (PAPER, from the recipe's reference numbers), its plots re-embedded, and its
 lineage. Then the cost: each training stage's measured device-hours beside the ledger's estimate for the tokens it
-trained on (components/core/cost.py). Written by the shared report writer to `<run.root>/<run.id>/report.html`.
+trained on (core/tools/cost.py). Written by the shared report writer to `<run.root>/<run.id>/report.html`.
 """
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import math
 import re
 from typing import Any
 
-from kubellama.components.core.tools import cost
 from kubellama.components.core.io import storage
 from kubellama.components.core.io.report import Section, Table, write_report
+from kubellama.components.core.model.llama import count_params
 from kubellama.components.core.recipe.stages import STAGES
+from kubellama.components.core.tools import cost
 
 # (stage, key pattern) -> the paper's figure (Llama 2; section or table). Patterns match the flattened keys of a
 # stage's report.json.
@@ -51,7 +52,7 @@ _NAME = re.compile(r"[^A-Za-z0-9_-]+")
 def _stage_of(folder: str) -> str | None:
     """The registry stage a run folder belongs to: its name, or the longest stage name it starts with."""
     names = sorted((s.name for s in STAGES), key=len, reverse=True)
-    return next((n for n in names if folder == n or folder.startswith(n + "_") or folder.startswith(n + "-")), None)
+    return next((n for n in names if folder == n or folder.startswith((n + "_", n + "-"))), None)
 
 
 def reports(run_dir: str, data: str) -> list[tuple[str, str, dict[str, Any]]]:
@@ -90,7 +91,7 @@ def figures(rep: dict[str, Any], prefix: str = "", depth: int = 0) -> list[tuple
                                             if not (isinstance(x, str) and "/" in x))))
             elif depth < 2:
                 out += figures(v, name + ".", depth + 1)
-        elif isinstance(v, bool) or isinstance(v, (int, float)):
+        elif isinstance(v, (bool, int, float)):
             out.append((name, _short(v)))
         elif isinstance(v, str) and "/" not in v and len(v) <= 80:
             out.append((name, v))
@@ -162,8 +163,6 @@ def write(cfg: Any, run_dir: str) -> dict[str, str]:
                              f"`{lin['parent']}`" if lin.get("parent") else "-",
                              f"`{weights}`" if weights else "-"])
         overview.append([name, status, rep.get("error") or ""])
-    from kubellama.components.core.model.llama import count_params
-
     model = cfg.model
     params = count_params(model)
     c = cost.estimate(params, cfg.plan.tokens, cfg.plan.gpu, cfg.plan.mfu, cfg.plan.gpu_power_w)
