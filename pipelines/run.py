@@ -278,6 +278,27 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     return guarded(go)
 
 
+_PYTHON3 = re.compile(r"(?<![\w./-])python3(?![\w.])")
+
+
+def _python_as_a_word() -> None:
+    """kfp.local (2.16) points a step at this Python by replacing the text `python3` in every argument, the
+    executor input included: a config path under `lib/python3.11/site-packages` (an installed package's data files,
+    such as the demo's safety fixtures) came out as `lib//venv/bin/python3.11.11/...`. Replace only the word
+    `python3`, as a command."""
+    from kfp.local import subprocess_task_handler as handler
+
+    def replace(full_command: list[str], new_executable: str) -> list[str]:
+        out, user_code = [], None
+        for i, el in enumerate(full_command):
+            if user_code is None and '"$program_path/ephemeral_component.py"' in el and '"$@"' in el:
+                user_code = i + 1  # the component's own source follows: left as it is, as kfp does
+            out.append(el if i == user_code else _PYTHON3.sub(lambda _: new_executable, el))
+        return out
+
+    handler.replace_python_executable = replace
+
+
 def _run_local(cfg: Config, overrides: Sequence[str], pipeline: str, names: Sequence[str]) -> int:
     import warnings
 
@@ -291,6 +312,7 @@ def _run_local(cfg: Config, overrides: Sequence[str], pipeline: str, names: Sequ
         # kfp.local keeps task artifacts in a local folder only; the stages still write their data to s3://.
         root = os.path.abspath(os.path.join("runs", cfg.run.name, "kfp"))
     os.makedirs(root, exist_ok=True)
+    _python_as_a_word()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root, raise_on_error=True)
     log_path = os.path.join(root, f"run-{cfg.run.id}.log")
     print(f"kubellama run {cfg.run.id}: {' -> '.join(names)} through kfp.local; artifacts under {root}; "

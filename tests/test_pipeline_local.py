@@ -131,3 +131,20 @@ def test_failed_step_is_one_line_error(tmp_path, capsys):
 def test_demo_needs_samples(tmp_path, capsys):
     assert run.run_main(["--demo", "--samples", str(tmp_path / "empty"), "--dry-run"]) == 2
     assert "kubellama data fetch-samples --dest" in capsys.readouterr().err
+
+
+def test_kfp_local_keeps_a_config_path_under_site_packages(monkeypatch):
+    """kfp.local points each step at this Python by rewriting `python3` in the step's arguments; the executor input
+    carries the config, whose paths into an installed package (`.../lib/python3.11/site-packages/...`, the demo's
+    safety fixtures after `pip install .`) must come through unchanged."""
+    from kfp.local import subprocess_task_handler as handler
+
+    monkeypatch.setattr(handler, "replace_python_executable", handler.replace_python_executable)
+    run._python_as_a_word()
+    config = json.dumps({"safety_eval": {"truthfulqa": {"path": "/v/lib/python3.11/site-packages/kubellama/f"}}})
+    command = ["sh", "-c", 'python3 -m pip --version && exec python3 "$program_path/ephemeral_component.py" "$@"',
+               "import sys  # python3 in the component's own source stays", "--executor_input", config]
+    out = handler.replace_python_executable(command, "/venv/bin/python3.11")
+    assert out[2] == ('/venv/bin/python3.11 -m pip --version && exec /venv/bin/python3.11 '
+                      '"$program_path/ephemeral_component.py" "$@"')
+    assert out[3] == command[3] and out[5] == config and json.loads(out[5]) == json.loads(config)
