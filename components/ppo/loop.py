@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from kubellama.components.core.errors import ConfigError
 from kubellama.components.core.io import storage
@@ -24,7 +23,7 @@ from kubellama.components.core.train import checkpoint, dist
 from kubellama.components.core.train.checkpointer import Checkpointer, ModelState, Parts
 from kubellama.components.core.train.metrics import MetricsLog
 from kubellama.components.core.train.optim import lr_factor, param_groups
-from kubellama.components.core.train.parallelize import build_llama, consolidated, shard, shard_frozen
+from kubellama.components.core.train.parallelize import build_llama, consolidated, full_state_dict, shard, shard_frozen
 from kubellama.components.core.train.preempt import Preemption
 from kubellama.components.ppo.experience import Rollout, ValueModel, batch_slots, draw_prompts, make_rollout
 from kubellama.components.ppo.update import GuardStop, Tracker, update
@@ -240,5 +239,4 @@ class Ppo:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the policy's unsharded fp32 weights on CPU, on rank 0 ({} elsewhere)."""
-        sd = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k: v.detach().clone() for k, v in sd.items()} if self.env.lead else {}  # type: ignore[union-attr]
+        return full_state_dict(self.policy, self.env)

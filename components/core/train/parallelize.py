@@ -117,6 +117,13 @@ def build_llama(model_cfg: ModelConfig, seed: int) -> nn.Module:
         return Llama(model_cfg)
 
 
+def full_state_dict(model: nn.Module, env: dist.Env) -> dict[str, torch.Tensor]:
+    """Collective: the unsharded fp32 weights on CPU, on rank 0 ({} elsewhere)."""
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # With one rank the full state dict aliases the live parameters: copy before anyone steps again.
+    return {k: cast(torch.Tensor, v).detach().clone() for k, v in sd.items()} if env.lead else {}
+
+
 def consolidated(model: nn.Module, model_cfg: ModelConfig, mixed_precision: str, device: torch.device,
                  into: Llama | None = None) -> Llama:
     """Collective: the weights of FSDP-sharded `model` in an unsharded Llama (`into`, or a new one) for generation:

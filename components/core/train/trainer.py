@@ -8,12 +8,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from kubellama.components.core.data.shards import BatchSource
 from kubellama.components.core.errors import ConfigError, KubellamaError
@@ -24,7 +23,7 @@ from kubellama.components.core.train import checkpoint, dist, optim
 from kubellama.components.core.train.checkpointer import Checkpointer, ModelState
 from kubellama.components.core.train.loss import LossFn, causal_lm_loss
 from kubellama.components.core.train.metrics import MetricsLog, Throughput, peak_flops, peak_memory_gib
-from kubellama.components.core.train.parallelize import build_llama, shard
+from kubellama.components.core.train.parallelize import build_llama, full_state_dict, shard
 from kubellama.components.core.train.precision import compute_dtype, model_gemm_shapes
 from kubellama.components.core.train.preempt import Preemption
 from kubellama.conf.schema.model import ModelConfig
@@ -124,9 +123,7 @@ class Trainer:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the unsharded fp32 weights on CPU, on rank 0 ({} elsewhere)."""
-        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        # With one rank the full state dict aliases the live parameters: copy before anyone steps again.
-        return {k: cast(torch.Tensor, v).detach().clone() for k, v in sd.items()} if self.env.lead else {}
+        return full_state_dict(self.model, self.env)
 
     # --- one optimizer step ------------------------------------------------------------------------------------
 
