@@ -12,13 +12,10 @@ from kubellama.components.core.errors import ConfigError
 from kubellama.components.core.rlhf.combined import combine
 from kubellama.components.core.rlhf.scorer import Scorer, probability
 from kubellama.components.core.train import dist
-from kubellama.conf.schema.reward import CombinedRewardConfig
+from kubellama.conf.schema.reward import KINDS, CombinedRewardConfig
 
 # reward_fn(prompts, responses, is_safety) -> unwhitened reward per row (CPU). Collective under torch.distributed.
 RewardFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]], Sequence[bool]], torch.Tensor]
-
-KINDS = ("helpfulness", "safety")
-
 
 def combined_reward(helpful: Scorer, safe: Scorer, eos_id: int, cfg: CombinedRewardConfig) -> RewardFn:
     """reward(prompts, responses, is_safety) = logit(R_c) of each dialog (`combine`), both RMs read at its closing
