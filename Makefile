@@ -42,11 +42,12 @@ demo: install
 	@echo "--- the side-by-side safety report: runs/demo/latest/safety_eval/report.html"
 	@echo "--- the run's page (every stage, lineage, the paper's figures, cost): runs/demo/latest/report.html"
 
-# The architecture, checked: import contracts (layers, stages independent), ruff, and mypy on the shared core.
+# The architecture, checked: import contracts (layers, stages independent), ruff, and mypy (the core, the stages, the
+# pipelines).
 lint: install-test
 	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy components/core
+	$(VENV)/bin/mypy components pipelines
 
 test: install-test tools lint
 	$(PIP) check

@@ -15,6 +15,7 @@ import torch.distributed as tdist
 
 from kubellama.components.core.data.tokenizer import Tokenizer
 from kubellama.components.core.model.generate import generate
+from kubellama.components.core.model.llama import Llama
 from kubellama.components.core.train import dist
 from kubellama.components.gatt.data import fit_turns, to_messages, with_instruction
 from kubellama.components.gatt.families import Instruction, make
@@ -54,7 +55,7 @@ def prompt_ids(tok: Tokenizer, system: str | None, users: Sequence[str], answers
     return out if len(out) <= limit else [tok.bos_id] + out[-(limit - 1):]
 
 
-def converse(model: torch.nn.Module, tok: Tokenizer, dialogs: Sequence[tuple[str | None, Sequence[str]]],
+def converse(model: Llama, tok: Tokenizer, dialogs: Sequence[tuple[str | None, Sequence[str]]],
              max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[list[str]]:
     """The model's answers, turn by turn, to each (system, user turns) dialog; each answer is part of the next
     turn's prompt. Collective: every rank calls it with its own dialogs (maybe none)."""

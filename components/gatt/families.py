@@ -63,8 +63,12 @@ def _combo(rng: random.Random) -> Instruction:
     return Instruction("combo", " ".join(_paper(k, rng) for k in rng.sample(PAPER, 2)))
 
 
+def _paper_maker(kind: str) -> Callable[[random.Random, Sequence[str]], Instruction]:
+    return lambda rng, words: Instruction(kind, _paper(kind, rng))
+
+
 MAKERS: dict[str, Callable[[random.Random, Sequence[str]], Instruction]] = {
-    **{k: (lambda rng, words, k=k: Instruction(k, _paper(k, rng))) for k in PAPER},
+    **{k: _paper_maker(k) for k in PAPER},
     "combo": lambda rng, words: _combo(rng),
     "first_word": lambda rng, words: _begins_with(rng.choice(list(words))),
     "caps": lambda rng, words: _caps(),

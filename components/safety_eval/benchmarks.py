@@ -6,6 +6,7 @@ class with `name`, `load` and `run`, added to BENCHMARKS.
 """
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -152,9 +153,9 @@ class TruthfulQA:
         verdicts: dict[str, list[bool]] = {}
         for what, url in (("true", t.judge_truth), ("info", t.judge_info)):
             if url:
-                judge = ctx.once(f"judge_{what}", lambda u=url, w=what: Classifier(
-                    u, t.judge_label, f"safety_eval.truthfulqa.judge_{'truth' if w == 'true' else w}",
-                    device=ctx.device))
+                key = f"safety_eval.truthfulqa.judge_{'truth' if what == 'true' else what}"
+                judge = ctx.once(f"judge_{what}", functools.partial(Classifier, url, t.judge_label, key,
+                                                                    device=ctx.device))
                 verdicts[what] = [p >= 0.5 for p in judge(texts)]
                 out[f"{what}_pct"] = pct(verdicts[what])
         if len(verdicts) == 2:

@@ -149,6 +149,7 @@ def prompt_files(urls: Sequence[str], name: str) -> list[Prompt]:
     for url in urls:
         for f in list_files(url, name):
             group = _group_of(f)
+            rows: Iterator[tuple[dict, str]]
             if f.lower().endswith(".csv"):
                 # CSV headers vary in case (AdvBench `goal`, TruthfulQA `Question`).
                 rows = (({(k or "").strip().lower(): v for k, v in rec.items()}, where) for rec, where in _csv_rows(f))

@@ -32,9 +32,9 @@ def bars_png(title: str, categories: Sequence[str], series: Mapping[str, Sequenc
     width = 0.8 / n
     values = [v for vs in series.values() for v in vs if v is not None and not math.isnan(v)]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(categories) * max(1, n / 2) + 2), 3.6), dpi=100)
-    for i, (name, values) in enumerate(series.items()):
+    for i, (name, vs) in enumerate(series.items()):
         xs = [c + (i - (n - 1) / 2) * width for c in range(len(categories))]
-        ax.bar(xs, [0.0 if v is None or math.isnan(v) else v for v in values], width, label=name)
+        ax.bar(xs, [0.0 if v is None or math.isnan(v) else v for v in vs], width, label=name)
     ax.set_xticks(range(len(categories)))
     ax.set_xticklabels(categories, rotation=20 if len(categories) > 3 else 0, ha="right" if len(categories) > 3
                        else "center", fontsize=8)
