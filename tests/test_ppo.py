@@ -183,3 +183,26 @@ def test_sigkill_mid_ppo_then_rerun_matches_uninterrupted(tmp_path):
     b = torch.load(os.path.join(cut, "final.pt"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_stopped_before_its_first_evaluation_keeps_the_iteration_0_heldout_record(tmp_path):
+    """The held-out prompts are scored at iteration 0; a run that dies after a checkpoint but before the first
+    `eval_every` iteration (ckpt_every < eval_every) resumes with that record, as an uninterrupted run has it."""
+    from ppo_tiny import make, ppo_cfg
+
+    class Crash(Exception):
+        pass
+
+    def crash(iteration: int) -> None:
+        if iteration == 2:
+            raise Crash
+
+    torch.set_num_threads(1)
+    cfg = ppo_cfg(max_steps=4, eval_every=3)
+    whole = make(str(tmp_path / "whole"), cfg).fit()
+    with pytest.raises(Crash):
+        make(str(tmp_path / "cut"), cfg, on_iteration=crash).fit()
+    again = make(str(tmp_path / "cut"), cfg).fit()
+    assert again["start_iteration"] == 2
+    assert [r["iteration"] for r in again["heldout"]] == [r["iteration"] for r in whole["heldout"]] == [0, 3, 4]
+    assert again["heldout"] == whole["heldout"]

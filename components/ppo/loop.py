@@ -186,6 +186,9 @@ class Ppo:
             with Preemption() as preemption:
                 if start == 0 and not heldout:
                     self._evaluate(heldout)
+                    # Written now, not at the first `eval_every`: a resume from an earlier checkpoint keeps it.
+                    if env.lead:
+                        storage.write_json(heldout_url, heldout)
                 while self.iteration < cfg.max_steps:
                     if preemption.requested():
                         status = "preempted"
