@@ -248,3 +248,22 @@ def test_run_ids_never_repeat_and_torchrun_ranks_agree(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
     with pytest.raises(ConfigError, match="run.id is empty under torchrun without a rendezvous id"):
         runs.new_id(cfg)
+
+
+def test_a_resume_takes_the_init_folder_under_any_of_its_names(tmp_path, monkeypatch):
+    """`<stage>.init=runs/demo/latest/pretrain` and the run folder that link points at (or a relative and an absolute
+    spelling) are one input: a resume under the other name continues; another folder is still refused."""
+    run_dir = tmp_path / "demo" / "20261207-x" / "pretrain"
+    run_dir.mkdir(parents=True)
+    (tmp_path / "demo" / "latest").symlink_to(tmp_path / "demo" / "20261207-x")
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = {"sft.init": str(tmp_path / "demo" / "latest" / "pretrain"), "sft.lr": 1e-5, "init": "demo/latest/pretrain"}
+    runs.check(saved, {**saved, "sft.init": str(run_dir), "init": str(run_dir)}, "ckpt", "r1")
+    with pytest.raises(ConfigError, match="sft.init"):
+        runs.check(saved, {**saved, "sft.init": str(other)}, "ckpt", "r1")
+    with pytest.raises(ConfigError, match="sft.lr"):
+        runs.check(saved, {**saved, "sft.lr": 2e-5}, "ckpt", "r1")
+    with pytest.raises(ConfigError, match="sft.init"):  # an S3 URL is compared as written
+        runs.check({**saved, "sft.init": "s3://b/a/../pretrain"}, {**saved, "sft.init": "s3://b/pretrain"}, "c", "r")

@@ -115,13 +115,22 @@ def fingerprint(cfg: Any, stage: str, volatile: tuple[str, ...], **extra: Any) -
     return out
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal values; or two spellings of one local folder (`runs/demo/latest/pretrain` and the run folder it links
+    to, a relative and an absolute path): the same input, so not another config."""
+    if a == b:
+        return True
+    local = all(isinstance(v, str) and v and not storage.is_remote(v) and os.path.exists(v) for v in (a, b))
+    return local and os.path.realpath(a) == os.path.realpath(b)
+
+
 def check(saved: Mapping[str, Any] | None, current: Mapping[str, Any], where: str, run_id: str) -> None:
     """Refuse to continue checkpoint `where` under another fingerprint: one line naming the first differing key."""
     if saved is None:
         raise ConfigError(f"{where} records no config fingerprint (written by an older kubellama): it cannot be "
                           f"continued safely; start a new run (omit run.id) and pass it as <stage>.init instead")
     for key in sorted(set(saved) | set(current)):
-        if saved.get(key) != current.get(key):
+        if not _same(saved.get(key), current.get(key)):
             raise ConfigError(
                 f"run {run_id} was trained with {key}={saved.get(key)!r} ({where}), this config has "
                 f"{key}={current.get(key)!r}: a run never continues under another config; start a new run (omit "
