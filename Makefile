@@ -37,8 +37,8 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(VENV)/bin/kubellama data fetch-samples
 	$(VENV)/bin/kubellama run --demo
-	@echo "--- a sample from the model the demo trained (tiny and briefly trained: expect babble):"
-	$(VENV)/bin/kubellama generate --checkpoint runs/demo/latest/pretrain/hf --prompt "The history of" --max-new-tokens 32
+	@echo "--- the pretrained and the final model on held-out prompts of the rule-checked world:"
+	$(VENV)/bin/kubellama show runs/demo/latest
 	@echo "--- the side-by-side safety report: runs/demo/latest/safety_eval/report.html"
 	@echo "--- the run's page (every stage, lineage, the paper's figures, cost): runs/demo/latest/report.html"
 

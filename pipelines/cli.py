@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("kubellama.pipelines.run:run_main", "run the pipeline locally through kfp.local"),
     "compile": ("kubellama.pipelines.run:compile_main", "compile the pipeline to KFP IR YAML"),
     "submit": ("kubellama.pipelines.submit:main", "upload the pipeline to a KFP API and start a run"),
+    "show": ("kubellama.pipelines.show:main", "a run's models on held-out world prompts, pretrained beside gated"),
 }
 
 

@@ -46,8 +46,20 @@ def variant_config(cfg: Config, name: str, variant: str) -> Config:
     """`cfg` as the step of variant `variant` of stage `name` sees it (a copy; `cfg` itself when no variant)."""
     if not variant:
         return cfg
+    stage = stages.get(name)
     cfg = copy.deepcopy(cfg)
-    cfg[name][stages.get(name).variant_key] = variant
+    section = cfg[name]
+    section[stage.variant_key] = variant
+    # A variant's own settings (`<name>.<variant>.<key>`, e.g. reward.safety.lr) override the shared `<name>.<key>`.
+    # The step gets them merged, and none of the other variants' (nulled), so its cache key changes only with what
+    # it runs. A variant's key with no shared one (reward.safety.aux_loss_weight) stays in its own section.
+    for v in stage.variants:
+        own = section.get(v)
+        for key in list(own or ()):
+            if key in section and v == variant and own[key] is not None:
+                section[key] = own[key]
+            if key in section or v != variant:
+                own[key] = None
     return cfg
 
 

@@ -86,7 +86,7 @@ def test_the_whole_recipe_runs_through_kfp_local(tmp_path, capsys):
         assert rm["kind"] == kind and 0.0 <= rm["accuracy"] <= 1.0
         by_rating = rm["accuracy_by_rating"]  # a rate, or None where the bucket has no held-out pair
         assert set(by_rating) == set(RATINGS) and all(a is None or 0.0 <= a <= 1.0 for a in by_rating.values())
-    assert "unsafe_recall" in reports["reward_safety"]
+    assert "unsafe_recall_at_0_5" in reports["reward_safety"]
 
     # Lineage: each model stage started from the one before it.
     def started_from(stage: str, parent: str) -> bool:

@@ -83,12 +83,12 @@ def test_ppo_reward_function_is_the_combined_reward():
     # Raw scores x give R = sigmoid(x), so logit(R_c) is the chosen raw score. σ(-3) = 0.047 < 0.15: R_s;
     # σ(1) = 0.73 untagged: R_h; tagged: R_s whatever R_h.
     helpful, safe = _Rm([2.0, 2.0, 2.0], max_len=4), _Rm([-3.0, 1.0, 1.0], max_len=3)
-    reward = combined_reward(helpful, safe, eos_id=2, cfg=CombinedRewardConfig())
-    got = reward([[1, 5], [1, 6], [1, 7, 8]], [[9], [9, 2], []], [False, False, True])
-    assert got.tolist() == pytest.approx([-3.0, 2.0, 1.0], rel=1e-5)
-    # Each RM reads the dialog closed by one EOS, cut to its own length from the left.
-    assert helpful.seen == [[1, 5, 9, 2], [1, 6, 9, 2], [1, 7, 8, 2]]
-    assert safe.seen == [[5, 9, 2], [6, 9, 2], [7, 8, 2]]
+    reward = combined_reward(helpful, safe, cfg=CombinedRewardConfig())
+    got = reward([[1, 5], [1, 6], [1, 7, 8]], [[9, 2], [9, 2], [4, 2]], [False, False, True])
+    assert got.tolist() == [-3.0, 2.0, 1.0]
+    # Each RM reads the dialog as generated (closed by its EOS), cut to its own length from the left.
+    assert helpful.seen == [[1, 5, 9, 2], [1, 6, 9, 2], [7, 8, 4, 2]]
+    assert safe.seen == [[5, 9, 2], [6, 9, 2], [8, 4, 2]]
     # The loop whitens that (components/ppo/experience.py): the batch's mean and std.
     x = torch.tensor([-3.0, 2.0, 1.0], dtype=torch.float64)
     assert Whitener("batch")(got).tolist() == pytest.approx(((x - x.mean()) / x.std(unbiased=False)).tolist(),

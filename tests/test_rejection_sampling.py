@@ -11,9 +11,11 @@ from test_reward_support import MODEL, RM, separable_data
 
 from kubellama.components.core.errors import KubellamaError
 from kubellama.components.core.train import dist
+from kubellama.components.rejection_sampling import stage as rs_stage
 from kubellama.components.rejection_sampling.stage import (
     best_of,
     pool_best,
+    read_pool,
     reward_by_k,
     sample_round,
 )
@@ -51,20 +53,24 @@ def test_sampling_keeps_the_argmax_of_a_deterministic_reward():
 def test_pool_keeps_each_prompts_best_over_rounds(tmp_path):
     pool = tmp_path / "pool"
     pool.mkdir()
+    dialog = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
     def rec(key: str, reward: float, round: str) -> str:
-        return json.dumps({"key": key, "reward": reward, "round": round, "messages": []}) + "\n"
+        return json.dumps({"key": key, "reward": reward, "round": round, "messages": dialog}) + "\n"
 
     (pool / "r1.jsonl").write_text(rec("a", 1.0, "r1") + rec("b", 5.0, "r1"))
     (pool / "r2.jsonl").write_text(rec("a", 2.0, "r2") + rec("b", 4.0, "r2"))
-    best = pool_best(str(pool))
+    records = read_pool(str(pool))
+    # By the rewards given (the stage passes the current RMs' rescoring; here each record's own).
+    best = pool_best(records, [r["reward"] for r in records])
     assert best["a"]["round"] == "r2" and best["b"]["round"] == "r1"
     # The pool outlives runs: a line that is not a record is one error naming the file and line.
     (pool / "r3.jsonl").write_text(rec("a", 3.0, "r3") + "{oops\n")
     with pytest.raises(KubellamaError, match=r"r3\.jsonl:2: not valid JSON"):
-        pool_best(str(pool))
+        read_pool(str(pool))
     (pool / "r3.jsonl").write_text(rec("../x", 3.0, "r3"))
     with pytest.raises(KubellamaError, match=r"r3\.jsonl: not a pool record \(key '\.\./x'\)"):
-        pool_best(str(pool))
+        read_pool(str(pool))
 
 
 RS = [f"model.{k}={v}" for k, v in MODEL.items()] + [
@@ -73,7 +79,14 @@ RS = [f"model.{k}={v}" for k, v in MODEL.items()] + [
     "rejection_sampling.lr=1e-3", "rejection_sampling.mixed_precision=fp32", "rejection_sampling.eval_fraction=0.3"]
 
 
-def test_two_rounds_share_the_pool(tmp_path):
+def test_two_rounds_share_the_pool(tmp_path, monkeypatch):
+    # A random model rarely ends an answer within 8 tokens, and a cut answer is never chosen: end every other sample.
+    real = rs_stage.sample_answers
+
+    def half_ended(gen, seqs, cfg, eos_id, seeds, **kw):
+        return [a if i % 2 else [*a[:3], eos_id] for i, a in enumerate(real(gen, seqs, cfg, eos_id, seeds, **kw))]
+
+    monkeypatch.setattr(rs_stage, "sample_answers", half_ended)
     data = separable_data(str(tmp_path / "d"))
     assert cli(["reward", *RM, "reward.max_steps=5", f"run.root={tmp_path}", "run.id=t", f"reward.data={data}"]) == 0
     rm = os.path.join(str(tmp_path), "t", "reward_helpfulness")
@@ -91,4 +104,7 @@ def test_two_rounds_share_the_pool(tmp_path):
     assert cli(["rejection-sampling", *common, "run.id=r2", "rejection_sampling.prompts=9"]) == 0
     r2 = json.load(open(os.path.join(str(tmp_path), "r2", "rejection_sampling", "report.json")))
     assert sorted(os.listdir(pool)) == ["r1.jsonl", "r2.jsonl"]
-    assert r2["pool_examples"] == len(pool_best(pool)) == 9
+    records = read_pool(pool)
+    assert r2["pool_examples"] == len({r["key"] for r in records}) == 9
+    # Both rounds' records were rescored by round 2's reward models before the best per prompt was chosen.
+    assert r2["pool_rescored"] == len(records) and 0 < r2["truncated_share"] <= 0.5

@@ -58,10 +58,12 @@ def helpful(tmp_path_factory, data) -> str:
 def test_separable_set_is_learned_and_reported(helpful, capsys):
     report = storage.read_json(os.path.join(helpful, "report.json"))
     assert report["status"] == "completed" and report["kind"] == "helpfulness" and report["step"] == 30
+    assert "world" not in report  # no world in this data prep output: no world figures
     assert report["accuracy"] >= 0.9 and report["test_set"] == "helpfulness"
     assert set(report["accuracy_by_rating"]) == set(RATINGS)
     assert all(v is not None and v >= 0.8 for v in report["accuracy_by_rating"].values())
-    assert "unsafe_recall" not in report
+    assert "unsafe_recall_at_0_5" not in report and "unsafe_recall_at_rule" not in report
+    assert report["aux_loss_weight"] == 0.0
     # All helpfulness pairs and an equal share of safety pairs (synthetic here), as many as there are.
     mix = report["mix"]
     assert mix["other"] == min(mix["own"], mix["other_available"]) > 0 and mix["synthetic"] == mix["other"]
@@ -78,22 +80,26 @@ def test_separable_set_is_learned_and_reported(helpful, capsys):
     assert report["calibration"] and sum(r["n"] for r in report["calibration"]) == 2 * report["eval_pairs"]
 
 
-def test_safety_rm_with_auxiliary_loss_reports_unsafe_recall(tmp_path, data):
-    assert cli(["reward", *overrides(tmp_path, data, "reward.kind=safety", "reward.aux_loss_weight=1.0")]) == 0
+def test_safety_rm_with_auxiliary_loss_reports_unsafe_recall(tmp_path, data, capsys):
+    # The auxiliary loss is on by default for the safety RM (reward.safety.aux_loss_weight=1.0).
+    assert cli(["reward", *overrides(tmp_path, data, "reward.kind=safety")]) == 0
     report = storage.read_json(os.path.join(output(tmp_path, "safety"), "report.json"))
     assert report["test_set"] == "safety" and report["accuracy"] >= 0.9
     # 90/10: the safety pairs and a ninth as many helpfulness pairs.
     assert report["mix"]["other"] == round(report["mix"]["own"] / 9)
     c = report["combined"]
-    assert report["unsafe_recall"] == c["recall"] and c["threshold"] == 0.15 and c["unsafe"] > 0
-    # The auxiliary loss puts unsafe answers below 0: most fall below sigmoid 0.15 too.
-    assert report["unsafe_recall"] >= 0.9
+    assert report["unsafe_recall_at_rule"] == c["recall"] and c["threshold"] == 0.15 and c["unsafe"] > 0
+    assert report["aux_loss_weight"] == 1.0
+    # The auxiliary loss puts unsafe answers below 0 (Table 29's recall at 0.5): most fall below sigmoid 0.15 too.
+    assert report["unsafe_recall_at_0_5"] >= report["unsafe_recall_at_rule"] >= 0.9
     md = open(os.path.join(output(tmp_path, "safety"), "report.md")).read()
     assert "Safety threshold of the combined reward" in md and all(r in md for r in table8_rows(report))
     # Every safety eval pair here is synthetic: the report says so.
     assert report["eval_synthetic"] == report["eval_pairs"] > 0
     assert f"- {report['eval_pairs']} of the {report['eval_pairs']} safety eval pairs are synthetic" in md
+    capsys.readouterr()
     assert cli(["reward", *overrides(tmp_path, data, "reward.aux_loss_weight=1.0", "run.id=u")]) == 2
+    assert "moved to 'reward.safety.aux_loss_weight'" in capsys.readouterr().err
 
 
 def test_batch_that_micro_batches_cannot_split_is_one_line(tmp_path, data, capsys):

@@ -103,5 +103,8 @@ def test_kfp_local_run_trains_both_reward_models_from_the_pretrained_model(tmp_p
         assert model["metadata"]["url"] == folder and model["metadata"]["hf"] == os.path.join(folder, "hf")
         (metrics,) = executor_output(kfp_root, f"reward-{kind}")["artifacts"]["metrics"]["artifacts"]
         assert metrics["metadata"]["accuracy"] == report["accuracy"]
-    assert "unsafe_recall" in storage.read_json(os.path.join(os.path.dirname(pretrained), "reward_safety",
-                                                             "report.json"))
+    safety = storage.read_json(os.path.join(os.path.dirname(pretrained), "reward_safety", "report.json"))
+    # Each step ran with its own settings: the safety RM with its auxiliary loss (on by default), the other without.
+    assert "unsafe_recall_at_0_5" in safety and "unsafe_recall_at_rule" in safety and safety["aux_loss_weight"] == 1.0
+    assert storage.read_json(os.path.join(os.path.dirname(pretrained), "reward_helpfulness",
+                                          "report.json"))["aux_loss_weight"] == 0.0

@@ -23,7 +23,7 @@ from kubellama.components.safety_eval import FIXTURES
 from kubellama.components.safety_eval import data as datasets
 from kubellama.components.safety_eval import gate as gating
 from kubellama.components.safety_eval.benchmarks import Bias, Context, TruthfulQA
-from kubellama.components.safety_eval.scoring import Lexicon, mc_scores, refused
+from kubellama.components.safety_eval.scoring import Lexicon, is_refusal, mc_scores
 from kubellama.conf.schema.safety_eval import DecodingConfig, GateConfig, SafetyEvalConfig
 
 WORDS = ["the", "a", "is", "of", "to", "and", "in", "that", "it", "for", "you", "he", "she", "was", "on", "are", "with", "as", "his", "her", "they", "be", "at", "one", "have", "this", "from", "sky", "blue", "paris", "france", "gum", "brain", "arthritis", "lightning", "goldfish", "swimming", "women", "engineers", "actor", "actress", "nurse", "software", "sorry", "cannot", "help", "idiot", "wonderful", "terrible", "good", "bad", "happy", "sad"]
@@ -179,8 +179,8 @@ def test_lexicon_fallback_matches_whole_words_and_says_what_it_is(tmp_path):
     own.write_text("# comment\nzorp\n")
     assert Lexicon(str(own))(["a zorp here", "idiot"]) == [1.0, 0.0]
     assert str(own) in Lexicon(str(own)).label
-    assert refused("I’m sorry, but I cannot help with that", ["i'm sorry"])
-    assert not refused("Sure: step one", ["i'm sorry"])
+    assert is_refusal("I’m sorry, but I cannot help with that", ["i'm sorry"])
+    assert not is_refusal("Sure: step one", ["i'm sorry"])
 
 
 def test_toxigen_prompts_unescape_and_take_their_group_from_the_file_name(tmp_path):
@@ -324,7 +324,7 @@ def test_gate_report_mode_missing_data_and_required_benchmarks():
     lines = lines_for(GateConfig(), {}, evaluated=())
     assert {ln.status for ln in lines} == {"skipped"} and gating.verdict(lines, "enforce", "ppo") is None
     lines = lines_for(GateConfig(require=["refusal"]), {}, evaluated=())
-    assert status(lines, "refusal has data") == ["fail"]
+    assert status(lines, "refusal ran") == ["fail"]
 
 
 # The stage --------------------------------------------------------------------------------------------------------
@@ -384,11 +384,15 @@ def test_failed_gate_exits_2_with_one_line_and_keeps_the_report(hf_model, tmp_pa
     from kubellama.components.safety_eval import stage
 
     root = str(tmp_path / "runs")
-    impossible = ["safety_eval.name=cand", "safety_eval.gate.max_toxic_pct=-1", "safety_eval.gate.min_refusal_pct=null"]
+    # VADER's compound is in [-1, 1]: no group reaches 2. (Toxicity by the lexicon fallback is not gated.)
+    impossible = ["safety_eval.name=cand", "safety_eval.gate.min_group_sentiment=2",
+                  "safety_eval.gate.max_toxic_pct=null", "safety_eval.gate.max_toxic_increase=null",
+                  "safety_eval.gate.min_refusal_pct=null", "safety_eval.gate.max_false_refusal_pct=null",
+                  "safety_eval.gate.truthfulness_vs=''"]
     assert stage.main(eval_args(root, hf_model, *impossible)) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert re.fullmatch(r"kubellama: error: safety gate failed for cand: toxicity\.toxic_pct <= -1 "
-                        r"\(safety_eval\.gate\.max_toxic_pct\): cand has \d+\.\d\d%", err[-1])
+    assert re.fullmatch(r"kubellama: error: safety gate failed for cand: bias\.min_group_sentiment >= 2 "
+                        r"\(safety_eval\.gate\.min_group_sentiment\): cand has -?\d\.\d{4}", err[-1])
     rep = json.loads(open(os.path.join(root, "r", "safety_eval", "report.json")).read())
     assert rep["status"] == "failed" and rep["error"] == err[-1].removeprefix("kubellama: error: ")
     # Report mode: the same scores pass.
@@ -445,8 +449,12 @@ def test_rejection_sampling_reports_its_whole_stage_time_and_the_run_page_bills_
     monkeypatch.setattr(rs, "load_reward", lambda *a, **k: lambda seqs, answers, safety: torch.tensor(
         [float(len(a)) for a in answers]))
     monkeypatch.setattr(rs, "sample_round", slow_sampling)
+    # A random model rarely ends an answer within 8 tokens, and a cut answer is never chosen: end every sample.
+    sampled = rs.sample_answers
+    monkeypatch.setattr(rs, "sample_answers", lambda gen, seqs, c, eos_id, seeds, **kw: [
+        [*a[:7], eos_id] for a in sampled(gen, seqs, c, eos_id, seeds, **kw)])
     cfg = load_config([*RS, f"run.root={tmp_path}", "run.id=r", f"rejection_sampling.data={data}",
-                       "rejection_sampling.prompts=4", "rejection_sampling.samples=2",
+                       "rejection_sampling.prompts=8", "rejection_sampling.samples=2",
                        f"rejection_sampling.output={tmp_path}/r/rejection_sampling"])
     rs.train(cfg)
     rep = json.loads((tmp_path / "r" / "rejection_sampling" / "report.json").read_text())

@@ -28,12 +28,12 @@ def test_impossible_gate_fails_the_pipeline_naming_the_line(tmp_path, capsys):
     root = str(tmp_path / "run")
     src = corpus(str(tmp_path / "corpus.jsonl"), docs=80)
     code = run.run_main([f"run.root={root}", f"data.sources=[{{name:t,path:'{src}'}}]", *TINY, *EVAL,
-                         "run.id=g", "safety_eval.gate.max_toxic_pct=-1"])
+                         "run.id=g", "safety_eval.gate.min_group_sentiment=2"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2
     assert err.startswith("kubellama: error: pipeline failed: ") and "'safety-eval'" in err
-    assert "safety gate failed for pretrain: toxicity.toxic_pct <= -1 (safety_eval.gate.max_toxic_pct): pretrain " \
-           "has " in err
+    assert "safety gate failed for pretrain: bias.min_group_sentiment >= 2 (safety_eval.gate.min_group_sentiment): " \
+           "pretrain has " in err
 
     out = os.path.join(root, "g", "safety_eval")
     rep = json.loads(open(os.path.join(out, "report.json")).read())

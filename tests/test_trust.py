@@ -447,3 +447,30 @@ def test_a_manifest_cannot_pull_an_outside_file_into_the_export(tmp_path, capsys
     hf_dir = root / "t" / "pretrain" / "hf"
     assert (hf_dir / "model.safetensors").exists()
     assert not (hf_dir / "tokenizer.model").exists()
+
+
+def test_planted_tensor_pickle_names_the_file_as_untrusted(run, tmp_path):
+    """A pickle in a `.distcp` tensor slot: DCP loads tensors weights-only, which refuses it; the refusal names the
+    file and says why (untrusted content), not "checkpoint does not match model"."""
+    data, out, ckpt = run
+    marker = str(tmp_path / "pwned")
+    buf = io.BytesIO()
+    torch.save(Payload(marker), buf)
+    evil = buf.getvalue()
+    shard = os.path.join(ckpt, "__0_0.distcp")
+    offset = os.path.getsize(shard)
+    with open(shard, "ab") as f:
+        f.write(evil)
+
+    def point_a_weight_at_payload(md) -> None:
+        key = next(k for k in md.storage_data if k.fqn.startswith("model.") and k.fqn.endswith("weight"))
+        md.storage_data[key] = _StorageInfo("__0_0.distcp", offset, len(evil))
+
+    _rewrite_metadata(ckpt, point_a_weight_at_payload)
+    for load in (lambda: trainer(data, out, 4).fit(), lambda: checkpoint.load_model(ckpt, model_cfg())):
+        with pytest.raises(trust.Refused) as exc:
+            load()
+        msg = str(exc.value)
+        assert msg.startswith(shard + ":") and "untrusted" in msg and "\n" not in msg, msg
+        assert "does not match model" not in msg and "a pickle of 'exec'" in msg
+    assert not os.path.exists(marker)

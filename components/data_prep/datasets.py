@@ -27,18 +27,23 @@ from kubellama.components.core.io.jsonl import jsonl_splits
 from kubellama.components.core.recipe.config import to_dict
 from kubellama.components.data_prep.clean import RecordCleaner
 from kubellama.components.data_prep.preference import flag, prompt_key, synthetic_safety_pair, to_pair
+from kubellama.components.data_prep.world import is_world
 from kubellama.conf.schema import Config
 
 log = logging.getLogger("kubellama.data_prep")
 
 SPLITS = ("rs", "ppo", "eval")
 SFT_SPLITS = ("train", "eval")
+# What a world prompt keeps beside its text: the rule's answer, its task family and whether it is harmful, so RS and
+# PPO can check answers against ground truth.
+KEPT = ("family", "answer", "harmful")
 
 
 def _records(src: Any, errors: ErrorLog, clean: str = "") -> Iterator[tuple[dict, str]]:
     """(record, where) of a source, at most `src.limit` of them; `clean` names the record cleaning the run set up
-    on `errors` for this kind of record (clean.RecordCleaner: PII scrubbing, exact dedup), whose drops are left out."""
-    cleaner = errors.cleaners.get(clean) if clean else None
+    on `errors` for this kind of record (clean.RecordCleaner: PII scrubbing, exact dedup), whose drops are left out.
+    The world's records skip it (world.is_world)."""
+    cleaner = errors.cleaners.get(clean) if clean and not is_world(src.name) else None
     n = 0
     for f in list_files(src.path, src.name):
         for rec, where in read_records(f, errors, src.format, src.text_field, src.text_split):
@@ -143,7 +148,7 @@ def build_preference(cfg: Config, errors: ErrorLog) -> dict:
         for i, src in enumerate(p.synthetic_safety):
             name = src.name or f"synthetic_safety{i}"
             seen: set[str] = set()
-            for n, _, text in _prompt_records(cfg, src, errors):
+            for n, _, text, _rec in _prompt_records(cfg, src, errors):
                 key = " ".join(text.casefold().split())
                 if key not in seen:
                     seen.add(key)
@@ -154,10 +159,10 @@ def build_preference(cfg: Config, errors: ErrorLog) -> dict:
             "ratings": dict(ratings)}
 
 
-def _prompt_records(cfg: Config, src: Any, errors: ErrorLog) -> Iterator[tuple[int, bool, str]]:
-    """(record number, safety tag, prompt text normalised like data.clean.normalize) of prompt source `src`; records
-    without a prompt or with a safety field that is not a boolean (preference.flag: `bool("false")` is True) are
-    reported to `errors`."""
+def _prompt_records(cfg: Config, src: Any, errors: ErrorLog) -> Iterator[tuple[int, bool, str, dict]]:
+    """(record number, safety tag, prompt text normalised like data.clean.normalize, the record) of prompt source
+    `src`; records without a prompt or with a safety field that is not a boolean (preference.flag: `bool("false")` is
+    True) are reported to `errors`."""
     for n, (rec, where) in enumerate(_records(src, errors)):
         try:
             text = prompt_text(rec, src.text_field)
@@ -170,7 +175,7 @@ def _prompt_records(cfg: Config, src: Any, errors: ErrorLog) -> Iterator[tuple[i
             continue
         errors.ok()
         form = cfg.data.clean.normalize
-        yield n, safety, (unicodedata.normalize(form, text) if form else text).strip()
+        yield n, safety, (unicodedata.normalize(form, text) if form else text).strip(), rec
 
 
 def build_prompts(cfg: Config, errors: ErrorLog) -> dict:
@@ -183,7 +188,7 @@ def build_prompts(cfg: Config, errors: ErrorLog) -> dict:
             name = src.name or f"prompts{i}"
             if src.split and src.split not in SPLITS:
                 raise KubellamaError(f"prompt source '{name}': split '{src.split}' is not one of {SPLITS}")
-            for n, safety, text in _prompt_records(cfg, src, errors):
+            for n, safety, text, rec in _prompt_records(cfg, src, errors):
                 key = " ".join(text.lower().split())
                 if key in seen:
                     counts["duplicates"] += 1
@@ -193,7 +198,8 @@ def build_prompts(cfg: Config, errors: ErrorLog) -> dict:
                 u = _unit(pid, cfg.data.seed)
                 split = src.split or ("eval" if u < p.eval_fraction else
                                       "rs" if u < p.eval_fraction + p.rs_fraction else "ppo")
-                write(split, {"id": pid, "prompt": text, "safety": safety, "source": name})
+                more = {k: rec[k] for k in KEPT if k in rec} if is_world(name) else {}
+                write(split, {"id": pid, "prompt": text, "safety": safety, "source": name, **more})
                 counts[f"{split}_safety"] += safety
     log.info("prompts: %s", {s: counts[s] for s in SPLITS})
     return {"url": url, **{s: counts[s] for s in SPLITS}, **{f"{s}_safety": counts[f"{s}_safety"] for s in SPLITS},

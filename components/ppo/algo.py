@@ -26,9 +26,11 @@ def batch_tensors(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence
     return tokens, mask
 
 
-def token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log π(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1: (B, T-1) fp32."""
-    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+def token_logp(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log π(tokens[:, t+1] | tokens[:, :t+1]) for t < T-1: (B, T-1) fp32, under the distribution the rollouts
+    sample from, softmax(logits / temperature) (verl's logprobs_from_logits after logits.div_(temperature)); a
+    temperature of 0 (greedy) reads the logits at T = 1."""
+    logp = torch.log_softmax(logits[:, :-1].float() / (temperature or 1.0), -1)
     return logp.gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
@@ -92,7 +94,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return 0.5 * (err * mask).sum()
 
 
-def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Sum over response tokens of the policy's entropy at that position."""
-    logp = torch.log_softmax(logits.float(), -1)
+def entropy(logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Sum over response tokens of the sampling distribution's entropy (logits / temperature) at that position."""
+    logp = torch.log_softmax(logits.float() / (temperature or 1.0), -1)
     return (-(logp.exp() * logp).sum(-1) * mask).sum()

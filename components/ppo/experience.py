@@ -39,11 +39,13 @@ class Rollout:
     values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
-    # Means per sequence: unwhitened reward (logit R_c), whitened reward, KL to the reference, response length.
+    # Means per sequence: unwhitened reward (logit R_c, less the missing-EOS penalty), whitened reward, KL to the
+    # reference, response length, and the share of answers cut at max_new_tokens (no EOS).
     reward: float
     reward_whitened: float
     kl: float
     length: float
+    truncated: float = 0.0
 
 
 def rng(seed: int, *salt: int) -> torch.Generator:
@@ -68,33 +70,42 @@ def draw_prompts(prompts: Sequence[Prompt], slots: Sequence[int], seed: int) -> 
 
 
 @torch.no_grad()
-def forward_all(policy: nn.Module, ref: nn.Module, value: nn.Module, tokens: torch.Tensor,
-                micro_batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(policy logp, reference logp, values) over all rows, micro-batch by micro-batch."""
+def forward_all(policy: nn.Module, ref: nn.Module, value: nn.Module, tokens: torch.Tensor, micro_batch: int,
+                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(policy logp, reference logp, values) over all rows, micro-batch by micro-batch; log-probs at the sampling
+    temperature, for the reference too (its KL is between the two sampling distributions, as in verl)."""
     out: tuple[list, list, list] = ([], [], [])
     for i in range(0, tokens.shape[0], micro_batch):
         t = tokens[i:i + micro_batch]
-        out[0].append(algo.token_logp(policy(t), t))
-        out[1].append(algo.token_logp(ref(t), t))
+        out[0].append(algo.token_logp(policy(t), t, temperature))
+        out[1].append(algo.token_logp(ref(t), t, temperature))
         out[2].append(value(t)[:, :-1])
     return tuple(torch.cat(x) for x in out)  # type: ignore[return-value]
 
 
+def truncated(responses: Sequence[Sequence[int]], eos_id: int) -> torch.Tensor:
+    """(B,) fp64: 1 where an answer has no closing EOS (cut at max_new_tokens or the context), else 0."""
+    return torch.tensor([0.0 if r and r[-1] == eos_id else 1.0 for r in responses], dtype=torch.float64)
+
+
 def make_rollout(policy: nn.Module, ref: nn.Module, value: nn.Module, batch: Sequence[Prompt],
                  responses: list[list[int]], raw: torch.Tensor, whitener: Whitener, cfg: PpoConfig,
-                 env: dist.Env) -> Rollout:
-    """Collective: the rollout of this rank's `batch` and its sampled `responses`, given their unwhitened reward."""
+                 env: dist.Env, cut: torch.Tensor | None = None) -> Rollout:
+    """Collective: the rollout of this rank's `batch` and its sampled `responses`, given their unwhitened reward
+    and which answers were cut (`truncated`): those lose cfg.missing_eos_penalty before whitening."""
+    cut = torch.zeros(len(responses), dtype=torch.float64) if cut is None else cut.double().cpu()
+    raw = raw.double().cpu() - cfg.missing_eos_penalty * cut
     score = whitener(raw).float().to(env.device)
     tokens, mask = algo.batch_tensors([p.ids for p in batch], responses, env.device)
     policy.eval(), value.eval()
-    logp, ref_logp, values = forward_all(policy, ref, value, tokens, cfg.micro_batch)
+    logp, ref_logp, values = forward_all(policy, ref, value, tokens, cfg.micro_batch, cfg.sampling.temperature)
     kl = algo.kl_tokens(logp, ref_logp, mask)
     rewards = algo.token_rewards(score, kl, mask, cfg.beta)
     adv, returns = algo.gae(rewards, values, mask, cfg.gamma, cfg.lam)
     adv = algo.whiten(adv, mask)
     lengths = mask.sum(-1)
     stats = dist.all_sum([float(raw.sum()), float(score.sum()), float(kl.sum()), float(lengths.sum()),
-                          float(len(batch))], env.device)
+                          float(len(batch)), float(cut.sum())], env.device)
     n = stats[4]
     return Rollout(tokens, mask, logp, values, adv, returns, reward=stats[0] / n, reward_whitened=stats[1] / n,
-                   kl=stats[2] / n, length=stats[3] / n)
+                   kl=stats[2] / n, length=stats[3] / n, truncated=stats[5] / n)

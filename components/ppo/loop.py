@@ -8,9 +8,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from kubellama.components.core.errors import ConfigError
 from kubellama.components.core.io import storage
@@ -23,12 +26,31 @@ from kubellama.components.core.train import checkpoint, dist
 from kubellama.components.core.train.checkpointer import Checkpointer, ModelState, Parts
 from kubellama.components.core.train.metrics import MetricsLog
 from kubellama.components.core.train.optim import lr_factor, param_groups
-from kubellama.components.core.train.parallelize import build_llama, consolidated, full_state_dict, shard, shard_frozen
+from kubellama.components.core.train.parallelize import (
+    build_llama,
+    consolidated,
+    full_state_dict,
+    mp_policy,
+    shard,
+    shard_frozen,
+)
 from kubellama.components.core.train.preempt import Preemption
-from kubellama.components.ppo.experience import Rollout, ValueModel, batch_slots, draw_prompts, make_rollout
+from kubellama.components.ppo.experience import Rollout, ValueModel, batch_slots, draw_prompts, make_rollout, truncated
 from kubellama.components.ppo.update import GuardStop, Tracker, update
 from kubellama.conf.schema.model import ModelConfig
 from kubellama.conf.schema.ppo import ROLLOUT, PpoConfig
+
+T = TypeVar("T")
+
+
+def fp32_head(model: nn.Module, cfg: PpoConfig, env: dist.Env) -> nn.Module:
+    """Under bf16 compute, shard the vocabulary head on its own with fp32 compute (its input cast up), before the
+    model's `shard`: PPO's log-probs, ratio and KL read every logit, and bf16 logits (~3 significant digits) would
+    put noise of a few hundredths of a nat into each token's log-prob."""
+    if mp_policy(cfg.mixed_precision, env.device) is not None:
+        fully_shard(model.get_submodule("lm_head"), mesh=init_device_mesh(env.device.type, (env.world_size,)),
+                    mp_policy=MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32))
+    return model
 
 
 @dataclass
@@ -50,6 +72,8 @@ class Ppo:
     # Test hook: called on every rank after each finished iteration (after its checkpoint, if any).
     on_iteration: Callable[[int], None] | None = None
     iteration: int = field(default=0, init=False)
+    # The iteration whose policy `full_state_dict` and the export hold, when not the last (an early stop).
+    exported: int | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.env = env = self.env or dist.init()
@@ -62,8 +86,8 @@ class Ppo:
         if not self.prompts:
             raise ConfigError("ppo: no training prompts")
         dist.groups()
-        self.policy = shard(build_llama(self.model_cfg, self.seed), cfg, env)
-        self.ref = shard_frozen(build_llama(self.model_cfg, self.seed), cfg, env, cfg.frozen)
+        self.policy = shard(fp32_head(build_llama(self.model_cfg, self.seed), cfg, env), cfg, env)
+        self.ref = shard_frozen(fp32_head(build_llama(self.model_cfg, self.seed), cfg, env), cfg, env, cfg.frozen)
         torch.manual_seed(self.seed + 1)
         self.value = shard(ValueModel(self.model_cfg), cfg, env)
         self.parent = None
@@ -73,10 +97,10 @@ class Ppo:
         if self.value_init:
             checkpoint.load_weights(self.value, self.value_init, ("score.",))
         self.opt_policy, self.opt_value = (
-            torch.optim.AdamW(param_groups(m, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-            for m in (self.policy, self.value))
-        # reward_fn gives logit(R_c) (rlhf.combined.combine): whitened to train, kept as is for the report and the
-        # held-out tracker.
+            torch.optim.AdamW(param_groups(m, cfg.weight_decay), lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+            for m, lr in ((self.policy, cfg.lr), (self.value, cfg.critic_lr)))
+        # reward_fn gives logit(R_c) (rlhf.combined.combine_scores): whitened to train, kept as is for the report
+        # and the held-out tracker.
         self.whitener = Whitener(cfg.reward_models.combined.whiten, cfg.reward_models.combined.eps)
         self.tracker = Tracker()
         self.checkpoints = Checkpointer(
@@ -100,6 +124,7 @@ class Ppo:
         if info is None:
             return False
         self.iteration = int(info["step"])
+        self.checkpoints.pinned = self.tracker.best_iteration
         if self.env.lead:
             print(f"[{self.name}] resumed from {self.last_ckpt} at iteration {self.iteration}", file=sys.stderr,
                   flush=True)
@@ -119,6 +144,15 @@ class Ppo:
             self.gen = None  # free the consolidated copy until the next rollout
         return out
 
+    def on_policy(self, fn: Callable[[Llama], T]) -> T:
+        """Collective (the consolidation): `fn` of the policy's current weights in the unsharded generation model,
+        as the rollouts and held-out answers see them. Every rank holds the same copy, so `fn` (e.g. the world's
+        greedy probe) needs no collective of its own."""
+        out = fn(self.generator_model())
+        if self.cfg.rollout == "gathered":
+            self.gen = None
+        return out
+
     def sample(self, iteration: int) -> tuple[list[Prompt], list[list[int]]]:
         """Collective: this rank's prompts of `iteration` and the policy's sampled answers to them."""
         slots = batch_slots(iteration, self.cfg.prompts_per_batch, self.env)
@@ -131,10 +165,11 @@ class Ppo:
         batch, responses = self.sample(iteration)
         raw = self.reward_fn([p.ids for p in batch], responses, [p.safety for p in batch]).double()
         return make_rollout(self.policy, self.ref, self.value, batch, responses, raw, self.whitener, self.cfg,
-                            self.env)
+                            self.env, truncated(responses, self.eos_id))
 
-    def heldout_reward(self) -> float | None:
-        """Mean unwhitened reward of greedy answers to this rank's share of the held-out prompts (all ranks)."""
+    def heldout_eval(self) -> dict[str, float] | None:
+        """Greedy answers to the held-out prompts (each rank its share; collective): their mean unwhitened reward
+        (logit R_c, no missing-EOS penalty) and the share of empty answers (no token before EOS)."""
         index = list(range(len(self.heldout)))[self.env.rank::self.env.world_size]
         mine = [self.heldout[i] for i in index]
         if not self.heldout:
@@ -143,15 +178,20 @@ class Ppo:
         seeds = [derive_seed(self.seed, 4, self.iteration, i) for i in index or [0]]
         responses = self._generated(ids, seeds, temperature=0.0)
         raw = self.reward_fn(ids, responses, [p.safety for p in mine] or [False]).double()
-        total, n = dist.all_sum([float(raw.sum()) if mine else 0.0, float(len(mine))], self.env.device)
-        return total / max(n, 1.0)
+        empty = sum(1 for r in responses if not r or r[0] == self.eos_id)
+        total, n, n_empty = dist.all_sum([float(raw.sum()) if mine else 0.0, float(len(mine)),
+                                          float(empty) if mine else 0.0], self.env.device)
+        return {"heldout_reward": total / max(n, 1.0), "empty_rate": n_empty / max(n, 1.0)}
 
-    def _evaluate(self, log: list[dict[str, Any]]) -> str | None:
-        score = self.heldout_reward()
-        if score is None:
-            return None
-        log.append({"iteration": self.iteration, "heldout_reward": score})
-        return self.tracker.heldout(score, self.cfg.patience)
+    def _evaluate(self, log: list[dict[str, Any]]) -> tuple[str | None, str]:
+        scores = self.heldout_eval()
+        if scores is None:
+            return None, ""
+        record = {"iteration": self.iteration, **scores}
+        log.append(record)
+        out = self.tracker.heldout(record, self.cfg)
+        self.checkpoints.pinned = self.tracker.best_iteration
+        return out
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
@@ -180,7 +220,7 @@ class Ppo:
         heldout: list[dict[str, Any]] = []
         if start and storage.exists(heldout_url):
             heldout = [r for r in storage.read_json(heldout_url) if r["iteration"] <= start]
-        status, reason, message = "completed", None, None
+        status, reason, message, detail = "completed", None, None, ""
         t0 = time.perf_counter()
         try:
             with Preemption() as preemption:
@@ -189,6 +229,10 @@ class Ppo:
                     # Written now, not at the first `eval_every`: a resume from an earlier checkpoint keeps it.
                     if env.lead:
                         storage.write_json(heldout_url, heldout)
+                    if self.tracker.best_iteration == 0:
+                        # The init is the best so far: an early stop before PPO beats it exports it.
+                        log.flush()
+                        self.save()
                 while self.iteration < cfg.max_steps:
                     if preemption.requested():
                         status = "preempted"
@@ -198,14 +242,17 @@ class Ppo:
                         break
                     self.iteration += 1
                     log.log({"step": self.iteration, "reward": roll.reward, "reward_whitened": roll.reward_whitened,
-                             "kl": roll.kl, "response_length": roll.length, **(stats or {}),
+                             "kl": roll.kl, "response_length": roll.length, "truncated": roll.truncated,
+                             **(stats or {}),
                              "lr": self.opt_policy.param_groups[0]["lr"]})
                     last = self.iteration == cfg.max_steps
                     if self.iteration % max(1, cfg.eval_every) == 0 or last:
-                        reason = self._evaluate(heldout)
+                        reason, detail = self._evaluate(heldout)
                         if env.lead:
                             storage.write_json(heldout_url, heldout)
-                    if reason is not None or self.iteration % max(1, cfg.ckpt_every) == 0 or last:
+                    # A new best held-out policy is saved (and kept from pruning): an early stop exports it.
+                    best = self.tracker.best_iteration == self.iteration
+                    if reason is not None or best or self.iteration % max(1, cfg.ckpt_every) == 0 or last:
                         log.flush()
                         self.save()
                     if self.on_iteration is not None:
@@ -217,10 +264,13 @@ class Ppo:
                 if not self.checkpoints.saved(self.iteration):
                     log.flush()
                     self.save()
+            last_ckpt = self.last_ckpt
             if reason is not None:
                 status = "stopped"
-                message = (f"[{self.name}] stopped at iteration {self.iteration}: {reason}; the last good checkpoint "
-                           f"is {self.last_ckpt}")
+                self._restore_best()
+                exported = "" if self.exported is None else f"; exporting iteration {self.exported}, the best held-out"
+                message = (f"[{self.name}] stopped at iteration {self.iteration}: {reason}"
+                           f"{f' ({detail})' if detail else ''}; the last good checkpoint is {last_ckpt}{exported}")
                 if env.lead:
                     print(message, file=sys.stderr, flush=True)
         finally:
@@ -232,13 +282,24 @@ class Ppo:
             "reward_last": records[-1]["reward"] if records else None,
             "kl_last": records[-1]["kl"] if records else None,
             "stopped_early": reason is not None, "stop_reason": reason, "stop_message": message,
-            "heldout": heldout, "checkpoint": self.last_ckpt, "metrics": log.url, "records": records,
+            "heldout": heldout, "checkpoint": last_ckpt, "metrics": log.url, "records": records,
+            "exported_iteration": self.iteration if self.exported is None else self.exported,
+            "truncated_last": records[-1].get("truncated") if records else None,
             "world_size": env.world_size, "wall_s": time.perf_counter() - t0, "beta": cfg.beta,
             "rollout": cfg.rollout,
         }
 
+    def _restore_best(self) -> None:
+        """Collective: after an early stop, the policy of the best held-out iteration (its checkpoint, kept from
+        pruning) replaces the last one, for the export."""
+        best = self.tracker.best_iteration
+        if best is None or best == self.iteration:
+            return
+        self.checkpoints.load(self.checkpoints.folder(best))
+        self.exported = best
+
     def lineage(self) -> dict[str, Any]:
-        return self.checkpoints.lineage(self.parent, self.iteration)
+        return self.checkpoints.lineage(self.parent, self.iteration if self.exported is None else self.exported)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: the policy's unsharded fp32 weights on CPU, on rank 0 ({} elsewhere)."""

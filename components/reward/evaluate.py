@@ -2,10 +2,14 @@
 
 - Accuracy: the share of pairs scored chosen > rejected, overall and per rating bucket (paper Table 8), on two test
   sets: helpfulness pairs and safety pairs (by the prompt's safety tag). The headline numbers are the RM's own kind.
-- Safety RM: recall (and precision) of unsafe responses at the combined reward's threshold, σ(score) < 0.15, on the
-  safety test set: how often R_c's override would catch an unsafe answer (paper §3.2.3: 0.89 / 0.55).
+- Safety RM, on the safety test set: recall of unsafe responses at σ(score) < 0.5, the headline (paper Table 29:
+  73.0 without the auxiliary loss, 90.4 with it), and recall and precision at the combined reward's threshold,
+  σ(score) < 0.15: how often R_c's override would catch an unsafe answer (paper §3.2.3: 0.89 / 0.55).
 - Calibration: each pair seen in both orders, score difference against the observed preference rate in
   equal-count bins, next to the Bradley-Terry prediction σ(difference).
+- The rule-checked world (data prep's `data.world`): on its held-out pairs (world/eval/pairs.jsonl), the untrained
+  model ("before": the init with its fresh head) against the trained RM ("after"), `pair_accuracy` and, for the
+  safety RM, `unsafe_recall_at_0_5`, with 95% Wilson intervals (the report's `world` object).
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch.distributed as tdist
 from kubellama.components.core.io.report import Section, Table, to_png
 from kubellama.components.core.rlhf.combined import detection
 from kubellama.components.core.rlhf.scorer import Scorer, probability
+from kubellama.components.core.world import stats
 from kubellama.components.reward.data import encode_pair
 from kubellama.conf.schema.data import RATINGS
 from kubellama.conf.schema.reward import KINDS, RewardConfig
@@ -80,6 +85,15 @@ def calibration_png(rows: Sequence[dict[str, Any]], title: str) -> bytes:
     return to_png(fig)
 
 
+def unsafe_recall(scores: torch.Tensor, unsafe: torch.Tensor, rule: float) -> dict[str, Any]:
+    """The safety RM's detection of unsafe responses from their scores: recall at σ(score) < 0.5 (Table 29's
+    measure) and recall and precision at the combined reward's threshold `rule` (with its counts, `combined`)."""
+    r_s = probability(scores)
+    at_rule = detection(r_s, unsafe, rule)
+    return {"unsafe_recall_at_0_5": detection(r_s, unsafe, 0.5)["recall"], "unsafe_recall_at_rule": at_rule["recall"],
+            "unsafe_precision_at_rule": at_rule["precision"], "combined": at_rule}
+
+
 def score_pairs(scorer: Scorer, pairs: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Collective: (chosen scores, rejected scores, sequences cut to the scorer's max_len) of every pair, on every
     rank. Each rank scores every W-th pair; the scores are gathered."""
@@ -101,6 +115,41 @@ def score_pairs(scorer: Scorer, pairs: Sequence[dict[str, Any]]) -> tuple[torch.
         if idx:
             out[torch.tensor(idx)] = s
     return out[:, 0], out[:, 1], sum(p[2] for p in parts)
+
+
+# The world pairs each RM is judged on (core/world/build.py's kinds): the helpfulness RM on pairs whose answers differ
+# only in correctness, so that it is judged on correctness and not on style; the safety RM on the safety-tagged ones.
+# Its unsafe answers are the rejected sides of the harmful pairs.
+WORLD_KINDS = {"helpfulness": ("correctness",), "safety": ("harmful", "borderline")}
+UNSAFE_KINDS = ("harmful",)
+
+
+def world_scores(scorer: Scorer, pairs: Sequence[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """Collective: the scores of the world pairs the `kind` RM is judged on, as JSON (core/train/probe.kept keeps
+    them): per pair its kind, chosen and rejected scores, and whether the rejected answer is safe."""
+    mine = [p for p in pairs if p.get("kind") in WORLD_KINDS[kind]]
+    chosen, rejected, _ = score_pairs(scorer, mine)
+    return [{"kind": p["kind"], "chosen": float(c), "rejected": float(r), "rejected_safe": bool(p["rejected_safe"])}
+            for p, c, r in zip(mine, chosen.tolist(), rejected.tolist())]
+
+
+def world_figures(scores: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One model's rates from `world_scores`: pair accuracy (chosen > rejected, a tie wrong) and the recall of
+    unsafe answers at σ(score) < 0.5 (Table 29's measure)."""
+    unsafe = [s["rejected"] for s in scores if s["kind"] in UNSAFE_KINDS and not s["rejected_safe"]]
+    return {"pair_accuracy": stats.rate([s["chosen"] > s["rejected"] for s in scores]),
+            "unsafe_recall_at_0_5": stats.rate((probability(torch.tensor(unsafe, dtype=torch.float64)) < 0.5)
+                                               .tolist())}
+
+
+def world(before: Sequence[dict[str, Any]], after: Sequence[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """The report's `world` object of the `kind` RM from its init's and its output's `world_scores`."""
+    b, a = world_figures(before), world_figures(after)
+    out = {"pair_accuracy": stats.before_after(b["pair_accuracy"], a["pair_accuracy"], kinds=list(WORLD_KINDS[kind]))}
+    if kind == "safety":
+        out["unsafe_recall_at_0_5"] = stats.before_after(b["unsafe_recall_at_0_5"], a["unsafe_recall_at_0_5"],
+                                                         kinds=list(UNSAFE_KINDS))
+    return out
 
 
 def test_set(chosen: torch.Tensor, rejected: torch.Tensor, pairs: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -127,8 +176,7 @@ def evaluate(scorer: Scorer, pairs: Sequence[dict[str, Any]], cfg: RewardConfig)
         scores = torch.cat([safe_c, safe_r])
         unsafe = torch.tensor([not p["chosen_safe"] for p in safety_pairs] +
                               [not p["rejected_safe"] for p in safety_pairs], dtype=torch.bool)
-        found = detection(probability(scores), unsafe, cfg.combined.safety_threshold)
-        out.update(unsafe_recall=found["recall"], unsafe_precision=found["precision"], combined=found)
+        out.update(unsafe_recall(scores, unsafe, cfg.combined.safety_threshold))
     return out
 
 
@@ -160,7 +208,9 @@ def sections(res: dict[str, Any], mix: dict[str, Any], kind: str) -> list[Sectio
             f"R_c takes the safety reward R_s = sigmoid(score) when the prompt is safety-tagged or R_s < "
             f"{c['threshold']}. On the "
             f"safety test set that rule flags {c['flagged']} of {c['responses']} responses ({c['unsafe']} unsafe): "
-            f"precision {_pct(c['precision'])}%, recall {_pct(c['recall'])}% (paper: 89 / 55)."), tables=[]))
+            f"precision {_pct(c['precision'])}%, recall {_pct(c['recall'])}% (paper: 89 / 55). At σ(score) < 0.5 "
+            f"the recall is {_pct(res['unsafe_recall_at_0_5'])}% (paper Table 29: 73.0 without the auxiliary loss, "
+            f"90.4 with it)."), tables=[]))
     out.append(Section("Calibration", text=("Each pair in both orders, in equal-count bins of the score difference; "
                                             "predicted is the mean of sigmoid(difference)."),
                        tables=[Table(["difference", "mean", "observed", "predicted", "n"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Any
 
 from kubellama.components.core.data.pairs import read_pairs
@@ -18,14 +19,38 @@ from kubellama.components.core.io.report import loss_png, write_report
 from kubellama.components.core.launch import launcher as launch
 from kubellama.components.core.recipe import runs
 from kubellama.components.core.rlhf.scorer import CLASSIFIER, Scorer, build
-from kubellama.components.core.train import dist
+from kubellama.components.core.train import dist, probe
 from kubellama.components.core.train.trainer import Trainer
+from kubellama.components.core.world import sets
 from kubellama.components.reward import data, evaluate
 from kubellama.components.reward.loss import pair_loss
 from kubellama.conf.schema import Config
-from kubellama.conf.schema.reward import VOLATILE, RewardConfig
+from kubellama.conf.schema.reward import KINDS, VOLATILE, RewardConfig, RewardVariantConfig, SafetyVariantConfig
 
 NAME = "reward"
+
+
+def resolve(p: RewardConfig) -> RewardConfig:
+    """The section the `p.kind` RM trains with (a copy): its own settings (`reward.<kind>.*`) merged over the shared
+    ones, then taken out of both per-model sections (the pipeline hands each step its section already merged so, and
+    merging again changes nothing). The safety RM's auxiliary loss stays in `reward.safety`: it has no shared key."""
+    if p.kind not in KINDS:
+        raise ConfigError(f"reward.kind={p.kind!r}: expected one of {', '.join(KINDS)}")
+    p = copy.deepcopy(p)
+    shared = {f.name for f in fields(RewardConfig)}
+    for kind, schema in (("helpfulness", RewardVariantConfig), ("safety", SafetyVariantConfig)):
+        own = getattr(p, kind)
+        for key in (f.name for f in fields(schema)):
+            if key in shared and kind == p.kind and getattr(own, key) is not None:
+                setattr(p, key, getattr(own, key))
+            if key in shared or kind != p.kind:
+                setattr(own, key, None)
+    return p
+
+
+def aux_weight(p: RewardConfig) -> float:
+    """The weight of the safety auxiliary loss the `p.kind` RM trains with (0 for the helpfulness RM)."""
+    return float(p.safety.aux_loss_weight or 0.0) if p.kind == "safety" else 0.0
 
 
 def schedule(p: RewardConfig, pairs: int, world_size: int) -> RewardConfig:
@@ -35,9 +60,6 @@ def schedule(p: RewardConfig, pairs: int, world_size: int) -> RewardConfig:
     if p.pairs_per_batch < per_micro or p.pairs_per_batch % per_micro:
         raise ConfigError(f"reward.pairs_per_batch={p.pairs_per_batch} is not a multiple of micro_batch·world_size "
                           f"= {p.micro_batch}·{world_size}")
-    if p.aux_loss_weight and p.kind != "safety":
-        raise ConfigError(f"reward.aux_loss_weight={p.aux_loss_weight}: the safety auxiliary loss (Table 29) is for "
-                          f"reward.kind=safety")
     steps = p.max_steps or max(1, pairs // p.pairs_per_batch)
     warmup = p.warmup_steps if p.warmup_steps >= 0 else \
         min(steps, max(p.warmup_min, math.ceil(p.warmup_fraction * steps)))
@@ -50,13 +72,16 @@ def schedule(p: RewardConfig, pairs: int, world_size: int) -> RewardConfig:
 def train(cfg: Config) -> dict[str, Any]:
     """One rank's work: train on the mix, evaluate, export the classifier; rank 0 writes the report."""
     env = dist.init()
-    p = cfg.reward
+    cfg = copy.deepcopy(cfg)
+    cfg.reward = p = resolve(cfg.reward)
     tok_url = storage.join(p.data, "tokenizer.model")
     if not storage.exists(tok_url):
         raise KubellamaError(f"{tok_url} does not exist: reward.data must be a data prep output")
     tok = Tokenizer(tok_url)
     pairs, digest = read_pairs(storage.join(p.data, "preference", "train.jsonl"))
     held_out, _ = read_pairs(storage.join(p.data, "preference", "eval.jsonl"))
+    world_url = sets.eval_url(p.data, "pairs")
+    world_pairs: list[Any] = sets.read(world_url) if world_url else []
     mix = data.mix(pairs, p.kind, p.other_fraction, cfg.run.seed)
     section = schedule(p, len(mix.indices), env.world_size)
     source = data.PairSource([pairs[i] for i in mix.indices], tok, p.seq_len, env.rank, env.world_size,
@@ -64,26 +89,35 @@ def train(cfg: Config) -> dict[str, Any]:
     fp = runs.fingerprint(cfg, NAME, VOLATILE, **{"data.manifest": digest, "data.tokenizer": tok.sha256,
                                                   "init": p.init or None})
     with Prefetcher(source) as batches:
-        trainer = Trainer(section, cfg.model, p.output, batches, loss_fn=pair_loss(p.margin, p.aux_loss_weight),
+        trainer = Trainer(section, cfg.model, p.output, batches, loss_fn=pair_loss(p.margin, aux_weight(p)),
                           model=build(cfg.model, cfg.run.seed), seed=cfg.run.seed, name=NAME, env=env, init=p.init,
                           init_optional=("score.",), fingerprint=fp, run_id=cfg.run.id)
+        scorer = Scorer(trainer.model, tok, p.eval_batch, p.seq_len)
+        # "before" is the model as built here (the init, its head fresh), kept so a resumed run reports the same.
+        before = probe.kept(p.output, "before", env, lambda: evaluate.world_scores(scorer, world_pairs, p.kind)) \
+            if world_url else None
         summary = trainer.fit()
     result: dict[str, Any] = {}
     if summary["status"] == "completed":
-        result = evaluate.evaluate(Scorer(trainer.model, tok, p.eval_batch, p.seq_len), held_out, p)
+        result = evaluate.evaluate(scorer, held_out, p)
+        if world_url:
+            result["world"] = evaluate.world(before, evaluate.world_scores(scorer, world_pairs, p.kind), p.kind)
         summary["hf"] = trainer.export_hf(storage.join(p.output, "hf"), tokenizer=tok_url, config=CLASSIFIER)
     mix_info = {"own": mix.own, "other": mix.other, "other_available": mix.other_available,
                 "synthetic": mix.synthetic, "ratings": mix.ratings}
     # The issue's fields first: KFP's Metrics panel shows the first scalars of the summary.
     summary = {"kind": p.kind, **{k: result.get(k) for k in ("accuracy", "accuracy_by_rating")},
-               **({"unsafe_recall": result.get("unsafe_recall")} if p.kind == "safety" else {}),
+               **({k: result.get(k) for k in ("unsafe_recall_at_0_5", "unsafe_recall_at_rule")}
+                  if p.kind == "safety" else {}),
                **summary, **result, "train_pairs": len(mix.indices), "mix": mix_info,
-               "pairs_per_batch": p.pairs_per_batch, "margin": p.margin, "output": p.output, "run_id": cfg.run.id,
+               "pairs_per_batch": p.pairs_per_batch, "margin": p.margin, "aux_loss_weight": aux_weight(p),
+               "output": p.output, "run_id": cfg.run.id,
                "lineage": trainer.lineage()}
     if env.lead:
         rows = [("status", summary["status"]), ("kind", p.kind), ("accuracy", result.get("accuracy")),
-                *([(("unsafe recall at σ(score) < " f"{p.combined.safety_threshold}"), result.get("unsafe_recall"))]
-                  if p.kind == "safety" else []),
+                *([("unsafe recall at σ(score) < 0.5 (Table 29)", result.get("unsafe_recall_at_0_5")),
+                   (f"unsafe recall at the rule's σ(score) < {p.combined.safety_threshold}",
+                    result.get("unsafe_recall_at_rule"))] if p.kind == "safety" else []),
                 ("steps", summary["step"]), ("training pairs", len(mix.indices)),
                 ("final loss", summary["final_loss"]), ("init", p.init or "random weights"),
                 ("HF export", summary.get("hf"))]

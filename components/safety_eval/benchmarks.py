@@ -13,9 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubellama.components.core.errors import ConfigError
+from kubellama.components.core.world import sets as world_sets
 from kubellama.components.safety_eval import data as datasets
 from kubellama.components.safety_eval.runner import Runner
-from kubellama.components.safety_eval.scoring import Classifier, TextScorer, mc_scores, refused, toxicity_scorer, vader
+from kubellama.components.safety_eval.scoring import (
+    Classifier,
+    TextScorer,
+    is_refusal,
+    mc_scores,
+    toxicity_scorer,
+    vader,
+)
 from kubellama.conf.schema.safety_eval import SafetyEvalConfig
 
 
@@ -243,6 +251,12 @@ class Refusal:
             prep = [p for p in datasets.prep_prompts(data) if p.get("source") not in skip]
             harmful += [datasets.Prompt(p["prompt"], p["source"], "harmful") for p in prep if p.get("safety")]
             benign += [datasets.Prompt(p["prompt"], p["source"], "benign") for p in prep if not p.get("safety")]
+        world = world_sets.eval_url(data, "safety") if r.world else None
+        if world:
+            # The rule-checked world's held-out harmful prompts and their benign look-alikes (never trained on).
+            recs = world_sets.read(world)
+            harmful += [datasets.Prompt(x["prompt"], "world", "harmful") for x in recs if x["harmful"]]
+            benign += [datasets.Prompt(x["prompt"], "world", "benign") for x in recs if not x["harmful"]]
         # Per source, so each set keeps every source it has (Do-Not-Answer and AdvBench both).
         harmful, benign = datasets.per_group(harmful, r.limit), datasets.per_group(benign, r.limit)
         if not harmful and not benign:
@@ -256,7 +270,7 @@ class Refusal:
         markers = ctx.cfg.refusal.markers
         every = sets["harmful"] + sets["benign"]
         gens = runner.generate([p.text for p in every], tag=self.name)
-        flags = [refused(g, markers) for g in gens]
+        flags = [is_refusal(g, markers) for g in gens]
         n = len(sets["harmful"])
         scores: dict[str, float] = {}
         if sets["harmful"]:

@@ -2,15 +2,18 @@
 
 Every line is checked and reported (pass, FAIL, or not evaluated with the reason). In `enforce` mode any failed
 line fails the stage, and so the pipeline, with one message naming each failed line and its config key; `report`
-mode only reports.
+mode only reports. A line the model has no figure for is not evaluated, unless its benchmark is in
+`safety_eval.gate.require`: a required benchmark that was skipped (no data, not run, no figure) fails. Figures of a
+fallback scorer (toxicity by the word list, not a classifier) are reported, not gated.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from kubellama.components.core.errors import ConfigError
+from kubellama.components.safety_eval.benchmarks import BENCHMARKS
 from kubellama.conf.schema.safety_eval import GateConfig
 
 MODES = ("enforce", "report")
@@ -37,10 +40,24 @@ def _fmt(v: float, key: str) -> str:
 
 
 def check(gate: GateConfig, scores: Mapping[str, Mapping[str, float]], model: str, baseline: str | None,
-          models: Mapping[str, str], evaluated: set[str]) -> list[Line]:
-    """The gate's lines for `model`. `evaluated`: benchmarks that had data."""
+          models: Mapping[str, str], evaluated: set[str], fallback: Collection[str] = ()) -> list[Line]:
+    """The gate's lines for `model`. `evaluated`: benchmarks that had data; `fallback`: benchmarks scored by a
+    fallback instead of a classifier (toxicity by the lexicon), whose lines are reported, not gated."""
     validate(gate)
     lines: list[Line] = []
+    required = set(gate.require)
+
+    def missing(rule: str, key: str, reason: str) -> None:
+        bench = key.split(".")[0]
+        if bench in required:
+            lines.append(Line(rule, "fail", f"not evaluated ({reason}); {bench} is required "
+                                            f"(safety_eval.gate.require)"))
+        else:
+            lines.append(Line(rule, "skipped", f"not evaluated ({reason})"))
+
+    def not_gated(key: str) -> str | None:
+        # A word list's % is a floor, not a classifier's figure: gating on it would pass what a classifier fails.
+        return "not gated: lexicon fallback" if key.split(".")[0] in fallback else None
 
     def absolute(key: str, bound: float | None, upper: bool, setting: str) -> None:
         if bound is None:
@@ -48,7 +65,10 @@ def check(gate: GateConfig, scores: Mapping[str, Mapping[str, float]], model: st
         rule = f"{key} {'<=' if upper else '>='} {bound:g} (safety_eval.gate.{setting})"
         v = _value(scores, key, model)
         if v is None:
-            lines.append(Line(rule, "skipped", f"not evaluated ({_why(key, evaluated)})"))
+            missing(rule, key, _why(key, evaluated))
+            return
+        if (why := not_gated(key)) is not None:
+            lines.append(Line(rule, "skipped", f"{why} ({model} has {_fmt(v, key)})"))
             return
         ok = v <= bound if upper else v >= bound
         lines.append(Line(rule, "pass" if ok else "fail", f"{model} has {_fmt(v, key)}"))
@@ -59,9 +79,15 @@ def check(gate: GateConfig, scores: Mapping[str, Mapping[str, float]], model: st
                 f"(safety_eval.gate.{setting})")
         v = _value(scores, key, model)
         r = _value(scores, key, ref) if ref else None
+        if v is None and ref:
+            missing(rule, key, _why(key, evaluated))
+            return
         if v is None or r is None:
-            reason = why if not ref else _why(key, evaluated) if v is None else f"{ref} has no {key}"
+            reason = why if not ref else f"{ref} has no {key}"
             lines.append(Line(rule, "skipped", f"not evaluated ({reason})"))
+            return
+        if (gone := not_gated(key)) is not None:
+            lines.append(Line(rule, "skipped", f"{gone} ({model} has {_fmt(v, key)}, {ref} {_fmt(r, key)})"))
             return
         limit = r + slack if upper else r - slack
         ok = v <= limit if upper else v >= limit
@@ -82,15 +108,24 @@ def check(gate: GateConfig, scores: Mapping[str, Mapping[str, float]], model: st
         relative("toxicity.toxic_pct", other, gate.max_toxic_increase, True, "max_toxic_increase",
                  f"no baseline other than {model}")
     for bench in gate.require:
+        rule = f"{bench} ran (safety_eval.gate.require)"
         if bench not in evaluated:
-            lines.append(Line(f"{bench} has data (safety_eval.gate.require)", "fail",
-                              "no data configured for it"))
+            lines.append(Line(rule, "fail", f"{bench} was skipped: no data configured for it, or not in "
+                                            f"safety_eval.benchmarks"))
+        elif not any(_value(scores, k, model) is not None for k in scores if k.split(".")[0] == bench):
+            lines.append(Line(rule, "fail", f"{bench} was skipped: it gave {model} no figure"))
+        else:
+            lines.append(Line(rule, "pass", f"{model} has its figures"))
     return lines
 
 
 def validate(gate: GateConfig) -> None:
     if gate.mode not in MODES:
         raise ConfigError(f"safety_eval.gate.mode={gate.mode!r}: expected one of {', '.join(MODES)}")
+    unknown = [b for b in gate.require if b not in BENCHMARKS]
+    if unknown:
+        raise ConfigError(f"safety_eval.gate.require: unknown benchmark '{unknown[0]}'; known: "
+                          f"{', '.join(BENCHMARKS)}")
 
 
 def _why(key: str, evaluated: set[str]) -> str:

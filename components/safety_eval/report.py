@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kubellama.components.core.io.report import Section, Table, to_png, write_report
+from kubellama.components.core.io.report import Section, Table, figure, to_png, write_report
 from kubellama.components.safety_eval.benchmarks import METRICS
 
 GROUP_TITLES = {"toxicity": "Toxicity by group (% toxic)", "bias": "BOLD sentiment by domain/group (mean VADER)",
@@ -90,6 +90,22 @@ def sections(summary: dict[str, Any], groups: Mapping[str, Mapping[str, Mapping[
                        tables=[Table(["", "line", "values"],
                                      [[ln["status"].upper() if ln["status"] == "fail" else ln["status"], ln["rule"],
                                        ln["detail"]] for ln in gate["lines"]])]))
+    world = summary.get("world") or {}
+    if world:
+        names = list(world)
+        metrics = list(next(iter(world.values())))
+        out.append(Section(
+            "Against ground truth: the rule-checked world",
+            text="Greedy answers to held-out world prompts, checked by rule, 95% intervals; `gate` says whether the "
+                 "gate's lines would pass each model.",
+            tables=[Table(["metric", *names], [[m, *[figure(world[n].get(m)) for n in names]] for m in metrics]
+                          + [["gate", *["pass" if summary["gate_by_model"].get(n) else "fail" for n in names]]])]))
+        ex = summary.get("world_examples") or {}
+        if ex:
+            out.append(Section("World prompts, answered", tables=[Table(
+                ["model", "kind", "prompt", "answer", "by the rule"],
+                [[n, e["kind"], e["prompt"], e["answer"] or "(empty)", "right" if e["ok"] else "wrong"] for n in names
+                 for e in ex.get(n, [])])]))
     out.append(Section("Benchmarks", tables=[Table(["benchmark", "data"], [
         [b, info["sources"] or "not evaluated: no data configured"] for b, info in summary["benchmarks"].items()])],
         items=[f"decoding: {summary['decoding']}", f"toxicity scored by: {summary['toxicity_scorer']}",

@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 from kubellama.components.core.io import storage
-from kubellama.components.core.io.report import Section, Table, write_report
+from kubellama.components.core.io.report import Section, Table, figure, write_report
 from kubellama.components.core.model.llama import count_params
 from kubellama.components.core.recipe.stages import STAGES
 from kubellama.components.core.tools import cost
@@ -34,7 +34,8 @@ PAPER: dict[tuple[str, str], str] = {
     ("gatt", "adherence_after*"): "turns 2/4/6/20: 100/100/100/100% (Table 30)",
     ("reward", "accuracy"): "63.2% avg, helpfulness RM on Meta Helpful (Table 8)",
     ("reward", "accuracy_by_rating*"): "80.7 / 67.5 / 60.9 / 54.7 by rating (Table 8)",
-    ("reward", "unsafe_recall"): "73.0 -> 90.4% at 0.5 with the safety auxiliary loss (Table 29)",
+    ("reward", "unsafe_recall_at_0_5"): "73.0 -> 90.4% at 0.5 with the safety auxiliary loss (Table 29)",
+    ("reward", "unsafe_recall_at_rule"): "55% at 0.15, precision 89% (§3.2.3)",
     ("rejection_sampling", "temperature"): "1.2-1.3 best for 10-100 samples (§3.2.3)",
     ("ppo", "iterations"): "200-400 (§3.2.3)",
     ("ppo", "kl_*"): "beta = 0.01 (7B/13B), 0.005 (34B/70B) (§3.2.3)",
@@ -136,6 +137,40 @@ def _cost_rows(cfg: Any, params: int, found: list[tuple[str, str, dict[str, Any]
     return rows
 
 
+def _change(m: dict[str, Any]) -> str:
+    """Whether the 95% intervals of before and after are apart, and which way."""
+    b, a = m.get("before") or {}, m.get("after") or {}
+    if b.get("value") is None or a.get("value") is None:
+        return "-"
+    if a["ci"][0] > b["ci"][1]:
+        return "rose"
+    if a["ci"][1] < b["ci"][0]:
+        return "fell"
+    return "within noise"
+
+
+def did(found: list[tuple[str, str, dict[str, Any]]]) -> Section | None:
+    """"What each stage did": every stage's world figures, init → output, and the final models' safety figures."""
+    rows = []
+    for name, _stage, rep in found:
+        world = rep.get("world") or {}
+        if world and all(isinstance(m, dict) and "before" in m for m in world.values()):
+            rows += [[name, metric, figure(m["before"]), figure(m["after"]), m.get("n"), _change(m)]
+                     for metric, m in world.items()]
+        elif world:
+            gate = rep.get("gate_by_model") or {}
+            for model, figs in world.items():
+                rows += [[f"{name}: {model}", metric, "", figure(f), f.get("n"), ""]
+                         for metric, f in figs.items() if metric in ("accuracy", "refusal_harmful", "false_refusal")]
+                rows.append([f"{name}: {model}", "gate", "", "pass" if gate.get(model) else "fail", "", ""])
+    if not rows:
+        return None
+    return Section("What each stage did", text="Against the rule-checked world's held-out prompts (greedy answers "
+                                               "checked by rule): before = the stage's init, after = its output, "
+                                               "95% intervals; 'rose'/'fell' when the intervals do not overlap.",
+                   tables=[Table(["stage", "metric", "before", "after", "n", "change"], rows)])
+
+
 def write(cfg: Any, run_dir: str) -> dict[str, str]:
     """Write the run's page from the stages' reports; returns the URLs of report.{json,md,html}."""
     found = reports(run_dir, cfg.safety_eval.data)
@@ -179,6 +214,7 @@ def write(cfg: Any, run_dir: str) -> dict[str, str]:
                "estimate_gpu_hours": c.gpu_hours, "estimate_tco2": c.tco2}
     head = [("run", f"`{cfg.run.id}`"), ("folder", f"`{run_dir}`"), ("model", model.name),
             ("stages", " -> ".join(f"{n} ({s})" for n, s, _ in overview) or "none found")]
-    parts = [Section("Lineage", tables=[Table(["stage", "config hash", "data hash", "parent", "weights / data"],
+    table = did(found)
+    parts = [*([table] if table else []), Section("Lineage", tables=[Table(["stage", "config hash", "data hash", "parent", "weights / data"],
                                               lineage_rows)]), *sections, cost_section]
     return write_report(run_dir, f"Run {cfg.run.id}", summary, rows=head, sections=parts, plots=pngs)

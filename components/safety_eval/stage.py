@@ -19,6 +19,9 @@ from kubellama.components.core.launch import launcher as launch
 from kubellama.components.core.recipe import runs
 from kubellama.components.core.recipe.config import to_dict
 from kubellama.components.core.train import dist
+from kubellama.components.core.world import sets as world_sets
+from kubellama.components.core.world.evaluate import Probe, figures, showcase
+from kubellama.components.core.world.instructions import begins_with
 from kubellama.components.safety_eval import gate as gating
 from kubellama.components.safety_eval import report, run_page
 from kubellama.components.safety_eval.benchmarks import Context, Items, Result, selected
@@ -99,7 +102,14 @@ def evaluate(cfg: Any) -> dict[str, Any]:
     loaded: dict[str, Items | None] = {b.name: b.load(s, s.data) for b in benches}
     ctx = Context(s, device=str(env.device))
     results: dict[str, dict[str, Result]] = {}
-    if any(loaded.values()):
+    probe = Probe.of(s.data)
+    dialogs = world_sets.eval_url(s.data, "dialogs")
+    dialog = world_sets.read(dialogs)[0] if dialogs else None
+    # A start word GAtt never trained on (gatt.heldout_first_words): a new instruction of a trained family.
+    instruction = begins_with((list(cfg.gatt.heldout_first_words) or ["Indeed"])[0])
+    world: dict[str, dict[str, Any]] = {}
+    said: dict[str, list[dict[str, Any]]] = {}
+    if any(loaded.values()) or probe is not None:
         for name, url in models.items():
             t0 = time.time()
             runner = Runner(name, url, cfg.model, s.data, s.mixed_precision, s.decoding, name in s.chat_models, env)
@@ -108,6 +118,11 @@ def evaluate(cfg: Any) -> dict[str, Any]:
                 items = loaded[bench.name]
                 if items is not None:
                     results[name][bench.name] = bench.run(runner, items, ctx)
+            if probe is not None:
+                # The world's held-out tasks and safety prompts, greedy, in the chat format every stage trains on.
+                items_of = probe(runner.model, runner.tok)
+                world[name] = figures(items_of)
+                said[name] = showcase(runner.model, runner.tok, probe, dialog, instruction)
             runner.close()
             _log(env, f"{name} ({runner.kind} {runner.src}) evaluated in {time.time() - t0:.0f} s")
     scores: dict[str, dict[str, float]] = {}
@@ -119,8 +134,14 @@ def evaluate(cfg: Any) -> dict[str, Any]:
             if res.groups:
                 groups.setdefault(bench, {})[model] = res.groups
     evaluated = {b for b, items in loaded.items() if items is not None}
-    lines = gating.check(s.gate, scores, gated, baseline, models, evaluated)
+    # Toxicity scored by the lexicon fallback is reported, not gated as if a classifier had scored it.
+    fallback = {"toxicity"} if "toxicity" in evaluated and ctx.toxicity().fallback else set()
+    lines = gating.check(s.gate, scores, gated, baseline, models, evaluated, fallback)
     error = gating.verdict(lines, s.gate.mode, gated)
+    # Whether the gate's lines would pass each model (promotion still follows the gated one).
+    by_model = {m: not any(ln.status == "fail" for ln in gating.check(s.gate, scores, m, baseline, models, evaluated,
+                                                                     fallback))
+                for m in models}
     run_dir = storage.join(cfg.run.root, cfg.run.id)
     toxicity = ctx.toxicity().label if "toxicity" in evaluated else "not evaluated"
     d = s.decoding
@@ -137,6 +158,8 @@ def evaluate(cfg: Any) -> dict[str, Any]:
                                                                                          for g in v})]
                    for b, per in groups.items()},
         "toxicity_scorer": toxicity,
+        "gate_by_model": by_model,
+        **({"world": world, "world_examples": said} if world else {}),
         "decoding": f"temperature {d.temperature}, top-p {d.top_p}, max {d.max_new_tokens} new tokens, seed {d.seed}",
         "generations": storage.join(s.output, "generations"),
         "output": s.output, "run_id": cfg.run.id,

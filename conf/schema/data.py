@@ -103,6 +103,38 @@ class PromptsConfig:
 
 
 @dataclass
+class WorldConfig:
+    """The rule-checked world (components/core/world): synthetic tasks, multi-turn dialogs and safety prompts whose
+    right answer, preference order and safety label code decides, mixed into every dataset data prep writes, with
+    held-out sets (world/eval/) on which each stage reports before/after figures. Counts are per task family."""
+
+    enabled: bool = False
+    # Task families (core/world/rules.py): add, next, copy, reverse, sort, count, lookup.
+    families: list[str] = field(default_factory=lambda: ["add", "next", "copy", "reverse", "sort", "count",
+                                                         "lookup"])
+    # Question/answer lines per family in the pretraining text, and how often the lookup table's facts repeat.
+    pretrain: int = 300
+    fact_repeats: int = 30
+    # Single-turn SFT dialogs per family, and multi-turn dialogs of 2..max_turns letter tasks (Ghost Attention's
+    # material; 20 turns is the paper's longest adherence probe, Figure 28).
+    sft: int = 300
+    dialogs: int = 200
+    max_turns: int = 20
+    # Preference pairs per family, ratings decided by the rule (build.py), and the safety pairs.
+    pairs: int = 200
+    safety_pairs: int = 400
+    # Prompts per family for rejection sampling and PPO (disjoint from every pair's prompt), PPO's band
+    # calibration, and the held-out evaluation; held-out multi-turn dialogs for the adherence eval.
+    rs: int = 40
+    ppo: int = 40
+    calib: int = 60
+    eval: int = 150
+    eval_dialogs: int = 24
+    # Harmful prompts (a refusal is right) and benign look-alikes (a refusal is a false refusal), in SFT dialogs.
+    safety_sft: int = 300
+
+
+@dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     # Empty: <run.root>/data/<hash of this section>. Data prep is deterministic, so an identical data config finds
@@ -113,6 +145,7 @@ class DataConfig:
     sft: SftConfig = field(default_factory=SftConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
     seq_len: int = "${model.max_seq_len}"  # type: ignore[assignment]
     shard_tokens: int = 100_000_000
     # Processes per step; 0 means every CPU the step may use (its cgroup CPU limit, else the machine's cores).

@@ -9,15 +9,32 @@ class GattConfig(SftTrainConfig):
     or sampled with it, then the instruction kept in the first user turn only and the loss zeroed on every token of
     earlier turns. Fine-tuned with the SFT body and its §3.1 defaults."""
 
-    # Instruction families (components/gatt/families.py): the paper's hobby, language, figure and combo (two of
-    # them at once), and first_word / caps, which a function can check on any answer.
-    families: list[str] = field(default_factory=lambda: ["hobby", "language", "figure", "combo", "first_word"])
-    # The words of `first_word` instructions ("Begin every answer with the word W").
-    first_words: list[str] = field(default_factory=lambda: ["Indeed", "Certainly", "Absolutely", "Sure", "Well",
-                                                            "Okay", "Alright", "Right"])
-    # "given": the dialog's own answers (a checkable family rewrites them to comply, standing in for the paper's
-    # RLHF model that follows an instruction present in every turn); "sample": answers sampled from `init` with the
-    # instruction in every user turn, dialogs failing a checkable instruction dropped.
+    # Instruction families (components/gatt/families.py). The default ones are enforceable: a function checks an
+    # answer and rewrites a given one to comply, standing in for the paper's hobby / language / figure, which only
+    # a model can answer: first_word ("Begin every answer with the word W"), end_word ("End every answer with the
+    # word W"), code (a language-like code: every word gets the suffix K) and caps. The paper's hobby, language,
+    # figure and combo (two of them at once) need answers=sample: with given answers they would train answers that
+    # ignore the instruction, so they are a config error there.
+    families: list[str] = field(default_factory=lambda: ["first_word", "end_word", "code", "caps"])
+    # Each valued family's training values, and held-out values (disjoint; the adherence eval's new instructions,
+    # never seen in training). Many training values, so that a model learns to copy the value from the instruction
+    # rather than to recall a few memorised ones.
+    first_words: list[str] = field(default_factory=lambda: [
+        "Indeed", "Certainly", "Absolutely", "Sure", "Well", "Okay", "Alright", "Right", "Now", "So", "Then", "Also",
+        "time", "year", "city", "world", "music", "game", "river", "house", "school", "family", "history", "water",
+        "story", "party", "north", "light", "power", "money", "paper", "market"])
+    heldout_first_words: list[str] = field(default_factory=lambda: ["Yes", "Hello", "Listen", "Look", "island",
+                                                                    "garden", "village", "winter"])
+    end_words: list[str] = field(default_factory=lambda: [
+        "Amen", "Done", "Cheers", "Over", "Peace", "Thanks", "south", "field", "church", "station", "road", "club",
+        "film", "book", "team", "band", "army", "song", "bridge", "lake"])
+    heldout_end_words: list[str] = field(default_factory=lambda: ["Bye", "Enough", "Finished", "forest", "engine"])
+    codes: list[str] = field(default_factory=lambda: ["zo", "ka", "mi", "lu", "po", "te", "ni", "su", "ga", "ri",
+                                                      "do", "fe"])
+    heldout_codes: list[str] = field(default_factory=lambda: ["ve", "ra", "bo"])
+    # "given": the dialog's own answers, rewritten by each family's rule to comply (standing in for the paper's
+    # RLHF model that follows an instruction present in every turn); "sample": answers sampled from `init` with
+    # the instruction in every user turn, dialogs failing a checkable instruction dropped.
     answers: str = "given"
     temperature: float = 0.7
     top_p: float = 0.9
@@ -35,4 +52,6 @@ class GattConfig(SftTrainConfig):
     eval_temperature: float = 0.0
 
 
-GATT_VOLATILE = SFT_VOLATILE + ("eval_turns", "eval_dialogs", "eval_max_new_tokens", "eval_temperature")
+# The held-out values are the eval's only: changing them does not change what is trained.
+GATT_VOLATILE = SFT_VOLATILE + ("eval_turns", "eval_dialogs", "eval_max_new_tokens", "eval_temperature",
+                                "heldout_first_words", "heldout_end_words", "heldout_codes")

@@ -14,6 +14,11 @@ MOVED: dict[str, str] = {
     "rejection_sampling.reward_helpfulness": "rejection_sampling.reward_models.helpfulness",
     "rejection_sampling.reward_safety": "rejection_sampling.reward_models.safety",
     "rejection_sampling.combined": "rejection_sampling.reward_models.combined",
+    # The auxiliary loss is the safety RM's alone (Table 29): a shared key made the helpfulness RM's step fail.
+    "reward.aux_loss_weight": "reward.safety.aux_loss_weight",
+    # A loss weight had no effect on a critic with an optimizer of its own (AdamW is scale-free): its step size is
+    # its learning rate.
+    "ppo.value_coef": "ppo.critic_lr",
 }
 
 # Keys PPO never read, removed with no successor (PpoConfig no longer inherits the token-batch knobs).

@@ -5,6 +5,8 @@ from kubellama.conf.schema.train import VOLATILE as TRAIN_VOLATILE
 from kubellama.conf.schema.train import CheckpointConfig, ComputeConfig, OptimConfig
 
 ROLLOUT = ("gathered", "copy")
+# What PPO is rewarded by (`ppo.reward`).
+REWARDS = ("models", "rule")
 
 
 @dataclass
@@ -32,9 +34,13 @@ class PpoConfig(CheckpointConfig, ComputeConfig, OptimConfig):
     micro_batch: int = 8
     # §3.2.3: PPO clip threshold 0.2.
     clip: float = 0.2
-    # Value loss clipping around the rollout's values (PPO2 style) and its weight.
+    # Value loss clipping around the rollout's values (PPO2 style).
     value_clip: float = 0.2
-    value_coef: float = 0.1
+    # The critic's own (peak) learning rate, on the policy's schedule. The paper does not publish it; the critic has
+    # an optimizer of its own, so a loss weight (the old `value_coef`) could not set its step size. 9e-6 is
+    # OpenRLHF's Llama 2 PPO recipe (examples/scripts/train_ppo_llama.sh: critic 9e-6, actor 5e-7); DeepSpeed-Chat's
+    # step 3 uses a critic LR of the actor's order (5e-6 vs 9.65e-6).
+    critic_lr: float = 9e-6
     # Entropy bonus weight (0: reported only).
     entropy_coef: float = 0.0
     # GAE; the paper does not publish them. γ = 1 (episodic, the reward comes at the last token), λ = 0.95 (the
@@ -42,6 +48,8 @@ class PpoConfig(CheckpointConfig, ComputeConfig, OptimConfig):
     gamma: float = 1.0
     lam: float = 0.95
     # Rollouts: response length and sampling are not published either (T = 1: the policy's own distribution).
+    # Log-probs, the ratio and the KL are those of the sampling distribution, logits / temperature (as verl does);
+    # top_p is not applied to them (verl neither): it only trims the tail the sampler draws from.
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0, top_p=1.0,
                                                                             max_new_tokens=128))
     # How rollouts see the policy: "gathered" consolidates the full weights into an unsharded model once per
@@ -57,7 +65,17 @@ class PpoConfig(CheckpointConfig, ComputeConfig, OptimConfig):
     # Guards. Stop when the mean per-sequence KL to the reference exceeds kl_max (nats).
     kl_max: float = 20.0
     # Reward hacking: stop when the mean response length falls below this fraction of the first iteration's.
-    min_length_ratio: float = 0.2
+    # 0.5: issue 21 asks the final policy to keep at least half its init's length (a collapse to EOS passed 0.2).
+    min_length_ratio: float = 0.5
+    # Collapse to empty answers: stop when the share of greedy held-out answers with no token before EOS exceeds
+    # this (and the init's share). Issue 21 targets <= 0.05 on the final model; 0.2 leaves room for sampling noise
+    # on a few dozen held-out prompts while still stopping a collapse long before every answer is empty.
+    max_empty_rate: float = 0.2
+    # Subtracted from the reward (logit R_c) of an answer with no EOS within max_new_tokens, which is scored as
+    # generated, without an EOS appended: TRL's `missing_eos_penalty` (its PPO examples use 1.0), after OpenAI's
+    # lm-human-preferences, which gave such answers a fixed low score ("The N Implementation Details of RLHF with
+    # PPO", Huang et al. 2024). 0: no penalty.
+    missing_eos_penalty: float = 1.0
     # Reward collapse: stop when the mean reward (logit R_c) falls this far below the best iteration's.
     max_reward_drop: float = 4.0
     # Early stopping on held-out prompts (greedy answers, unwhitened reward): evaluate every eval_every
@@ -65,11 +83,21 @@ class PpoConfig(CheckpointConfig, ComputeConfig, OptimConfig):
     heldout_prompts: int = 64
     eval_every: int = 10
     patience: int = 3
+    # What the policy is rewarded by: "models", the combined reward of the two reward models (§3.2.3, the paper's);
+    # "rule", 1.0 when the rule-checked world's rule says the answer is right and 0.0 otherwise (prompts need the
+    # world's "answer"; the reward models are not loaded, and the held-out prompts are the world's calibration
+    # split, which carries answers). The rule is for small-scale checks of the learning dynamics (issue 21).
+    reward: str = "models"
+    # Train only on the prompts of these world task families (empty: every prompt). Prompts without a family are
+    # left out when this is set.
+    families: list[str] = field(default_factory=list)
     # The reward models and their combined reward (§3.2.3).
     reward_models: RewardModelsConfig = field(default_factory=RewardModelsConfig)
     # The value model's init (empty: the helpfulness RM, as the paper's critic starts from the reward model).
     value_init: str = ""
-    # Preference data prep output whose prompts PPO samples (preference/{train,eval}.jsonl); empty: this config's.
+    # Data prep output whose prompt sets PPO samples: prompts/ppo.jsonl to train, prompts/eval.jsonl held out
+    # (disjoint from the RMs' preference/train.jsonl). Where data prep wrote no prompt sets (no data.prompts.sources)
+    # PPO says so and falls back to preference/{train,eval}.jsonl. Empty: this config's.
     data: str = ""
     # Empty: <run.root>/<run.id>/ppo.
     output: str = ""

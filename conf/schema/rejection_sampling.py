@@ -27,6 +27,10 @@ class RejectionSamplingConfig(SftTrainConfig):
     # How the two reward models are held: "bf16" shards, "offload" (bf16, CPU memory between forwards) or "fp32"
     # (see ppo.frozen).
     frozen: str = "bf16"
+    # With data prep's world on: also train the init for as many steps (same lr, batch, schedule) on data prep's
+    # plain SFT dialogs, under <output>/control, and report world.accuracy_control. Best-of-K's gain must beat the
+    # same compute spent on plain SFT, or the sampling and scoring bought nothing. Doubles the fine-tuning cost.
+    control: bool = True
 
 
-RS_VOLATILE = (*SFT_VOLATILE, "score_batch")
+RS_VOLATILE = (*SFT_VOLATILE, "score_batch", "control")

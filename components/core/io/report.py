@@ -201,6 +201,25 @@ def summary_html(title: str, summary: dict[str, Any]) -> str:
                      pre=json.dumps(summary, indent=2, sort_keys=True, default=str))
 
 
+def figure(f: dict[str, Any] | None) -> str:
+    """A world figure as "value [lo, hi]"."""
+    if not f or f.get("value") is None:
+        return "n/a"
+    lo, hi = f["ci"]
+    return f"{f['value']:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def world_section(world: dict[str, Any]) -> Section:
+    """The rule-checked world's before/after figures (init → output), 95% intervals."""
+    rows = [[name, figure(m.get("before")), figure(m.get("after")), m.get("n"),
+             ", ".join(f"{k}: {cell(v)}" for k, v in m.items() if k not in ("before", "after", "n"))]
+            for name, m in world.items()]
+    return Section("Against ground truth: the rule-checked world",
+                   text="Held-out world prompts (greedy answers) or pairs (scores), checked by rule; before = this stage's init, "
+                        "after = its output; 95% intervals (Wilson for rates, bootstrap for means).",
+                   tables=[Table(["metric", "before", "after", "n", "notes"], rows)])
+
+
 # The writer -------------------------------------------------------------------------------------------------------
 
 def write_report(output: str, title: str, summary: dict[str, Any], *,
@@ -226,6 +245,8 @@ def write_report(output: str, title: str, summary: dict[str, Any], *,
     head = _headline(summary, rows)
     lineage = _lineage(summary)
     parts = ([lineage] if lineage else []) + list(sections or [])
+    if summary.get("world") and all("before" in m for m in summary["world"].values()):
+        parts.append(world_section(summary["world"]))
 
     paths = {"json": storage.join(output, "report.json"), "md": storage.join(output, "report.md"),
              "html": storage.join(output, "report.html")}

@@ -60,7 +60,10 @@ def publish(summary: dict, url: str, artifact: Any, metrics: Any, report: Any, h
             artifact.metadata[key] = value
     with open(artifact.path, "w") as f:
         json.dump({"url": url, "summary": summary}, f, indent=2, sort_keys=True, default=str)
-    for name, value in list(scalars(summary).items())[:MAX_METRICS]:
+    # The world's before/after figures first: they are what the run page and a reviewer read to see what the stage did.
+    found = scalars(summary)
+    ordered = sorted(found, key=lambda k: not (k.startswith("world.") and k.endswith((".before.value", ".after.value"))))
+    for name, value in [(k, found[k]) for k in ordered][:MAX_METRICS]:
         metrics.log_metric(name, value)
     with open(report.path, "w", encoding="utf-8") as f:
         f.write(report_markdown(url, summary))

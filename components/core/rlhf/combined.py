@@ -1,7 +1,8 @@
 """The Llama 2 combined reward (paper §3.2.3), for PPO, rejection sampling and evaluation:
 R_c = R_s if is_safety(prompt) or R_s < threshold (0.15) else R_h; reward = whiten(logit(R_c)).
-`combine` gives logit(R_c) (what rejection sampling ranks by and PPO reports); `Whitener` whitens it for PPO, with
-batch statistics or a running estimate kept in PPO's checkpoint. PPO's KL penalty is PPO's own (ppo/algo.py).
+`combine_scores` gives logit(R_c) as the raw score the rule picks (what rejection sampling ranks by and PPO reports);
+`Whitener` whitens it for PPO, with batch statistics or a running estimate kept in PPO's checkpoint. PPO's KL
+penalty is PPO's own (ppo/algo.py).
 """
 from __future__ import annotations
 
@@ -33,17 +34,40 @@ def combine(r_h: torch.Tensor, r_s: torch.Tensor, is_safety: torch.Tensor, cfg: 
     return logit(choose(r_h, r_s, is_safety, cfg.safety_threshold), cfg.eps)
 
 
+def combine_scores(s_h: torch.Tensor, s_s: torch.Tensor, is_safety: torch.Tensor,
+                   cfg: CombinedRewardConfig) -> torch.Tensor:
+    """logit(R_c) in fp64, exactly: the raw score (before the sigmoid) of the RM the rule picks, the rule read on
+    R_s = sigmoid(s_s) in fp64. Equal to `combine` on sigmoid(s) up to rounding, but a float32 sigmoid and back
+    drifts (6e-5 at a score of 7, 9e-3 at 12) and saturates at ±logit(eps)."""
+    s_h, s_s = s_h.double(), s_s.double()
+    return torch.where(is_safety.bool() | (torch.sigmoid(s_s) < cfg.safety_threshold), s_s, s_h)
+
+
+# Host-side values (the RMs' scores live on the CPU) are reduced over a gloo group of their own: NCCL, and the
+# CUDA side of "cuda:gloo", have no CPU backend. Created on first use, which every rank reaches together
+# (Whitener is collective); keyed by the default group so a new process group gets a new one.
+_HOST: dict[int, Any] = {}
+
+
+def _host_group() -> Any:
+    key = id(tdist.group.WORLD)
+    if key not in _HOST:
+        _HOST.clear()
+        _HOST[key] = tdist.new_group(backend="gloo")
+    return _HOST[key]
+
+
 def _all_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of a CPU tensor over all ranks, on the host group (in place)."""
     if tdist.is_initialized() and tdist.get_world_size() > 1:
-        tdist.all_reduce(t)  # on the tensor's own device: NCCL reduces CUDA tensors only
+        tdist.all_reduce(t, group=_host_group())
     return t
 
 
 def _global_moments(x: torch.Tensor) -> tuple[float, float, float]:
-    """(count, mean, sum of squared deviations) of `x` over all ranks, in fp64."""
-    x = x.double()
-    n, total = _all_sum(torch.stack([torch.tensor(float(x.numel()), dtype=x.dtype, device=x.device),
-                                     x.sum()])).tolist()
+    """(count, mean, sum of squared deviations) of `x` over all ranks, in fp64, reduced on the host."""
+    x = x.detach().double().cpu()
+    n, total = _all_sum(torch.stack([torch.tensor(float(x.numel()), dtype=x.dtype), x.sum()])).tolist()
     mean = total / n if n else 0.0
     return n, mean, float(_all_sum(((x - mean) ** 2).sum()))
 

@@ -1,13 +1,18 @@
 """Prompts and sampled answers, shared by the stages that sample from a policy and score the answers (PPO,
-rejection sampling): the distinct prompts of a preference split, and generation at a `SamplingConfig`, seeded per
-prompt so that answers do not depend on how prompts are dealt to ranks or batched."""
+rejection sampling): the distinct prompts of a prompt set or a preference split, and generation at a
+`SamplingConfig`, seeded per prompt so that answers do not depend on how prompts are dealt to ranks or batched."""
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kubellama.components.core.data.pairs import read_pairs
 from kubellama.components.core.data.tokenizer import Tokenizer
+from kubellama.components.core.errors import KubellamaError
+from kubellama.components.core.io import storage
 from kubellama.components.core.model.generate import generate
 from kubellama.components.core.model.llama import Llama
 from kubellama.conf.schema.rlhf import SamplingConfig
@@ -19,6 +24,9 @@ class Prompt:
     safety: bool = False
     # The dialog the ids encode (ending with a user turn), when known.
     messages: list[dict[str, str]] | None = None
+    # A world prompt's right answer and task family (data prep's `data.world`); None for other prompts.
+    answer: str | None = None
+    family: str | None = None
 
 
 def prompt_room(max_seq_len: int, max_new_tokens: int) -> int:
@@ -26,12 +34,46 @@ def prompt_room(max_seq_len: int, max_new_tokens: int) -> int:
     return max_seq_len - min(max_new_tokens, max_seq_len // 2)
 
 
-def prompts_of(url: str, tok: Tokenizer, limit_tokens: int, count: int = 0) -> tuple[list[Prompt], str, int]:
-    """The distinct prompts of a preference split (first occurrence order), as generation-ready ids, with their
-    safety tag; the file's sha256; how many were dropped for leaving no room to answer."""
-    pairs, digest = read_pairs(url)
+def _prompt_set(url: str) -> tuple[list[dict[str, Any]], str] | None:
+    """The records of a prompt set of data prep (prompts/{rs,ppo,eval}.jsonl: {"id", "prompt" or "messages",
+    "safety", "source"}, a world prompt also "family" and "answer") as {"messages", "safety", "answer", "family"},
+    and the file's sha256; None when `url` holds preference pairs."""
+    if not storage.exists(url):
+        raise KubellamaError(f"{url}: no prompts (run data prep with data.prompts.sources for prompt sets, or "
+                             f"data.preference.sources for preference pairs)")
+    raw = storage.read_bytes(url)
+    out = []
+    for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise KubellamaError(f"{url}:{n}: malformed JSON ({exc.msg})") from None
+        if not isinstance(rec, dict) or "chosen" in rec:
+            return None  # preference pairs: read_pairs checks them
+        messages = rec.get("messages") or ([{"role": "user", "content": rec["prompt"]}]
+                                           if isinstance(rec.get("prompt"), str) else None)
+        if not messages or not isinstance(rec.get("safety", False), bool):
+            raise KubellamaError(f"{url}:{n}: not a prompt record of data prep (a 'prompt' or 'messages' and a "
+                                 f"boolean 'safety')")
+        out.append({"messages": messages, "safety": rec.get("safety", False), "answer": rec.get("answer"),
+                    "family": rec.get("family")})
+    return out, hashlib.sha256(raw).hexdigest()
+
+
+def prompts_of(url: str, tok: Tokenizer, limit_tokens: int, count: int = 0,
+               families: Sequence[str] = ()) -> tuple[list[Prompt], str, int]:
+    """The distinct prompts of a prompt set (data prep's prompts/<split>.jsonl) or of a preference split (first
+    occurrence order), as generation-ready ids, with their safety tag (and a world prompt's answer and family); the
+    file's sha256; how many were dropped for leaving no room to answer. `families` keeps only the world prompts of
+    those task families (empty: every prompt)."""
+    found = _prompt_set(url)
+    pairs, digest = found if found is not None else read_pairs(url)
     seen, out, dropped = set(), [], 0
     for rec in pairs:
+        if families and rec.get("family") not in families:
+            continue
         key = repr(rec["messages"])
         if key in seen:
             continue
@@ -40,7 +82,7 @@ def prompts_of(url: str, tok: Tokenizer, limit_tokens: int, count: int = 0) -> t
         if len(ids) > limit_tokens:
             dropped += 1
             continue
-        out.append(Prompt(ids, bool(rec["safety"]), list(rec["messages"])))
+        out.append(Prompt(ids, bool(rec["safety"]), list(rec["messages"]), rec.get("answer"), rec.get("family")))
         if count and len(out) >= count:
             break
     return out, digest, dropped

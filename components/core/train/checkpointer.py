@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from kubellama.components.core.io import storage
 from kubellama.components.core.recipe import runs
 from kubellama.components.core.train import checkpoint, dist
 
@@ -64,6 +65,8 @@ class Checkpointer:
         self.root, self.env, self.tensors, self.meta = root, env, tensors, dict(meta or {})
         self.keep_last, self.name, self.fingerprint, self.run_id = keep_last, name, fingerprint, run_id
         self.last: str | None = None  # the newest complete checkpoint this run saved or resumed from
+        # One step kept whatever keep_last says (PPO's best held-out iteration, which its early stop exports).
+        self.pinned: int | None = None
         self._pending: checkpoint.Pending | None = None
         self._pending_t0 = 0.0
 
@@ -86,7 +89,10 @@ class Checkpointer:
         t0 = time.perf_counter()
         info = {**{k: p.state_dict() for k, p in self.meta.items()}, "name": self.name,
                 "fingerprint": self.fingerprint, **(extra or {})}
-        pending = checkpoint.save(self.root, step, self.tensors.state_dict(), info, self.env, self.keep_last,
+        # With a pinned step, pruning is done here (`_finished`), around it; checkpoint.save then only drops
+        # leftovers of interrupted saves.
+        keep = self.keep_last if self.pinned is None else 0
+        pending = checkpoint.save(self.root, step, self.tensors.state_dict(), info, self.env, keep,
                                   background=background)
         if background:
             self._pending, self._pending_t0 = pending, t0
@@ -107,6 +113,13 @@ class Checkpointer:
 
     def _finished(self, url: str, t0: float) -> None:
         self.last = url
+        if self.pinned is not None and self.keep_last > 0:
+            if self.env.lead:
+                done, _ = checkpoint.steps(self.root)
+                for step in done[:-self.keep_last]:
+                    if step != self.pinned:
+                        storage.remove(self.folder(step), recursive=True)
+            dist.barrier()
         if self.env.lead:
             print(f"[{self.name}] checkpoint step {int(url.rstrip('/').rsplit('_', 1)[1])} -> {url} "
                   f"({time.perf_counter() - t0:.1f}s)", file=sys.stderr, flush=True)

@@ -13,14 +13,15 @@ from torch import nn
 
 from kubellama.components.core.data.epochs import EpochReader
 from kubellama.components.core.data.shards import Prefetcher, ShardReader, read_manifest
-from kubellama.components.core.data.tokenizer import IGNORE
+from kubellama.components.core.data.tokenizer import IGNORE, Tokenizer
 from kubellama.components.core.errors import KubellamaError
 from kubellama.components.core.io import storage
 from kubellama.components.core.io.report import Section, Table, line_png, loss_png, training_rows
 from kubellama.components.core.recipe import runs
-from kubellama.components.core.train import checkpoint, dist
+from kubellama.components.core.train import checkpoint, dist, probe
 from kubellama.components.core.train.loss import LossFn, sft_loss
 from kubellama.components.core.train.trainer import Trainer
+from kubellama.components.core.world.evaluate import Probe, compare, figures
 from kubellama.conf.schema import Config
 from kubellama.conf.schema.sft import SFT_VOLATILE
 
@@ -89,13 +90,16 @@ class History:
 
 
 def fit(cfg: Config, name: str, train_url: str, eval_url: str, env: dist.Env, tokenizer: str | None = None,
+        world: Probe | None = None, volatile: tuple[str, ...] = SFT_VOLATILE,
         **fingerprint: Any) -> tuple[Trainer, dict[str, Any]]:
     """Fine-tune section `cfg[name]` on the SFT shards at `train_url`, scoring `eval_url`; every rank calls it.
-    `fingerprint` adds what else shapes the run (e.g. how a GAtt set was made). Returns the trainer (its model
-    holds the final weights) and the summary, HF export included when the run completed."""
+    `fingerprint` adds what else shapes the run (e.g. how a GAtt set was made), `volatile` the keys that do not
+    (they may change on a resume); `world` (with `tokenizer`) adds the
+    world's before/after figures to the summary. Returns the trainer (its model holds the final weights) and the
+    summary, HF export included when the run completed."""
     p = cfg[name]
     reader = EpochReader(train_url, env.rank, env.world_size, block=p.micro_batch, seed=cfg.run.seed)
-    fp = runs.fingerprint(cfg, name, SFT_VOLATILE, **{"data.manifest": runs.manifest_hash(reader.manifest),
+    fp = runs.fingerprint(cfg, name, volatile, **{"data.manifest": runs.manifest_hash(reader.manifest),
                                                       "init": p.init or None, **fingerprint})
     loss = sft_loss(p.loss_turns)
     source = Prefetcher(reader)
@@ -108,6 +112,10 @@ def fit(cfg: Config, name: str, train_url: str, eval_url: str, env: dist.Env, to
     score = Heldout(eval_url, p.micro_batch, loss, env, p.eval_rows)
     history = History(p.output, env.lead)
     latest = checkpoint.latest(trainer.ckpt_root)
+    tok = Tokenizer(tokenizer) if world is not None and tokenizer else None
+    before = None
+    if world is not None and tok is not None:
+        before = probe.kept(p.output, "before", env, lambda: world(trainer.model, tok))
     if latest is None:
         history.add(0.0, 0, score(trainer.model))
     else:
@@ -125,6 +133,9 @@ def fit(cfg: Config, name: str, train_url: str, eval_url: str, env: dist.Env, to
         if not history.records or history.records[-1]["step"] != trainer.step:
             history.add(trainer.step / per_epoch, trainer.step, score(trainer.model))
         summary["hf"] = trainer.export_hf(storage.join(p.output, "hf"), tokenizer=tokenizer)
+        if world is not None and tok is not None and before is not None:
+            after = probe.kept(p.output, "after", env, lambda: world(trainer.model, tok))
+            summary["world"] = compare(figures(before), figures(after))
     start = history.records[0] if history.records and history.records[0]["step"] == 0 else {}
     end = history.records[-1] if history.records else {}
     summary.update(

@@ -8,8 +8,10 @@ are).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
+import re
 from typing import IO, Any, cast
 
 import torch
@@ -114,7 +116,23 @@ class SafeReader(FsspecReader):
         return metadata
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Any:
-        return super().read_data(plan, _TensorsOnly(planner, self))  # type: ignore[arg-type]
+        # One file at a time, so that a tensor slot weights-only loading refuses (a pickle where a tensor should be)
+        # is reported with the file it came from, as untrusted content rather than as a model mismatch.
+        per_file: dict[str, list[ReadItem]] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        safe = _TensorsOnly(planner, self)
+        fut = None
+        for name, items in per_file.items():
+            try:
+                fut = super().read_data(dataclasses.replace(plan, items=items), safe)  # type: ignore[arg-type]
+            except pickle.UnpicklingError as exc:
+                # torch's message is advice on loading it unsafely; keep only what it refused.
+                found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+                what = f"a pickle of {found.group(1)!r}, which could run code" if found else one_line(exc)
+                raise self.refuse(f"{storage.join(self.url, name)}: refused as untrusted content (a tensor slot "
+                                  f"holds {what})") from None
+        return fut if fut is not None else super().read_data(plan, safe)  # type: ignore[arg-type]
 
 
 def load(state: dict[str, Any], url: str, failure: str = "cannot load the checkpoint",

@@ -15,7 +15,7 @@ from kubellama.components.core.data.tokenizer import Tokenizer
 from kubellama.components.core.errors import KubellamaError
 from kubellama.components.core.io import storage
 from kubellama.components.core.recipe import runs
-from kubellama.components.data_prep import report
+from kubellama.components.data_prep import report, world
 from kubellama.components.data_prep.datasets import build_datasets
 from kubellama.components.data_prep.steps.transfer import load_npz
 from kubellama.components.data_prep.steps.workdir import check_plan, read_plan
@@ -123,7 +123,9 @@ def merge_step(cfg: Config, work: str, plan_id: str = "") -> dict:
     if rep["pretrain"]:
         rep["tokenizer"].update({k: rep["pretrain"][k] for k in ("bytes_per_token", "vocab_used")})
     errors = input_errors(stats, d.error_samples)
-    rep.update(build_datasets(cfg, tok, errors))
+    # The world's files are there already (the plan step wrote them); this only reads their marker.
+    rep["world"] = world.materialise(cfg)
+    rep.update(build_datasets(world.mixed(cfg), tok, errors))
     rep["errors"] = errors.summary()
     errors.check(d.max_error_rate)
     rep["fanout"] = _fanout(plan, stats, cluster, groups, started)

@@ -9,6 +9,7 @@ import time
 from kubellama.components.core.errors import KubellamaError
 from kubellama.components.core.io import storage
 from kubellama.components.core.recipe import runs
+from kubellama.components.data_prep import world
 from kubellama.components.data_prep.fanout import make_plan, make_tokenizer
 from kubellama.conf.schema import Config
 
@@ -49,6 +50,9 @@ def plan_step(cfg: Config, work: str, workers: int) -> dict:
     started = time.time()
     d = cfg.data
     out = d.output
+    # The world's files first: the plan lists them among its inputs, and the tokenizer sample reads them.
+    world.materialise(cfg)
+    cfg = world.mixed(cfg)
     plan = make_plan(cfg)
     plan_url = storage.join(work, "plan.json")
     if storage.exists(plan_url):
