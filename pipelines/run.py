@@ -34,7 +34,10 @@ from kubellama.pipelines import llama2
 # `kubellama run --demo` (what `make demo` runs): the tiny model on the fetched samples plus the rule-checked world
 # (data.world: tasks, multi-turn dialogs and safety prompts whose answers code checks), so every stage's report shows
 # against ground truth what it did. Sized for a 2-core laptop; each line says what the paper does instead.
-DEMO = ["run.name=demo", "data.world.enabled=true",
+DEMO = ["run.name=demo", "data.world.enabled=true", "data.world.weight=4",
+        # SFT on the world's dialogs only: the tiny model learns its tasks in minutes; the samples stay for data
+        # prep, pretraining, the reward models and the safety eval.
+        "data.sft.sources=[]",
         # Context for Ghost Attention's 20-turn dialogs (~26 tokens a turn); data, pretraining and SFT pack 256-token
         # rows, GAtt 640-token ones.
         "model.max_seq_len=640", "data.seq_len=256", "pretrain.seq_len=256", "sft.seq_len=256",
@@ -43,7 +46,7 @@ DEMO = ["run.name=demo", "data.world.enabled=true",
         "pretrain.max_steps=60", "pretrain.warmup_steps=4", "pretrain.global_batch_tokens=4096",
         "pretrain.micro_batch=8", "pretrain.ckpt_every=30", "pretrain.log_every=10",
         # SFT and GAtt: a learning rate for a model that has seen 60 steps rather than 2T tokens.
-        "sft.lr=2e-3", "sft.epochs=4", "sft.global_batch_tokens=2048", "sft.micro_batch=8", "sft.log_every=10",
+        "sft.lr=3e-3", "sft.epochs=6", "sft.global_batch_tokens=2048", "sft.micro_batch=8", "sft.log_every=10",
         "gatt.lr=1e-3", "gatt.global_batch_tokens=2560", "gatt.micro_batch=4", "gatt.log_every=5",
         "gatt.min_turns=2", "gatt.eval_dialogs=24", "gatt.eval_max_new_tokens=12", "gatt.max_dialogs=200",
         # Reward models: 40 steps of 16 pairs (512 in the paper), answers cut to their last 128 tokens.

@@ -12,6 +12,7 @@ from kubellama.components.core.errors import KubellamaError
 from kubellama.components.core.io import storage
 from kubellama.components.core.io.report import figure
 from kubellama.components.core.recipe.entry import guarded
+from kubellama.components.safety_eval.run_page import did, reports
 
 
 def lines(run: str) -> list[str]:
@@ -24,6 +25,10 @@ def lines(run: str) -> list[str]:
         raise KubellamaError(f"{url}: no world examples (was data.world.enabled on?)")
     models = [m for m in ("pretrain", rep.get("model")) if m in said]
     out = []
+    table = did(reports(run, ""))
+    if table is not None:
+        out.append(f"== {table.title} (before -> after, 95% intervals)")
+        out += [f"  {r[0]:<28} {r[1]:<22} {r[2]:<24} -> {r[3]:<24} n={r[4]} {r[5]}" for r in table.tables[0].rows]
     for m in dict.fromkeys(models):
         gate = "passes" if (rep.get("gate_by_model") or {}).get(m) else "fails"
         out.append(f"== {m} (the safety gate {gate} it)")

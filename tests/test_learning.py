@@ -69,31 +69,27 @@ def world(tmp_path_factory) -> dict[str, Any]:
     cfg = ModelConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden=96, vocab_size=720, max_seq_len=48)
     model = Llama(cfg)
     model.train()
-    # The init: each prompt's first answer token (a colour: one piece each, checked) fitted to its distribution,
-    # soft targets; the rest of the answer (its space and EOS) by plain cross-entropy. One row per prompt.
-    first = {c: tok.encode(f"{c} ", bos=False, eos=True) for c in COLOURS}
-    assert all(len(ids) == len(first[COLOURS[0]]) and ids[1:] == first[COLOURS[0]][1:] for ids in first.values())
-    rows, soft = [], []
+    # The init: each prompt's answer distribution fitted directly (soft targets over whole answers, EOS included).
+    seqs, weights, spans = [], [], []
     for rec in _records(TRAIN_FORMS + HELD_FORMS):
         name = next(n for n in NAMES if f" {n}" in rec["prompt"])
-        rows.append(tok.encode_dialog_prompt([{"role": "user", "content": rec["prompt"]}]) + first[rec["answer"]])
-        q = torch.zeros(cfg.vocab_size)
-        for colour, share in _target(name).items():
-            q[first[colour][0]] = share
-        soft.append(q)
-    T = max(len(r) for r in rows)
-    tokens = torch.zeros(len(rows), T, dtype=torch.long)
-    at = torch.tensor([len(r) - len(first[COLOURS[0]]) - 1 for r in rows])  # where the colour is predicted
-    rest = torch.zeros(len(rows), T - 1)
-    for i, r in enumerate(rows):
-        tokens[i, :len(r)] = torch.tensor(r)
-        rest[i, at[i] + 1:len(r) - 1] = 1.0
-    targets = torch.stack(soft)
+        prompt = tok.encode_dialog_prompt([{"role": "user", "content": rec["prompt"]}])
+        for colour, q in _target(name).items():
+            ans = tok.encode(f"{colour} ", bos=False, eos=True)
+            seqs.append(prompt + ans)
+            weights.append(q)
+            spans.append((len(prompt), len(prompt) + len(ans)))
+    T = max(len(s) for s in seqs)
+    tokens = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T - 1)
+    for i, (s, (a, b)) in enumerate(zip(seqs, spans)):
+        tokens[i, :len(s)] = torch.tensor(s)
+        mask[i, a - 1:b - 1] = 1.0
+    w = torch.tensor(weights)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
     for _ in range(FIT_STEPS):
-        logits = model(tokens)
-        colour = -(targets * torch.log_softmax(logits[torch.arange(len(rows)), at].float(), -1)).sum(-1).mean()
-        loss = colour - (algo.token_logp(logits, tokens) * rest).sum() / rest.sum()
+        logp = algo.token_logp(model(tokens), tokens)
+        loss = -(w * (logp * mask).sum(-1)).sum() / len(_records(TRAIN_FORMS + HELD_FORMS))
         opt.zero_grad()
         loss.backward()
         opt.step()

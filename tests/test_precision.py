@@ -106,3 +106,23 @@ def test_a_low_peak_is_measured_again_and_the_better_kept(monkeypatch):
     assert gemm_peak(shapes, torch.bfloat16, remeasure=True) == 3e9
     assert gemm_peak(shapes, torch.bfloat16, remeasure=True) == 3e9  # 2e9 measured, 3e9 kept
     assert gemm_peak(shapes, torch.bfloat16) == 3e9
+
+
+def test_a_bf16_sharded_model_decodes_as_its_unsharded_copy(tmp_path):
+    """FSDP2 used to cast every float forward input to bf16, the KV cache's tensors included: decoding then wrote into
+    copies and read back an empty cache, and every bf16 model generating while sharded (GAtt's adherence eval, the
+    world's probes) said garbage."""
+    from kubellama.components.core.model.generate import generate
+    from kubellama.components.core.train.parallelize import consolidated
+
+    data = write_shards(str(tmp_path / "data"))
+    t = Trainer(train_cfg(mixed_precision="bf16", max_steps=2), model_cfg(), str(tmp_path / "o"), ShardReader(data),
+                env=dist.init())
+    t.fit()
+    prompts = [[1, 5, 9, 13], [1, 7, 3]]
+    copy = consolidated(t.model, model_cfg(), "bf16", torch.device("cpu"))
+    with torch.no_grad():
+        sharded = generate(t.model, prompts, 6, eos_id=None)
+        plain = generate(copy, prompts, 6, eos_id=None)
+    assert sharded == plain
+    assert mp_policy("bf16", torch.device("cpu")).cast_forward_inputs is False

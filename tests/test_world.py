@@ -188,7 +188,7 @@ def test_held_out_sets_are_files_stages_find_and_no_dataset_holds(prepared) -> N
     texts = [json.dumps(r) for folder in ("prompts", "preference", os.path.join("sft", "dialogs"))
              for f in os.listdir(os.path.join(out, folder)) if f.endswith(".jsonl")
              for r in _jsonl(os.path.join(out, folder, f))]
-    assert not [p for p in held if any(json.dumps(p)[1:-1] in t for t in texts)]
+    assert not [p for p in held if any(json.dumps(p) in t for t in texts)]  # a whole JSON string, not a part
     rep = prepared["report"]["world"]
     assert rep["counts"]["rs"] == len(made["rs"]) and rep["eval"]["tasks"] == sets.eval_url(out, "tasks")
     assert "World" in open(os.path.join(out, "report.md")).read()

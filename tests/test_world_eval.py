@@ -55,10 +55,10 @@ def test_figures_of_hand_made_items() -> None:
 def tiny() -> tuple[Llama, Tokenizer, dict]:
     sets = build.build(WorldConfig(sft=20, pairs=10, eval=3, calib=3, dialogs=4, eval_dialogs=2), 0)
     text = sets["pretrain"] + [m["content"] for d in sets["sft"] for m in d["messages"]]
-    tok = Tokenizer(model_bytes=train_tokenizer(text, vocab_size=320))
+    tok = Tokenizer(model_bytes=train_tokenizer(text, vocab_size=400))
     torch.manual_seed(0)
     model = Llama(ModelConfig(name="t", dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=64,
-                              vocab_size=320, max_seq_len=160))
+                              vocab_size=400, max_seq_len=160))
     return model, tok, sets
 
 
@@ -101,5 +101,6 @@ def test_report_sections_and_show(tmp_path) -> None:
         "world": {"ppo": {"accuracy": stats.rate([True])}}}))
     text = "\n".join(show.lines(str(run)))
     assert "== pretrain (the safety gate fails it)" in text and "== ppo (the safety gate passes it)" in text
+    assert "== What each stage did" in text and "safety_eval: ppo" in text
     assert "(empty)   [WRONG]" in text and "-> 5   [right]" in text and "accuracy 1.000" in text
     assert show.main([str(tmp_path / "nowhere")]) == 2

@@ -90,7 +90,7 @@ def mixed(cfg: Config) -> Config:
     def src(kind: str, **more: Any) -> dict[str, Any]:
         return {"name": NAME, "path": storage.join(url, TRAIN[kind]), "format": "jsonl", **more}
 
-    data["sources"] = [*data["sources"], src("pretrain", text_field="text")]
+    data["sources"] = [*data["sources"], src("pretrain", text_field="text", weight=cfg.data.world.weight)]
     data["sft"]["sources"] = [*data["sft"]["sources"], src("sft")]
     data["preference"]["sources"] = [*data["preference"]["sources"], src("pairs")]
     # The safety tag comes with each prompt record; the source's own flag is only the default.

@@ -1,6 +1,8 @@
 """Stage `ppo`: PPO against the combined reward of the two reward models (paper §3.2.3), from `ppo.init` (the frozen
 reference is the same model) on data prep's prompt sets (prompts/ppo.jsonl for rollouts, prompts/eval.jsonl held out
-for early stopping). Outputs under `ppo.output`: checkpoints/, metrics.jsonl, heldout.json, hf/, report.*.
+for early stopping). Outputs under `ppo.output`: checkpoints/, metrics.jsonl, heldout.json, hf/, report.*. With the
+rule-checked world in the data (issue 21) the report holds `world` figures of the init and the exported policy
+(ppo/world.py, kept in world_{before,after}.json); `ppo.reward=rule` rewards by the world's rule instead of the RMs.
 """
 from __future__ import annotations
 
@@ -112,7 +114,7 @@ def train(cfg: Config) -> dict[str, Any]:
             summary["world"] = world.figures(init_items, world.after(ppo, probe, tok, env))
     summary.update(output=p.output, run_id=cfg.run.id, lineage=ppo.lineage(), train_prompts=len(train_prompts),
                    heldout_prompts=len(heldout), prompts_too_long=sets.dropped, train_prompts_file=sets.train_file,
-                   heldout_prompts_file=sets.heldout_file)
+                   heldout_prompts_file=sets.heldout_file, reward=p.reward, families=list(p.families))
     if env.lead:
         paths = write_report(p.output, "PPO", summary, **report_parts(summary))
         summary.update(report_json=paths["json"], report_md=paths["md"], report_html=paths["html"])
@@ -124,7 +126,7 @@ def report_parts(summary: dict[str, Any]) -> dict[str, Any]:
     """Headline rows, the held-out table and the per-iteration plots of a PPO run."""
     rows = [(k, summary.get(k)) for k in ("status", "iterations", "exported_iteration", "reward_first",
                                           "reward_last", "kl_last", "truncated_last", "stopped_early", "stop_reason",
-                                          "beta", "rollout", "train_prompts_file", "hf")]
+                                          "beta", "rollout", "reward", "train_prompts_file", "hf")]
     held = summary.get("heldout") or []
     sections = [Section("Held-out reward (greedy answers, unwhitened) and share of empty answers",
                         tables=[Table(["iteration", "reward", "empty"],

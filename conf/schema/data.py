@@ -115,6 +115,8 @@ class WorldConfig:
     # Question/answer lines per family in the pretraining text, and how often the lookup table's facts repeat.
     pretrain: int = 300
     fact_repeats: int = 30
+    # Its mix weight among the pretraining sources (> 1 up-samples, as data.sources' weight).
+    weight: float = 1.0
     # Single-turn SFT dialogs per family, and multi-turn dialogs of 2..max_turns letter tasks (Ghost Attention's
     # material; 20 turns is the paper's longest adherence probe, Figure 28).
     sft: int = 300

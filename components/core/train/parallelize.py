@@ -34,7 +34,10 @@ def mp_policy(mode: str, device: torch.device) -> MixedPrecisionPolicy | None:
     compute dtype is fp32 (core/train/precision.py decides what `auto` means on this device)."""
     if compute_dtype(mode, device) == torch.float32:
         return None
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # No casting of forward inputs: the model's inputs are token ids and the blocks' hidden states are bf16 already,
+    # while a cast would copy the tensors of a KV cache handed to the blocks, so decoding wrote into copies and read
+    # back an empty cache (garbage from every bf16 model generating while sharded).
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:

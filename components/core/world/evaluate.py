@@ -48,7 +48,8 @@ def greedy(model: Llama, tok: Tokenizer, prompts: Sequence[list[int]], max_new_t
                                  eos_id=tok.eos_id):
                 ended = bool(toks) and toks[-1] == tok.eos_id
                 body = toks[:-1] if ended else toks
-                out.append(Said(tok.decode(body), len(body), ended))
+                # Ids past the tokenizer's pieces (a padded embedding) have no text.
+                out.append(Said(tok.decode([t for t in body if t < tok.vocab_size]), len(body), ended))
     model.train(was_training)
     return out
 

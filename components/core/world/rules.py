@@ -41,22 +41,22 @@ def _next(rng: random.Random) -> Task:
 
 
 def _copy(rng: random.Random) -> Task:
-    xs = _letters(rng, 2, 5)
+    xs = _letters(rng, 1, 3)
     return Task("copy", f"Repeat: {' '.join(xs)}", " ".join(xs))
 
 
 def _reverse(rng: random.Random) -> Task:
-    xs = _letters(rng, 2, 4)
+    xs = _letters(rng, 2, 3)
     return Task("reverse", f"Reverse: {' '.join(xs)}", " ".join(reversed(xs)))
 
 
 def _sort(rng: random.Random) -> Task:
-    xs = _letters(rng, 2, 4)
+    xs = _letters(rng, 2, 3)
     return Task("sort", f"Sort: {' '.join(xs)}", " ".join(sorted(xs)))
 
 
 def _count(rng: random.Random) -> Task:
-    xs = _letters(rng, 2, 6)
+    xs = _letters(rng, 2, 9)
     return Task("count", f"Count the letters: {' '.join(xs)}", str(len(xs)))
 
 
@@ -95,8 +95,10 @@ def wrong(t: Task, rng: random.Random) -> str:
     if t.family == "lookup":
         return rng.choice([c for c in COLOURS if c != t.answer])
     xs = t.answer.split()
+    if len(xs) == 1:
+        return rng.choice([c for c in string.ascii_lowercase if c != xs[0]])
     i, j = rng.sample(range(len(xs)), 2)
-    if rng.random() < 0.5:
+    if rng.random() < 0.5 and xs[i] != xs[j]:
         xs[i], xs[j] = xs[j], xs[i]
     else:
         xs[i] = rng.choice([c for c in string.ascii_lowercase if c not in xs])
