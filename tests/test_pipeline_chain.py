@@ -32,8 +32,9 @@ def chain_overrides(tmp_path) -> list[str]:
              "gatt": dict(max_steps=1, global_batch_tokens=160, micro_batch=2, eval_rows=4, min_turns=1,
                           message_chars=60, eval_dialogs=2, eval_max_new_tokens=2),
              "reward": dict(max_steps=1, pairs_per_batch=2, micro_batch=2, eval_batch=32),
+             # A one-step model almost never samples EOS in 4 tokens: keep cut answers (the report counts them).
              "rejection_sampling": dict(max_steps=1, samples=2, prompts=4, **{"sampling.max_new_tokens": 4},
-                                        global_batch_tokens=80, micro_batch=1, epochs=1, score_batch=4),
+                                        allow_truncated=True, global_batch_tokens=80, micro_batch=1, epochs=1, score_batch=4),
              "ppo": dict(max_steps=1, prompts=4, prompts_per_batch=4, minibatch=4, micro_batch=4,
                          **{"sampling.max_new_tokens": 4}, heldout_prompts=2, eval_every=1, patience=0, ckpt_every=1)}
     # PPO logs every iteration (no log_every).

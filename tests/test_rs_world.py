@@ -45,10 +45,11 @@ def _rs(tmp_path, data: str) -> list[str]:
     assert cli(["reward", *model_overrides(), *rm_keys, f"run.root={tmp_path}", "run.id=rm",
                 f"reward.data={data}"]) == 0
     rm = os.path.join(str(tmp_path), "rm", "reward_helpfulness")
-    return [*sft_overrides("rejection_sampling", max_steps=3, eval_fraction=0.3, global_batch_tokens=2 * SEQ), f"run.root={tmp_path}",
+    return [*sft_overrides("rejection_sampling", max_steps=3, eval_fraction=0.3, global_batch_tokens=2 * SEQ),
+            f"run.root={tmp_path}",
             f"rejection_sampling.data={data}", f"rejection_sampling.pool={tmp_path / 'pool'}",
             "rejection_sampling.samples=2", "rejection_sampling.sampling.max_new_tokens=6",
-            "rejection_sampling.prompts=8", "rejection_sampling.score_batch=8",
+            "rejection_sampling.prompts=16", "rejection_sampling.score_batch=8",
             f"rejection_sampling.reward_models.helpfulness={rm}", f"rejection_sampling.reward_models.safety={rm}"]
 
 

@@ -86,7 +86,8 @@ def test_report_sections_and_show(tmp_path) -> None:
     sec = world_section({"accuracy": m})
     assert sec.tables[0].rows[0][:4] == ["accuracy", "0.000 [0.000, 0.161]", "0.750 [0.531, 0.888]", 20]
     assert figure(None) == "n/a"
-    page = did([("sft", "sft", {"world": {"accuracy": m}}),
+    page = did([("data_prep", "data_prep", {"world": {"counts": {"sft": 3}, "eval": "/d/world/eval"}}),
+                ("sft", "sft", {"world": {"accuracy": m}}),
                 ("safety_eval", "safety_eval", {"world": {"ppo": {"accuracy": stats.rate([True])}},
                                                 "gate_by_model": {"ppo": True}})])
     assert page is not None

@@ -96,8 +96,8 @@ def prompt_source(data: str) -> str:
     return rs if storage.exists(rs) else storage.join(data, "preference", "train.jsonl")
 
 
-def round_records(prompts: list[Prompt], found: list[dict[str, Any]], tok: Tokenizer,
-                  round_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+def round_records(prompts: list[Prompt], found: list[dict[str, Any]], tok: Tokenizer, round_id: str,
+                  allow_truncated: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """This round's pool records (each prompt's best complete answer), its detail lines, and the truncation figures.
     An answer with no EOS was cut at max_new_tokens: SFT would train it as a clean ending (encode_dialog closes every
     answer with EOS), so it never competes; a prompt whose answers were all cut adds nothing."""
@@ -110,7 +110,9 @@ def round_records(prompts: list[Prompt], found: list[dict[str, Any]], tok: Token
                       "best": k if k >= 0 else None})
         if k < 0:
             all_cut += 1
-            continue
+            if not allow_truncated:
+                continue
+            k = int(torch.tensor(f["rewards"]).argmax())
         # Ids past the tokenizer's vocabulary (a model with a padded embedding) have no text.
         answer = tok.decode([t for t in f["answers"][k] if t != tok.eos_id and t < tok.vocab_size])
         best.append({"key": _key(pr.ids), "round": round_id, "reward": f["rewards"][k], "safety": pr.safety,
@@ -220,7 +222,7 @@ def train(cfg: Config) -> dict[str, Any]:
         found = sample_round(gen, prompts, p.samples, p.sampling, tok.eos_id, reward, env, (cfg.run.seed, salt))
         del gen
         if env.lead:
-            best, lines, cut = round_records(prompts, found, tok, cfg.run.id)
+            best, lines, cut = round_records(prompts, found, tok, cfg.run.id, p.allow_truncated)
             storage.write_text(round_url, "".join(json.dumps(b) + "\n" for b in best))
             storage.write_json(stats_url, cut)
             storage.write_text(detail_url, "".join(json.dumps(x) + "\n" for x in lines))

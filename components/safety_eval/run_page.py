@@ -152,12 +152,12 @@ def _change(m: dict[str, Any]) -> str:
 def did(found: list[tuple[str, str, dict[str, Any]]]) -> Section | None:
     """"What each stage did": every stage's world figures, init → output, and the final models' safety figures."""
     rows = []
-    for name, _stage, rep in found:
+    for name, stage, rep in found:
         world = rep.get("world") or {}
         if world and all(isinstance(m, dict) and "before" in m for m in world.values()):
             rows += [[name, metric, figure(m["before"]), figure(m["after"]), m.get("n"), _change(m)]
                      for metric, m in world.items()]
-        elif world:
+        elif world and stage == "safety_eval":  # {model: {metric: figure}}; data prep's `world` is its counts
             gate = rep.get("gate_by_model") or {}
             for model, figs in world.items():
                 rows += [[f"{name}: {model}", metric, "", figure(f), f.get("n"), ""]

@@ -109,6 +109,9 @@ class WorldConfig:
     held-out sets (world/eval/) on which each stage reports before/after figures. Counts are per task family."""
 
     enabled: bool = False
+    # The generator's version, part of the data hash: bumped whenever core/world changes what it generates, so a
+    # content-addressed output made by an older generator is never reused.
+    version: int = 1
     # Task families (core/world/rules.py): add, next, copy, reverse, sort, count, lookup.
     families: list[str] = field(default_factory=lambda: ["add", "next", "copy", "reverse", "sort", "count",
                                                          "lookup"])

@@ -31,6 +31,10 @@ class RejectionSamplingConfig(SftTrainConfig):
     # plain SFT dialogs, under <output>/control, and report world.accuracy_control. Best-of-K's gain must beat the
     # same compute spent on plain SFT, or the sampling and scoring bought nothing. Doubles the fine-tuning cost.
     control: bool = True
+    # A prompt whose every sample was cut at max_new_tokens adds nothing to the pool (SFT would train a cut answer
+    # as a clean ending). True keeps its best cut answer instead: only for smoke runs of an untrained model, which
+    # almost never samples EOS; the report counts them either way.
+    allow_truncated: bool = False
 
 
 RS_VOLATILE = (*SFT_VOLATILE, "score_batch", "control")

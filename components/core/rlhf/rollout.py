@@ -3,8 +3,6 @@ rejection sampling): the distinct prompts of a prompt set or a preference split,
 `SamplingConfig`, seeded per prompt so that answers do not depend on how prompts are dealt to ranks or batched."""
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +10,7 @@ from typing import Any
 from kubellama.components.core.data.pairs import read_pairs
 from kubellama.components.core.data.tokenizer import Tokenizer
 from kubellama.components.core.errors import KubellamaError
-from kubellama.components.core.io import storage
+from kubellama.components.core.io.jsonl import read_lines
 from kubellama.components.core.model.generate import generate
 from kubellama.components.core.model.llama import Llama
 from kubellama.conf.schema.rlhf import SamplingConfig
@@ -38,18 +36,10 @@ def _prompt_set(url: str) -> tuple[list[dict[str, Any]], str] | None:
     """The records of a prompt set of data prep (prompts/{rs,ppo,eval}.jsonl: {"id", "prompt" or "messages",
     "safety", "source"}, a world prompt also "family" and "answer") as {"messages", "safety", "answer", "family"},
     and the file's sha256; None when `url` holds preference pairs."""
-    if not storage.exists(url):
-        raise KubellamaError(f"{url}: no prompts (run data prep with data.prompts.sources for prompt sets, or "
-                             f"data.preference.sources for preference pairs)")
-    raw = storage.read_bytes(url)
+    lines, digest = read_lines(url, "no prompts (run data prep with data.prompts.sources for prompt sets, or "
+                                    "data.preference.sources for preference pairs)")
     out = []
-    for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise KubellamaError(f"{url}:{n}: malformed JSON ({exc.msg})") from None
+    for n, rec in lines:
         if not isinstance(rec, dict) or "chosen" in rec:
             return None  # preference pairs: read_pairs checks them
         messages = rec.get("messages") or ([{"role": "user", "content": rec["prompt"]}]
@@ -59,7 +49,7 @@ def _prompt_set(url: str) -> tuple[list[dict[str, Any]], str] | None:
                                  f"boolean 'safety')")
         out.append({"messages": messages, "safety": rec.get("safety", False), "answer": rec.get("answer"),
                     "family": rec.get("family")})
-    return out, hashlib.sha256(raw).hexdigest()
+    return out, digest
 
 
 def prompts_of(url: str, tok: Tokenizer, limit_tokens: int, count: int = 0,

@@ -3,12 +3,12 @@
 The world folder is published by its `_COMPLETE` marker, written after every file in it."""
 from __future__ import annotations
 
-import json
 import posixpath
 from typing import Any
 
 from kubellama.components.core.errors import KubellamaError
 from kubellama.components.core.io import storage
+from kubellama.components.core.io.jsonl import read_lines
 
 FOLDER = "world"
 # The held-out sets, never in training data: task prompts, PPO's band calibration prompts, safety prompts, multi-turn
@@ -58,12 +58,5 @@ def eval_url(data: str, name: str) -> str | None:
 def read(url: str) -> list[Any]:
     """The records of a world file, as the world built them (dicts; a dialog is a list of task records). A bad line
     is one error naming the file and line."""
-    out = []
-    for n, line in enumerate(storage.read_text(url).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except ValueError as exc:
-            raise KubellamaError(f"{url}:{n}: not valid JSON ({exc})") from None
-    return out
+    lines, _ = read_lines(url, "no such world file (run data prep with data.world.enabled=true)")
+    return [rec for _, rec in lines]
