@@ -18,21 +18,14 @@ def rate(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0%}"
 
 
-def figure(m: dict[str, Any] | None, when: str) -> str:
-    """One before/after figure with its interval: "40% [25%, 57%]"."""
+def figure(m: dict[str, Any] | None, when: str, signed: bool = False) -> str:
+    """One before/after figure with its interval: "40% [25%, 57%]" (`signed`: a gap, "+10% [-5%, +25%]")."""
     x = (m or {}).get(when) or {}
     if x.get("value") is None:
         return "n/a"
     lo, hi = x["ci"]
-    return f"{x['value']:.0%} [{lo:.0%}, {hi:.0%}]"
-
-
-def gap(m: dict[str, Any] | None, when: str) -> str:
-    x = (m or {}).get(when) or {}
-    if x.get("value") is None:
-        return "n/a"
-    lo, hi = x["ci"]
-    return f"{x['value']:+.0%} [{lo:+.0%}, {hi:+.0%}]"
+    f = "+.0%" if signed else ".0%"
+    return f"{x['value']:{f}} [{lo:{f}}, {hi:{f}}]"
 
 
 def context(m: dict[str, Any] | None) -> str:
@@ -49,7 +42,7 @@ def by_turn_section(summary: dict[str, Any], turns: list[str]) -> Section | None
     for t in turns:
         a, c, g = (figures.get(f"{k}_turn_{t}") for k in ("adherence", "control", "gap"))
         rows.append([t, f"{figure(a, 'before')} → {figure(a, 'after')}",
-                     f"{figure(c, 'before')} → {figure(c, 'after')}", f"{gap(g, 'before')} → {gap(g, 'after')}",
+                     f"{figure(c, 'before')} → {figure(c, 'after')}", f"{figure(g, 'before', True)} → {figure(g, 'after', True)}",
                      context(a), str((a or {}).get("n", 0))])
     text = (f"On {summary.get('adherence_source', 'held-out prompts')}, instructions with held-out values. Control: "
             "the same dialogs without the instruction, checked by the same rule; the gap (adherence minus control, "
