@@ -20,6 +20,8 @@ from kubellama.components.core.world.instructions import Instruction
 from kubellama.components.gatt.families import Values, make
 
 SPLITS = ("train", "eval")
+# The family name a plain dialog (no instruction, gatt.plain_share) is counted under.
+PLAIN = "plain"
 
 
 @dataclass
@@ -89,6 +91,18 @@ def fit_turns(turns: int, length: Callable[[list[int]], int], limit: int) -> lis
     return kept
 
 
+def plain(dialogs: Sequence[Dialog], instructed: int, share: float, seed: int) -> list[Dialog]:
+    """Plain dialogs (no instruction) making up `share` of a set of `instructed` ones: a seeded draw from
+    `dialogs`, repeated when there are too few."""
+    want = round(instructed * share / (1.0 - share)) if share > 0 else 0
+    if not want or not dialogs:
+        return []
+    rng = random.Random(seed)
+    order = [i for _ in range(-(-want // len(dialogs))) for i in rng.sample(range(len(dialogs)), len(dialogs))]
+    return [Dialog(dialogs[i].system, dialogs[i].users, dialogs[i].answers, None, {"plain": True})
+            for i in order[:want]]
+
+
 def assign(dialogs: list[Dialog], families: Sequence[str], values: Values, seed: int) -> list[Dialog]:
     """Give every dialog an instruction: families in turn, their content drawn from a seeded stream and from the
     families' training `values` (families.values(cfg.gatt))."""
@@ -104,16 +118,19 @@ def with_instruction(users: Sequence[str], instruction: Instruction, every_turn:
     return [f"{u} {instruction.text}" if (every_turn or i == 0) else u for i, u in enumerate(users)]
 
 
-def example(d: Dialog, tok: Tokenizer, seq_len: int, enforce: bool) -> tuple[list[dict], tuple] | None:
-    """The GAtt training example of dialog `d`: (messages, (ids, labels, turns left)), or None if it cannot fit."""
+def example(d: Dialog, tok: Tokenizer, seq_len: int, enforce: bool, last_only: bool = True
+            ) -> tuple[list[dict], tuple] | None:
+    """The GAtt training example of dialog `d`: (messages, (ids, labels, turns left)), or None if it cannot fit.
+    An instructed dialog trains its last answer (`last_only`, the paper) or every answer; a plain one (no
+    instruction) every answer, as SFT does."""
     inst = d.instruction
-    assert inst is not None
     answers = trained_answers(d, enforce)
-    users = with_instruction(d.users, inst, every_turn=False)
+    users = with_instruction(d.users, inst, every_turn=False) if inst else list(d.users)
+    last_only = last_only and inst is not None
 
     def encoded(kept: list[int]) -> tuple:
         msgs = to_messages(d.system, [users[i] for i in kept], [answers[i] for i in kept])
-        return msgs, encode_dialog(tok, msgs, last_turn_only=True)
+        return msgs, encode_dialog(tok, msgs, last_turn_only=last_only)
 
     kept = fit_turns(len(users), lambda k: len(encoded(k)[1][0]), seq_len)
     return None if kept is None else encoded(kept)
@@ -130,7 +147,7 @@ def _enforce(inst: Instruction) -> Callable[[str], str]:
 
 def trained_answers(d: Dialog, enforce: bool) -> list[str]:
     """The answers the set trains for `d`: with `enforce` (answers given), rewritten to follow its instruction."""
-    return [_enforce(d.instruction)(a) for a in d.answers] if enforce else list(d.answers)  # type: ignore[arg-type]
+    return [_enforce(d.instruction)(a) for a in d.answers] if enforce and d.instruction else list(d.answers)
 
 
 def obeys(d: Dialog, enforce: bool) -> bool:
@@ -139,12 +156,14 @@ def obeys(d: Dialog, enforce: bool) -> bool:
     return check is None or all(check(a) for a in trained_answers(d, enforce))
 
 
-def build(url: str, splits: dict[str, list[Dialog]], tok: Tokenizer, seq_len: int, enforce: bool) -> dict[str, Any]:
-    """Write the GAtt set of each split (dialogs with their instructions assigned); returns its counts. With
-    `enforce` (answers given), every answer is rewritten to follow its instruction."""
+def build(url: str, splits: dict[str, list[Dialog]], tok: Tokenizer, seq_len: int, enforce: bool,
+          last_only: bool = True) -> dict[str, Any]:
+    """Write the GAtt set of each split (dialogs with their instructions assigned, plain ones without); returns its
+    counts. With `enforce` (answers given), every answer is rewritten to follow its instruction; `last_only`: an
+    instructed dialog trains its last answer only."""
     if enforce:
-        for d in (d for dialogs in splits.values() for d in dialogs):
-            _enforce(d.instruction)  # type: ignore[arg-type]
+        for d in (d for dialogs in splits.values() for d in dialogs if d.instruction):
+            _enforce(d.instruction)
     storage.remove(storage.join(url, storage.COMPLETE))
     counts: Counter[str] = Counter()
     stats: dict[str, Any] = {}
@@ -159,14 +178,15 @@ def build(url: str, splits: dict[str, list[Dialog]], tok: Tokenizer, seq_len: in
                 if not obeys(d, enforce):
                     disobeyed += 1
                     continue
-                made = example(d, tok, seq_len, enforce)
+                made = example(d, tok, seq_len, enforce, last_only)
                 if made is None:
                     skipped += 1
                     continue
                 msgs, encoded = made
                 packer.add(*encoded)
-                families[d.instruction.family] += 1  # type: ignore[union-attr]
-                write(split, {"family": d.instruction.family, "instruction": d.instruction.text,  # type: ignore
+                family = d.instruction.family if d.instruction else PLAIN
+                families[family] += 1
+                write(split, {"family": family, "instruction": d.instruction.text if d.instruction else None,
                               "messages": msgs, **d.meta})
             stats[split] = {**packer.close(tokenizer_sha256=tok.sha256, vocab_size=tok.vocab_size),
                             "too_long": skipped, "disobeyed": disobeyed, "families": dict(families)}

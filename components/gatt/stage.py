@@ -24,12 +24,13 @@ from kubellama.components.core.train.parallelize import build_llama, shard
 from kubellama.components.core.world import sets
 from kubellama.components.core.world.evaluate import Probe
 from kubellama.components.gatt import adherence, families, report
-from kubellama.components.gatt.data import Dialog, assign, build, read_dialogs, with_instruction
+from kubellama.components.gatt.data import Dialog, assign, build, plain, read_dialogs, with_instruction
 from kubellama.conf.schema import Config
 from kubellama.conf.schema.train import TrainConfig
 
 NAME = "gatt"
 ANSWERS = ("given", "sample")
+TRAIN_TURNS = ("last", "all")
 
 
 def dialogs_url(data: str, split: str) -> str:
@@ -75,6 +76,10 @@ def _check(cfg: Config) -> list[str]:
     names = families.validate_config(p)
     if p.answers not in ANSWERS:
         raise ConfigError(f"gatt.answers={p.answers!r}: expected one of {', '.join(ANSWERS)}")
+    if p.train_turns not in TRAIN_TURNS:
+        raise ConfigError(f"gatt.train_turns={p.train_turns!r}: expected one of {', '.join(TRAIN_TURNS)}")
+    if not 0.0 <= p.plain_share < 1.0:
+        raise ConfigError(f"gatt.plain_share={p.plain_share}: expected a share in [0, 1)")
     if not p.eval_turns or min(p.eval_turns) < 1:
         raise ConfigError(f"gatt.eval_turns={list(p.eval_turns)}: turn numbers start at 1")
     return names
@@ -137,8 +142,14 @@ def train(cfg: Config) -> dict[str, Any]:
         del model
         gc.collect()
     if need_set:
+        # Plain dialogs keep their given answers (after any sampling): what SFT taught, without an instruction.
+        for i, split in enumerate(("train", "eval")):
+            if p.plain_share > 0:
+                every = read_dialogs(dialogs_url(p.data, split), 1, 0, p.message_chars)
+                set_dialogs[split] += plain(every, len(set_dialogs[split]), p.plain_share, cfg.run.seed + 100 + i)
         if env.lead:
-            build(set_url, set_dialogs, tok, p.seq_len, enforce=p.answers == "given")
+            build(set_url, set_dialogs, tok, p.seq_len, enforce=p.answers == "given",
+                  last_only=p.train_turns == "last")
         dist.barrier()
     trainer, summary = finetune.fit(cfg, NAME, storage.join(set_url, "train"), storage.join(set_url, "eval"), env,
                                 tokenizer=tokenizer.beside(p.data), world=Probe.of(p.data))

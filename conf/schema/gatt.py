@@ -44,6 +44,15 @@ class GattConfig(SftTrainConfig):
     max_dialogs: int = 0
     # Cut every message to this many characters at a word boundary (0: whole), for small-context models.
     message_chars: int = 0
+    # Which answers of an instructed dialog carry the loss: "last" (the paper: every earlier turn's tokens zeroed) or
+    # "all" (every answer, the instruction still in the first user turn only). With given answers every answer
+    # already follows the instruction, so "all" trains the same behaviour with a signal per turn rather than per
+    # dialog: a small model learns to look back at the first turn in far fewer steps.
+    train_turns: str = "last"
+    # Share of the set made of plain dialogs (no instruction, every answer trained, drawn from data prep's SFT
+    # dialogs of any length): they keep what SFT taught (task answers, refusals) and show the model what an
+    # uninstructed dialog looks like, the contrast the adherence eval's control measures. 0: instructed dialogs only.
+    plain_share: float = 0.0
     # Instruction-adherence eval (Table 30's spirit): long dialogs of held-out prompts, the model's own answers fed
     # back, a checkable instruction in the first user turn only; the share of answers that follow it at these turns.
     eval_turns: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 20])
