@@ -34,7 +34,7 @@ def _dialog() -> Dialog:
 
 def test_all_turns_trains_every_answer_with_the_instruction_in_the_first_turn_only(tok):
     d = assign([_dialog()], ["caps"], [], seed=0)[0]
-    msgs, (ids, labels, _) = example(d, tok, 256, enforce=True, last_only=False)
+    msgs, (_, labels, _) = example(d, tok, 256, enforce=True, last_only=False)
     assert _trained_spans(labels) == 3
     users = [m["content"] for m in msgs if m["role"] == "user"]
     assert users[0].endswith("Answer only in capital letters.") and not any("capital" in u for u in users[1:])
@@ -46,8 +46,11 @@ def test_all_turns_trains_every_answer_with_the_instruction_in_the_first_turn_on
 
 def test_plain_dialogs_train_every_answer_untouched_and_are_counted_apart(tmp_path, tok):
     instructed = assign([_dialog() for _ in range(3)], ["caps"], [], seed=0)
-    extra = plain([_dialog(), Dialog(None, ["Count the letters: a b"], ["2"])], len(instructed), 0.5, seed=1)
+    pool = [_dialog(), Dialog(None, ["Count the letters: a b"], ["2"])]
+    extra = plain(pool, len(instructed), 0.5, seed=1)
     assert len(extra) == 3 and all(d.instruction is None for d in extra)
+    # Half of them as long as an instructed dialog (the contrast), half from every dialog.
+    assert sum(len(d.answers) >= 2 for d in plain(pool, 10, 0.5, seed=2)) >= 5
     msgs, (_, labels, _) = example(extra[0], tok, 256, enforce=True, last_only=True)
     assert _trained_spans(labels) == len(extra[0].answers)
     assert not any("capital" in m["content"] for m in msgs)

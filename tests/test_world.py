@@ -239,3 +239,25 @@ def test_world_config_is_part_of_the_data_hash(prepared) -> None:
     off = load_config(overrides(cfg.data.output, **{"data.sources": "[]", **SMALL, "data.world.enabled": "false"}))
     assert runs.data_hash(off) != runs.data_hash(same)
     assert world.mixed(off) is off and world.materialise(off) is None
+
+
+def test_multi_turn_dialogs_carry_safety_turns_when_asked() -> None:
+    """data.world.dialog_safety: that share of a long dialog's turns are safety prompts with their safe answers
+    (a refusal for a harmful one), drawn from the SFT bucket only; off, the dialogs hold tasks alone."""
+    from kubellama.components.core.world import safety
+
+    answers = {p.prompt: p for p in safety.every_prompt()}
+    cfg = WorldConfig(enabled=True, sft=5, pairs=5, safety_pairs=5, safety_sft=5, dialogs=40, max_turns=10)
+    for share, expect in ((0.0, False), (0.3, True)):
+        cfg.dialog_safety = share
+        made = build.build(cfg, 3)
+        long = [d["messages"] for d in made["sft"] if len(d["messages"]) > 2]
+        turns = [(u["content"], a["content"]) for m in long for u, a in zip(m[::2], m[1::2])]
+        said = [(q, a) for q, a in turns if q in answers]
+        assert bool(said) == expect
+        assert all(a == answers[q].answer for q, a in said)
+        assert not {q for q, _ in said} & _held_out_prompts(made)
+        if expect:
+            assert 0.15 < len(said) / len(turns) < 0.45 and any(answers[q].harmful for q, _ in said)
+    with pytest.raises(Exception, match="data.world.dialog_safety"):
+        build.build(WorldConfig(enabled=True, dialog_safety=1.5), 0)

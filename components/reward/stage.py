@@ -22,12 +22,14 @@ from kubellama.components.core.rlhf.scorer import CLASSIFIER, Scorer, build
 from kubellama.components.core.train import dist, probe
 from kubellama.components.core.train.trainer import Trainer
 from kubellama.components.core.world import sets
-from kubellama.components.reward import data, evaluate
+from kubellama.components.reward import data, evaluate, samples
 from kubellama.components.reward.loss import pair_loss
 from kubellama.conf.schema import Config
 from kubellama.conf.schema.reward import KINDS, VOLATILE, RewardConfig, RewardVariantConfig, SafetyVariantConfig
 
 NAME = "reward"
+# The world samples are drawn as PPO's rollouts are (T = 1): the answers the policy gives when it explores.
+SAMPLE_TEMPERATURE = 1.0
 
 
 def resolve(p: RewardConfig) -> RewardConfig:
@@ -82,6 +84,12 @@ def train(cfg: Config) -> dict[str, Any]:
     held_out, _ = read_pairs(storage.join(p.data, "preference", "eval.jsonl"))
     world_url = sets.eval_url(p.data, "pairs")
     world_pairs: list[Any] = sets.read(world_url) if world_url else []
+    if p.world_samples < 0:
+        raise ConfigError(f"reward.world_samples={p.world_samples}: expected a count (0: none)")
+    drawn: dict[str, Any] = {"drawn": 0}
+    if p.kind == "helpfulness" and p.world_samples > 0 and world_url:
+        extra, drawn = samples.draw(cfg, pairs, tok, p.world_samples, SAMPLE_TEMPERATURE, env)
+        pairs = [*pairs, *extra]
     mix = data.mix(pairs, p.kind, p.other_fraction, cfg.run.seed)
     section = schedule(p, len(mix.indices), env.world_size)
     source = data.PairSource([pairs[i] for i in mix.indices], tok, p.seq_len, env.rank, env.world_size,
@@ -104,7 +112,7 @@ def train(cfg: Config) -> dict[str, Any]:
             result["world"] = evaluate.world(before, evaluate.world_scores(scorer, world_pairs, p.kind), p.kind)
         summary["hf"] = trainer.export_hf(storage.join(p.output, "hf"), tokenizer=tok_url, config=CLASSIFIER)
     mix_info = {"own": mix.own, "other": mix.other, "other_available": mix.other_available,
-                "synthetic": mix.synthetic, "ratings": mix.ratings}
+                "synthetic": mix.synthetic, "ratings": mix.ratings, "world_samples": drawn}
     # The fields first: KFP's Metrics panel shows the first scalars of the summary.
     summary = {"kind": p.kind, **{k: result.get(k) for k in ("accuracy", "accuracy_by_rating")},
                **({k: result.get(k) for k in ("unsafe_recall_at_0_5", "unsafe_recall_at_rule")}

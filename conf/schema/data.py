@@ -125,6 +125,9 @@ class WorldConfig:
     sft: int = 300
     dialogs: int = 200
     max_turns: int = 20
+    # Share of a multi-turn dialog's turns that are safety prompts (a refusal or a look-alike's answer), so that a
+    # long dialog, and Ghost Attention's set made of them, keeps teaching when to refuse.
+    dialog_safety: float = 0.0
     # Preference pairs per family, ratings decided by the rule (build.py), and the safety pairs.
     pairs: int = 200
     safety_pairs: int = 400

@@ -35,6 +35,7 @@ class RewardVariantConfig:
     micro_batch: int | None = None
     margin: str | None = None
     other_fraction: float | None = None
+    world_samples: int | None = None
 
 
 @dataclass
@@ -79,6 +80,10 @@ class RewardConfig(TrainConfig):
     # The share of the training mix taken from the other kind's pairs (§3.2.2). None: the paper's, 0.5 for
     # helpfulness (all helpfulness data plus an equal amount of safety data) and 0.1 for safety (90/10).
     other_fraction: float | None = None
+    # With data prep's world on: this many answers drawn from `init` (T = 1, one per world task prompt of the
+    # training pairs) and judged by the rule, every wrong one paired under a right one (issue 21). They add the
+    # policy's own errors to the hand-made corruptions; the helpfulness RM only (`reward.helpfulness.world_samples`).
+    world_samples: int = 0
     # Per-model settings over the shared ones above; the safety RM's auxiliary loss (Table 29) is set there.
     helpfulness: RewardVariantConfig = field(default_factory=RewardVariantConfig)
     safety: SafetyVariantConfig = field(default_factory=SafetyVariantConfig)

@@ -120,6 +120,17 @@ def build_llama(model_cfg: ModelConfig, seed: int) -> nn.Module:
         return Llama(model_cfg)
 
 
+def generation_model(model_cfg: ModelConfig, init: str, mixed_precision: str, seed: int, env: dist.Env) -> nn.Module:
+    """Collective: the Llama of `init` sharded for generation only (no optimizer), on the precision training runs
+    (a stage's own answers drawn before it trains: GAtt's sampled answers, the reward stage's world samples)."""
+    from kubellama.components.core.train import checkpoint
+
+    model = shard(build_llama(model_cfg, seed), TrainConfig(mixed_precision=mixed_precision), env)
+    if init:
+        checkpoint.load_weights(model, init)
+    return model
+
+
 def full_state_dict(model: nn.Module, env: dist.Env) -> dict[str, torch.Tensor]:
     """Collective: the unsharded fp32 weights on CPU, on rank 0 ({} elsewhere)."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -102,6 +102,8 @@ def check(cfg: WorldConfig) -> None:
     if unknown:
         raise ConfigError(f"data.world.families: unknown family '{unknown[0]}'; families: "
                           f"{', '.join(rules.FAMILIES)}")
+    if not 0.0 <= cfg.dialog_safety <= 1.0:
+        raise ConfigError(f"data.world.dialog_safety={cfg.dialog_safety}: expected a share in [0, 1]")
     if cfg.max_turns < 2:
         raise ConfigError(f"data.world.max_turns={cfg.max_turns}: a multi-turn dialog needs at least 2 turns")
 
@@ -131,8 +133,14 @@ def build(cfg: WorldConfig, seed: int) -> dict[str, list[Any]]:
     if wordy:
         for _ in range(cfg.dialogs):
             msgs: list[dict[str, str]] = []
-            for t in (rng.choice(pools[rng.choice(wordy)]["sft"]) for _ in range(rng.randint(2, cfg.max_turns))):
-                msgs += _user(t.prompt) + [{"role": "assistant", "content": t.answer}]
+            for _ in range(rng.randint(2, cfg.max_turns)):
+                if cfg.dialog_safety > 0 and spools["sft"] and rng.random() < cfg.dialog_safety:
+                    s = rng.choice(spools["sft"])
+                    prompt, answer = s.prompt, s.answer
+                else:
+                    t = rng.choice(pools[rng.choice(wordy)]["sft"])
+                    prompt, answer = t.prompt, t.answer
+                msgs += _user(prompt) + [{"role": "assistant", "content": answer}]
             out["sft"].append({"messages": msgs})
         out["eval_dialogs"] = [[rng.choice(pools[rng.choice(wordy)]["eval"]).record() for _ in range(cfg.max_turns)]
                                for _ in range(cfg.eval_dialogs)]
