@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from kubellama.components.core.errors import ConfigError
 from kubellama.components.core.model.llama import Llama, count_params
-from kubellama.components.core.train import dist
+from kubellama.components.core.train import checkpoint, dist
 from kubellama.components.core.train.precision import compute_dtype
 from kubellama.conf.schema.model import ModelConfig
 from kubellama.conf.schema.train import TrainConfig
@@ -123,8 +123,6 @@ def build_llama(model_cfg: ModelConfig, seed: int) -> nn.Module:
 def generation_model(model_cfg: ModelConfig, init: str, mixed_precision: str, seed: int, env: dist.Env) -> nn.Module:
     """Collective: the Llama of `init` sharded for generation only (no optimizer), on the precision training runs
     (a stage's own answers drawn before it trains: GAtt's sampled answers, the reward stage's world samples)."""
-    from kubellama.components.core.train import checkpoint
-
     model = shard(build_llama(model_cfg, seed), TrainConfig(mixed_precision=mixed_precision), env)
     if init:
         checkpoint.load_weights(model, init)
