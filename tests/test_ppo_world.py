@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 
 import pytest
-from test_data_prep import doc, overrides, sources, write_jsonl
 from test_trainer_support import spawn
-from test_world import SMALL
+from test_world import SMALL, world_data
 
 from kubellama.components.core.errors import KubellamaError
 from kubellama.components.core.recipe.config import load_config
 from kubellama.components.core.rlhf.rollout import Prompt
 from kubellama.components.core.rlhf.rule import answers
 from kubellama.components.core.world import evaluate, sets
-from kubellama.components.data_prep import stage as data_prep
 from kubellama.components.ppo import stage
 from kubellama.pipelines.cli import main as cli
 
@@ -32,13 +29,7 @@ METRICS = ("accuracy", "empty_rate", "mean_length", "refusal_harmful", "false_re
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
-    tmp = tmp_path_factory.mktemp("ppo_world")
-    rng = random.Random(3)
-    corpus = write_jsonl(str(tmp / "web.jsonl"), [{"text": doc(rng, rng.randint(40, 90))} for _ in range(40)])
-    out = str(tmp / "data")
-    data_prep.run(load_config([*overrides(out, **{"data.sources": sources(("web", corpus, {})), **SMALL}),
-                               f"model.vocab_size={MODEL['vocab_size']}"]))
-    return out
+    return world_data(str(tmp_path_factory.mktemp("ppo_world")), SMALL, MODEL["vocab_size"], seed=3, docs=40)
 
 
 def test_ppo_reports_world_figures_with_the_band_picked_on_calib(tmp_path, data, monkeypatch):

@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 
 import pytest
-from test_data_prep import doc, overrides, sources, write_jsonl
 from test_reward_support import RM
+from test_world import world_data
 
 from kubellama.components.core.io import storage
-from kubellama.components.core.recipe.config import load_config
 from kubellama.components.core.world import sets, stats
-from kubellama.components.data_prep import stage as prep
 from kubellama.components.reward import evaluate
 from kubellama.pipelines.cli import main as cli
 
@@ -56,13 +53,7 @@ def test_world_figures_from_hand_made_scores():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
-    tmp = tmp_path_factory.mktemp("rm_world")
-    rng = random.Random(5)
-    corpus = write_jsonl(str(tmp / "web.jsonl"), [{"text": doc(rng, rng.randint(40, 90))} for _ in range(30)])
-    out = str(tmp / "data")
-    prep.run(load_config([*overrides(out, **{"data.sources": sources(("web", corpus, {})), **WORLD}),
-                          "model.vocab_size=512"]))
-    return out
+    return world_data(str(tmp_path_factory.mktemp("rm_world")), WORLD, 512, seed=5, docs=30)
 
 
 def _run(root, data: str, kind: str, *more: str) -> dict:

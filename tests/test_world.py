@@ -28,6 +28,16 @@ SMALL = {"data.world.enabled": "true", "data.world.pretrain": 10, "data.world.fa
          "data.world.eval": 4, "data.world.eval_dialogs": 2, "data.world.safety_sft": 10}
 
 
+def world_data(tmp: str, world: dict, vocab_size: int, seed: int, docs: int) -> str:
+    """A world-enabled data prep over `docs` generated web documents (in this process); returns its output."""
+    rng = random.Random(seed)
+    corpus = write_jsonl(os.path.join(tmp, "web.jsonl"), [{"text": doc(rng, rng.randint(40, 90))} for _ in range(docs)])
+    out = os.path.join(tmp, "data")
+    stage.run(load_config([*overrides(out, **{"data.sources": sources(("web", corpus, {})), **world}),
+                           f"model.vocab_size={vocab_size}"]))
+    return out
+
+
 def _users(messages: list[dict]) -> list[str]:
     return [m["content"] for m in messages if m["role"] == "user"]
 

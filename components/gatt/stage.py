@@ -116,10 +116,14 @@ def train(cfg: Config) -> dict[str, Any]:
     set_url = storage.join(p.output, "set")
     need_set = not storage.is_complete(set_url)
     set_dialogs: dict[str, list[Dialog]] = {}
+    every: dict[str, list[Dialog]] = {}
     if need_set:
         for i, split in enumerate(("train", "eval")):
-            found = read_dialogs(dialogs_url(p.data, split), p.min_turns, p.max_dialogs, p.message_chars)
-            set_dialogs[split] = assign(found, names, families.values(p), cfg.run.seed + i)
+            # Read once: the instructed dialogs (long enough, at most max_dialogs) and the plain ones' pool.
+            every[split] = read_dialogs(dialogs_url(p.data, split), 1, 0, p.message_chars)
+            found = [d for d in every[split] if len(d.answers) >= p.min_turns][:p.max_dialogs or None]
+            set_dialogs[split] = assign([Dialog(d.system, d.users, d.answers) for d in found], names,
+                                        families.values(p), cfg.run.seed + i)
     if (probes and before is None) or (need_set and p.answers == "sample"):
         model = generation_model(cfg.model, p.init, p.mixed_precision, cfg.run.seed, env)
         if probes and before is None:
@@ -135,9 +139,8 @@ def train(cfg: Config) -> dict[str, Any]:
         # Plain dialogs keep their given answers (after any sampling): what SFT taught, without an instruction.
         for i, split in enumerate(("train", "eval")):
             if p.plain_share > 0:
-                every = read_dialogs(dialogs_url(p.data, split), 1, 0, p.message_chars)
-                set_dialogs[split] += plain(every, len(set_dialogs[split]), p.plain_share, cfg.run.seed + 100 + i,
-                                             p.min_turns)
+                set_dialogs[split] += plain(every[split], len(set_dialogs[split]), p.plain_share,
+                                             cfg.run.seed + 100 + i, p.min_turns)
         if env.lead:
             build(set_url, set_dialogs, tok, p.seq_len, enforce=p.answers == "given",
                   last_only=p.train_turns == "last")
