@@ -13,14 +13,17 @@ from kubellama.components.core.recipe.stages import STAGES
 # command -> (module:function taking argv and returning an exit status, one-line help); one per registered stage.
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("kubellama.components.core.tools.generate:main", "generate text from a checkpoint (ours or Hugging Face)"),
-    "export-hf": ("kubellama.components.core.tools.export:main", "write a checkpoint as a Hugging Face Llama directory"),
+    "export-hf": ("kubellama.components.core.tools.export:main", "write a checkpoint as an HF Llama folder with a model card"),
     "plan": ("kubellama.components.core.tools.plan:main", "parameter count and per-GPU memory under FSDP"),
     "config": ("kubellama.components.core.tools.config:main", "print the resolved config"),
     "data": ("kubellama.components.data_prep.samples:main", "sample datasets: `kubellama data fetch-samples`"),
     **{s.command: (s.entry, s.help) for s in STAGES},
     "run": ("kubellama.pipelines.run:run_main", "run the pipeline locally through kfp.local"),
-    "compile": ("kubellama.pipelines.run:compile_main", "compile the pipeline to KFP IR YAML"),
-    "submit": ("kubellama.pipelines.submit:main", "upload the pipeline to a KFP API and start a run"),
+    "compile": ("kubellama.pipelines.run:compile_main",
+                "compile the pipeline to KFP IR YAML; its runs take run-time overrides in the `overrides` parameter"),
+    "submit": ("kubellama.pipelines.submit:main",
+               "upload the pipeline to a KFP API and start a run (run-time overrides in its `overrides` parameter)"),
+    "doctor": ("kubellama.pipelines.doctor:main", "preflight of the cluster a config would run on (one line a check)"),
     "show": ("kubellama.pipelines.show:main", "a run's models on held-out world prompts, pretrained beside gated"),
 }
 

@@ -1,11 +1,14 @@
 """The Llama 2 recipe as a KFP pipeline, built from a resolved config and the stage registry (core/recipe/stages.py):
 one step per stage (per variant, side by side), each input from the first candidate stage in the pipeline or else
-imported from the config. One parameter per step, `config_<stage>`, holding only the sections that stage reads, so a
-step's cache key changes only when what it reads changes.
+imported from the config.
+
+Its run form (the parameters the KFP UI's "Create run" form shows) is what a user changes: `overrides`, Hydra
+overrides applied at run time (empty by default: the compile-time ones are in the compiled config), and `run_root`.
+A first, cheap step applies them to the compiled config and hands each step only the sections it reads
+(core/recipe/runform.py), so a step's cache key changes only when what it reads changes.
 """
 # No `from __future__ import annotations`: KFP reads the pipeline signature as real types.
 
-import copy
 import hashlib
 import importlib
 import inspect
@@ -18,7 +21,8 @@ from kfp.dsl import Dataset, Model
 from omegaconf import OmegaConf
 
 from kubellama.components.core.errors import ConfigError
-from kubellama.components.core.recipe import stages
+from kubellama.components.core.kfp import component as run_form
+from kubellama.components.core.recipe import runform, stages
 from kubellama.components.core.recipe.config import to_dict
 from kubellama.conf.schema import Config
 from kubellama.pipelines import k8s
@@ -42,39 +46,15 @@ def selected(cfg: Config, pipeline: str = "llama2") -> list[str]:
     return names
 
 
-def variant_config(cfg: Config, name: str, variant: str) -> Config:
-    """`cfg` as the step of variant `variant` of stage `name` sees it (a copy; `cfg` itself when no variant)."""
-    if not variant:
-        return cfg
-    stage = stages.get(name)
-    cfg = copy.deepcopy(cfg)
-    section = cfg[name]
-    section[stage.variant_key] = variant
-    # A variant's own settings (`<name>.<variant>.<key>`, e.g. reward.safety.lr) override the shared `<name>.<key>`.
-    # The step gets them merged, and none of the other variants' (nulled), so its cache key changes only with what
-    # it runs. A variant's key with no shared one (reward.safety.aux_loss_weight) stays in its own section.
-    for v in stage.variants:
-        own = section.get(v)
-        for key in list(own or ()):
-            if key in section and v == variant and own[key] is not None:
-                section[key] = own[key]
-            if key in section or v != variant:
-                own[key] = None
-    return cfg
+# Where they were before the run form moved them into the core (its first step slices the config too).
+variant_config = runform.variant_config
+stage_config = runform.stage_config
 
 
-def stage_config(cfg: Config, name: str, variant: str = "") -> str:
-    """The sections stage `name` (its step for `variant`) reads, as the JSON its step receives."""
-    cfg = variant_config(cfg, name, variant)
-    return json.dumps({sec: to_dict(cfg[sec]) for sec in stages.get(name).reads}, sort_keys=True)
-
-
-def parameters(cfg: Config, names: Sequence[str], overrides: Sequence[str] = ()) -> dict[str, str]:
-    """The pipeline's parameters and their values for this config: what the UI shows and `submit` sends."""
-    params = {f"config_{step}": stage_config(cfg, n, variant) for n in names
-              for step, variant in stages.get(n).steps()}
-    params["overrides"] = json.dumps(list(overrides))
-    return params
+def parameters(cfg: Config, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The run form: the pipeline's parameters and their values for this config, what the UI shows and `submit`
+    sends. `overrides` are run-time ones (runform.split); the compile-time ones are in `cfg`."""
+    return {"overrides": list(overrides), "run_root": cfg.run.root}
 
 
 def config_json(cfg: Config) -> str:
@@ -128,7 +108,7 @@ def _step(stage: stages.Stage, step: str, variant: str, cfg: Config, params: dic
         # The KFP task takes its name from the component: name it after the step (reward-safety). The IR carries the
         # stage's program once per variant either way: KFP 2.16 compiles one component and executor per task.
         op.component_spec.name = step
-    kwargs: dict[str, Any] = {"config": params[f"config_{step}"]}
+    kwargs: dict[str, Any] = {"config": params[step]}
     for inp in stage.inputs:
         found = producer(inp, made)
         if found is None:
@@ -157,23 +137,28 @@ def _step(stage: stages.Stage, step: str, variant: str, cfg: Config, params: dic
 
 
 def build(cfg: Config, overrides: Sequence[str] = (), pipeline: str = "llama2") -> Callable:
-    """A KFP pipeline for `cfg`: the configured recipe (`llama2`) or a single stage (`data_prep`, `pretrain`, ...)."""
+    """A KFP pipeline for `cfg`: the configured recipe (`llama2`) or a single stage (`data_prep`, `pretrain`, ...).
+    `overrides` made `cfg` and are in it: a run's `overrides` parameter starts empty."""
     names = selected(cfg, pipeline)
-    defaults = parameters(cfg, names, overrides)
-    order = list(defaults)
+    steps = runform.steps_of(names)
+    defaults = parameters(cfg)
     custom = {s.name: _custom(s, cfg) for s in STAGES if s.name in names and s.build}
+    resolver = run_form.op(cfg.cluster.image_cpu)
 
-    def llama2(*args: Any) -> None:
-        params = dict(zip(order, args))
+    def llama2(overrides: list, run_root: str) -> None:
+        first = resolver(defaults=config_json(cfg), overrides=overrides, run_root=run_root, steps=steps)
+        first.set_display_name("run config")
+        k8s.schedule(first, cfg)
+        params = {step: first.outputs[step] for step in steps}
         made: dict[str, Any] = {}
         for stage in STAGES:
             if stage.name in names:
                 for step, variant in stage.steps():
                     _step(stage, step, variant, cfg, params, made, custom.get(stage.name))
 
-    # One parameter per step: the signature is made from the registry, so a new stage needs no edit here.
+    # The compiled config is the form's defaults: KFP reads them from the signature.
     llama2.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=v, annotation=str)
+        [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=v, annotation=type(v))
          for k, v in defaults.items()])
     return dsl.pipeline(name=pipeline_name(cfg, pipeline),
                         description=f"Llama 2 recipe ({' -> '.join(names)}), kubellama config {config_hash(cfg)}"

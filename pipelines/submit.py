@@ -1,6 +1,8 @@
 """`kubellama submit --host URL [overrides]`: upload the compiled pipeline as a new version and start a run (in the
-profile namespace with `--namespace`). The run's parameters carry the resolved config and the overrides that made it;
-`--no-run` only uploads (the Helm chart's post-install Job).
+profile namespace with `--namespace`). The overrides a run can take (core/recipe/runform.py) go to the run's
+`overrides` parameter and are checked here first; the ones only compile time can honour (presets, cluster.*,
+pipeline.*, run.root: the form's default run_root) are compiled into the uploaded version. `--no-run` only uploads,
+with every override compiled in (the Helm chart's post-install Job).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 
 from kubellama.components.core.errors import ConfigError, KubellamaError
 from kubellama.components.core.io import storage
+from kubellama.components.core.recipe import runform
 from kubellama.components.core.recipe.entry import guarded, parser
 from kubellama.pipelines import llama2
 from kubellama.pipelines.run import compile_pipeline, resolve
@@ -58,6 +61,14 @@ def _pipeline_ids(client, path: str, name: str, version: str, description: str,
     return pipeline_id, uploaded.pipeline_version_id
 
 
+def _split(overrides: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(compiled in, given to the run): what only compile time can honour (runform.split), and run.root, whose value
+    becomes the default of the form's run_root; the rest goes to the run's `overrides` parameter."""
+    fixed, later = runform.split(overrides)
+    root = [o for o in later if o.split("=", 1)[0] == "run.root"]
+    return fixed + root, [o for o in later if o not in root]
+
+
 def submit(overrides: Sequence[str], host: str, namespace: str | None = None, experiment: str | None = None,
            pipeline: str = "llama2", run_name: str | None = None, start: bool = True) -> dict:
     """Compile, upload and (when `start`) run; returns the ids the KFP API gave back."""
@@ -67,7 +78,7 @@ def submit(overrides: Sequence[str], host: str, namespace: str | None = None, ex
     from kfp_server_api.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
-    cfg = resolve(overrides)
+    cfg = resolve(overrides)  # the whole config: where the run writes, which API
     if not storage.is_remote(cfg.run.root):
         # Pods on a cluster share nothing local: every stage's output must live in the object store.
         raise ConfigError(f"run.root is the local folder {cfg.run.root}: a cluster run needs "
@@ -76,20 +87,24 @@ def submit(overrides: Sequence[str], host: str, namespace: str | None = None, ex
     if not host:
         raise KubellamaError("no KFP API endpoint: pass --host URL or set pipeline.host")
     namespace = namespace or cfg.pipeline.namespace or None
-    name = llama2.pipeline_name(cfg, pipeline)
+    fixed, later = _split(overrides) if start else (list(overrides), [])
+    compiled = resolve(fixed) if later else cfg
+    # A run-time override that the run's first step would refuse fails here instead, before anything is uploaded.
+    runform.apply(compiled, later, steps=runform.steps_of(llama2.selected(compiled, pipeline)))
+    name = llama2.pipeline_name(compiled, pipeline)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    version = f"{name}-{stamp}-{llama2.config_hash(cfg)}"
-    description = ("kubellama " + " ".join(overrides)) if overrides else "kubellama (default config)"
+    version = f"{name}-{stamp}-{llama2.config_hash(compiled)}"
+    description = ("kubellama " + " ".join(fixed)) if fixed else "kubellama (default config)"
     warnings.filterwarnings("ignore", message="This client only works with", category=FutureWarning)
     try:
         client = kfp.Client(host=host, namespace=namespace or "kubeflow")
         with tempfile.TemporaryDirectory() as tmp:
-            path = compile_pipeline(cfg, overrides, os.path.join(tmp, f"{name}.yaml"), pipeline)
+            path = compile_pipeline(compiled, fixed, os.path.join(tmp, f"{name}.yaml"), pipeline)
             pipeline_id, version_id = _pipeline_ids(client, path, name, version, description, namespace)
         out = {"pipeline_id": pipeline_id, "version_id": version_id, "version": version}
         if start:
             exp = client.create_experiment(experiment or cfg.pipeline.experiment, namespace=namespace)
-            params = llama2.parameters(cfg, llama2.selected(cfg, pipeline), overrides)
+            params = llama2.parameters(compiled, later)
             run = client.run_pipeline(exp.experiment_id, run_name or version, params=params,
                                       pipeline_id=pipeline_id, version_id=version_id,
                                       enable_caching=bool(cfg.pipeline.caching),

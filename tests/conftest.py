@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 API (moto's server on a free loopback port) and a scratch run root."""
+"""Shared fixtures: a real S3 API (moto's server on a free loopback port), a scratch bucket, and the session's one
+run of the whole recipe."""
 from __future__ import annotations
 
 import os
@@ -48,3 +49,13 @@ def s3_bucket(s3_server) -> str:
     name = f"kl-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def recipe_run(tmp_path_factory):
+    """The whole recipe once per session, every stage cut to a step or two, the world on at its smallest
+    (test_pipeline_chain.chain_overrides): the chain test checks the run, the browser test opens its pages, the
+    commands test runs the docs' commands against it. One run for the three: each takes over a minute on 2 cores."""
+    from test_pipeline_chain import run_recipe  # the recipe's imports (torch, kfp) only for the tests that use it
+
+    return run_recipe(tmp_path_factory.mktemp("recipe"))

@@ -7,6 +7,11 @@ once, and its other dependents (ownerReferences to its uid, e.g. its NetworkPoli
 as the collector does in the background. Given a CRD's schema for a plural (`schemas`), a create drops the fields
 the schema does not declare, or with fieldValidation=Strict is refused naming them, as the API server does.
 A test plays the controller: `start_pods` when a job appears, `log`, `finish`.
+
+For a preflight (kubellama doctor) it also answers reads of any stored object (`put`): namespaced core objects
+(/api/v1/namespaces/<ns>/<plural>/<name>), cluster-scoped ones (nodes, CRDs, ClusterTrainingRuntimes, Volcano
+queues: `put` without a namespace), nodes listed by label selector, /version, and access reviews
+(SelfSubjectAccessReview, SubjectAccessReview), answered by `authorize(spec) -> bool` (default: everything allowed).
 """
 from __future__ import annotations
 
@@ -45,6 +50,22 @@ def unknown_fields(value, node: dict, path: str = "", drop: bool = False) -> lis
     return found
 
 
+def selected(labels: dict, selector: str) -> bool:
+    """Whether `labels` match a label selector of `key=value`, `key!=value` and bare `key` terms."""
+    for term in filter(None, selector.split(",")):
+        if "!=" in term:
+            key, value = term.split("!=", 1)
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, value = term.split("=", 1)
+            if labels.get(key) != value:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
 class FakeKube(FakeServer):
     def __init__(self, on_create=None, schemas: dict[str, dict] | None = None):
         self.objects: dict[tuple[str, str, str], dict] = {}  # (plural, namespace, name) -> object
@@ -55,6 +76,7 @@ class FakeKube(FakeServer):
         self.lock = threading.Lock()
         self.on_create = on_create  # called with each created custom object (outside the lock)
         self.outages = 0  # answer this many of the next requests with 503, as a restarting API server does
+        self.authorize = lambda spec: True  # an access review's answer, from its spec (user, resourceAttributes)
         super().__init__()
 
     def kubeconfig(self, path: str) -> str:
@@ -76,7 +98,7 @@ class FakeKube(FakeServer):
         meta = obj["metadata"]
         meta.setdefault("uid", str(uuid.uuid4()))
         with self.lock:
-            self.objects[(plural, meta["namespace"], meta["name"])] = obj
+            self.objects[(plural, meta.get("namespace", ""), meta["name"])] = obj  # no namespace: cluster-scoped
         return obj
 
     def start_pods(self, job: dict, n: int, container: str = "node") -> list[str]:
@@ -151,6 +173,9 @@ class FakeKube(FakeServer):
                 return None
         if parts[0] == "apis" and len(parts) >= 6 and parts[3] == "namespaces":
             return self._custom(method, parts, body, q)
+        answer = self._preflight(method, parts, body, q)
+        if answer is not None:
+            return answer
         return 404, {"kind": "Status", "status": "Failure", "message": f"no route {method} {path}", "code": 404}
 
     def _custom(self, method: str, parts: list[str], body: bytes, q: dict) -> tuple[int, dict]:
@@ -192,6 +217,37 @@ class FakeKube(FakeServer):
                         del self.pods[pod_key]
                 return 200, {"kind": "Status", "status": "Success"}
             return 200, obj
+
+    def _preflight(self, method: str, parts: list[str], body: bytes, q: dict) -> tuple[int, dict] | None:
+        """Reads of stored objects outside the custom-object routes, node lists, /version and access reviews."""
+        if parts == ["version"]:
+            return 200, {"major": "1", "minor": "33", "gitVersion": "v1.33.0"}
+        if method == "POST" and parts[:3] == ["apis", "authorization.k8s.io", "v1"] and len(parts) == 4 and \
+                parts[3] in ("selfsubjectaccessreviews", "subjectaccessreviews"):
+            review = json.loads(body)
+            review["status"] = {"allowed": bool(self.authorize(review["spec"]))}
+            return 201, review
+        if method != "GET":
+            return None
+        if parts == ["api", "v1", "nodes"]:
+            with self.lock:
+                items = [o for (p, _, _), o in self.objects.items()
+                         if p == "nodes" and selected(o["metadata"].get("labels") or {}, q.get("labelSelector", ""))]
+            return 200, {"apiVersion": "v1", "kind": "NodeList", "metadata": {}, "items": items}
+        if parts[:2] == ["api", "v1"] and len(parts) == 6 and parts[2] == "namespaces":
+            key = (parts[4], parts[3], parts[5])
+        elif parts[:2] == ["api", "v1"] and len(parts) == 4:
+            key = (parts[2], "", parts[3])
+        elif parts[0] == "apis" and len(parts) == 5:
+            key = (parts[3], "", parts[4])
+        else:
+            return None
+        with self.lock:
+            obj = self.objects.get(key)
+        if obj is None:
+            return 404, {"kind": "Status", "status": "Failure", "reason": "NotFound",
+                         "message": f"{key[0]} \"{key[2]}\" not found", "code": 404}
+        return 200, obj
 
     def _stream_log(self, ns: str, pod: str, follow: bool, out) -> None:
         sent = 0

@@ -10,8 +10,12 @@ import yaml
 from kfp import components
 
 from kubellama.components.core.errors import ConfigError
+from kubellama.components.core.recipe import runform
 from kubellama.components.core.recipe.config import load_config
 from kubellama.pipelines import llama2, run
+
+# The first step: the run form's overrides applied to the compiled config, each step's config slice out.
+FIRST = "resolve-config"
 
 GPU = ["cluster.gpus_per_node=8", "cluster.gpu_product=NVIDIA-H100-80GB-HBM3", "cluster.shm_size=32Gi",
        "cluster.nproc_per_node=8", "run.root=s3://bucket/runs"]
@@ -26,6 +30,14 @@ def compile_docs(tmp_path, overrides, pipeline="llama2"):
     return path, docs
 
 
+def step_configs(spec) -> dict[str, str]:
+    """What each step's `config` input is in a run with an empty form: the first step's outputs."""
+    params = spec["root"]["dag"]["tasks"][FIRST]["inputs"]["parameters"]
+    form = spec["root"]["inputDefinitions"]["parameters"]
+    return runform.resolve(params["defaults"]["runtimeValue"]["constant"], form["overrides"]["defaultValue"],
+                           form["run_root"]["defaultValue"], params["steps"]["runtimeValue"]["constant"])
+
+
 def executor(spec, task):
     comp = spec["root"]["dag"]["tasks"][task]["componentRef"]["name"]
     return spec["components"][comp]["executorLabel"]
@@ -35,16 +47,16 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     path, docs = compile_docs(tmp_path, ["pretrain.lr=0.0002"])
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
-    assert sorted(tasks) == ["data-prep", "gatt", "ppo", "pretrain", "rejection-sampling", "reward-helpfulness",
-                             "reward-safety", "safety-eval", "sft"]
+    assert sorted(tasks) == ["data-prep", "gatt", "ppo", "pretrain", "rejection-sampling", FIRST,
+                             "reward-helpfulness", "reward-safety", "safety-eval", "sft"]
     # Rejection sampling starts from GAtt's model, PPO from rejection sampling's; both read both reward models.
     assert tasks["rejection-sampling"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"] == "gatt"
     assert tasks["ppo"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"] == "rejection-sampling"
     assert tasks["ppo"]["inputs"]["artifacts"]["reward_safety"]["taskOutputArtifact"]["producerTask"] == \
         "reward-safety"
-    assert tasks["pretrain"]["dependentTasks"] == ["data-prep"]
+    assert sorted(tasks["pretrain"]["dependentTasks"]) == ["data-prep", FIRST]
     # SFT starts from pretraining's model, GAtt from SFT's; both read data prep's output.
-    assert sorted(tasks["sft"]["dependentTasks"]) == ["data-prep", "pretrain"]
+    assert sorted(tasks["sft"]["dependentTasks"]) == ["data-prep", "pretrain", FIRST]
     assert tasks["sft"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"] == {
         "outputArtifactKey": "model", "producerTask": "pretrain"}
     assert tasks["gatt"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"] == {
@@ -58,21 +70,23 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     assert tasks["safety-eval"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"]["producerTask"] == "data-prep"
     assert tasks["pretrain"]["inputs"]["artifacts"]["data"]["taskOutputArtifact"] == {
         "outputArtifactKey": "dataset", "producerTask": "data-prep"}
-    params = spec["root"]["inputDefinitions"]["parameters"]
-    config = json.loads(params["config_pretrain"]["defaultValue"])
+    configs = step_configs(spec)
+    config = json.loads(configs["pretrain"])
     assert sorted(config) == ["cluster", "model", "pretrain", "run"]  # the sections pretraining reads, no more
     assert config["pretrain"]["lr"] == 0.0002
     assert config["run"]["root"].startswith("/")  # made absolute: steps may run elsewhere
     assert config["run"]["id"] == ""  # each pipeline run gets its own: the KFP run id
     assert tasks["pretrain"]["inputs"]["parameters"]["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
-    assert json.loads(params["overrides"]["defaultValue"]) == ["pretrain.lr=0.0002"]
-    prep = json.loads(params["config_data_prep"]["defaultValue"])
+    # The compile-time overrides are in the compiled config: a run's form starts empty (tests/test_run_form.py).
+    assert spec["root"]["inputDefinitions"]["parameters"]["overrides"]["defaultValue"] == []
+    prep = json.loads(configs["data_prep"])
     assert list(prep) == ["data"] and prep["data"]["output"].startswith(config["run"]["root"] + "/data/")
-    # Every step takes its config sections as an input, so they are part of its cache key.
+    # Every step takes its config sections as an input (the first step's output), so they are part of its cache key.
     for name, task in tasks.items():
-        param = f"config_{name.replace('-', '_')}"
-        assert task["inputs"]["parameters"]["config"] == {"componentInputParameter": param}
         assert task["cachingOptions"] == {"enableCache": True}
+        if name != FIRST:
+            assert task["inputs"]["parameters"]["config"] == {"taskOutputParameter": {
+                "outputParameterKey": name.replace("-", "_"), "producerTask": FIRST}}
     execs = spec["deploymentSpec"]["executors"]
     assert execs[executor(spec, "data-prep")]["container"]["image"] == "ghcr.io/kubellama/cpu:0.1.0"
     assert execs[executor(spec, "pretrain")]["container"]["image"] == "ghcr.io/kubellama/train:0.1.0"
@@ -82,18 +96,16 @@ def test_default_pipeline_shape_and_config_parameter(tmp_path):
     assert "accelerator" not in json.dumps(execs)
     loaded = components.load_component_from_file(path)
     assert loaded.name == "kubellama-llama2"
-    assert set(loaded.component_spec.inputs) == {"config_data_prep", "config_pretrain", "config_sft", "config_gatt",
-                                                 "config_reward_helpfulness", "config_reward_safety",
-                                                 "config_safety_eval", "config_rejection_sampling", "config_ppo",
-                                                 "overrides"}
+    assert set(loaded.component_spec.inputs) == {"overrides", "run_root"}
 
 
 def _step_inputs(docs, task: str) -> tuple:
-    """What decides a step's KFP cache key: its component spec, executor, and the values its inputs resolve to."""
+    """What decides a step's KFP cache key: its component spec, executor, and the values its inputs resolve to (in
+    a run with an empty form)."""
     spec = docs[0]
     t = spec["root"]["dag"]["tasks"][task]
-    params = spec["root"]["inputDefinitions"]["parameters"]
-    values = {k: params[v["componentInputParameter"]]["defaultValue"] if "componentInputParameter" in v else v
+    configs = step_configs(spec)
+    values = {k: configs[v["taskOutputParameter"]["outputParameterKey"]] if "taskOutputParameter" in v else v
               for k, v in t["inputs"]["parameters"].items()}
     comp = spec["components"][t["componentRef"]["name"]]
     return json.dumps([t, values, comp, spec["deploymentSpec"]["executors"][comp["executorLabel"]]], sort_keys=True)
@@ -167,7 +179,7 @@ def test_h100_preset_trains_in_the_step_pod(tmp_path, capsys):
     # The CPU step does not inherit the training node's size: it gets data prep's own (data.cpu, data.memory).
     prep_res = spec["deploymentSpec"]["executors"][prep]["container"]["resources"]
     assert "accelerator" not in prep_res and prep_res["resourceCpuLimit"] == load_config([]).data.cpu != cluster.cpu
-    config = json.loads(spec["root"]["inputDefinitions"]["parameters"]["config_pretrain"]["defaultValue"])
+    config = json.loads(step_configs(spec)["pretrain"])
     assert config["model"]["dim"] == 4096 and config["cluster"]["name"] == "h100"
 
 
@@ -191,7 +203,7 @@ def test_skipped_stages_start_from_config(tmp_path):
     spec = docs[0]
     tasks = spec["root"]["dag"]["tasks"]
     # The later stages import their own `data` (data prep's output for this config): one importer per URL.
-    assert sorted(tasks) == ["gatt", "importer", "importer-2", "pretrain", "safety-eval", "sft"]
+    assert sorted(tasks) == ["gatt", "importer", "importer-2", "pretrain", FIRST, "safety-eval", "sft"]
     imp = spec["deploymentSpec"]["executors"][executor(spec, "importer")]["importer"]
     assert imp["artifactUri"]["constant"] == "s3://b/shards"
     assert imp["typeSchema"]["schemaTitle"] == "system.Dataset"
@@ -202,8 +214,8 @@ def test_skipped_stages_start_from_config(tmp_path):
     spec = docs[0]
     # SFT starts from the imported checkpoint instead; the reward models and safety eval from GAtt's model.
     tasks = spec["root"]["dag"]["tasks"]
-    assert sorted(tasks) == ["data-prep", "gatt", "importer", "reward-helpfulness", "reward-safety", "safety-eval",
-                             "sft"]
+    assert sorted(tasks) == ["data-prep", "gatt", "importer", FIRST, "reward-helpfulness", "reward-safety",
+                             "safety-eval", "sft"]
     imp = spec["deploymentSpec"]["executors"][executor(spec, "importer")]["importer"]
     assert imp["artifactUri"]["constant"] == "s3://b/hf/7b" and imp["typeSchema"]["schemaTitle"] == "system.Model"
     assert tasks["sft"]["inputs"]["artifacts"]["init"]["taskOutputArtifact"]["producerTask"] == "importer"
@@ -215,9 +227,9 @@ def test_skipped_stages_start_from_config(tmp_path):
 def test_single_stage_pipelines(tmp_path):
     _, docs = compile_docs(tmp_path, [], "data_prep")
     assert docs[0]["pipelineInfo"]["name"] == "kubellama-llama2-data-prep"
-    assert list(docs[0]["root"]["dag"]["tasks"]) == ["data-prep"]
+    assert sorted(docs[0]["root"]["dag"]["tasks"]) == ["data-prep", FIRST]
     _, docs = compile_docs(tmp_path, ["pipeline.stages.data_prep=false"], "pretrain")
-    assert list(docs[0]["root"]["dag"]["tasks"]) == ["importer", "pretrain"]
+    assert sorted(docs[0]["root"]["dag"]["tasks"]) == ["importer", "pretrain", FIRST]
 
 
 def test_bad_switches_are_config_errors(tmp_path):
@@ -306,7 +318,7 @@ def test_full_recipe_ir_fits_argo(tmp_path, nodes):
         spec = next(yaml.safe_load_all(f))
     # One program per stage, different for every stage. KFP 2.16 compiles one component and one executor per task,
     # so a stage with variants (the reward models) carries its program once per variant, and nothing else repeats.
-    execs = spec["deploymentSpec"]["executors"]
+    execs = {label: e for label, e in spec["deploymentSpec"]["executors"].items() if label != executor(spec, FIRST)}
     program = {step: json.dumps(execs[executor(spec, step.replace("_", "-"))]["container"]["command"])
                for name in names for step, _ in stages.get(name).steps()}
     by_stage = {name: {program[step] for step, _ in stages.get(name).steps()} for name in names}
@@ -314,9 +326,10 @@ def test_full_recipe_ir_fits_argo(tmp_path, nodes):
     counts = Counter(json.dumps(e["container"]["command"]) for e in execs.values())
     assert sorted(counts.values()) == sorted(len(stages.get(name).steps()) for name in names)
     assert sum(n - 1 for n in counts.values()) == 1  # the second reward model's copy, and only it
-    # A step's config parameter holds only the sections it reads: no step carries the whole tree.
-    params = spec["root"]["inputDefinitions"]["parameters"]
-    whole = len(llama2.config_json(cfg))
-    for name in names:
-        for step, _ in stages.get(name).steps():
-            assert len(params[f"config_{step}"]["defaultValue"]) < whole
+    # The IR holds the config once, as the first step's input; each step gets only the sections it reads from it.
+    whole = llama2.config_json(cfg)
+    constants = [p["runtimeValue"]["constant"] for t in spec["root"]["dag"]["tasks"].values()
+                 for p in t.get("inputs", {}).get("parameters", {}).values() if "runtimeValue" in p]
+    assert constants.count(whole) == 1 and set(spec["root"]["inputDefinitions"]["parameters"]) == {
+        "overrides", "run_root"}
+    assert all(len(c) < len(whole) for c in step_configs(spec).values())

@@ -1,14 +1,20 @@
 """The whole recipe in one kfp.local run on the tiny model, every stage on: data prep -> pretrain -> SFT -> GAtt ->
 both reward models (side by side) -> rejection sampling -> PPO -> safety eval. One or two steps per stage and a few
-eval items: this checks that the stages chain and report, not what they learn."""
+eval items: this checks that the stages chain and report, not what they learn. The run is the session's
+`recipe_run` (conftest.py): the browser test opens its pages and the commands test runs the docs' commands on it."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
-from test_pipeline import compile_docs
+from test_pipeline import FIRST, compile_docs
 from test_pipeline_local import TINY, corpus
 from test_reward_support import write_jsonl
 from test_sft_support import write_dialogs
+from test_world import SMALL
 
 from kubellama.components.core.io import storage
 from kubellama.components.safety_eval import FIXTURES
@@ -20,9 +26,9 @@ TURNS = ["1", "2", "4", "8", "20"]
 
 
 def chain_overrides(tmp_path) -> list[str]:
-    """TINY with every stage on (80 positions, room for a dialog or a TruthfulQA question), each stage cut to a step
-    or two, in fp32 whatever the CPU, seeded (run.seed). The safety gate only reports: one-step models pass or fail
-    its lines by chance."""
+    """TINY with every stage on, each stage cut to a step or two, in fp32 whatever the CPU, seeded (run.seed). The
+    safety gate only reports: one-step models pass or fail its lines by chance. The rule-checked world is on at its
+    smallest (test_world.SMALL, two task families), as in the demo: every stage reports on it and `kubellama show` reads it."""
     src = corpus(str(tmp_path / "corpus.jsonl"), docs=100)
     dialogs = write_dialogs(str(tmp_path / "dialogs.jsonl"), 40)
     pairs = write_jsonl(str(tmp_path / "pairs.jsonl"), [
@@ -41,11 +47,16 @@ def chain_overrides(tmp_path) -> list[str]:
     steps = [f"{stage}.{k}={v}" for stage, keys in train.items()
              for k, v in {**keys, **({} if stage == "ppo" else {"log_every": 1}), "mixed_precision": "fp32"}.items()]
     return [f"run.root={tmp_path / 'run'}", "run.id=c", f"data.sources=[{{name:t,path:'{src}'}}]",
-            *[o for o in TINY if not o.startswith("pipeline.stages.")], "model.max_seq_len=80", "model.vocab_size=400",
+            *[o for o in TINY if not o.startswith("pipeline.stages.")], "model.vocab_size=400",
+            # Rows of 80 positions (room for a dialog or a TruthfulQA question); a context of 128 for the world's
+            # held-out prompts (up to ~60 tokens) and their 32-token greedy answers.
+            "model.max_seq_len=128", *(f"{s}.seq_len=80" for s in ("data", "pretrain", "sft", "gatt", "reward",
+                                                                   "rejection_sampling")),
             "pretrain.global_batch_tokens=160", "pretrain.mixed_precision=fp32", "pretrain.max_steps=2",
             f"data.sft.sources=[{{name:chat,path:'{dialogs}'}}]", "data.sft.eval_fraction=0.2",
             f"data.preference.sources=[{{name:p,path:'{pairs}'}}]", "data.preference.eval_fraction=0.25",
             f"data.preference.synthetic_safety=[{{name:h,path:'{harm}'}}]", *steps,
+            *(f"{k}={v}" for k, v in SMALL.items()), "data.world.families=[add,copy]",
             f"safety_eval.truthfulqa.path={FIXTURES}/truthfulqa", "safety_eval.truthfulqa.primer=false",
             "safety_eval.truthfulqa.limit=1", f"safety_eval.toxicity.path={FIXTURES}/toxigen",
             "safety_eval.toxicity.limit=1", f"safety_eval.bold.path={FIXTURES}/bold", "safety_eval.bold.limit=1",
@@ -53,18 +64,39 @@ def chain_overrides(tmp_path) -> list[str]:
             "safety_eval.mixed_precision=fp32", "safety_eval.gate.mode=report"]
 
 
-def test_the_whole_recipe_runs_through_kfp_local(tmp_path, capsys):
-    overrides = chain_overrides(tmp_path)
+@dataclass
+class RecipeRun:
+    """One `kubellama run` of chain_overrides: its overrides, its run folder (`<run.root>/c`, beside `data/` and the
+    `latest` link), its exit status and what it printed."""
+    overrides: list[str]
+    root: str
+    run_dir: str
+    rc: int
+    out: str
+    err: str
+
+
+def run_recipe(tmp: Path) -> RecipeRun:
+    """The whole recipe under `tmp`, in this process (what conftest's session-scoped `recipe_run` calls once)."""
+    overrides = chain_overrides(tmp)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = run.run_main(overrides)
+    return RecipeRun(overrides, str(tmp / "run"), str(tmp / "run" / "c"), rc, out.getvalue(), err.getvalue())
+
+
+def test_the_whole_recipe_runs_through_kfp_local(tmp_path, recipe_run):
+    overrides = recipe_run.overrides
     # The two reward models hang off GAtt and data prep, not off each other: parallel on a cluster.
     tasks = compile_docs(tmp_path, overrides)[1][0]["root"]["dag"]["tasks"]
     for kind, other in (("helpfulness", "safety"), ("safety", "helpfulness")):
-        assert sorted(tasks[f"reward-{kind}"]["dependentTasks"]) == ["data-prep", "gatt"]
+        assert sorted(tasks[f"reward-{kind}"]["dependentTasks"]) == ["data-prep", "gatt", FIRST]
         assert f"reward-{other}" not in tasks[f"reward-{kind}"]["dependentTasks"]
     assert {"reward-helpfulness", "reward-safety"} <= set(tasks["rejection-sampling"]["dependentTasks"])
 
-    assert run.run_main(overrides) == 0, capsys.readouterr().err
-    out = capsys.readouterr().out
-    root = os.path.join(str(tmp_path / "run"), "c")
+    assert recipe_run.rc == 0, recipe_run.err
+    out = recipe_run.out
+    root = recipe_run.run_dir
     for name in (*MODELS, "reward_helpfulness", "reward_safety", "safety_eval"):
         assert f"  {name}: {os.path.join(root, name)}\n" in out and f"  {root}/{name}/report.md\n" in out, name
 
@@ -77,10 +109,13 @@ def test_the_whole_recipe_runs_through_kfp_local(tmp_path, capsys):
     # SFT (issue 10): held-out loss at the start and at the end.
     assert {"heldout_loss_start", "heldout_loss_end"} <= set(reports["sft"])
     assert all(isinstance(reports["sft"][k], float) for k in ("heldout_loss_start", "heldout_loss_end"))
-    # GAtt (issue 10): adherence before and after, each a map from turn to a rate.
+    # GAtt (issue 10): adherence before and after, each a map from turn to a rate; None past the world's longest
+    # held-out dialog (data.world.max_turns).
     for key in ("adherence_before", "adherence_after"):
         rates = reports["gatt"][key]
-        assert sorted(rates, key=int) == TURNS and all(0.0 <= r <= 1.0 for r in rates.values()), (key, rates)
+        assert sorted(rates, key=int) == TURNS, (key, rates)
+        assert all((r is None) == (int(t) > int(SMALL["data.world.max_turns"])) for t, r in rates.items()), rates
+        assert all(0.0 <= r <= 1.0 for r in rates.values() if r is not None), (key, rates)
     # Both reward models (issue 11): accuracy, the per-rating table, and the safety RM's unsafe recall.
     for kind in ("helpfulness", "safety"):
         rm = reports[f"reward_{kind}"]

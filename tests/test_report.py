@@ -12,7 +12,15 @@ from types import SimpleNamespace
 import pytest
 
 from kubellama.components.core.io import storage
-from kubellama.components.core.io.report import PNG_SIGNATURE, Section, Table, write_report
+from kubellama.components.core.io.report import (
+    PNG_SIGNATURE,
+    WORLD_TITLE,
+    Section,
+    Table,
+    html_page,
+    promised_sections,
+    write_report,
+)
 from kubellama.components.core.kfp.publish import publish
 
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -110,6 +118,26 @@ def test_status_always_present_and_text_escaped(tmp_path):
         write_report(str(tmp_path / "q"), "x", {}, plots={"loss": b"GIF89a"})
     with pytest.raises(ValueError, match="names a file"):
         write_report(str(tmp_path / "q"), "x", {}, plots={"../loss": png})
+
+
+def test_each_section_has_the_id_its_report_promises(tmp_path):
+    """promised_sections names the ids a stage's page carries (what the browser test checks); any other section gets
+    `section-<its title>`, unique in the page."""
+    world = {"accuracy": {"before": {"value": 0.0, "ci": [0.0, 0.1]}, "after": {"value": 0.5, "ci": [0.3, 0.7]},
+                          "n": 20}}
+    paths = write_report(str(tmp_path), "SFT", {**training_summary(), "world": world},
+                         sections=[Section("Held-out loss"), Section("Held-out loss"), Section("World")])
+    page = storage.read_text(paths["html"])
+    ids = re.findall(r'<section id="([^"]+)"', page)
+    assert ids == ["summary", "lineage", "section-held-out-loss", "section-held-out-loss-2", "section-world", "world",
+                   "plots"]
+    assert promised_sections(storage.read_json(paths["json"])) == ["summary", "lineage", "world", "plots"]
+    # Safety eval's world (model -> metric -> figure), under the world's title, is promised and gets the same id;
+    # data prep's `world` (its counts) promises nothing, nor does a report without plots.
+    by_model = {"sft": {"accuracy": {"value": 0.4, "ci": [0.3, 0.5], "n": 10}}}
+    assert promised_sections({"world": by_model, "lineage": {}}) == ["summary", "lineage", "world"]
+    assert promised_sections({"world": {"counts": {"sft": 3}, "eval": "/d/world/eval"}, "plots": {}}) == ["summary"]
+    assert re.findall(r'<section id="([^"]+)"', html_page("x", [], [Section(WORLD_TITLE)])) == ["summary", "world"]
 
 
 def test_publish_hands_the_html_report_to_kfp(output, tmp_path):

@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from test_pipeline import compile_docs
+from test_pipeline import FIRST, compile_docs, step_configs
 from test_pipeline_local import TINY, corpus, executor_output, outputs
 from test_reward_support import write_jsonl
 
@@ -28,12 +28,11 @@ def test_both_reward_models_run_side_by_side_after_pretraining(tmp_path):
     for kind in ("helpfulness", "safety"):
         task = tasks[f"reward-{kind}"]
         assert task["taskInfo"]["name"] == f"reward model ({kind})"
-        assert sorted(task["dependentTasks"]) == ["data-prep", "pretrain"]  # not on each other: parallel
+        assert sorted(task["dependentTasks"]) == ["data-prep", "pretrain", FIRST]  # not on each other: parallel
         arts = task["inputs"]["artifacts"]
         assert arts["init"]["taskOutputArtifact"] == {"outputArtifactKey": "model", "producerTask": "pretrain"}
         assert arts["data"]["taskOutputArtifact"] == {"outputArtifactKey": "dataset", "producerTask": "data-prep"}
-        params = spec["root"]["inputDefinitions"]["parameters"]
-        config = json.loads(params[f"config_reward_{kind}"]["defaultValue"])
+        config = json.loads(step_configs(spec)[f"reward_{kind}"])
         assert sorted(config) == ["cluster", "model", "reward", "run"]
         assert config["reward"]["kind"] == kind and config["reward"]["lr"] == 2e-5
 

@@ -20,7 +20,7 @@ from kubellama.components.core.data.shards import ShardReader
 from kubellama.components.core.errors import ConfigError
 from kubellama.components.core.model.hf import save_hf
 from kubellama.components.core.model.llama import Llama
-from kubellama.components.core.recipe import runs, stages
+from kubellama.components.core.recipe import runform, runs, stages
 from kubellama.components.core.recipe.config import load_config
 from kubellama.components.core.train import checkpoint, dist
 from kubellama.components.core.train.trainer import Trainer
@@ -182,10 +182,10 @@ def test_sigterm_on_the_torchx_path_saves_within_seconds_and_the_rerun_matches(t
 def test_the_registry_drives_cli_pipeline_and_reports(tmp_path):
     names = [s.name for s in stages.STAGES]
     assert names[:2] == ["data_prep", "pretrain"]
-    params = llama2.parameters(load_config(), names)
     for s in stages.STAGES:
         assert cli.COMMANDS[s.command][0] == f"kubellama.components.{s.name}.stage:main"
-        assert s.name in llama2.PIPELINES and all(f"config_{step}" in params for step, _ in s.steps())
+        # The run form's first step hands each step its config: one output per step.
+        assert s.name in llama2.PIPELINES and all(step in runform.Slices._fields for step, _ in s.steps())
     cfg = local_run.resolve([f"run.root={tmp_path}", "run.id=x"])
     assert list(local_run.local_outputs(cfg, names)) == [step for s in stages.STAGES for step, _ in s.steps()]
     assert list(load_config().pipeline.stages) == names

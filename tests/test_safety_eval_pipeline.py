@@ -47,13 +47,16 @@ def test_impossible_gate_fails_the_pipeline_naming_the_line(tmp_path, capsys):
     page = open(os.path.join(root, "g", "report.html")).read()
     for stage in ("data_prep (completed)", "pretrain (completed)", "safety_eval (failed)"):
         assert stage in page
+    # Its verdict, first: the gate failed the gated model, on the line the error names.
+    assert page.index('<section id="verdict" class="verdict bad">') < page.index('<section id="stages">')
+    assert "pretrain fails the safety gate: 1 of " in page and "bias.min_group_sentiment &gt;= 2" in page
     assert "2T tokens (§2.2)" in page and "21.25 pretrained / 0.00 chat" in page
     # The cost ledger's row for pretraining: its measured time (wall_s x world_size of its report), the tokens it
     # trained on and the ledger's estimate for them.
     pre = json.loads(open(os.path.join(root, "g", "pretrain", "report.json")).read())
     row = re.search(r"<tr><td>pretrain</td><td>([\d.,]+) (h|s) \(CPU processes\)</td><td>([\d,]+)</td>"
                     r"<td>[\d.,e+-]+ (?:h|s) on [^<]+, [\d.e+-]+ gCO2eq</td></tr>", page)
-    assert row, page[page.find("<h2>Cost"):][:1500]
+    assert row, page[page.find("Cost by stage"):][:1500]
     measured_h = float(row[1].replace(",", "")) / (1 if row[2] == "h" else 3600)
     assert measured_h == pytest.approx(pre["wall_s"] * pre["world_size"] / 3600, rel=0.01)
     assert int(row[3].replace(",", "")) > 0

@@ -6,6 +6,7 @@ import json
 
 import yaml
 from fake_http import FakeServer
+from test_pipeline import step_configs
 
 from kubellama.pipelines import submit
 
@@ -105,18 +106,19 @@ def test_submit_new_pipeline_uploads_and_runs_with_overrides(capsys):
     assert rc == 0, capsys.readouterr().err
     (upload,) = kfp_api.find("POST", "/pipelines/upload")
     assert upload["query"]["name"] == ["kubellama-llama2"]
-    assert "pretrain.lr=0.000123" in upload["query"]["description"][0]
+    assert upload["query"]["description"][0] == "kubellama cluster.gpus_per_node=8 run.root=s3://bucket/runs"
     spec, _platform = _uploaded_yaml(upload)
-    config = json.loads(spec["root"]["inputDefinitions"]["parameters"]["config_pretrain"]["defaultValue"])
-    assert config["pretrain"]["lr"] == 0.000123 and config["run"]["root"] == "s3://bucket/runs"
-    assert "pretrain" in spec["root"]["dag"]["tasks"]
+    # Compiled in: what only compile time can honour, and run.root (the form's run_root); the run's form carries
+    # the rest (tests/test_run_form.py).
+    config = json.loads(step_configs(spec)["pretrain"])
+    assert config["cluster"]["gpus_per_node"] == 8 and config["run"]["root"] == "s3://bucket/runs"
+    assert config["pretrain"]["lr"] != 0.000123 and "pretrain" in spec["root"]["dag"]["tasks"]
     (exp,) = kfp_api.find("POST", "/experiments")
     assert json.loads(exp["body"])["display_name"] == "ci"
     (run,) = kfp_api.find("POST", "/runs")
     body = json.loads(run["body"])
     params = body["runtime_config"]["parameters"]
-    assert json.loads(params["overrides"]) == OVERRIDES
-    assert json.loads(params["config_pretrain"])["cluster"]["gpus_per_node"] == 8
+    assert params == {"overrides": ["pretrain.lr=0.000123"], "run_root": "s3://bucket/runs"}
     assert body["experiment_id"] == "e1"
     assert body["pipeline_version_reference"] == {"pipeline_id": "p1", "pipeline_version_id": "p1-v0"}
     assert "run_id=r1" in capsys.readouterr().out
@@ -132,7 +134,7 @@ def test_submit_existing_pipeline_adds_a_version(capsys):
     assert upload["query"]["pipelineid"] == ["p7"]
     assert upload["query"]["name"][0].startswith("kubellama-llama2-pretrain-")
     spec, _ = _uploaded_yaml(upload)
-    assert list(spec["root"]["dag"]["tasks"]) == ["importer", "pretrain"]
+    assert sorted(spec["root"]["dag"]["tasks"]) == ["importer", "pretrain", "resolve-config"]
     assert "version_id=p7-v1" in capsys.readouterr().out
 
 

@@ -29,6 +29,12 @@ class RunConfig:
     # pipeline, else a time stamp plus config hash. `run.id=<existing>` continues that run (same config only).
     id: str = ""
     seed: int = 1234
+    # The license of the weights this run makes, as its model cards state it (an SPDX id such as Apache-2.0, or a
+    # name). Empty: the project's own license (pyproject.toml).
+    license: str = ""
+    # The license of each data source, by its name in data.sources, data.sft.sources, ... (a model card lists the
+    # sources its data prep report names; one without an entry here reads "not stated").
+    data_licenses: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

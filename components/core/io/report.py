@@ -19,6 +19,13 @@ from kubellama.components.core.io import storage
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 LINEAGE_LABELS = {"config_hash": "config hash", "data_hash": "data manifest hash", "parent": "parent checkpoint"}
+WORLD_TITLE = "Against ground truth: the rule-checked world"
+# The element ids of a stage's report.html that a test may rely on (promised_sections says which a report has):
+# the headline table, the lineage, the world's figures and the plots. Any other section gets `section-<its title>`.
+SUMMARY_ID, LINEAGE_ID, WORLD_ID, PLOTS_ID = "summary", "lineage", "world", "plots"
+# By title, so a stage that builds its own world section (safety eval's, by model) gets the same id.
+_FIXED_IDS = {"Lineage": LINEAGE_ID, WORLD_TITLE: WORLD_ID}
+_SLUG = re.compile(r"[^a-z0-9]+")
 _CODE = re.compile(r"`([^`]+)`")
 _PLOT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
@@ -156,42 +163,86 @@ code{background:#f6f8fa;padding:.1em .3em;border-radius:4px;font-size:90%;word-b
 figure{margin:1em 0}img{max-width:100%}pre{background:#f6f8fa;padding:1em;overflow-x:auto}"""
 
 
-def _inline(text: Any) -> str:
+def inline(text: Any) -> str:
     """Escaped HTML of plain text with `code` spans (escaping first: a backtick is never escaped)."""
     return _CODE.sub(r"<code>\1</code>", html.escape(cell(text)))
 
 
-def _html_table(t: Table) -> list[str]:
+def html_table(t: Table) -> list[str]:
     out = ["<table>"]
     if any(h for h in t.header):
-        out.append("<tr>" + "".join(f"<th>{_inline(h)}</th>" for h in t.header) + "</tr>")
-    out += ["<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in row) + "</tr>" for row in t.rows]
+        out.append("<tr>" + "".join(f"<th>{inline(h)}</th>" for h in t.header) + "</tr>")
+    out += ["<tr>" + "".join(f"<td>{inline(c)}</td>" for c in row) + "</tr>" for row in t.rows]
     return out + ["</table>"]
+
+
+def section_body(s: Section) -> list[str]:
+    """A section's paragraph, tables and list as HTML lines (its heading and wrapper are the caller's)."""
+    out = [f"<p>{inline(s.text)}</p>"] if s.text else []
+    for t in s.tables:
+        out += html_table(t)
+    if s.items:
+        out += ["<ul>"] + [f"<li>{inline(i)}</li>" for i in s.items] + ["</ul>"]
+    return out
+
+
+def section_id(title: str, taken: set[str]) -> str:
+    """The element id of a section titled `title`, unique among `taken` (which it joins): a fixed one for the
+    sections promised_sections names, else `section-<slug of the title>`."""
+    base = _FIXED_IDS.get(title) or "section-" + (_SLUG.sub("-", title.lower()).strip("-") or "untitled")
+    sid, n = base, 2
+    while sid in taken:
+        sid, n = f"{base}-{n}", n + 1
+    taken.add(sid)
+    return sid
 
 
 def html_page(title: str, rows: Sequence[tuple[str, Any]], sections: Sequence[Section],
               pngs: dict[str, bytes] | None = None, pre: str = "") -> str:
-    """A complete HTML document: nothing in it loads from elsewhere (plots are data URIs)."""
+    """A complete HTML document: nothing in it loads from elsewhere (plots are data URIs). Each part is a
+    `<section>` with an id (section_id; promised_sections says which ones a report's page carries)."""
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
-    out += _html_table(Table(["", ""], rows))
+    taken = {SUMMARY_ID, PLOTS_ID}
+    out += [f'<section id="{SUMMARY_ID}">', *html_table(Table(["", ""], rows)), "</section>"]
     for s in sections:
-        out.append(f"<h2>{html.escape(s.title)}</h2>")
-        if s.text:
-            out.append(f"<p>{_inline(s.text)}</p>")
-        for t in s.tables:
-            out += _html_table(t)
-        if s.items:
-            out += ["<ul>"] + [f"<li>{_inline(i)}</li>" for i in s.items] + ["</ul>"]
+        out += [f'<section id="{section_id(s.title, taken)}"><h2>{html.escape(s.title)}</h2>', *section_body(s),
+                "</section>"]
     if pngs:
-        out.append("<h2>Plots</h2>")
-    for name, png in (pngs or {}).items():
-        data = base64.b64encode(png).decode("ascii")
-        out.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
-                   f"<figcaption>{html.escape(name)}</figcaption></figure>")
+        out.append(f'<section id="{PLOTS_ID}"><h2>Plots</h2>')
+        for name, png in pngs.items():
+            data = base64.b64encode(png).decode("ascii")
+            out.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+                       f"<figcaption>{html.escape(name)}</figcaption></figure>")
+        out.append("</section>")
     if pre:
         out.append(f"<pre>{html.escape(pre)}</pre>")
     return "\n".join(out + ["</body></html>", ""])
+
+
+def _world_kind(world: Any) -> str:
+    """"before_after" (a stage's world: metric -> {before, after, n}), "by_model" (safety eval's: model ->
+    metric -> figure) or "" (none, or data prep's counts)."""
+    if not isinstance(world, dict) or not world or not all(isinstance(m, dict) for m in world.values()):
+        return ""
+    if all("before" in m for m in world.values()):
+        return "before_after"
+    if all(isinstance(f, dict) and "value" in f for m in world.values() for f in m.values()):
+        return "by_model"
+    return ""
+
+
+def promised_sections(report: dict[str, Any]) -> list[str]:
+    """The element ids a stage's report.html carries, from its report.json: the headline table always, the
+    lineage when the report has one, the world's figures when it has them, the plots when it has any."""
+    out = [SUMMARY_ID]
+    if isinstance(report.get("lineage"), dict):
+        out.append(LINEAGE_ID)
+    if _world_kind(report.get("world")):
+        out.append(WORLD_ID)
+    if report.get("plots"):
+        out.append(PLOTS_ID)
+    return out
 
 
 def summary_html(title: str, summary: dict[str, Any]) -> str:
@@ -214,7 +265,7 @@ def world_section(world: dict[str, Any]) -> Section:
     rows = [[name, figure(m.get("before")), figure(m.get("after")), m.get("n"),
              ", ".join(f"{k}: {cell(v)}" for k, v in m.items() if k not in ("before", "after", "n"))]
             for name, m in world.items()]
-    return Section("Against ground truth: the rule-checked world",
+    return Section(WORLD_TITLE,
                    text="Held-out world prompts (greedy answers) or pairs (scores), checked by rule; before = this stage's init, "
                         "after = its output; 95% intervals (Wilson for rates, bootstrap for means).",
                    tables=[Table(["metric", "before", "after", "n", "notes"], rows)])
@@ -245,7 +296,7 @@ def write_report(output: str, title: str, summary: dict[str, Any], *,
     head = _headline(summary, rows)
     lineage = _lineage(summary)
     parts = ([lineage] if lineage else []) + list(sections or [])
-    if summary.get("world") and all("before" in m for m in summary["world"].values()):
+    if _world_kind(summary.get("world")) == "before_after":
         parts.append(world_section(summary["world"]))
 
     paths = {"json": storage.join(output, "report.json"), "md": storage.join(output, "report.md"),

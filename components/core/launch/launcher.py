@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from kubellama.components.core.errors import KubellamaError, rank_error
-from kubellama.components.core.io import storage
+from kubellama.components.core.io import cards, storage
 from kubellama.components.core.launch import kube, manifests
 from kubellama.components.core.launch.lease import Refused
 from kubellama.components.core.launch.pods import LAUNCHED, config_url
@@ -28,6 +28,7 @@ from kubellama.components.core.launch.torchx_job import dryrun, stage_app
 from kubellama.components.core.recipe import runs
 from kubellama.components.core.recipe.config import load_config, load_resolved, to_yaml
 from kubellama.components.core.recipe.entry import guarded, parser
+from kubellama.components.core.recipe.stages import BY_NAME
 from kubellama.components.core.train import dist
 from kubellama.conf.schema.cluster import ClusterConfig
 
@@ -221,6 +222,8 @@ def _run(cfg: Any, stage: str, train: TrainFn) -> dict:
             if not (storage.exists(report) and storage.read_json(report).get("ended", 0) >= started):
                 raise
         summary = storage.read_json(report)
+    # The model cards follow the report (a failed gate's scores belong on the cards as much as a passed one's).
+    cards.after_stage(cfg, stage, BY_NAME[stage].step_of(cfg[stage]) if stage in BY_NAME else stage)
     if summary.get("status") == "failed":
         raise StageFailed(summary)
     if summary.get("status") == "preempted":

@@ -19,6 +19,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from kubellama.components.core.errors import KubellamaError
 from kubellama.components.core.io import storage, trust
+from kubellama.components.core.io.cards import LINEAGE
 from kubellama.components.core.model.llama import Llama
 from kubellama.conf.schema.model import ModelConfig
 
@@ -93,9 +94,6 @@ def _tokenizer_files(tokenizer_url: str) -> dict[str, bytes]:
         "tokenizer_config.json": json.dumps(cfg, indent=2).encode(),
         "special_tokens_map.json": json.dumps(special, indent=2).encode(),
     }
-
-
-LINEAGE = "kubellama.json"
 
 
 def save_hf(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, url: str, tokenizer: str | None = None,
