@@ -124,7 +124,8 @@ def _step(stage: stages.Stage, step: str, variant: str, cfg: Config, params: dic
                 made[found] = _import(url, ARTIFACTS[kind], key, "" if fallback else inp.name)
         kwargs[inp.name] = made[found]
     if custom is not None:
-        made[step] = custom(kwargs)
+        # A build hook also gets the run form's inputs (the compiled config, `overrides`, `run_root`, the steps).
+        made[step] = custom({**kwargs, "form": params["form"]})
         return
     in_pod = launched and k8s.trains_in_pod(cfg)
     if launched:
@@ -149,7 +150,8 @@ def build(cfg: Config, overrides: Sequence[str] = (), pipeline: str = "llama2") 
         first = resolver(defaults=config_json(cfg), overrides=overrides, run_root=run_root, steps=steps)
         first.set_display_name("run config")
         k8s.schedule(first, cfg)
-        params = {step: first.outputs[step] for step in steps}
+        params: dict[str, Any] = {step: first.outputs[step] for step in steps}
+        params["form"] = {"defaults": config_json(cfg), "overrides": overrides, "run_root": run_root, "steps": steps}
         made: dict[str, Any] = {}
         for stage in STAGES:
             if stage.name in names:

@@ -272,6 +272,9 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--demo", action="store_true",
                    help="the tiny model, briefly, on the samples of `kubellama data fetch-samples`")
     p.add_argument("--samples", metavar="DIR", help="where fetch-samples put them (default: its cache)")
+    p.add_argument("--form", metavar="KEY=VALUE", action="append", default=[],
+                   help="a run-time override, given to the run form's `overrides` parameter as the KFP UI does "
+                        "(checked and applied by the pipeline's first step); repeatable")
     args = p.parse_args(argv)
 
     def go() -> int:
@@ -294,7 +297,7 @@ def run_main(argv: Sequence[str] | None = None) -> int:
             print("\n# resolved config")
             print(to_yaml(cfg), end="")
             return 0
-        return _run_local(cfg, overrides, args.pipeline, names)
+        return _run_local(cfg, overrides, args.pipeline, names, args.form)
 
     return guarded(go)
 
@@ -320,7 +323,8 @@ def _python_as_a_word() -> None:
     handler.replace_python_executable = replace
 
 
-def _run_local(cfg: Config, overrides: Sequence[str], pipeline: str, names: Sequence[str]) -> int:
+def _run_local(cfg: Config, overrides: Sequence[str], pipeline: str, names: Sequence[str],
+               form: Sequence[str] = ()) -> int:
     import warnings
 
     from kfp import local
@@ -341,7 +345,8 @@ def _run_local(cfg: Config, overrides: Sequence[str], pipeline: str, names: Sequ
     started = time.time()
     try:
         with _quiet(log_path):
-            llama2.build(cfg, overrides, pipeline)()
+            # The run form as the KFP UI fills it: `--form` overrides, the compiled run root.
+            llama2.build(cfg, overrides, pipeline)(overrides=list(form), run_root=cfg.run.root)
     except RuntimeError as exc:  # kfp.local reports a failed step this way
         with open(log_path, errors="replace") as log:
             lines = log.readlines()

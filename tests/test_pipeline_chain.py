@@ -22,6 +22,7 @@ from kubellama.conf.schema.data import RATINGS
 from kubellama.pipelines import run
 
 MODELS = ("pretrain", "sft", "gatt", "rejection_sampling", "ppo")
+FORM_BETA = 0.0234  # not any config's default
 TURNS = ["1", "2", "4", "8", "20"]
 
 
@@ -81,7 +82,9 @@ def run_recipe(tmp: Path) -> RecipeRun:
     overrides = chain_overrides(tmp)
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = run.run_main(overrides)
+        # PPO's beta through the run form, as a user types it into the KFP UI's "Create run" form (issue 23): the
+        # pipeline's first step applies it at run time, and PPO must train with it.
+        rc = run.run_main([*overrides, "--form", f"ppo.beta={FORM_BETA}"])
     return RecipeRun(overrides, str(tmp / "run"), str(tmp / "run" / "c"), rc, out.getvalue(), err.getvalue())
 
 
@@ -105,6 +108,8 @@ def test_the_whole_recipe_runs_through_kfp_local(tmp_path, recipe_run):
 
     reports = {name: report(name) for name in (*MODELS, "reward_helpfulness", "reward_safety", "safety_eval")}
     assert all(r["status"] == "completed" for r in reports.values()), {n: r["status"] for n, r in reports.items()}
+    # The run form's override reached PPO at run time; nothing compiled in said 0.0234.
+    assert reports["ppo"]["beta"] == FORM_BETA and run.resolve(overrides).ppo.beta != FORM_BETA
 
     # SFT (issue 10): held-out loss at the start and at the end.
     assert {"heldout_loss_start", "heldout_loss_end"} <= set(reports["sft"])

@@ -88,13 +88,17 @@ def data_prep_merge(config: str, plan: str, dataset: Output[Dataset], metrics: O
     return publish(summary, cfg.data.output, dataset, metrics, report, html)
 
 
-def data_prep_cleanup(config: str, index: int):
-    """Remove worker `index`'s intermediate files (0: the shared ones too) once the output is complete."""
+def data_prep_cleanup(defaults: str, overrides: list, run_root: str, steps: list, index: int):
+    """Remove worker `index`'s intermediate files (0: the shared ones too) once the output is complete. It resolves
+    the run form itself (as the pipeline's first step does, from the same compiled config and form): kfp.local hands
+    a loop at the pipeline's top level its loop item in place of any upstream task's output, such as that step's
+    config slice."""
+    from kubellama.components.core.recipe import runform
     from kubellama.components.core.recipe.runs import step_config
-    from kubellama.components.data_prep import steps
+    from kubellama.components.data_prep import steps as data_steps
 
-    cfg = step_config(config, "data_prep")
-    steps.cleanup_step(cfg, steps.shared_work(cfg), int(index))
+    cfg = step_config(runform.resolve(defaults, overrides, run_root, steps)["data_prep"], "data_prep")
+    data_steps.cleanup_step(cfg, data_steps.shared_work(cfg), int(index))
 
 
 def _component(fn: Callable, image: str) -> PythonComponent:
@@ -138,6 +142,7 @@ def steps(cfg: Any, image: str, schedule: Callable[[Any], Any]) -> Callable[[dic
         packers = fan_out(data_prep_pack, "data prep: packer", n, "data_prep_packers")
 
     def add(kwargs: dict) -> Any:
+        form = kwargs.pop("form")
         if n == 1:
             return task(data_prep, "data prep", **kwargs).outputs["dataset"]
         config = kwargs["config"]
@@ -150,8 +155,10 @@ def steps(cfg: Any, image: str, schedule: Callable[[Any], Any]) -> Callable[[dic
         p = packers(config=config, plan=plan).after(c)
         p.set_display_name(f"data prep: {n} packers")
         merge = task(data_prep_merge, "data prep", config=config, plan=plan).after(p)
+        # A loop at the top level (which also keeps kfp.local on the path that runs the loops inside sub-pipelines),
+        # fed by the run form's own inputs: see data_prep_cleanup.
         with dsl.ParallelFor(items=list(range(n)), parallelism=n) as i:
-            task(data_prep_cleanup, "data prep: cleanup", config=config, index=i).after(merge)
+            task(data_prep_cleanup, "data prep: cleanup", **form, index=i).after(merge)
         return merge.outputs["dataset"]
 
     return add
