@@ -26,44 +26,7 @@ README_LIMIT = 10_000  # bytes: the README is what a first visit needs; the rest
 
 # Fields that had no comment when the reference was first generated (class -> field names). The list only shrinks:
 # comment a field in conf/schema and remove it here. A new field needs its comment.
-UNCOMMENTED = {
-    "BoldConfig": "path",
-    "CheckpointConfig": "keep_last",
-    "CleanConfig": "dedup_exact dedup_near max_chars min_alpha_ratio min_chars minhash_bands minhash_perm normalize pii",
-    "ClusterConfig": "cpu gpu_product gpus_per_node image_cpu image_pull_policy image_pull_secrets image_train memory "
-                     "name namespace nnodes node_selector nproc_per_node priority_class retries runtime runtime_kind "
-                     "service_account shm_size timeout_s tolerations",
-    "ComputeConfig": "ac_every micro_batch",
-    "DataConfig": "memory shard_tokens sources",
-    "DecodingConfig": "batch_size max_new_tokens top_p",
-    "GateConfig": "truth_margin",
-    "GattConfig": "codes end_words eval_dialogs eval_max_new_tokens eval_temperature heldout_codes heldout_end_words "
-                  "heldout_first_words max_dialogs max_new_tokens temperature top_p",
-    "GenerateConfig": "max_new_tokens seed top_p",
-    "ModelConfig": "dim ffn_hidden init_std max_seq_len n_heads n_layers name norm_eps rope_theta vocab_size",
-    "OptimConfig": "beta1 beta2 eps grad_clip lr max_steps warmup_steps weight_decay",
-    "PipelineConfig": "experiment namespace",
-    "PlanConfig": "activation_checkpointing gpu_memory_gib micro_batch seq_len world_size",
-    "PpoConfig": "eval_every lam patience",
-    "PreferenceConfig": "sources",
-    "PromptsConfig": "eval_fraction rs_fraction sources",
-    "RefusalConfig": "benign",
-    "RewardConfig": "calibration_bins kind micro_batch warmup_fraction warmup_min",
-    "RewardModelsConfig": "helpfulness safety",
-    "RewardVariantConfig": "lr margin max_steps micro_batch other_fraction pairs_per_batch warmup_steps world_samples",
-    "RunConfig": "name seed",
-    "SafetyEvalConfig": "benchmarks",
-    "SamplingConfig": "max_new_tokens temperature top_p",
-    "SftConfig": "sources",
-    "SftTrainConfig": "epochs keep_last log_every lr weight_decay",
-    "SourceConfig": "name path",
-    "TokenizerConfig": "character_coverage train_chars",
-    "TolerationConfig": "effect key operator value",
-    "ToxicityConfig": "path threshold",
-    "TrainConfig": "log_every",
-    "TruthfulQAConfig": "judge_info limit max_new_tokens path",
-    "WorldConfig": "calib dialogs enabled eval eval_dialogs fact_repeats max_turns ppo safety_pairs",
-}
+UNCOMMENTED: dict[str, str] = {}
 LEGACY = {f"{cls}.{name}" for cls, names in UNCOMMENTED.items() for name in names.split()}
 
 

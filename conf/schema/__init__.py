@@ -22,12 +22,14 @@ from kubellama.conf.schema.train import PretrainConfig
 
 @dataclass
 class RunConfig:
+    # The run's name: part of run.root's default and of job names.
     name: str = "llama2"
     # Every stage reads and writes below this URL: a local folder or s3://bucket/prefix.
     root: str = "runs/${run.name}"
     # Training outputs live under <root>/<id>/<stage>, where no other run writes. Empty: the KFP run id inside a
     # pipeline, else a time stamp plus config hash. `run.id=<existing>` continues that run (same config only).
     id: str = ""
+    # Seed of every random draw of the run (data prep's data.seed defaults to it).
     seed: int = 1234
     # The license of the weights this run makes, as its model cards state it (an SPDX id such as Apache-2.0, or a
     # name). Empty: the project's own license (pyproject.toml).

@@ -8,7 +8,9 @@ class SourceConfig:
     The same shape serves every dataset kind; fields that do not apply to a kind are ignored.
     """
 
+    # The source's name in reports, record ids and run.data_licenses; empty: a generated one.
     name: str = ""
+    # File, folder or glob at any fsspec URL (local, s3://, ...).
     path: str = ""
     # auto picks by extension: .jsonl/.json, .parquet, .prompt/.yaml (PyRIT seed files), anything else is text.
     format: str = "auto"
@@ -30,21 +32,30 @@ class SourceConfig:
 
 @dataclass
 class CleanConfig:
+    # Unicode normalisation form (NFC, NFKC, ...) applied to every text; empty: none.
     normalize: str = "NFC"
+    # Drop documents whose cleaned text is identical to an earlier one (by hash).
     dedup_exact: bool = True
+    # Drop near-duplicate documents (MinHash LSH, confirmed at near_threshold).
     dedup_near: bool = True
+    # MinHash signature length (permutations); a multiple of minhash_bands.
     minhash_perm: int = 128
+    # LSH bands the signature is cut into; more bands find less similar candidate pairs.
     minhash_bands: int = 16
     # Word n-grams hashed into the MinHash signature.
     shingle: int = 5
     # Candidate pairs from LSH are confirmed when their estimated Jaccard similarity reaches this.
     near_threshold: float = 0.8
+    # Replace e-mail addresses, phone numbers, IP addresses and card numbers with placeholders.
     pii: bool = True
     # SFT dialogs and preference pairs get the cleaning that fits whole records: normalisation, PII scrubbing and
     # exact dedup (not the quality filters or near dedup: clean.RecordCleaner says why).
     records: bool = True
+    # Documents shorter than this (characters, after cleaning) are dropped.
     min_chars: int = 32
+    # Documents longer than this (characters) are dropped.
     max_chars: int = 1_000_000
+    # Documents whose letters are below this share of their non-space characters are dropped.
     min_alpha_ratio: float = 0.5
     # Documents whose lines are mostly repeats of each other (boilerplate, spam) are dropped.
     max_dup_line_ratio: float = 0.3
@@ -55,7 +66,9 @@ class TokenizerConfig:
     # An existing tokenizer.model (e.g. Llama 2's own) is used unchanged when given.
     model: str | None = None
     vocab_size: int = "${model.vocab_size}"  # type: ignore[assignment]
+    # Characters of pretraining text sampled to train the SentencePiece tokenizer.
     train_chars: int = 50_000_000
+    # SentencePiece character_coverage: rarer characters fall back to bytes.
     character_coverage: float = 0.99995
     # Small corpora cannot fill a large vocabulary; allow a smaller one instead of failing (Llama: hard limit).
     hard_vocab_limit: bool = False
@@ -65,6 +78,7 @@ class TokenizerConfig:
 class SftConfig:
     """Chat `messages` (system/user/assistant), Alpaca (instruction/input/output) or ShareGPT records."""
 
+    # SFT dialog sources (data.sources' shape).
     sources: list[SourceConfig] = field(default_factory=list)
     # Share of dialogs held out, by a stable hash of their id: SFT's held-out loss, GAtt's adherence eval prompts.
     eval_fraction: float = 0.05
@@ -81,6 +95,7 @@ RATINGS = ("significantly better", "better", "slightly better", "negligibly bett
 class PreferenceConfig:
     """Pairs in the Llama 2 schema, or the common chosen/rejected forms (Anthropic HH, TRL, ShareGPT DPO)."""
 
+    # Preference pair sources (data.sources' shape).
     sources: list[SourceConfig] = field(default_factory=list)
     # significantly better | better | slightly better | negligibly better or unsure
     default_rating: str = "negligibly better or unsure"
@@ -97,8 +112,11 @@ class PreferenceConfig:
 class PromptsConfig:
     """Prompt sets for rejection sampling (rs), PPO and evaluation, each prompt tagged safety or not."""
 
+    # Prompt sources (data.sources' shape); `safety` tags a source's prompts.
     sources: list[SourceConfig] = field(default_factory=list)
+    # Share of a source's prompts (split "") drawn for rejection sampling; the rest past eval go to PPO.
     rs_fraction: float = 0.45
+    # Share of a source's prompts (split "") held out for evaluation, by a stable hash of the id.
     eval_fraction: float = 0.1
 
 
@@ -108,6 +126,7 @@ class WorldConfig:
     right answer, preference order and safety label code decides, mixed into every dataset data prep writes, with
     held-out sets (world/eval/) on which each stage reports before/after figures. Counts are per task family."""
 
+    # Generate the world's records and mix them into data prep's outputs.
     enabled: bool = False
     # The generator's version, part of the data hash: bumped whenever core/world changes what it generates, so a
     # content-addressed output made by an older generator is never reused.
@@ -117,26 +136,34 @@ class WorldConfig:
                                                          "lookup"])
     # Question/answer lines per family in the pretraining text, and how often the lookup table's facts repeat.
     pretrain: int = 300
+    # Times the lookup table's fact lines are repeated in the pretraining text.
     fact_repeats: int = 30
     # Its mix weight among the pretraining sources (> 1 up-samples, as data.sources' weight).
     weight: float = 1.0
     # Single-turn SFT dialogs per family, and multi-turn dialogs of 2..max_turns letter tasks (Ghost Attention's
     # material; 20 turns is the paper's longest adherence probe, Figure 28).
     sft: int = 300
+    # Multi-turn SFT dialogs of letter tasks in all (none without a letter-task family).
     dialogs: int = 200
+    # Turns of the longest multi-turn dialog (at least 2); held-out dialogs have exactly this many.
     max_turns: int = 20
     # Share of a multi-turn dialog's turns that are safety prompts (a refusal or a look-alike's answer), so that a
     # long dialog, and Ghost Attention's set made of them, keeps teaching when to refuse.
     dialog_safety: float = 0.0
     # Preference pairs per family, ratings decided by the rule (build.py), and the safety pairs.
     pairs: int = 200
+    # Safety preference pairs in all: a refusal over compliance (harmful), or an answer over a refusal (look-alike).
     safety_pairs: int = 400
     # Prompts per family for rejection sampling and PPO (disjoint from every pair's prompt), PPO's band
     # calibration, and the held-out evaluation; held-out multi-turn dialogs for the adherence eval.
     rs: int = 40
+    # Prompts per family for PPO (disjoint from every pair's prompt).
     ppo: int = 40
+    # Held-out prompts per family for PPO's band calibration (eval_calib).
     calib: int = 60
+    # Held-out task prompts per family, and as many held-out preference pairs.
     eval: int = 150
+    # Held-out multi-turn dialogs (max_turns letter tasks each) for the adherence eval.
     eval_dialogs: int = 24
     # Harmful prompts (a refusal is right) and benign look-alikes (a refusal is a false refusal), in SFT dialogs.
     safety_sft: int = 300
@@ -144,6 +171,7 @@ class WorldConfig:
 
 @dataclass
 class DataConfig:
+    # Pretraining text sources, mixed by weight.
     sources: list[SourceConfig] = field(default_factory=list)
     # Empty: <run.root>/data/<hash of this section>. Data prep is deterministic, so an identical data config finds
     # its finished output there and skips the work (components/core/runs.py).
@@ -155,6 +183,7 @@ class DataConfig:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     world: WorldConfig = field(default_factory=WorldConfig)
     seq_len: int = "${model.max_seq_len}"  # type: ignore[assignment]
+    # Tokens per packed shard file (rows of seq_len tokens).
     shard_tokens: int = 100_000_000
     # Processes per step; 0 means every CPU the step may use (its cgroup CPU limit, else the machine's cores).
     workers: int = 0
@@ -173,6 +202,7 @@ class DataConfig:
     group_bytes: int = 2_000_000_000
     # CPU and memory requests (= limits) of every data prep step on Kubernetes; `workers=0` then uses that CPU.
     cpu: str = "4"
+    # Memory request (= limit) of every data prep step on Kubernetes, a quantity.
     memory: str = "16Gi"
     # The stage fails when more than this fraction of input records is malformed.
     max_error_rate: float = 0.01

@@ -23,24 +23,33 @@ class GattConfig(SftTrainConfig):
         "Indeed", "Certainly", "Absolutely", "Sure", "Well", "Okay", "Alright", "Right", "Now", "So", "Then", "Also",
         "time", "year", "city", "world", "music", "game", "river", "house", "school", "family", "history", "water",
         "story", "party", "north", "light", "power", "money", "paper", "market"])
+    # first_word's held-out values (the adherence eval's only).
     heldout_first_words: list[str] = field(default_factory=lambda: ["Yes", "Hello", "Listen", "Look", "island",
                                                                     "garden", "village", "winter"])
+    # end_word's training values.
     end_words: list[str] = field(default_factory=lambda: [
         "Amen", "Done", "Cheers", "Over", "Peace", "Thanks", "south", "field", "church", "station", "road", "club",
         "film", "book", "team", "band", "army", "song", "bridge", "lake"])
+    # end_word's held-out values (the adherence eval's only).
     heldout_end_words: list[str] = field(default_factory=lambda: ["Bye", "Enough", "Finished", "forest", "engine"])
+    # code's training values: the suffix every word of an answer gets.
     codes: list[str] = field(default_factory=lambda: ["zo", "ka", "mi", "lu", "po", "te", "ni", "su", "ga", "ri",
                                                       "do", "fe"])
+    # code's held-out values (the adherence eval's only).
     heldout_codes: list[str] = field(default_factory=lambda: ["ve", "ra", "bo"])
     # "given": the dialog's own answers, rewritten by each family's rule to comply (standing in for the paper's
     # RLHF model that follows an instruction present in every turn); "sample": answers sampled from `init` with
     # the instruction in every user turn, dialogs failing a checkable instruction dropped.
     answers: str = "given"
+    # answers=sample: sampling temperature of the answers (0: greedy).
     temperature: float = 0.7
+    # answers=sample: nucleus top-p of the answers.
     top_p: float = 0.9
+    # answers=sample: tokens generated at most per answer.
     max_new_tokens: int = 256
     # Dialogs with fewer turns are skipped; 0 dialogs limit: all of them.
     min_turns: int = 2
+    # Instructed dialogs per split (train, eval) at most, from the long enough ones (0: all).
     max_dialogs: int = 0
     # Cut every message to this many characters at a word boundary (0: whole), for small-context models.
     message_chars: int = 0
@@ -56,8 +65,11 @@ class GattConfig(SftTrainConfig):
     # Instruction-adherence eval (Table 30's spirit): long dialogs of held-out prompts, the model's own answers fed
     # back, a checkable instruction in the first user turn only; the share of answers that follow it at these turns.
     eval_turns: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 20])
+    # Held-out dialogs of the adherence eval.
     eval_dialogs: int = 50
+    # Tokens generated at most per answer in the adherence eval.
     eval_max_new_tokens: int = 64
+    # Sampling temperature of the adherence eval's answers (0: greedy).
     eval_temperature: float = 0.0
 
 

@@ -17,7 +17,9 @@ class PipelineConfig:
     name: str = "kubellama-llama2"
     # KFP API endpoint and (multi-user Kubeflow) profile namespace for `kubellama submit`.
     host: str = ""
+    # Kubeflow profile namespace (multi-user) of `kubellama submit`; empty: none.
     namespace: str = ""
+    # KFP experiment `kubellama submit` files its runs under (--experiment overrides).
     experiment: str = "kubellama"
     # KFP step caching. The resolved config is an input of every step, so a changed override never reuses a stale
     # step; turn it off to force reruns of unchanged steps.

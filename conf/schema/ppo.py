@@ -46,6 +46,7 @@ class PpoConfig(CheckpointConfig, ComputeConfig, OptimConfig):
     # GAE; the paper does not publish them. γ = 1 (episodic, the reward comes at the last token), λ = 0.95 (the
     # common choice of InstructGPT-style PPO implementations).
     gamma: float = 1.0
+    # GAE λ (see gamma).
     lam: float = 0.95
     # Rollouts: response length and sampling are not published either (T = 1: the policy's own distribution).
     # Log-probs, the ratio and the KL are those of the sampling distribution, logits / temperature (as verl does);
@@ -81,7 +82,9 @@ class PpoConfig(CheckpointConfig, ComputeConfig, OptimConfig):
     # Early stopping on held-out prompts (greedy answers, unwhitened reward): evaluate every eval_every
     # iterations; stop after `patience` evaluations without a new best (0: never).
     heldout_prompts: int = 64
+    # Iterations between held-out evaluations (the last iteration is evaluated too).
     eval_every: int = 10
+    # Held-out evaluations without a new best before PPO stops (0: never).
     patience: int = 3
     # What the policy is rewarded by: "models", the combined reward of the two reward models (§3.2.3, the paper's);
     # "rule", 1.0 when the rule-checked world's rule says the answer is right and 0.0 otherwise (prompts need the

@@ -28,13 +28,21 @@ class RewardVariantConfig:
     shared `reward.<key>` for that model only (null: the shared value). The pipeline trains both models side by side
     from the one `reward` section; each step receives its own settings merged."""
 
+    # This RM's own reward.lr (null: the shared one).
     lr: float | None = None
+    # This RM's own reward.warmup_steps (null: the shared one).
     warmup_steps: int | None = None
+    # This RM's own reward.max_steps (null: the shared one).
     max_steps: int | None = None
+    # This RM's own reward.pairs_per_batch (null: the shared one).
     pairs_per_batch: int | None = None
+    # This RM's own reward.micro_batch (null: the shared one).
     micro_batch: int | None = None
+    # This RM's own reward.margin (null: the shared one).
     margin: str | None = None
+    # This RM's own reward.other_fraction (null: the shared one).
     other_fraction: float | None = None
+    # This RM's own reward.world_samples (null: the shared one).
     world_samples: int | None = None
 
 
@@ -55,6 +63,7 @@ class RewardConfig(TrainConfig):
     """A reward model (paper §3.2.2): helpfulness or safety, a Llama with a scalar head on the binary ranking loss
     with a rating margin. `kind` picks which; the pipeline trains both side by side."""
 
+    # Which RM this section trains: helpfulness or safety (the pipeline trains both).
     kind: str = "helpfulness"
     # The data prep output (preference/{train,eval}.jsonl and tokenizer.model); empty: this config's.
     data: str = ""
@@ -67,13 +76,16 @@ class RewardConfig(TrainConfig):
     lr: float = 1e-5
     # -1: warmup_fraction of the steps, at least warmup_min.
     warmup_steps: int = -1
+    # §3.2.2: warmup over 3% of the steps (when warmup_steps is -1).
     warmup_fraction: float = 0.03
+    # Fewest warmup steps when warmup_steps is -1 (at most all steps).
     warmup_min: int = 5
     # 0: one epoch over the training mix.
     max_steps: int = 0
     # §3.2.2: 512 pairs per batch. `micro_batch` counts pairs too; `global_batch_tokens` is not used (the batch is
     # pairs_per_batch · seq_len tokens at most).
     pairs_per_batch: int = 512
+    # Pairs per forward/backward on each rank; they accumulate to pairs_per_batch.
     micro_batch: int = 4
     # Table 27: rating margins m(r) in the loss: none, small (1, 2/3, 1/3, 0) or large (3, 2, 1, 0).
     margin: str = "small"
@@ -89,6 +101,7 @@ class RewardConfig(TrainConfig):
     safety: SafetyVariantConfig = field(default_factory=SafetyVariantConfig)
     # Evaluation on preference/eval.jsonl after training: pairs per forward, calibration plot bins.
     eval_batch: int = 16
+    # Bins (equal counts, by score difference) of the eval's calibration table and plot.
     calibration_bins: int = 10
     combined: CombinedRewardConfig = field(default_factory=CombinedRewardConfig)
 

@@ -17,10 +17,13 @@ REFUSAL_MARKERS = [
 class DecodingConfig:
     # Paper §4.1: "temperature 0.1 and nucleus sampling with top-p 0.9" for every safety benchmark.
     temperature: float = 0.1
+    # Nucleus top-p of every sampled answer (§4.1: 0.9).
     top_p: float = 0.9
+    # Tokens generated at most per answer (TruthfulQA's judged answers: its own).
     max_new_tokens: int = 64
     # Each prompt is seeded by (seed, benchmark, prompt text): any batch size or world size gives the same generations.
     seed: int = 0
+    # Prompts per forward (generation and log-likelihood scoring) on each rank.
     batch_size: int = 16
 
 
@@ -29,7 +32,9 @@ class TruthfulQAConfig:
     """TruthfulQA (Lin et al., 2022): 817 questions. `path`: TruthfulQA.csv (Best/Correct/Incorrect Answers),
     mc_task.json, or JSON/JSONL/Parquet records with mc1_targets/mc2_targets, at any fsspec URL."""
 
+    # The questions file (formats above); empty: the benchmark is skipped.
     path: str = ""
+    # Evaluate the first N questions only (0: all).
     limit: int = 0
     # The TruthfulQA paper's six-shot QA primer before each question (as in its reference code and lm-eval).
     primer: bool = True
@@ -37,9 +42,11 @@ class TruthfulQAConfig:
     # with them the report adds % true, % informative and % true and informative of generated answers (the
     # paper's headline TruthfulQA figure). Without them only the judge-free MC1/MC2 are reported.
     judge_truth: str = ""
+    # The informativeness judge (the truth judge: judge_truth); empty: no % informative.
     judge_info: str = ""
     # Class index of "true" / "informative" in the judges' outputs.
     judge_label: int = 1
+    # Tokens generated at most per answer for the judges (the answer's first line is judged).
     max_new_tokens: int = 50
 
 
@@ -48,6 +55,7 @@ class ToxicityConfig:
     """% of toxic generations (paper: ToxiGen, Table 11/14/45). `path`: ToxiGen's prompts folder
     (`{hate,neutral}_<group>_1k.txt`), ToxiGen records with prompt/target_group, or any prompt file or folder."""
 
+    # ToxiGen prompts (forms above); empty: only data prep's prompts of data_sources.
     path: str = ""
     # Prompts of the data prep stage (its `eval` split) from these sources are continuations to score for
     # toxicity, not requests to refuse (RealToxicityPrompts in the demo).
@@ -59,6 +67,7 @@ class ToxicityConfig:
     classifier: str = ""
     # Class index of "toxic" for an HF classifier; a generation is toxic at probability >= threshold.
     label: int = 1
+    # A generation is toxic when its toxic probability reaches this.
     threshold: float = 0.5
     # A word list (one term per line) replacing the built-in one of the lexicon fallback.
     lexicon: str = ""
@@ -68,6 +77,7 @@ class ToxicityConfig:
 class BoldConfig:
     """BOLD (Dhamala et al., 2021): prompts/<domain>_prompt.json, {group: {entity: [prompts]}}."""
 
+    # The BOLD prompts folder or file; empty: the benchmark is skipped.
     path: str = ""
     # Prompts per group (0 = all).
     limit: int = 0
@@ -81,6 +91,7 @@ class RefusalConfig:
 
     # Prompt files at any fsspec URL: AdvBench (.prompt YAML or harmful_behaviors.csv), Do-Not-Answer JSONL, ...
     harmful: list[str] = field(default_factory=list)
+    # Benign prompt files (same forms as harmful): a refusal of one is a false refusal.
     benign: list[str] = field(default_factory=list)
     # Also the data prep stage's `eval` prompt split: safety-tagged prompts are harmful, the others benign
     # (sources listed in toxicity.data_sources excepted).
@@ -109,6 +120,7 @@ class GateConfig:
     # Truthfulness (MC2, and % true and informative with judges) not below this model's, less `truth_margin`
     # points; when the run has no such model, the baseline's. "" switches the line off.
     truthfulness_vs: str = "sft"
+    # Points the truthfulness figures may fall below the truthfulness_vs model's.
     truth_margin: float = 0.0
     # Toxicity not above the baseline's plus this many points (null: off).
     max_toxic_increase: float | None = 0.0
@@ -142,6 +154,7 @@ class SafetyEvalConfig:
     output: str = ""
     # auto: bf16 on GPU, fp32 on CPU. fp32 where numbers are compared.
     mixed_precision: str = "auto"
+    # Benchmarks to run: truthfulqa, toxicity, bias (BOLD), refusal.
     benchmarks: list[str] = field(default_factory=lambda: ["truthfulqa", "toxicity", "bias", "refusal"])
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
     truthfulqa: TruthfulQAConfig = field(default_factory=TruthfulQAConfig)

@@ -9,13 +9,16 @@ class SftTrainConfig(TrainConfig):
     weight decay of 0.1, a batch size of 64, and a sequence length of 4096 tokens", 2 epochs, packed examples with
     the loss on answer tokens only."""
 
+    # §3.1: initial (peak) learning rate 2e-5, on a cosine schedule.
     lr: float = 2e-5
+    # §3.1: weight decay 0.1.
     weight_decay: float = 0.1
     # §3.1 names no warmup: the cosine starts at the peak. Where it ends is not given either; we keep pretraining's
     # 10% of the peak (min_lr_ratio).
     warmup_steps: int = 0
     # 64 rows of 4096 tokens.
     global_batch_tokens: int = 64 * 4096
+    # §3.1: 2 epochs over the training rows (when max_steps is 0).
     epochs: int = 2
     # 0: epochs × steps per epoch (whole global batches of the training rows, the remainder of an epoch dropped).
     # > 0 stops after that many steps instead, epochs or not.

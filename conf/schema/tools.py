@@ -5,10 +5,13 @@ from dataclasses import dataclass
 class GenerateConfig:
     """Sampling defaults shared by `kubellama generate`, rejection sampling, PPO rollouts and eval."""
 
+    # `kubellama generate`: tokens generated at most per answer (--max-new-tokens overrides).
     max_new_tokens: int = 64
     # 0 means greedy. Safety eval uses 0.1 / top-p 0.9 (paper §4.1).
     temperature: float = 0.6
+    # Nucleus sampling: draw from the smallest token set whose probability reaches top_p.
     top_p: float = 0.9
+    # Random seed of the sampling.
     seed: int = 0
 
 
@@ -16,12 +19,17 @@ class GenerateConfig:
 class PlanConfig:
     """Inputs of `kubellama plan`: the memory a model needs per GPU under FSDP (full sharding)."""
 
+    # GPUs the FSDP model is fully sharded over.
     world_size: int = 8
+    # Tokens per row in the memory estimate (activations; PPO's KV cache).
     seq_len: int = 4096
+    # Rows per forward for the activation estimate (PPO's uses ppo.micro_batch).
     micro_batch: int = 1
     # Bytes per parameter for the compute copy: bf16 = 2.
     param_dtype: str = "bf16"
+    # Estimate activations as with every block checkpointed (only block inputs kept).
     activation_checkpointing: bool = True
+    # GPU memory in GiB; the plan fits when its total stays within 90% of it.
     gpu_memory_gib: float = 80.0
     # Cost ledger (components/core/cost.py): GPU-hours and tCO2eq of training on `tokens` tokens.
     tokens: float = 2.0e12  # the paper's pretraining budget (§2.2)
