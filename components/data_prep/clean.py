@@ -1,8 +1,8 @@
 """Document cleaning: Unicode normalisation, PII scrubbing, quality filters, exact and near-duplicate removal.
 
 `clean_batch` is the per-document work of the worker processes; dedup is global and partitioned (MinHash band keys
-by key range, one reducer per partition, union-find over the confirmed pairs: README, "Data prep beyond one
-machine"), so memory is bounded by a partition. `RecordCleaner` applies what fits to whole SFT and preference records.
+by key range, one reducer per partition, union-find over the confirmed pairs: docs/stages/data-prep.md,
+"Beyond one machine"), so memory is bounded by a partition. `RecordCleaner` applies what fits to whole SFT and preference records.
 """
 from __future__ import annotations
 

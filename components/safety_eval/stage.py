@@ -2,7 +2,7 @@
 
 Every rank evaluates its share (benchmarks.py, runner.py); rank 0 writes generations/, the side-by-side report
 (report.py) and the run's page (run_page.py). In `enforce` mode a failed gate (gate.py) still writes the report, then
-fails the stage with the gate's line. Models, benchmarks and outputs: README, "Safety evaluation".
+fails the stage with the gate's line. Models, benchmarks and outputs: docs/stages/safety-eval.md.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Data prep as steps that scale out over pods: plan -> N workers -> dedup reducers -> cluster -> N packers -> merge.
 
 One process runs them all (`run_local`), or N local processes, or a pipeline one pod per task (component.py); the
-steps share nothing but storage under `<output>/_work`, and the output is the same for every N (README: "Data prep
-beyond one machine"). Every step can be rerun: finished work is found and kept.
+steps share nothing but storage under `<output>/_work`, and the output is the same for every N (docs/stages/data-prep.md:
+"Beyond one machine"). Every step can be rerun: finished work is found and kept.
 """
 from kubellama.components.data_prep.steps.dedup import cluster_step, dedup_step, reduce_partition
 from kubellama.components.data_prep.steps.local import run_local
